@@ -1,0 +1,1 @@
+"""warmstart node agent: store, origins, local API, CLI."""

@@ -1,0 +1,213 @@
+"""The agent's HTTP faces: the local API on a Unix socket, health on a TCP port.
+
+Contract in docs/API.md. Long operations (prefetch, open, verify) answer with
+an NDJSON stream that carries a progress line at least every second, so a
+client can tell a busy agent from a dead one, and ends with ``complete`` or
+``error``. Bad input is answered with a typed error and never stops the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from agent.models import ModelService, Progress
+from agent.store import Store
+from client.errors import HTTP_STATUS, BadRequestError, WarmstartError
+
+log = logging.getLogger(__name__)
+
+SERVICE: web.AppKey[ModelService] = web.AppKey("service", ModelService)
+STORE: web.AppKey[Store] = web.AppKey("store", Store)
+READY: web.AppKey[dict[str, bool]] = web.AppKey("ready", dict)
+TICK_SECONDS = 0.5
+MAX_BODY = 64 * 1024
+
+
+def _error_response(exc: WarmstartError) -> web.Response:
+    return web.json_response(exc.to_wire(), status=HTTP_STATUS.get(exc.kind, 500))
+
+
+@web.middleware
+async def errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Typed errors become JSON answers; anything unexpected is logged and answered 500."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except WarmstartError as exc:
+        log.info("%s %s -> %s: %s", request.method, request.path, exc.kind, exc)
+        return _error_response(exc)
+    except Exception as exc:  # the agent keeps serving whatever one request did
+        log.exception("internal error on %s %s", request.method, request.path)
+        return _error_response(WarmstartError(f"internal error: {type(exc).__name__}: {exc}"))
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    try:
+        data = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequestError("request body must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise BadRequestError("request body must be a JSON object")
+    return data
+
+
+def _ref_field(body: dict[str, Any]) -> str:
+    ref = body.get("ref")
+    if not isinstance(ref, str):
+        raise BadRequestError('missing "ref" (a model reference string)')
+    return ref
+
+
+async def _stream(
+    request: web.Request, progress: Progress | None, job: Awaitable[dict[str, Any]], head: dict[str, Any]
+) -> web.StreamResponse:
+    """Run ``job`` while streaming progress lines; finish with its result or its error."""
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+
+    async def send(line: dict[str, Any]) -> None:
+        await resp.write(json.dumps(line).encode() + b"\n")
+
+    task = asyncio.ensure_future(job)
+    try:
+        await send(head)
+        while not task.done():
+            await asyncio.wait([task], timeout=TICK_SECONDS)
+            if not task.done():
+                await send(progress.snapshot() if progress else {"event": "progress"})
+        try:
+            result = task.result()
+        except WarmstartError as exc:
+            await send({"event": "error", **exc.to_wire()})
+        except Exception as exc:
+            log.exception("internal error in %s", request.path)
+            await send({"event": "error", **WarmstartError(f"internal error: {exc}").to_wire()})
+        else:
+            await send({"event": "complete", **result})
+    except (ConnectionResetError, asyncio.CancelledError):
+        # The requester went away; the fetch goes on (single flight) for whoever asks next.
+        if not task.done():
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+        raise
+    await resp.write_eof()
+    return resp
+
+
+async def _ensure_job(
+    request: web.Request, pin: bool | None, with_files: bool
+) -> web.StreamResponse:
+    service = request.app[SERVICE]
+    ref, manifest = await service.resolve(_ref_field(await _body(request)))
+    progress = service.progress(manifest)
+    started = time.monotonic()
+    head = {
+        "event": "resolved",
+        "ref": ref.base,
+        "revision": manifest.revision,
+        "total_bytes": manifest.total_size,
+        "cached_bytes": progress.cached_at_start,
+        "files": len(manifest.files),
+    }
+
+    async def job() -> dict[str, Any]:
+        await service.ensure(ref, manifest, pin)
+        out: dict[str, Any] = {
+            "ref": ref.base,
+            "revision": manifest.revision,
+            "total_bytes": manifest.total_size,
+            "fetched_bytes": manifest.total_size - progress.cached_at_start,
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        if with_files:
+            out["cache_dir"] = service.store.root
+            out["files"] = [
+                {"path": f.path, "size": f.size, "blob": f"blobs/{f.digest}"} for f in manifest.files
+            ]
+        return out
+
+    return await _stream(request, progress, job(), head)
+
+
+async def prefetch(request: web.Request) -> web.StreamResponse:
+    body = await _body(request)
+    pin = body.get("pin")
+    if pin is not None and not isinstance(pin, bool):
+        raise BadRequestError('"pin" must be true or false')
+    return await _ensure_job(request, pin, with_files=False)
+
+
+async def open_model(request: web.Request) -> web.StreamResponse:
+    return await _ensure_job(request, None, with_files=True)
+
+
+async def resolve(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    ref, manifest = await service.resolve(_ref_field(await _body(request)))
+    files = [
+        {"path": f.path, "size": f.size, "cached": service.store.digest_of(f) is not None} for f in manifest.files
+    ]
+    return web.json_response(
+        {"ref": ref.base, "revision": manifest.revision, "total_size": manifest.total_size, "files": files}
+    )
+
+
+async def list_models(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    return web.json_response({
+        "models": await service.list_models(),
+        "used_bytes": service.store.used_bytes,
+        "capacity_bytes": service.store.capacity,
+    })
+
+
+async def evict(request: web.Request) -> web.Response:
+    service = request.app[SERVICE]
+    return web.json_response(await service.evict(_ref_field(await _body(request))))
+
+
+async def verify(request: web.Request) -> web.StreamResponse:
+    service = request.app[SERVICE]
+    ref, manifest = await service.resolve(_ref_field(await _body(request)))
+    head = {"event": "resolved", "ref": ref.base, "revision": manifest.revision, "total_bytes": manifest.total_size}
+    return await _stream(request, service.progress(manifest), service.verify(ref, manifest), head)
+
+
+def local_app(service: ModelService) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY)
+    app[SERVICE] = service
+    app.router.add_post("/v1/resolve", resolve)
+    app.router.add_post("/v1/prefetch", prefetch)
+    app.router.add_post("/v1/open", open_model)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/evict", evict)
+    app.router.add_post("/v1/verify", verify)
+    return app
+
+
+async def livez(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    if request.app[READY].get("store"):
+        return web.Response(text="ready\n")
+    return web.Response(text="store not open yet\n", status=503)
+
+
+def node_app(ready: dict[str, bool]) -> web.Application:
+    """The TCP face: health now; metrics and the peer API join it later."""
+    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY)
+    app[READY] = ready
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/readyz", readyz)
+    return app

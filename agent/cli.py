@@ -1,0 +1,193 @@
+"""The `agent` command: the daemon (`serve`) and the operator's verbs.
+
+Every flag has a ``WARMSTART_*`` environment variable (read when the command
+runs, never at import). The verbs other than ``serve`` talk to the local agent
+over its Unix socket through the client's transport, the same path an
+inference pod uses. Exit codes: 0 done, 1 the operation failed (one line on
+stderr), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any, TextIO
+
+from agent.config import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_CAPACITY,
+    DEFAULT_CONNECTIONS,
+    DEFAULT_LISTEN,
+    DEFAULT_SOCKET,
+    AgentConfig,
+)
+from agent.manifest import DEFAULT_PIECE_SIZE, MAX_PIECE_SIZE, MIN_PIECE_SIZE
+from agent.units import format_size, parse_size
+from client._transport import AgentConnection
+from client.errors import WarmstartError
+
+PLAIN_PROGRESS_SECONDS = 2.0
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="agent", description="warmstart node agent")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the node daemon")
+    s.add_argument("--cache-dir", default=_env("WARMSTART_CACHE_DIR", DEFAULT_CACHE_DIR))
+    s.add_argument("--socket", default=_env("WARMSTART_SOCKET", DEFAULT_SOCKET))
+    s.add_argument("--listen", default=_env("WARMSTART_LISTEN", DEFAULT_LISTEN))
+    s.add_argument("--capacity", default=_env("WARMSTART_CAPACITY", DEFAULT_CAPACITY))
+    s.add_argument("--piece-size", default=_env("WARMSTART_PIECE_SIZE", str(DEFAULT_PIECE_SIZE)))
+    s.add_argument("--connections", type=int, default=int(_env("WARMSTART_CONNECTIONS", str(DEFAULT_CONNECTIONS))))
+    s.add_argument("--log-level", default=_env("WARMSTART_LOG_LEVEL", "INFO"))
+
+    def with_socket(name: str, help: str) -> argparse.ArgumentParser:
+        c = sub.add_parser(name, help=help)
+        c.add_argument("--socket", default=None, help="agent socket (default $WARMSTART_SOCKET or %s)" % DEFAULT_SOCKET)
+        return c
+
+    c = with_socket("prefetch", "fetch a model into this node's cache")
+    c.add_argument("ref")
+    c.add_argument("--pin", action="store_true", help="never evict it for capacity")
+    c = with_socket("ls", "list cached models")
+    c.add_argument("--json", action="store_true")
+    c = with_socket("evict", "unpin a model and delete its blobs")
+    c.add_argument("ref")
+    c = with_socket("verify", "re-hash a cached model; re-fetch what is corrupt")
+    c.add_argument("ref")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        conn = AgentConnection(args.socket)
+        if args.command == "prefetch":
+            return _prefetch(conn, args.ref, args.pin, sys.stderr)
+        if args.command == "ls":
+            return _ls(conn, args.json)
+        if args.command == "evict":
+            out = conn.request_json("POST", "/v1/evict", {"ref": args.ref})
+            print(f"evicted {out['ref']}: freed {format_size(out['freed_bytes'])}")
+            for kept in out["kept"]:
+                print(f"  kept {kept['digest'][:16]}: {kept['reason']}")
+            return 0
+        if args.command == "verify":
+            result = _follow(conn.stream("POST", "/v1/verify", {"ref": args.ref}), sys.stderr)
+            print(f"verified {args.ref}: {result['checked']} checked, {result['corrupt']} corrupt, "
+                  f"{result['repaired']} re-fetched")
+            return 0
+    except WarmstartError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    try:
+        piece_size = parse_size(args.piece_size)
+        if not MIN_PIECE_SIZE <= piece_size <= MAX_PIECE_SIZE:
+            raise ValueError(f"--piece-size must be between {format_size(MIN_PIECE_SIZE)} and {format_size(MAX_PIECE_SIZE)}")
+        if args.connections < 1:
+            raise ValueError("--connections must be at least 1")
+        config = AgentConfig(
+            cache_dir=args.cache_dir,
+            socket=args.socket,
+            listen=args.listen,
+            capacity=parse_size(args.capacity),
+            piece_size=piece_size,
+            connections=args.connections,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from agent.daemon import serve  # the daemon's dependencies only for `serve`
+
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _prefetch(conn: AgentConnection, ref: str, pin: bool, out: TextIO) -> int:
+    result = _follow(conn.stream("POST", "/v1/prefetch", {"ref": ref, "pin": pin}), out)
+    fetched = result.get("fetched_bytes", 0)
+    secs = max(result.get("seconds", 0.0), 1e-6)
+    print(
+        f"{result['ref']}@{result['revision']}: {format_size(result['total_bytes'])} in cache"
+        f" ({format_size(fetched)} fetched in {secs:.1f}s, {format_size(fetched / secs)}/s)"
+        + (", pinned" if pin else "")
+    )
+    return 0
+
+
+def _follow(lines: Iterator[dict[str, Any]], out: TextIO) -> dict[str, Any]:
+    """Show progress lines (a live bar on a terminal, a line every few seconds otherwise)."""
+    tty = out.isatty()
+    last_plain = 0.0
+    for line in lines:
+        event = line.get("event")
+        if event == "complete":
+            if tty:
+                out.write("\r\033[K")
+            return line
+        if event == "resolved":
+            total, cached = line.get("total_bytes", 0), line.get("cached_bytes", 0)
+            out.write(f"{line.get('ref')}@{line.get('revision')}: {line.get('files', '?')} files, "
+                      f"{format_size(total)}, {format_size(cached)} already cached\n")
+        elif event == "progress" and "total_bytes" in line:
+            text = _progress_text(line)
+            if tty:
+                out.write("\r\033[K" + text)
+            elif time.monotonic() - last_plain >= PLAIN_PROGRESS_SECONDS:
+                out.write(text + "\n")
+                last_plain = time.monotonic()
+        out.flush()
+    raise WarmstartError("the agent closed the stream before the operation completed")
+
+
+def _progress_text(line: dict[str, Any]) -> str:
+    done, total, rate = line["done_bytes"], line["total_bytes"], line.get("rate_bps", 0.0)
+    pct = 100.0 * done / total if total else 100.0
+    eta = f"ETA {max(0, total - done) / rate:.0f}s" if rate > 0 else "ETA --"
+    return f"{format_size(done)} / {format_size(total)}  {pct:5.1f}%  {format_size(rate)}/s  {eta}"
+
+
+def _ls(conn: AgentConnection, as_json: bool) -> int:
+    data = conn.request_json("GET", "/v1/models")
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return 0
+    rows = [("MODEL", "REVISION", "SIZE", "CACHED", "PINNED", "LAST USE")]
+    for m in data["models"]:
+        last = datetime.datetime.fromtimestamp(m["last_used"]).strftime("%Y-%m-%d %H:%M") if m["last_used"] else "-"
+        pct = 100 * m["cached_bytes"] / m["total_size"] if m["total_size"] else 100
+        rows.append((m["ref"], m["revision"][:12], format_size(m["total_size"]), f"{pct:.0f}%",
+                     "yes" if m["pinned"] else "no", last))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print(f"cache: {format_size(data['used_bytes'])} used of {format_size(data['capacity_bytes'])}")
+    return 0

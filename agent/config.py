@@ -1,0 +1,34 @@
+"""The agent's settings: one immutable value built by the CLI, passed everywhere.
+
+Nothing reads the environment at import time; the CLI maps each flag to its
+``WARMSTART_*`` variable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.manifest import DEFAULT_PIECE_SIZE
+
+DEFAULT_CACHE_DIR = "/var/lib/warmstart"
+DEFAULT_SOCKET = "/run/warmstart/agent.sock"
+DEFAULT_LISTEN = "0.0.0.0:7070"
+DEFAULT_CAPACITY = "100GiB"
+DEFAULT_CONNECTIONS = 8
+DEFAULT_RETRIES = 6
+DEFAULT_READ_TIMEOUT = 30.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Everything `agent serve` is configured with."""
+
+    cache_dir: str = DEFAULT_CACHE_DIR
+    socket: str = DEFAULT_SOCKET
+    listen: str = DEFAULT_LISTEN
+    capacity: int = 100 * 1024**3
+    piece_size: int = DEFAULT_PIECE_SIZE
+    connections: int = DEFAULT_CONNECTIONS
+    retries: int = DEFAULT_RETRIES
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    socket_mode: int = 0o660

@@ -1,0 +1,104 @@
+"""`agent serve`: open the store, start the sites, run until SIGTERM, shut down in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import aiohttp
+from aiohttp import web
+
+from agent.api import local_app, node_app
+from agent.config import AgentConfig
+from agent.fetcher import Fetcher
+from agent.models import ModelService
+from agent.origins import Origins
+from agent.store import Store
+from agent.units import format_size
+
+log = logging.getLogger(__name__)
+IO_THREADS = 16
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--listen must be HOST:PORT, got {listen!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _prepare_socket_path(path: str) -> None:
+    """Create the socket's directory; remove a stale socket, refuse a live one."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)  # nobody listens: left over from a killed agent
+    else:
+        raise SystemExit(f"error: another agent already serves {path}")
+    finally:
+        probe.close()
+
+
+async def serve(config: AgentConfig) -> None:
+    host, port = split_listen(config.listen)
+    pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="warmstart-io")
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=8, thread_name_prefix="warmstart"))
+    ready = {"store": False}
+    node_runner = web.AppRunner(node_app(ready), access_log=None)
+    await node_runner.setup()
+    await web.TCPSite(node_runner, host, port).start()
+    log.info("health on http://%s:%d (/livez, /readyz)", host, port)
+
+    store = Store(config.cache_dir, config.capacity, pool)
+    await store.open()
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=config.read_timeout),
+        auto_decompress=False,
+        read_bufsize=4 * 1024 * 1024,
+    )
+    origins = Origins(session, pool)
+    fetcher = Fetcher(store, config.connections, config.retries)
+    service = ModelService(store, fetcher, origins, config.piece_size)
+
+    _prepare_socket_path(config.socket)
+    local_runner = web.AppRunner(local_app(service), access_log=None)
+    await local_runner.setup()
+    await web.UnixSite(local_runner, config.socket).start()
+    os.chmod(config.socket, config.socket_mode)
+    ready["store"] = True
+    log.info(
+        "serving %s on %s; cache %s (capacity %s, pieces %s, %d connections)",
+        "local API", config.socket, config.cache_dir, format_size(config.capacity),
+        format_size(config.piece_size), config.connections,
+    )
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        ready["store"] = False
+        await local_runner.cleanup()
+        await node_runner.cleanup()
+        for flight in list(fetcher.flights.values()):
+            if flight.task:
+                flight.task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*(f.task for f in fetcher.flights.values() if f.task), return_exceptions=True)
+        await session.close()
+        pool.shutdown(wait=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(config.socket)

@@ -1,0 +1,205 @@
+"""A blob being filled: a preallocated file plus a durable record of verified pieces.
+
+Layout under the cache root (see agent/store.py):
+
+    partial/<fill key>.part   the preallocated file, written with positional writes
+    partial/<fill key>.json   {"size", "piece_size", "done": {index: xxh3-128 hex}}
+
+A piece is recorded in the state file only after its bytes were written and
+hashed, and the state file is replaced atomically, so after a crash (kill -9)
+the recorded pieces are exactly the ones whose bytes reached the file. On
+resume each recorded piece is hashed again against its record (catches a torn
+write after a power loss) and only missing or damaged pieces are fetched.
+The file only moves to ``blobs/`` once the whole-file digests check out.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import xxhash
+
+from agent.manifest import FileEntry
+from client.errors import CapacityError, IntegrityError
+
+HASH_CHUNK = 8 * 1024 * 1024
+
+
+def hash_range(fd: int, offset: int, length: int) -> str:
+    """xxh3-128 hex of ``length`` bytes at ``offset`` (positional reads, GIL released)."""
+    h = xxhash.xxh3_128()
+    end = offset + length
+    while offset < end:
+        chunk = os.pread(fd, min(HASH_CHUNK, end - offset), offset)
+        if not chunk:
+            raise IntegrityError(f"file shorter than expected at offset {offset}")
+        h.update(chunk)
+        offset += len(chunk)
+    return h.hexdigest()
+
+
+def whole_file_digests(fd: int, size: int, want_sha256: bool, want_git_sha1: bool) -> dict[str, str]:
+    """One sequential pass computing xxh3-128 (always) and the origin's digests (when given)."""
+    hashers: dict[str, Any] = {"xxh128": xxhash.xxh3_128()}
+    if want_sha256:
+        hashers["sha256"] = hashlib.sha256()
+    if want_git_sha1:
+        git = hashlib.sha1()  # noqa: S324 - git's blob id, not a security boundary
+        git.update(f"blob {size}\0".encode())
+        hashers["git_sha1"] = git
+    offset = 0
+    while offset < size:
+        chunk = os.pread(fd, min(HASH_CHUNK, size - offset), offset)
+        if not chunk:
+            raise IntegrityError(f"file shorter than expected at offset {offset}")
+        for h in hashers.values():
+            h.update(chunk)
+        offset += len(chunk)
+    return {name: h.hexdigest() for name, h in hashers.items()}
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Write a small state file so a reader sees the old or the new version, never half."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, separators=(",", ":"))
+    os.replace(tmp, path)
+
+
+class BlobFill:
+    """Thread-side half of a fill: every method here blocks and runs in the I/O pool."""
+
+    def __init__(self, directory: str, entry: FileEntry) -> None:
+        self.entry = entry
+        self.key = entry.fill_key
+        self.path = os.path.join(directory, f"{self.key}.part")
+        self.state_path = os.path.join(directory, f"{self.key}.json")
+        self.done: dict[int, str] = {}
+        self.fd = -1
+
+    # -- opening -------------------------------------------------------------
+    def open(self) -> int:
+        """Create or resume the partial file; return how many bytes were already verified."""
+        state = self._read_state()
+        exists = os.path.exists(self.path)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(self.fd).st_size != self.entry.size:
+                os.ftruncate(self.fd, 0)
+                state = None
+                self._preallocate()
+            elif not exists:
+                self._preallocate()
+        except BaseException:
+            self.close()
+            raise
+        if state:
+            for index, digest in state.items():
+                offset, length = self.entry.piece_range(index)
+                if hash_range(self.fd, offset, length) == digest:
+                    self.done[index] = digest
+        return sum(self.entry.piece_range(i)[1] for i in self.done)
+
+    def _read_state(self) -> dict[int, str] | None:
+        try:
+            with open(self.state_path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (FileNotFoundError, ValueError):
+            return None
+        if data.get("size") != self.entry.size or data.get("piece_size") != self.entry.piece_size:
+            return None
+        done = data.get("done", {})
+        return {int(k): str(v) for k, v in done.items() if 0 <= int(k) < self.entry.piece_count}
+
+    def _preallocate(self) -> None:
+        if self.entry.size == 0:
+            return
+        try:
+            os.posix_fallocate(self.fd, 0, self.entry.size)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CapacityError(
+                    f"disk full: cannot preallocate {self.entry.size} bytes for {self.entry.path!r} "
+                    f"in {os.path.dirname(self.path)}"
+                ) from exc
+            if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            os.ftruncate(self.fd, self.entry.size)
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.entry.piece_count) if i not in self.done]
+
+    # -- writing -------------------------------------------------------------
+    def write(self, offset: int, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.pwrite(self.fd, view, offset)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise CapacityError(f"disk full while writing {self.entry.path!r}") from exc
+                raise
+            view = view[n:]
+            offset += n
+
+    def record_piece(self, index: int, digest: str) -> None:
+        """Mark a written, hashed piece complete; check it against the manifest if known."""
+        expected = self.entry.pieces[index] if self.entry.pieces else None
+        if expected is not None and expected != digest:
+            raise IntegrityError(
+                f"piece {index} of {self.entry.path!r} hashed {digest}, manifest says {expected}"
+            )
+        self.done[index] = digest
+        write_json_atomic(
+            self.state_path,
+            {"size": self.entry.size, "piece_size": self.entry.piece_size, "done": self.done},
+        )
+
+    # -- finishing -----------------------------------------------------------
+    def finish(self, blob_dir: str, verify: Callable[[dict[str, str]], None]) -> tuple[str, list[str]]:
+        """Check whole-file digests, make the file durable and read-only, move it into place.
+
+        Returns (content digest, piece hashes). ``verify`` raises if the origin's
+        digests disagree; then the partial file is discarded, never published.
+        """
+        digests = whole_file_digests(
+            self.fd, self.entry.size, bool(self.entry.sha256), bool(self.entry.git_sha1)
+        )
+        try:
+            verify(digests)
+        except IntegrityError:
+            self.discard()
+            raise
+        os.fsync(self.fd)
+        os.fchmod(self.fd, 0o444)
+        digest = digests["xxh128"]
+        final = os.path.join(blob_dir, digest)
+        if os.path.exists(final):
+            os.unlink(self.path)  # same content already stored: keep one copy
+        else:
+            os.rename(self.path, final)
+        self.close()
+        pieces = [self.done[i] for i in range(self.entry.piece_count)]
+        try:
+            os.unlink(self.state_path)
+        except FileNotFoundError:
+            pass
+        return digest, pieces
+
+    def discard(self) -> None:
+        self.close()
+        for p in (self.path, self.state_path):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -1,0 +1,197 @@
+"""Models as users see them: resolve a reference, make it whole, list, evict, verify.
+
+This is the layer the local API calls. It turns a reference into a manifest
+(from the origin, or from the node's own records when the reference is pinned
+to a revision the node has, or when the origin is unreachable), asks the
+fetcher for every missing blob, and keeps the model records (pins, last use)
+current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from agent.fetcher import Fetcher, first_error
+from agent.fill import whole_file_digests
+from agent.manifest import Manifest
+from agent.origins import Origins
+from agent.refs import ModelRef, parse_ref
+from agent.store import Store
+from client.errors import FetchFailedError, ModelNotFoundError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    """A live view of how much of a manifest is on disk (read by the API every tick)."""
+
+    manifest: Manifest
+    store: Store
+    fetcher: Fetcher
+    started: float
+    cached_at_start: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.manifest.total_size
+
+    @property
+    def done_bytes(self) -> int:
+        done = 0
+        for entry in self.manifest.files:
+            if self.store.digest_of(entry) is not None:
+                done += entry.size
+            elif (flight := self.fetcher.flights.get(entry.fill_key)) is not None:
+                done += flight.done_bytes
+        return done
+
+    def snapshot(self) -> dict[str, Any]:
+        done = self.done_bytes
+        elapsed = max(1e-6, time.monotonic() - self.started)
+        return {
+            "event": "progress",
+            "done_bytes": done,
+            "total_bytes": self.total_bytes,
+            "rate_bps": max(0, done - self.cached_at_start) / elapsed,
+        }
+
+
+class ModelService:
+    def __init__(self, store: Store, fetcher: Fetcher, origins: Origins, piece_size: int) -> None:
+        self.store = store
+        self.fetcher = fetcher
+        self.origins = origins
+        self.piece_size = piece_size
+
+    async def resolve(self, text: str) -> tuple[ModelRef, Manifest]:
+        """The manifest ``text`` names now; raises BadReferenceError, ModelNotFoundError, ..."""
+        ref = parse_ref(text)
+        if ref.revision:
+            pinned = await self.store.load_manifest(ref, ref.revision)
+            if pinned is not None:
+                return ref, pinned
+        try:
+            fresh = await self.origins.for_ref(ref).resolve(ref)
+        except FetchFailedError as exc:
+            rec = self.store.models.get(ref.key)
+            known = await self.store.load_manifest(ref, rec.revision) if rec and not ref.revision else None
+            if known is None:
+                raise
+            log.warning("origin unreachable for %s (%s); serving cached revision %s", ref, exc, known.revision)
+            return ref, known
+        known = await self.store.load_manifest(ref, fresh.revision)
+        if known is not None:
+            return ref, known
+        for entry in fresh.files:
+            entry.piece_size = self.piece_size
+            entry.digest = self.store.sources.get(entry.fill_key)
+        await self.store.save_manifest(ref, fresh)
+        return ref, fresh
+
+    def progress(self, manifest: Manifest) -> Progress:
+        p = Progress(manifest, self.store, self.fetcher, time.monotonic(), 0)
+        p.cached_at_start = p.done_bytes
+        return p
+
+    async def ensure(self, ref: ModelRef, manifest: Manifest, pin: bool | None = None) -> Manifest:
+        """Fetch every missing file of ``manifest``; on return all are verified blobs."""
+        await self.store.record_model(ref, manifest.revision, pin)
+        origin = self.origins.for_ref(ref)
+        protect = {d for f in manifest.files if (d := self.store.digest_of(f))}
+        missing_before = [f for f in manifest.files if self.store.digest_of(f) is None]
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for entry in manifest.files:
+                    tg.create_task(self.fetcher.ensure_blob(entry, origin, protect))
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+        if missing_before or any(f.pieces is None for f in manifest.files):
+            await self._fill_piece_hashes(manifest)
+            await self.store.save_manifest(ref, manifest)
+        await self.store.touch(f.digest for f in manifest.files if f.digest)
+        return manifest
+
+    async def _fill_piece_hashes(self, manifest: Manifest) -> None:
+        """Copy piece hashes from blob metadata into entries that were already cached."""
+        for entry in manifest.files:
+            if entry.pieces is None and entry.digest:
+                meta = await self.store.read_meta(entry.digest)
+                if meta and meta.get("piece_size") == entry.piece_size:
+                    entry.pieces = list(meta["pieces"])
+
+    async def list_models(self) -> list[dict[str, Any]]:
+        out = []
+        for rec in sorted(self.store.models.values(), key=lambda r: r.ref):
+            manifest = await self.store.load_manifest(parse_ref(rec.ref), rec.revision)
+            files = manifest.files if manifest else []
+            out.append({
+                "ref": rec.ref,
+                "revision": rec.revision,
+                "total_size": sum(f.size for f in files),
+                "cached_bytes": sum(f.size for f in files if self.store.digest_of(f)),
+                "files": len(files),
+                "pinned": rec.pinned,
+                "last_used": rec.last_used,
+            })
+        return out
+
+    async def evict(self, text: str) -> dict[str, Any]:
+        """Unpin a model and delete the blobs no other model names; keep those a reader holds."""
+        ref = parse_ref(text)
+        rec = self.store.models.get(ref.key)
+        if rec is None:
+            raise ModelNotFoundError(f"{ref.base} is not in this node's cache (see `agent ls`)")
+        mine = await self.store.model_digests(rec)
+        others: set[str] = set()
+        for other in list(self.store.models.values()):
+            if other.key != rec.key:
+                others |= await self.store.model_digests(other)
+        freed, kept = 0, []
+        for digest in sorted(mine):
+            if digest in others:
+                kept.append({"digest": digest, "reason": "used by another cached model"})
+                continue
+            size = self.store.blob_sizes.get(digest, 0)
+            if await self.store.remove_blob(digest):
+                freed += size
+            else:
+                kept.append({"digest": digest, "reason": "open by a reader; evicted when released"})
+        await self.store.forget_model(ref)
+        return {"ref": ref.base, "freed_bytes": freed, "kept": kept}
+
+    async def verify(self, ref: ModelRef, manifest: Manifest) -> dict[str, Any]:
+        """Re-hash every blob of ``manifest``; remove and re-fetch any that do not match."""
+        checked = corrupt = 0
+        for entry in manifest.files:
+            digest = self.store.digest_of(entry)
+            if digest is None:
+                continue
+            checked += 1
+            fd_digests = await self.store.run(_rehash, self.store.blob_path(digest), entry.size, bool(entry.sha256))
+            bad = fd_digests.get("xxh128") != digest or (entry.sha256 and fd_digests.get("sha256") != entry.sha256)
+            if bad:
+                corrupt += 1
+                log.error("blob %s of %s (%s) is corrupt; removing and re-fetching", digest, ref, entry.path)
+                await self.store.remove_blob(digest, force=True)
+        missing = sum(1 for f in manifest.files if self.store.digest_of(f) is None)
+        await self.ensure(ref, manifest)
+        return {"checked": checked, "corrupt": corrupt, "repaired": missing}
+
+
+def _rehash(path: str, size: int, want_sha256: bool) -> dict[str, str]:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return {}
+    try:
+        if os.fstat(fd).st_size != size:
+            return {}
+        return whole_file_digests(fd, size, want_sha256, False)
+    finally:
+        os.close(fd)

@@ -1,0 +1,108 @@
+"""What every origin does: resolve a reference to a manifest, and read byte ranges.
+
+The fetcher (agent/fetcher.py) owns concurrency, retries and verification; an
+origin only translates between its protocol and two calls. Failures worth
+retrying (5xx, SlowDown, resets, stalls, short bodies) raise
+:class:`TransientOriginError`; the rest raise the typed errors of
+client/errors.py with a message a user can act on.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+
+from agent.manifest import FileEntry, Manifest
+from agent.refs import ModelRef
+from client.errors import AccessDeniedError, FetchFailedError, ModelNotFoundError
+
+Sink = Callable[[bytes], Awaitable[None]]
+READ_BLOCK = 4 * 1024 * 1024
+
+
+class TransientOriginError(Exception):
+    """A failure that another attempt may not see (the fetcher retries these)."""
+
+
+class Origin(abc.ABC):
+    """One kind of model source (s3, hf, http, file)."""
+
+    scheme: str
+
+    @abc.abstractmethod
+    async def resolve(self, ref: ModelRef) -> Manifest:
+        """List the files of ``ref`` at one revision, with sizes and identities."""
+
+    @abc.abstractmethod
+    async def read_range(self, entry: FileEntry, offset: int, length: int, sink: Sink) -> None:
+        """Deliver exactly ``length`` bytes of ``entry`` from ``offset`` to ``sink``, in order."""
+
+    async def close(self) -> None:
+        """Release what the origin holds (sessions, clients)."""
+
+
+class HttpOrigin(Origin):
+    """An origin whose bytes come over HTTP range requests on a shared aiohttp session."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+
+    @abc.abstractmethod
+    async def request_target(self, entry: FileEntry) -> tuple[str, dict[str, str]]:
+        """URL and headers (auth, If-Match) for GETs of ``entry``."""
+
+    async def read_range(self, entry: FileEntry, offset: int, length: int, sink: Sink) -> None:
+        url, headers = await self.request_target(entry)
+        headers = {**headers, "Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
+        try:
+            async with self.session.get(url, headers=headers) as resp:
+                check_status(resp.status, entry, await _reason(resp))
+                if resp.status == 200 and not (offset == 0 and resp.content_length == length):
+                    raise FetchFailedError(f"origin ignored the Range header for {entry.path!r}")
+                if resp.status == 206 and not resp.headers.get("Content-Range", "").startswith(
+                    f"bytes {offset}-{offset + length - 1}/"
+                ):
+                    raise TransientOriginError(f"unexpected Content-Range {resp.headers.get('Content-Range')!r}")
+                remaining = length
+                while remaining:
+                    try:
+                        block = await resp.content.readexactly(min(READ_BLOCK, remaining))
+                    except asyncio.IncompleteReadError as exc:
+                        raise TransientOriginError(
+                            f"{entry.path!r}: body ended {remaining - len(exc.partial)} bytes early"
+                        ) from None
+                    remaining -= len(block)
+                    await sink(block)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
+            raise TransientOriginError(f"{type(exc).__name__}: {exc}") from exc
+
+
+async def _reason(resp: aiohttp.ClientResponse) -> str:
+    if resp.status < 400:
+        return ""
+    try:
+        body = await resp.content.read(2048)
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        body = b""
+    return body.decode("utf-8", "replace").strip()
+
+
+def check_status(status: int, entry: FileEntry, reason: str = "") -> None:
+    """Map an origin's HTTP status to retry or a typed, final error."""
+    if status in (200, 206):
+        return
+    detail = f" ({reason[:200]})" if reason else ""
+    if status in (429, 500, 502, 503, 504):
+        raise TransientOriginError(f"origin answered {status} for {entry.path!r}{detail}")
+    if status == 404:
+        raise ModelNotFoundError(f"{entry.path!r} is gone from the origin (404){detail}")
+    if status in (401, 403):
+        raise AccessDeniedError(f"origin refused access to {entry.path!r} ({status}): check credentials{detail}")
+    if status == 412:
+        raise FetchFailedError(
+            f"{entry.path!r} changed at the origin since it was resolved (412); prefetch again to pick up the new revision"
+        )
+    raise FetchFailedError(f"origin answered {status} for {entry.path!r}{detail}")

@@ -1,0 +1,365 @@
+"""The node cache on disk: content-addressed blobs, fills, manifests, models, capacity.
+
+Layout under the cache root, readable with ``ls``:
+
+    blobs/<xxh128 hex>             complete, verified, read-only file contents
+    meta/<xxh128 hex>.json         {"size", "piece_size", "pieces"} for `agent verify`
+    partial/<fill key>.part|.json  blobs being filled (agent/fill.py)
+    sources/<fill key>             the digest an origin object turned out to have
+    manifests/<model key>/<rev>.json  resolved file lists (agent/manifest.py)
+    models/<model key>.json        {"ref", "revision", "pinned", "last_used"}
+
+A blob is stored once however many models or revisions name it. Capacity counts
+blobs plus preallocated partial files; when a new fill does not fit, the least
+recently used blobs go first, never a pinned one, never one a reader holds a
+shared ``flock`` on (clients take one while they read), never one the request
+itself needs. Last use is the blob's atime, set explicitly on every open, so it
+survives restarts without a database.
+
+All in-memory state is touched only from the event loop; file work runs in the
+I/O thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from agent.fill import BlobFill, write_json_atomic
+from agent.manifest import FileEntry, Manifest
+from agent.refs import ModelRef, parse_ref
+from agent.units import format_size
+from client.errors import CapacityError, IntegrityError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_DIRS = ("blobs", "meta", "partial", "sources", "manifests", "models")
+
+
+@dataclass
+class ModelRecord:
+    """What the node knows of one model reference (its base, without revision)."""
+
+    ref: str
+    key: str
+    revision: str
+    pinned: bool = False
+    last_used: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ref": self.ref, "revision": self.revision, "pinned": self.pinned, "last_used": self.last_used}
+
+
+class Store:
+    """The cache root and its accounting."""
+
+    def __init__(self, root: str, capacity: int, pool: ThreadPoolExecutor) -> None:
+        self.root = os.path.abspath(root)
+        self.capacity = capacity
+        self.pool = pool
+        self.blob_sizes: dict[str, int] = {}
+        self.partial_sizes: dict[str, int] = {}
+        self.sources: dict[str, str] = {}
+        self.models: dict[str, ModelRecord] = {}
+        self._pinned_cache: set[str] | None = None
+        self._manifest_cache: dict[tuple[str, str], Manifest] = {}
+        self.evictions = 0
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    def blob_path(self, digest: str) -> str:
+        return self.path("blobs", digest)
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        """Run blocking file work in the I/O pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    # -- startup -------------------------------------------------------------
+    async def open(self) -> None:
+        """Create the layout (or find it), and load the small indexes into memory."""
+        await self.run(self._open_sync)
+        log.info(
+            "store open at %s: %d blobs, %d partial, %s used of %s",
+            self.root, len(self.blob_sizes), len(self.partial_sizes),
+            format_size(self.used_bytes), format_size(self.capacity),
+        )
+
+    def _open_sync(self) -> None:
+        for d in _DIRS:
+            os.makedirs(self.path(d), exist_ok=True)
+        probe = self.path(f".write-probe-{os.getpid()}")
+        with open(probe, "w") as f:  # fail early and clearly on a read-only mount
+            f.write("ok")
+        os.unlink(probe)
+        for entry in os.scandir(self.path("blobs")):
+            if entry.is_file(follow_symlinks=False):
+                self.blob_sizes[entry.name] = entry.stat().st_size
+        for entry in os.scandir(self.path("partial")):
+            if entry.name.endswith(".part"):
+                self.partial_sizes[entry.name[:-5]] = entry.stat().st_blocks * 512
+            elif ".tmp" in entry.name:
+                os.unlink(entry.path)  # a state file half-written when we were killed
+        for entry in os.scandir(self.path("sources")):
+            try:
+                with open(entry.path, encoding="utf-8") as f:
+                    self.sources[entry.name] = str(json.load(f))
+            except (OSError, ValueError):
+                continue
+        for entry in os.scandir(self.path("models")):
+            if not entry.name.endswith(".json"):
+                continue
+            try:
+                with open(entry.path, encoding="utf-8") as f:
+                    data = json.load(f)
+                key = entry.name[:-5]
+                self.models[key] = ModelRecord(
+                    ref=data["ref"], key=key, revision=data["revision"],
+                    pinned=bool(data.get("pinned")), last_used=float(data.get("last_used", 0)),
+                )
+            except (OSError, ValueError, KeyError):
+                log.warning("ignoring unreadable model record %s", entry.path)
+
+    # -- accounting ----------------------------------------------------------
+    @property
+    def used_bytes(self) -> int:
+        return sum(self.blob_sizes.values()) + sum(self.partial_sizes.values())
+
+    def has_blob(self, digest: str | None) -> bool:
+        return digest is not None and digest in self.blob_sizes
+
+    def digest_of(self, entry: FileEntry) -> str | None:
+        """The stored digest of an entry's bytes, if the node holds them complete."""
+        digest = entry.digest or self.sources.get(entry.fill_key)
+        return digest if self.has_blob(digest) else None
+
+    # -- manifests and model records ----------------------------------------
+    async def save_manifest(self, ref: ModelRef, manifest: Manifest) -> None:
+        directory = self.path("manifests", ref.key)
+        path = os.path.join(directory, f"{manifest.revision}.json")
+        self._manifest_cache[(ref.key, manifest.revision)] = manifest
+        self._pinned_cache = None
+
+        def write() -> None:
+            os.makedirs(directory, exist_ok=True)
+            write_json_atomic(path, manifest.to_json())
+
+        await self.run(write)
+
+    async def load_manifest(self, ref: ModelRef, revision: str) -> Manifest | None:
+        cached = self._manifest_cache.get((ref.key, revision))
+        if cached is not None:
+            return cached
+        path = self.path("manifests", ref.key, f"{revision}.json")
+
+        def read() -> Manifest | None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    return Manifest.from_json(json.load(f))
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+
+        manifest = await self.run(read)
+        if manifest is not None:
+            self._manifest_cache[(ref.key, revision)] = manifest
+        return manifest
+
+    async def record_model(self, ref: ModelRef, revision: str, pin: bool | None = None) -> ModelRecord:
+        rec = self.models.get(ref.key)
+        if rec is None:
+            rec = ModelRecord(ref=ref.base, key=ref.key, revision=revision)
+            self.models[ref.key] = rec
+        rec.revision = revision
+        rec.last_used = time.time()
+        if pin is not None:
+            rec.pinned = pin
+        self._pinned_cache = None
+        await self.run(write_json_atomic, self.path("models", f"{ref.key}.json"), rec.to_json())
+        return rec
+
+    async def forget_model(self, ref: ModelRef) -> None:
+        self.models.pop(ref.key, None)
+        self._pinned_cache = None
+
+        def remove() -> None:
+            try:
+                os.unlink(self.path("models", f"{ref.key}.json"))
+            except FileNotFoundError:
+                pass
+
+        await self.run(remove)
+
+    async def model_digests(self, rec: ModelRecord) -> set[str]:
+        manifest = await self.load_manifest(_ref_of(rec), rec.revision)
+        if manifest is None:
+            return set()
+        return {d for f in manifest.files if (d := f.digest or self.sources.get(f.fill_key))}
+
+    async def pinned_digests(self) -> set[str]:
+        if self._pinned_cache is None:
+            pinned: set[str] = set()
+            for rec in list(self.models.values()):
+                if rec.pinned:
+                    pinned |= await self.model_digests(rec)
+            self._pinned_cache = pinned
+        return self._pinned_cache
+
+    # -- fills ---------------------------------------------------------------
+    async def begin_fill(self, entry: FileEntry, protect: set[str]) -> tuple[BlobFill, int]:
+        """Open (or resume) the partial file for ``entry``, making room for it first."""
+        fill = BlobFill(self.path("partial"), entry)
+        if fill.key not in self.partial_sizes:
+            await self.reserve(entry.size, protect)
+            self.partial_sizes[fill.key] = entry.size
+        try:
+            have = await self.run(fill.open)
+        except BaseException:
+            await self.run(fill.discard)
+            self.partial_sizes.pop(fill.key, None)
+            raise
+        return fill, have
+
+    async def finish_fill(self, fill: BlobFill, verify: Any) -> str:
+        """Publish a complete fill as a blob; returns its digest."""
+        try:
+            digest, pieces = await self.run(fill.finish, self.path("blobs"), verify)
+        except IntegrityError:
+            self.partial_sizes.pop(fill.key, None)  # finish() discarded the partial file
+            raise
+        self.partial_sizes.pop(fill.key, None)
+        self.blob_sizes[digest] = fill.entry.size
+        self.sources[fill.key] = digest
+        self._pinned_cache = None
+        meta = {"size": fill.entry.size, "piece_size": fill.entry.piece_size, "pieces": pieces}
+
+        def write_index() -> None:
+            write_json_atomic(self.path("meta", f"{digest}.json"), meta)
+            write_json_atomic(self.path("sources", fill.key), digest)
+
+        await self.run(write_index)
+        fill.entry.digest = digest
+        fill.entry.pieces = pieces
+        return digest
+
+    async def abandon_fill(self, fill: BlobFill) -> None:
+        """Close a fill that failed; keep its verified pieces for the next try."""
+        await self.run(fill.close)
+
+    # -- blobs ---------------------------------------------------------------
+    async def read_meta(self, digest: str) -> dict[str, Any] | None:
+        def read() -> dict[str, Any] | None:
+            try:
+                with open(self.path("meta", f"{digest}.json"), encoding="utf-8") as f:
+                    return dict(json.load(f))
+            except (FileNotFoundError, ValueError):
+                return None
+
+        return await self.run(read)
+
+    async def touch(self, digests: Iterable[str]) -> None:
+        """Mark blobs used now (their atime), for LRU."""
+        paths = [self.blob_path(d) for d in digests if d in self.blob_sizes]
+
+        def touch_all() -> None:
+            now = time.time()
+            for p in paths:
+                try:
+                    os.utime(p, (now, os.stat(p).st_mtime))
+                except FileNotFoundError:
+                    pass
+
+        await self.run(touch_all)
+
+    async def remove_blob(self, digest: str, force: bool = False) -> bool:
+        """Delete a blob unless a reader holds it (shared flock). Returns whether it went."""
+        path = self.blob_path(digest)
+
+        def remove() -> bool:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                return True
+            try:
+                if not force:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        return False
+                os.unlink(path)
+                for extra in (self.path("meta", f"{digest}.json"),):
+                    try:
+                        os.unlink(extra)
+                    except FileNotFoundError:
+                        pass
+                return True
+            finally:
+                os.close(fd)
+
+        gone = bool(await self.run(remove))
+        if gone:
+            self.blob_sizes.pop(digest, None)
+            self._pinned_cache = None
+        return gone
+
+    async def reserve(self, nbytes: int, protect: set[str]) -> None:
+        """Make room for ``nbytes`` more: evict LRU blobs, or raise CapacityError."""
+        over = self.used_bytes + nbytes - self.capacity
+        free = await self.run(_free_bytes, self.root)
+        short = nbytes - free
+        if over <= 0 and short <= 0:
+            return
+        pinned = await self.pinned_digests()
+        candidates = [d for d in self.blob_sizes if d not in pinned and d not in protect]
+        atimes = await self.run(_atimes, [self.blob_path(d) for d in candidates])
+        held = 0
+        for _, digest in sorted(zip(atimes, candidates)):
+            if over <= 0 and short <= 0:
+                break
+            size = self.blob_sizes.get(digest, 0)
+            if await self.remove_blob(digest):
+                log.info("evicted blob %s (%s) to make room", digest, format_size(size))
+                self.evictions += 1
+                over -= size
+                short -= size
+            else:
+                held += size
+        if over > 0:
+            raise CapacityError(
+                f"cache capacity exceeded: need {format_size(nbytes)} more, "
+                f"{format_size(self.used_bytes)} of {format_size(self.capacity)} used, "
+                f"{format_size(sum(self.blob_sizes.get(d, 0) for d in pinned))} pinned, "
+                f"{format_size(held)} in use by readers; raise --capacity or evict/unpin models"
+            )
+        if short > 0:
+            raise CapacityError(
+                f"disk full: need {format_size(nbytes)} but only {format_size(nbytes - short)} free "
+                f"on the filesystem of {self.root}, and nothing more can be evicted"
+            )
+
+
+def _free_bytes(path: str) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def _atimes(paths: list[str]) -> list[float]:
+    out = []
+    for p in paths:
+        try:
+            out.append(os.stat(p).st_atime)
+        except FileNotFoundError:
+            out.append(0.0)
+    return out
+
+
+def _ref_of(rec: ModelRecord) -> ModelRef:
+    return parse_ref(rec.ref)
