@@ -82,6 +82,7 @@ async def serve(config: AgentConfig) -> None:
         format_size(config.piece_size), config.connections,
     )
 
+    syncer = asyncio.create_task(store.sync_loop(), name="sync")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -98,6 +99,8 @@ async def serve(config: AgentConfig) -> None:
                 flight.task.cancel()
         with contextlib.suppress(Exception):
             await asyncio.gather(*(f.task for f in fetcher.flights.values() if f.task), return_exceptions=True)
+        syncer.cancel()
+        await store.sync()
         await session.close()
         pool.shutdown(wait=True)
         with contextlib.suppress(FileNotFoundError):

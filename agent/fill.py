@@ -19,6 +19,7 @@ import errno
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -43,29 +44,45 @@ def hash_range(fd: int, offset: int, length: int) -> str:
     return h.hexdigest()
 
 
+class WholeFileHasher:
+    """xxh3-128 (always) plus the origin's own digests (when given) over a file, in order."""
+
+    def __init__(self, size: int, want_sha256: bool, want_git_sha1: bool) -> None:
+        self.size = size
+        self.offset = 0
+        self.hashers: dict[str, Any] = {"xxh128": xxhash.xxh3_128()}
+        if want_sha256:
+            self.hashers["sha256"] = hashlib.sha256()
+        if want_git_sha1:
+            git = hashlib.sha1()  # noqa: S324 - git's blob id, not a security boundary
+            git.update(f"blob {size}\0".encode())
+            self.hashers["git_sha1"] = git
+
+    def advance(self, fd: int, end: int) -> None:
+        """Hash the file from where we stopped up to ``end`` (positional reads)."""
+        while self.offset < end:
+            chunk = os.pread(fd, min(HASH_CHUNK, end - self.offset), self.offset)
+            if not chunk:
+                raise IntegrityError(f"file shorter than expected at offset {self.offset}")
+            for h in self.hashers.values():
+                h.update(chunk)
+            self.offset += len(chunk)
+
+    def digests(self) -> dict[str, str]:
+        assert self.offset == self.size, "whole-file digest of an incompletely hashed file"
+        return {name: h.hexdigest() for name, h in self.hashers.items()}
+
+
 def whole_file_digests(fd: int, size: int, want_sha256: bool, want_git_sha1: bool) -> dict[str, str]:
-    """One sequential pass computing xxh3-128 (always) and the origin's digests (when given)."""
-    hashers: dict[str, Any] = {"xxh128": xxhash.xxh3_128()}
-    if want_sha256:
-        hashers["sha256"] = hashlib.sha256()
-    if want_git_sha1:
-        git = hashlib.sha1()  # noqa: S324 - git's blob id, not a security boundary
-        git.update(f"blob {size}\0".encode())
-        hashers["git_sha1"] = git
-    offset = 0
-    while offset < size:
-        chunk = os.pread(fd, min(HASH_CHUNK, size - offset), offset)
-        if not chunk:
-            raise IntegrityError(f"file shorter than expected at offset {offset}")
-        for h in hashers.values():
-            h.update(chunk)
-        offset += len(chunk)
-    return {name: h.hexdigest() for name, h in hashers.items()}
+    """One sequential pass over a complete file."""
+    hasher = WholeFileHasher(size, want_sha256, want_git_sha1)
+    hasher.advance(fd, size)
+    return hasher.digests()
 
 
 def write_json_atomic(path: str, data: Any) -> None:
     """Write a small state file so a reader sees the old or the new version, never half."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}-{threading.get_ident()}"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(data, f, separators=(",", ":"))
     os.replace(tmp, path)
@@ -81,6 +98,11 @@ class BlobFill:
         self.state_path = os.path.join(directory, f"{self.key}.json")
         self.done: dict[int, str] = {}
         self.fd = -1
+        self._state_lock = threading.Lock()  # pieces finish on several I/O threads at once
+        # The whole-file digests follow the contiguous completed prefix while the
+        # rest is still arriving, so finishing a blob costs only the last pieces.
+        self._whole = WholeFileHasher(entry.size, bool(entry.sha256), bool(entry.git_sha1))
+        self._whole_lock = threading.Lock()
 
     # -- opening -------------------------------------------------------------
     def open(self) -> int:
@@ -154,28 +176,47 @@ class BlobFill:
             raise IntegrityError(
                 f"piece {index} of {self.entry.path!r} hashed {digest}, manifest says {expected}"
             )
-        self.done[index] = digest
-        write_json_atomic(
-            self.state_path,
-            {"size": self.entry.size, "piece_size": self.entry.piece_size, "done": self.done},
-        )
+        with self._state_lock:
+            self.done[index] = digest
+            write_json_atomic(
+                self.state_path,
+                {"size": self.entry.size, "piece_size": self.entry.piece_size, "done": self.done},
+            )
+        self._follow(blocking=False)
+
+    def _contiguous_end(self) -> int:
+        index = self._whole.offset // self.entry.piece_size
+        while index in self.done:
+            index += 1
+        return min(self.entry.size, index * self.entry.piece_size)
+
+    def _follow(self, blocking: bool) -> None:
+        """Advance the whole-file hash over completed pieces; one thread at a time does it."""
+        while self._whole_lock.acquire(blocking=blocking):
+            try:
+                end = self._contiguous_end()
+                if end <= self._whole.offset:
+                    return
+                self._whole.advance(self.fd, end)
+            finally:
+                self._whole_lock.release()
 
     # -- finishing -----------------------------------------------------------
     def finish(self, blob_dir: str, verify: Callable[[dict[str, str]], None]) -> tuple[str, list[str]]:
-        """Check whole-file digests, make the file durable and read-only, move it into place.
+        """Check whole-file digests, make the file read-only, move it into place.
 
         Returns (content digest, piece hashes). ``verify`` raises if the origin's
         digests disagree; then the partial file is discarded, never published.
+        Durability is the store's background sync (see Store.sync_loop), not an
+        fsync here: that would put a full device write on every cold start.
         """
-        digests = whole_file_digests(
-            self.fd, self.entry.size, bool(self.entry.sha256), bool(self.entry.git_sha1)
-        )
+        self._follow(blocking=True)
+        digests = self._whole.digests()
         try:
             verify(digests)
         except IntegrityError:
             self.discard()
             raise
-        os.fsync(self.fd)
         os.fchmod(self.fd, 0o444)
         digest = digests["xxh128"]
         final = os.path.join(blob_dir, digest)

@@ -8,6 +8,14 @@ Layout under the cache root, readable with ``ls``:
     sources/<fill key>             the digest an origin object turned out to have
     manifests/<model key>/<rev>.json  resolved file lists (agent/manifest.py)
     models/<model key>.json        {"ref", "revision", "pinned", "last_used"}
+    synced-at                      {"time": T}: every blob written before T is on the device
+
+Durability without an fsync per blob: a background task syncs the cache's
+filesystem a few seconds after blobs were published and then records the time
+in ``synced-at``. On start, any blob whose data was written after that time
+(a power loss may have left it torn) is hashed again against its name before it
+is served; a blob that does not match is deleted and will be fetched again.
+A crashed process (kill -9) loses nothing: the page cache outlives it.
 
 A blob is stored once however many models or revisions name it. Capacity counts
 blobs plus preallocated partial files; when a new fill does not fit, the least
@@ -23,6 +31,7 @@ I/O thread pool.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import fcntl
 import json
 import logging
@@ -33,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from agent.fill import BlobFill, write_json_atomic
+from agent.fill import BlobFill, whole_file_digests, write_json_atomic
 from agent.manifest import FileEntry, Manifest
 from agent.refs import ModelRef, parse_ref
 from agent.units import format_size
@@ -43,6 +52,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _DIRS = ("blobs", "meta", "partial", "sources", "manifests", "models")
+SYNC_INTERVAL = 5.0
+SYNC_SLACK = 2.0  # seconds of mtime granularity and clock skew around the marker
 
 
 @dataclass
@@ -73,6 +84,8 @@ class Store:
         self._pinned_cache: set[str] | None = None
         self._manifest_cache: dict[tuple[str, str], Manifest] = {}
         self.evictions = 0
+        self.reverified = 0
+        self._dirty = False
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
@@ -101,9 +114,17 @@ class Store:
         with open(probe, "w") as f:  # fail early and clearly on a read-only mount
             f.write("ok")
         os.unlink(probe)
+        synced_at = self._read_synced_at()
         for entry in os.scandir(self.path("blobs")):
-            if entry.is_file(follow_symlinks=False):
-                self.blob_sizes[entry.name] = entry.stat().st_size
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            st = entry.stat()
+            if st.st_mtime >= synced_at - SYNC_SLACK and not _blob_matches(entry.path, entry.name, st.st_size):
+                log.warning("blob %s was written after the last sync and does not match its digest; removed", entry.name)
+                os.unlink(entry.path)
+                continue
+            self.reverified += st.st_mtime >= synced_at - SYNC_SLACK
+            self.blob_sizes[entry.name] = st.st_size
         for entry in os.scandir(self.path("partial")):
             if entry.name.endswith(".part"):
                 self.partial_sizes[entry.name[:-5]] = entry.stat().st_blocks * 512
@@ -128,6 +149,42 @@ class Store:
                 )
             except (OSError, ValueError, KeyError):
                 log.warning("ignoring unreadable model record %s", entry.path)
+
+    def _read_synced_at(self) -> float:
+        try:
+            with open(self.path("synced-at"), encoding="utf-8") as f:
+                return float(json.load(f)["time"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 0.0  # never synced: every blob is checked once
+
+    # -- durability ----------------------------------------------------------
+    async def sync(self) -> None:
+        """Flush the cache's filesystem, then record that everything before now is durable."""
+        self._dirty = False
+        started = time.time()
+
+        def flush() -> None:
+            _syncfs(self.root)
+            path = self.path("synced-at")
+            write_json_atomic(path, {"time": started})
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+        await self.run(flush)
+
+    async def sync_loop(self, interval: float = SYNC_INTERVAL) -> None:
+        """Background task: sync a few seconds after blobs were published."""
+        while True:
+            await asyncio.sleep(interval)
+            if self._dirty:
+                try:
+                    await self.sync()
+                except OSError as exc:
+                    self._dirty = True
+                    log.error("cannot sync the cache filesystem: %s", exc)
 
     # -- accounting ----------------------------------------------------------
     @property
@@ -237,6 +294,7 @@ class Store:
             raise
         self.partial_sizes.pop(fill.key, None)
         self.blob_sizes[digest] = fill.entry.size
+        self._dirty = True
         self.sources[fill.key] = digest
         self._pinned_cache = None
         meta = {"size": fill.entry.size, "piece_size": fill.entry.piece_size, "pieces": pieces}
@@ -344,6 +402,30 @@ class Store:
                 f"disk full: need {format_size(nbytes)} but only {format_size(nbytes - short)} free "
                 f"on the filesystem of {self.root}, and nothing more can be evicted"
             )
+
+
+def _syncfs(path: str) -> None:
+    """syncfs(2) on the filesystem holding ``path`` (sync(2) where libc lacks it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if getattr(libc, "syncfs", None) is None:
+            os.sync()
+        elif libc.syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), path)
+    finally:
+        os.close(fd)
+
+
+def _blob_matches(path: str, digest: str, size: int) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return whole_file_digests(fd, size, False, False)["xxh128"] == digest
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _free_bytes(path: str) -> int:
