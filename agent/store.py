@@ -53,7 +53,7 @@ T = TypeVar("T")
 
 _DIRS = ("blobs", "meta", "partial", "sources", "manifests", "models")
 SYNC_INTERVAL = 5.0
-SYNC_SLACK = 2.0  # seconds of mtime granularity and clock skew around the marker
+SYNC_SLACK = 0.1  # file times use the kernel's coarse clock: record the marker a little early
 
 
 @dataclass
@@ -119,11 +119,12 @@ class Store:
             if not entry.is_file(follow_symlinks=False):
                 continue
             st = entry.stat()
-            if st.st_mtime >= synced_at - SYNC_SLACK and not _blob_matches(entry.path, entry.name, st.st_size):
+            unsynced = st.st_mtime >= synced_at
+            if unsynced and not _blob_matches(entry.path, entry.name, st.st_size):
                 log.warning("blob %s was written after the last sync and does not match its digest; removed", entry.name)
                 os.unlink(entry.path)
                 continue
-            self.reverified += st.st_mtime >= synced_at - SYNC_SLACK
+            self.reverified += unsynced
             self.blob_sizes[entry.name] = st.st_size
         for entry in os.scandir(self.path("partial")):
             if entry.name.endswith(".part"):
@@ -161,7 +162,7 @@ class Store:
     async def sync(self) -> None:
         """Flush the cache's filesystem, then record that everything before now is durable."""
         self._dirty = False
-        started = time.time()
+        started = time.time() - SYNC_SLACK
 
         def flush() -> None:
             _syncfs(self.root)
@@ -377,6 +378,9 @@ class Store:
             return
         pinned = await self.pinned_digests()
         candidates = [d for d in self.blob_sizes if d not in pinned and d not in protect]
+        evictable = sum(self.blob_sizes[d] for d in candidates)
+        if evictable < max(over, short):
+            candidates = []  # evicting cannot make it fit: keep the cache as it is
         atimes = await self.run(_atimes, [self.blob_path(d) for d in candidates])
         held = 0
         for _, digest in sorted(zip(atimes, candidates)):

@@ -1,0 +1,299 @@
+"""The store, fetcher and model service in-process, on real files and a real tmpfs.
+
+The local-directory origin is a real origin (it is how NFS-hosted models are
+served), so these tests exercise the full fill path: pieces, hashing, resume,
+publish, dedup, capacity and eviction, without network servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import aiohttp
+import pytest
+import xxhash
+
+from agent.fetcher import Fetcher
+from agent.manifest import MIN_PIECE_SIZE
+from agent.models import ModelService
+from agent.origins import Origins
+from agent.origins.base import Sink
+from agent.origins.local import LocalOrigin
+from agent.store import Store
+from client.errors import CapacityError, FetchFailedError, IntegrityError, ModelNotFoundError
+
+MiB = 1024 * 1024
+
+
+def write_random(path: Path, size: int, seed: int) -> bytes:
+    data = (xxhash.xxh3_128_digest(seed.to_bytes(8, "little")) * (size // 16 + 1))[:size]
+    data = bytes(b ^ (i * 131 % 251) for i, b in enumerate(data[: 64 * 1024])) + data[64 * 1024 :]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return data
+
+
+class Node:
+    """An agent's in-process core around one cache directory."""
+
+    def __init__(self, root: Path, capacity: int, connections: int = 4) -> None:
+        self.pool = ThreadPoolExecutor(8)
+        self.root = root
+        self.capacity = capacity
+        self.connections = connections
+        self.stopped = False
+
+    async def start(self) -> ModelService:
+        self.session = aiohttp.ClientSession()
+        self.store = Store(str(self.root), self.capacity, self.pool)
+        await self.store.open()
+        self.origins = Origins(self.session, self.pool)
+        self.fetcher = Fetcher(self.store, connections=self.connections, retries=3)
+        self.service = ModelService(self.store, self.fetcher, self.origins, MIN_PIECE_SIZE)
+        return self.service
+
+    async def stop(self) -> None:
+        if self.stopped:
+            return
+        self.stopped = True
+        await self.session.close()
+        self.pool.shutdown(wait=True)
+
+    async def prefetch(self, ref: str, pin: bool | None = None) -> None:
+        r, m = await self.service.resolve(ref)
+        await self.service.ensure(r, m, pin)
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    n = Node(tmp_path / "cache", 1 << 40)
+    await n.start()
+    yield n
+    await n.stop()
+
+
+async def test_blob_named_by_content_and_stored_once(node: Node, tmp_path: Path) -> None:
+    a = write_random(tmp_path / "m1" / "model.safetensors", 5 * MiB + 123, seed=1)
+    shutil.copytree(tmp_path / "m1", tmp_path / "m2")  # same bytes, another model
+    (tmp_path / "m2" / "extra.json").write_text("{}")
+    await node.prefetch(str(tmp_path / "m1"))
+    await node.prefetch(str(tmp_path / "m2"))
+    blobs = sorted(os.listdir(node.root / "blobs"))
+    assert len(blobs) == 2  # the shared shard once, plus extra.json
+    digest = xxhash.xxh3_128_hexdigest(a)
+    assert digest in blobs
+    assert (node.root / "blobs" / digest).read_bytes() == a
+    assert not os.access(node.root / "blobs" / digest, os.W_OK) or os.geteuid() == 0
+    assert (os.stat(node.root / "blobs" / digest).st_mode & 0o222) == 0
+    meta = json.loads((node.root / "meta" / f"{digest}.json").read_text())
+    assert len(meta["pieces"]) == 6
+    assert os.listdir(node.root / "partial") == []
+
+
+class FlakyLocal(LocalOrigin):
+    """A local origin that dies after delivering ``budget`` bytes (a crash stand-in)."""
+
+    def __init__(self, pool: ThreadPoolExecutor, budget: int) -> None:
+        super().__init__(pool)
+        self.budget = budget
+        self.delivered = 0
+
+    async def read_range(self, entry, offset, length, sink: Sink) -> None:  # type: ignore[no-untyped-def]
+        async def counted(block: bytes) -> None:
+            if self.delivered + len(block) > self.budget:
+                raise FetchFailedError("simulated permanent origin failure")
+            self.delivered += len(block)
+            await sink(block)
+
+        await super().read_range(entry, offset, length, counted)
+
+
+async def test_interrupted_fill_resumes_with_only_missing_pieces(node: Node, tmp_path: Path) -> None:
+    data = write_random(tmp_path / "m" / "w.bin", 10 * MiB, seed=2)
+    ref, manifest = await node.service.resolve(str(tmp_path / "m"))
+    flaky = FlakyLocal(node.pool, budget=int(4.5 * MiB))
+    node.origins._by_scheme["file"] = flaky
+    with pytest.raises(FetchFailedError):
+        await node.service.ensure(ref, manifest)
+    assert os.listdir(node.root / "blobs") == []  # nothing partial is published
+    state = json.loads(next((node.root / "partial").glob("*.json")).read_text())
+    assert 1 <= len(state["done"]) <= 4
+
+    # A new process on the same cache: it fetches only what is missing.
+    await node.stop()
+    again = Node(node.root, 1 << 40)
+    await again.start()
+    counting = FlakyLocal(again.pool, budget=1 << 40)
+    again.origins._by_scheme["file"] = counting
+    ref, manifest = await again.service.resolve(str(tmp_path / "m"))
+    await again.service.ensure(ref, manifest)
+    assert counting.delivered == (10 - len(state["done"])) * MiB
+    assert (again.root / "blobs" / xxhash.xxh3_128_hexdigest(data)).read_bytes() == data
+    await again.stop()
+
+
+async def test_torn_piece_is_refetched_on_resume(node: Node, tmp_path: Path) -> None:
+    data = write_random(tmp_path / "m" / "w.bin", 4 * MiB, seed=3)
+    n = Node(tmp_path / "cache1", 1 << 40, connections=1)  # one piece at a time: deterministic
+    await n.start()
+    try:
+        ref, manifest = await n.service.resolve(str(tmp_path / "m"))
+        n.origins._by_scheme["file"] = FlakyLocal(n.pool, budget=3 * MiB)
+        with pytest.raises(FetchFailedError):
+            await n.service.ensure(ref, manifest)
+        state = json.loads(next((n.root / "partial").glob("*.json")).read_text())
+        assert sorted(state["done"]) == ["0", "1", "2"]
+        part = next((n.root / "partial").glob("*.part"))
+        with open(part, "r+b") as f:  # damage a recorded piece, as a power loss could
+            f.seek(MiB + 10)
+            f.write(b"\xff\xff")
+        counting = FlakyLocal(n.pool, budget=1 << 40)
+        n.origins._by_scheme["file"] = counting
+        await n.service.ensure(ref, manifest)
+        assert counting.delivered == 2 * MiB  # piece 1 (damaged) and piece 3 (never fetched)
+        assert (n.root / "blobs" / xxhash.xxh3_128_hexdigest(data)).read_bytes() == data
+    finally:
+        await n.stop()
+
+
+async def test_lru_eviction_spares_pinned_and_open_blobs(tmp_path: Path) -> None:
+    n = Node(tmp_path / "cache", capacity=10 * MiB)
+    await n.start()
+    try:
+        for name, seed in (("pinned", 10), ("held", 11), ("old", 12)):
+            write_random(tmp_path / name / "w.bin", 3 * MiB, seed)
+        await n.prefetch(str(tmp_path / "pinned"), pin=True)
+        await n.prefetch(str(tmp_path / "old"))
+        await asyncio.sleep(0.05)
+        await n.prefetch(str(tmp_path / "held"))
+        held = n.root / "blobs" / next(iter(await n.store.model_digests(n.store.models[_key(n, tmp_path / "held")])))
+        old_digest = next(iter(await n.store.model_digests(n.store.models[_key(n, tmp_path / "old")])))
+        # Make "held" the least recently used, then hold it open as a client would.
+        os.utime(held, (1, os.stat(held).st_mtime))
+        fd = os.open(held, os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        try:
+            write_random(tmp_path / "new" / "w.bin", 3 * MiB, seed=13)
+            await n.prefetch(str(tmp_path / "new"))
+        finally:
+            os.close(fd)
+        remaining = set(os.listdir(n.root / "blobs"))
+        assert held.name in remaining  # open by a reader: kept although least recent
+        assert old_digest not in remaining  # unpinned, unheld: evicted
+        assert len(remaining) == 3 and n.store.evictions == 1
+
+        # Nothing evictable is big enough: a clear capacity error, not a corrupt cache.
+        write_random(tmp_path / "huge" / "w.bin", 9 * MiB, seed=14)
+        fcntl.flock(fd2 := os.open(held, os.O_RDONLY), fcntl.LOCK_SH)
+        try:
+            with pytest.raises(CapacityError, match="capacity exceeded"):
+                await n.prefetch(str(tmp_path / "huge"))
+        finally:
+            os.close(fd2)
+        assert os.listdir(n.root / "partial") == []
+    finally:
+        await n.stop()
+
+
+def _key(n: Node, path: Path) -> str:
+    from agent.refs import parse_ref
+
+    return parse_ref(str(path)).key
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):  # type: ignore[no-untyped-def]
+    mnt = tmp_path / "tmpfs"
+    mnt.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)], capture_output=True)
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs for the disk-full test (needs root): {done.stderr.decode()}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+async def test_disk_full_is_a_clear_error_and_cache_stays_usable(tmp_path: Path, tmpfs: Path) -> None:
+    n = Node(tmpfs / "cache", capacity=1 << 40)  # capacity says yes, the disk says no
+    await n.start()
+    try:
+        small = write_random(tmp_path / "small" / "w.bin", 2 * MiB, seed=20)
+        await n.prefetch(str(tmp_path / "small"))
+        write_random(tmp_path / "big" / "w.bin", 12 * MiB, seed=21)
+        with pytest.raises(CapacityError, match="disk full"):
+            await n.prefetch(str(tmp_path / "big"))
+        assert os.listdir(n.root / "partial") == []
+        assert (n.root / "blobs" / xxhash.xxh3_128_hexdigest(small)).read_bytes() == small
+        await n.prefetch(str(tmp_path / "small"))  # still serving
+    finally:
+        await n.stop()
+
+
+async def test_corrupt_blob_after_unsynced_restart_is_dropped(node: Node, tmp_path: Path) -> None:
+    data = write_random(tmp_path / "m" / "w.bin", 2 * MiB, seed=30)
+    await node.prefetch(str(tmp_path / "m"))
+    digest = xxhash.xxh3_128_hexdigest(data)
+    blob = node.root / "blobs" / digest
+    os.chmod(blob, 0o644)
+    with open(blob, "r+b") as f:  # a torn write the power loss left behind
+        f.write(b"\0" * 16)
+    await node.stop()
+    again = Node(node.root, 1 << 40)  # no sync happened: the blob is re-checked
+    await again.start()
+    assert not blob.exists() and again.store.has_blob(digest) is False
+    await again.prefetch(str(tmp_path / "m"))
+    assert blob.read_bytes() == data
+    await asyncio.sleep(0.2)
+    await again.store.sync()
+    await again.stop()
+    third = Node(node.root, 1 << 40)
+    await third.start()
+    assert third.store.reverified == 0  # synced: not hashed again
+    assert third.store.has_blob(digest)
+    await third.stop()
+
+
+async def test_verify_detects_and_repairs(node: Node, tmp_path: Path) -> None:
+    data = write_random(tmp_path / "m" / "w.bin", 3 * MiB, seed=40)
+    await node.prefetch(str(tmp_path / "m"))
+    blob = node.root / "blobs" / xxhash.xxh3_128_hexdigest(data)
+    os.chmod(blob, 0o644)
+    with open(blob, "r+b") as f:
+        f.seek(2 * MiB)
+        f.write(b"rot")
+    ref, manifest = await node.service.resolve(str(tmp_path / "m"))
+    result = await node.service.verify(ref, manifest)
+    assert result == {"checked": 1, "corrupt": 1, "repaired": 1}
+    assert blob.read_bytes() == data
+
+
+async def test_piece_hash_mismatch_against_manifest_fails_the_fill(node: Node, tmp_path: Path) -> None:
+    write_random(tmp_path / "m" / "w.bin", 2 * MiB, seed=50)
+    await node.prefetch(str(tmp_path / "m"))
+    ref, manifest = await node.service.resolve(str(tmp_path / "m"))
+    assert manifest.files[0].pieces and len(manifest.files[0].pieces) == 2
+    await node.service.evict(str(tmp_path / "m"))
+    manifest.files[0].pieces[1] = "0" * 32  # the manifest disagrees with what the origin sends
+    with pytest.raises(FetchFailedError) as err:
+        await node.service.ensure(ref, manifest)
+    assert "piece 1" in str(err.value)
+    assert os.listdir(node.root / "blobs") == []
+    assert isinstance(IntegrityError("x"), FetchFailedError)
+
+
+async def test_missing_path_and_changed_file(node: Node, tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError):
+        await node.service.resolve(str(tmp_path / "nope"))
+    write_random(tmp_path / "m" / "w.bin", MiB, seed=60)
+    ref, manifest = await node.service.resolve(str(tmp_path / "m"))
+    write_random(tmp_path / "m" / "w.bin", MiB, seed=61)
+    os.utime(tmp_path / "m" / "w.bin", ns=(1, 1))
+    with pytest.raises(FetchFailedError, match="changed since it was resolved"):
+        await node.service.ensure(ref, manifest)
