@@ -1,0 +1,149 @@
+"""warmstart client: what inference code imports to get a model's tensors from the node cache.
+
+    import client
+    tensors = client.open_tensors("hf://org/model")          # {name: torch.Tensor}
+
+:func:`open_tensors` asks the node agent (Unix socket, ``$WARMSTART_SOCKET``)
+to make the model complete in the node cache, then loads the tensors straight
+from the cache files; :func:`load_safetensors_files` does the loading part
+alone, for files already on local disk, with no agent involved.
+
+This package needs only the standard library and torch, so inference
+images need nothing else (never the agent's aiohttp, boto3, ...). torch
+itself is imported on first use of a loading function, not by ``import
+client``: the agent imports ``client.errors`` and ``client._transport`` (which
+runs this file) and must not pay torch's seconds and hundreds of MB for it.
+
+CPU tensors are zero-copy views of the cache files by default (see
+:mod:`client.loader`): writing to them is safe and private to the process,
+and each file stays open with a shared lock while any of its tensors lives.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from client._transport import DEFAULT_TIMEOUT, AgentConnection
+from client.errors import (
+    AccessDeniedError,
+    AgentUnavailableError,
+    BadReferenceError,
+    BadRequestError,
+    CapacityError,
+    FetchFailedError,
+    IntegrityError,
+    MalformedFileError,
+    ModelNotFoundError,
+    WarmstartError,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from client.loader import load_safetensors_file, load_safetensors_files
+    from client.safetensors_header import SafetensorsHeader, TensorInfo, read_header
+
+# Public names that live in torch-importing modules, loaded on first access (PEP 562).
+_LAZY: dict[str, str] = {
+    "SafetensorsHeader": "client.safetensors_header",
+    "TensorInfo": "client.safetensors_header",
+    "load_safetensors_file": "client.loader",
+    "load_safetensors_files": "client.loader",
+    "read_header": "client.safetensors_header",
+}
+
+__all__ = [
+    "AccessDeniedError",
+    "AgentUnavailableError",
+    "BadReferenceError",
+    "BadRequestError",
+    "CapacityError",
+    "FetchFailedError",
+    "IntegrityError",
+    "MalformedFileError",
+    "ModelNotFoundError",
+    "SafetensorsHeader",
+    "TensorInfo",
+    "WarmstartError",
+    "load_safetensors_file",
+    "load_safetensors_files",
+    "open_tensors",
+    "read_header",
+]
+
+CACHE_DIR_ENV = "WARMSTART_CACHE_DIR"
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+SAFETENSORS_SUFFIX = ".safetensors"
+
+
+def open_tensors(
+    ref: str,
+    *,
+    device: str | torch.device = "cpu",
+    names: Iterable[str] | None = None,
+    socket: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    copy: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Return every tensor of model ``ref`` (all its ``.safetensors`` files), fetched into the node cache if needed.
+
+    Blocks while the agent fetches what the cache lacks (it reports progress
+    at least once a second; ``timeout`` seconds of silence mean it is gone:
+    :class:`AgentUnavailableError`). Blob paths are taken relative to
+    ``$WARMSTART_CACHE_DIR`` when set (a pod that mounts the cache elsewhere),
+    else to the agent's own cache directory. ``names``, ``device`` and
+    ``copy`` are as in :func:`load_safetensors_files`.
+    """
+    conn = AgentConnection(socket, timeout)
+    complete: dict[str, Any] | None = None
+    with conn.stream("POST", "/v1/open", {"ref": ref}) as lines:
+        for line in lines:
+            if line.get("event") == "complete":
+                complete = line
+                break
+    if complete is None:
+        raise AgentUnavailableError(
+            f"agent at {conn.socket_path} ended the answer to open {ref!r} before it completed"
+        )
+    paths = _shard_paths(ref, complete, conn.socket_path)
+    from client.loader import load_safetensors_files
+
+    return load_safetensors_files(paths, device=device, names=names, copy=copy)
+
+
+def _shard_paths(ref: str, complete: dict[str, Any], socket_path: str) -> list[str]:
+    """Local paths of the model's safetensors blobs, from the agent's ``complete`` line."""
+    where = f"agent at {socket_path} (open {ref!r})"
+    cache_dir = os.environ.get(CACHE_DIR_ENV) or complete.get("cache_dir")
+    files = complete.get("files")
+    if not isinstance(cache_dir, str) or not isinstance(files, list):
+        raise WarmstartError(f"{where}: the complete line lacks cache_dir or files: {complete!r:.300}")
+    paths: list[str] = []
+    for f in files:
+        if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("blob"), str)):
+            raise WarmstartError(f"{where}: malformed file entry {f!r:.200}")
+        if not f["path"].endswith(SAFETENSORS_SUFFIX):
+            continue
+        blob = f["blob"]
+        if os.path.isabs(blob) or ".." in blob.split("/"):
+            raise WarmstartError(f"{where}: blob path {blob!r} is not inside the cache directory")
+        paths.append(os.path.join(cache_dir, blob))
+    if not paths:
+        listed = ", ".join(str(f.get("path")) for f in files[:10])
+        raise ModelNotFoundError(f"{ref} has no .safetensors files (files: {listed or 'none'})")
+    return paths

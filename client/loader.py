@@ -1,0 +1,255 @@
+"""Load tensors from complete safetensors files on local disk, bit-exact with ``safetensors.torch.load_file``.
+
+CPU tensors are zero-copy by default: each file is mapped once, privately
+(``MAP_PRIVATE``, ``mmap.ACCESS_COPY``), and every tensor is a view of its
+bytes in that mapping. Pages come from the page cache and are shared with
+every other process that maps the same cache blob until someone writes to
+them; a write (an in-place op on a returned tensor) copies just that page
+into the process and never reaches the file. A read-only mapping would save
+nothing and turn an innocent in-place op into a segfault, so it is not used.
+
+``copy=True`` instead reads each tensor with large positional reads into
+memory of its own (no page-cache sharing, no file kept open afterwards);
+peak memory is the selected tensors' bytes either way.
+
+While any tensor mapped from a file is alive, the file stays open with a
+shared ``flock`` on it: the agent evicts only blobs it can lock exclusively,
+so a model in use is never deleted under its readers (deleting would be
+harmless for the mapping, but would free no disk space and hide the blob from
+the next reader). The lock and file are released when the last such tensor is
+garbage-collected.
+
+GPU devices are served by :func:`_move_to_device`, a plain ``.to(device)`` from
+the CPU tensors (mapped ones by default, so the host holds no copy beyond the
+page cache; the mapping and lock go as soon as the last tensor is moved). The
+pinned-buffer ring that overlaps disk reads with host-to-device copies
+replaces that one function later.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import sys
+import time
+import weakref
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from client.errors import MalformedFileError, WarmstartError
+from client.safetensors_header import SafetensorsHeader, TensorInfo, read_header
+
+# How long to wait for a shared lock; the agent holds its exclusive one only
+# for the instant it takes to unlink a blob.
+LOCK_TIMEOUT = 10.0
+# Linux returns at most 0x7ffff000 bytes per read; ask for no more than that per call.
+_MAX_READ = 1 << 30
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(slots=True)
+class _OpenFile:
+    """One opened, share-locked safetensors file and its validated header."""
+
+    path: str
+    fd: int
+    header: SafetensorsHeader
+
+
+def load_safetensors_files(
+    paths: Iterable[PathLike],
+    *,
+    device: str | torch.device = "cpu",
+    names: Iterable[str] | None = None,
+    copy: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Load the tensors of one or more safetensors files (the shards of one model) into one dict.
+
+    ``names`` restricts loading to those tensor names; a name in no file
+    raises ``KeyError``. A name present in two files raises
+    :class:`MalformedFileError` (the shards of a model must not disagree).
+    Headers of all files are validated before any tensor is built.
+    ``device`` other than CPU: loaded on CPU, then moved (see module doc).
+    ``copy``: CPU tensors in memory of their own instead of views of the page
+    cache (see module doc).
+    """
+    target = torch.device(device)
+    wanted = None if names is None else _as_name_set(names)
+    files = _open_all(paths)
+    try:
+        owner = _check_names(files, wanted)
+        tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            selected = [t for t in f.header.tensors if owner.get(t.name) is f and (wanted is None or t.name in wanted)]
+            fd, f.fd = f.fd, -1  # the per-file loader owns the descriptor from here on
+            part = _load_one(f.path, fd, selected, copy=copy)
+            if target.type != "cpu":
+                # File by file, so host memory never holds more than one shard's CPU tensors.
+                part = _move_to_device(part, target)
+            tensors.update(part)
+    finally:
+        for f in files:
+            if f.fd >= 0:
+                os.close(f.fd)
+    return tensors
+
+
+def load_safetensors_file(
+    path: PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    names: Iterable[str] | None = None,
+    copy: bool = False,
+) -> dict[str, torch.Tensor]:
+    """:func:`load_safetensors_files` for a single file."""
+    return load_safetensors_files([path], device=device, names=names, copy=copy)
+
+
+def _as_name_set(names: Iterable[str]) -> set[str]:
+    if isinstance(names, str):  # a lone name would otherwise become a set of characters
+        return {names}
+    return set(names)
+
+
+def _open_all(paths: Iterable[PathLike]) -> list[_OpenFile]:
+    """Open, share-lock and parse every file; on any failure close what was opened."""
+    if sys.byteorder != "little":
+        raise WarmstartError("safetensors data is little-endian; this client does not byte-swap on big-endian hosts")
+    files: list[_OpenFile] = []
+    try:
+        for p in paths:
+            path = os.fspath(p)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _lock_shared(fd, path)
+                header = read_header(fd, name=path)
+            except BaseException:
+                os.close(fd)
+                raise
+            files.append(_OpenFile(path, fd, header))
+    except BaseException:
+        for f in files:
+            os.close(f.fd)
+        raise
+    return files
+
+
+def _lock_shared(fd: int, path: str, timeout: float = LOCK_TIMEOUT) -> None:
+    """Take a shared flock, waiting a bounded time for an exclusive holder (the agent deleting it) to finish."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                raise
+        if time.monotonic() >= deadline:
+            raise WarmstartError(f"{path}: could not take a shared lock within {timeout:g}s (held exclusively)")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def _check_names(files: Sequence[_OpenFile], wanted: set[str] | None) -> dict[str, _OpenFile]:
+    """Map each tensor name to its file; reject duplicates across files and requested names no file has."""
+    owner: dict[str, _OpenFile] = {}
+    for f in files:
+        for t in f.header.tensors:
+            other = owner.get(t.name)
+            if other is not None:
+                raise MalformedFileError(f"tensor {t.name!r} is in both {other.path} and {f.path}")
+            owner[t.name] = f
+    if wanted is not None:
+        missing = sorted(wanted - owner.keys())
+        if missing:
+            raise KeyError(
+                f"no tensor named {_some(missing)} in {', '.join(f.path for f in files) or 'no files'};"
+                f" available: {_some(sorted(owner))}"
+            )
+    return owner
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    """A few names for a message, and how many more there are."""
+    text = ", ".join(map(repr, names[:shown])) or "none"
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def _load_one(path: str, fd: int, infos: Sequence[TensorInfo], *, copy: bool) -> dict[str, torch.Tensor]:
+    """Build ``infos``' tensors from the open, share-locked ``fd``; takes ownership of ``fd``.
+
+    The descriptor (and with it the lock) is closed here unless some tensor
+    maps the file, in which case it closes when the mapping is collected.
+    """
+    if not copy and any(t.nbytes for t in infos):
+        return _map_tensors(path, fd, infos)
+    try:
+        return {t.name: _read_tensor(fd, t, path) for t in infos}
+    finally:
+        os.close(fd)
+
+
+def _map_tensors(path: str, fd: int, infos: Sequence[TensorInfo]) -> dict[str, torch.Tensor]:
+    """Zero-copy views of a private mapping; hands ``fd`` to a finalizer of the mapping."""
+    try:
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    except BaseException:
+        os.close(fd)
+        raise
+    # Tensors keep a memoryview (and so the mapping) alive; once the last one is
+    # gone the mapping is collected, and the file and its shared lock go with it.
+    # (mmap holds a dup of fd; both must close for the flock to be released.)
+    weakref.finalize(mm, os.close, fd)
+    view = memoryview(mm)
+    del mm  # from here only memoryviews, and through them the tensors, keep the mapping alive
+    out: dict[str, torch.Tensor] = {}
+    for t in infos:
+        if t.nbytes == 0:
+            out[t.name] = torch.empty(t.shape, dtype=t.dtype)
+        elif t.offset % t.dtype.itemsize:
+            # Misaligned for its element type: give it aligned memory of its own.
+            out[t.name] = _read_tensor(fd, t, path)
+        else:
+            flat = torch.frombuffer(view[t.offset : t.offset + t.nbytes], dtype=t.dtype)
+            out[t.name] = flat.view(t.shape)
+    return out
+
+
+def _read_tensor(fd: int, t: TensorInfo, path: str) -> torch.Tensor:
+    """Read one tensor into fresh (allocator-aligned) memory with large positional reads."""
+    buf = torch.empty(t.nbytes, dtype=torch.uint8)
+    if t.nbytes:
+        dest = memoryview(_writable_bytes(buf)).cast("B")
+        done = 0
+        while done < t.nbytes:
+            n = os.preadv(fd, [dest[done : done + _MAX_READ]], t.offset + done)
+            if n == 0:
+                raise MalformedFileError(f"{path}: file ended inside tensor {t.name!r} (truncated while loading?)")
+            done += n
+    return buf.view(t.dtype).view(t.shape)
+
+
+def _writable_bytes(t: torch.Tensor) -> memoryview:
+    """A writable memoryview of a contiguous CPU uint8 tensor's memory, without numpy."""
+    import ctypes
+
+    array = (ctypes.c_ubyte * t.numel()).from_address(t.data_ptr())
+    return memoryview(array)
+
+
+def _move_to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Copy CPU tensors to ``device`` one at a time, dropping each CPU copy as soon as it is moved.
+
+    The simple path: synchronous copies from pageable memory. The pinned ring
+    with overlapped reads and host-to-device copies replaces this function.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for name in list(tensors):
+        out[name] = tensors.pop(name).to(device, non_blocking=False)
+    return out
