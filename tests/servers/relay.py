@@ -268,12 +268,13 @@ class TcpRelay:
                 await self._flowing.wait()
                 if writer.is_closing():  # aborted (drop_connections) or gone: asyncio would drop writes silently
                     raise ConnectionResetError("relay side closed")
-                writer.write(data)
+                # Count before writing: a reader that has the bytes must already see them counted.
                 with self._lock:
                     if down:
                         self._bytes_down += len(data)
                     else:
                         self._bytes_up += len(data)
+                writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
             writer.transport.abort()
