@@ -10,7 +10,6 @@ stderr), 2 usage.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import json
 import logging
@@ -121,7 +120,9 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from agent.daemon import serve  # the daemon's dependencies only for `serve`
+    import asyncio  # the daemon's dependencies only for `serve`: the other verbs start faster
+
+    from agent.daemon import serve
 
     try:
         asyncio.run(serve(config))

@@ -83,6 +83,7 @@ async def serve(config: AgentConfig) -> None:
     )
 
     syncer = asyncio.create_task(store.sync_loop(), name="sync")
+    warm_up = asyncio.create_task(origins.warm_up(), name="warm-up origins")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -100,6 +101,7 @@ async def serve(config: AgentConfig) -> None:
         with contextlib.suppress(Exception):
             await asyncio.gather(*(f.task for f in fetcher.flights.values() if f.task), return_exceptions=True)
         syncer.cancel()
+        warm_up.cancel()
         await store.sync()
         await session.close()
         pool.shutdown(wait=True)

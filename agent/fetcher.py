@@ -100,13 +100,13 @@ class Fetcher:
             hasher = xxhash.xxh3_128()
             pos = offset
 
-            async def sink(block: bytes) -> None:
+            async def sink(chunks: list[bytes]) -> None:
                 nonlocal pos
-                await self.store.run(_write_and_hash, fill, pos, block, hasher)
-                pos += len(block)
-                flight.done_bytes += len(block)
-                flight.fetched_bytes += len(block)
-                self.origin_bytes += len(block)
+                n = await self.store.run(_write_and_hash, fill, pos, chunks, hasher)
+                pos += n
+                flight.done_bytes += n
+                flight.fetched_bytes += n
+                self.origin_bytes += n
 
             async with self._slots:
                 try:
@@ -126,9 +126,11 @@ class Fetcher:
         )
 
 
-def _write_and_hash(fill: BlobFill, offset: int, block: bytes, hasher: xxhash.xxh3_128) -> None:
-    fill.write(offset, block)
-    hasher.update(block)
+def _write_and_hash(fill: BlobFill, offset: int, chunks: list[bytes], hasher: xxhash.xxh3_128) -> int:
+    fill.write(offset, chunks)
+    for chunk in chunks:
+        hasher.update(chunk)
+    return sum(len(c) for c in chunks)
 
 
 def _check_whole(entry: FileEntry, digests: dict[str, str]) -> None:

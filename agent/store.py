@@ -426,7 +426,7 @@ def _blob_matches(path: str, digest: str, size: int) -> bool:
     fd = os.open(path, os.O_RDONLY)
     try:
         return whole_file_digests(fd, size, False, False)["xxh128"] == digest
-    except OSError:
+    except (OSError, IntegrityError):
         return False
     finally:
         os.close(fd)

@@ -107,11 +107,12 @@ class FlakyLocal(LocalOrigin):
         self.delivered = 0
 
     async def read_range(self, entry, offset, length, sink: Sink) -> None:  # type: ignore[no-untyped-def]
-        async def counted(block: bytes) -> None:
-            if self.delivered + len(block) > self.budget:
+        async def counted(chunks: list[bytes]) -> None:
+            n = sum(len(c) for c in chunks)
+            if self.delivered + n > self.budget:
                 raise FetchFailedError("simulated permanent origin failure")
-            self.delivered += len(block)
-            await sink(block)
+            self.delivered += n
+            await sink(chunks)
 
         await super().read_range(entry, offset, length, counted)
 

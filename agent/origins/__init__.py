@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
@@ -14,6 +16,8 @@ from agent.origins.s3 import S3Origin
 from agent.refs import ModelRef
 
 __all__ = ["Origin", "Origins", "TransientOriginError"]
+
+log = logging.getLogger(__name__)
 
 
 class Origins:
@@ -28,6 +32,14 @@ class Origins:
             "http": http,
             "file": LocalOrigin(pool),
         }
+
+    async def warm_up(self) -> None:
+        """Build every origin's clients now; a failure here only means the first request builds them."""
+        origins = set(self._by_scheme.values())
+        results = await asyncio.gather(*(o.warm_up() for o in origins), return_exceptions=True)
+        for origin, result in zip(origins, results):
+            if isinstance(result, Exception):
+                log.debug("warming up the %s origin failed (retried on first use): %s", origin.scheme, result)
 
     def for_ref(self, ref: ModelRef) -> Origin:
         return self._by_scheme[ref.scheme]

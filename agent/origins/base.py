@@ -19,8 +19,10 @@ from agent.manifest import FileEntry, Manifest
 from agent.refs import ModelRef
 from client.errors import AccessDeniedError, FetchFailedError, ModelNotFoundError
 
-Sink = Callable[[bytes], Awaitable[None]]
-READ_BLOCK = 4 * 1024 * 1024
+# A sink takes consecutive chunks of a range, in order (written with one pwritev).
+Sink = Callable[[list[bytes]], Awaitable[None]]
+READ_BLOCK = 4 * 1024 * 1024  # bytes handed to the sink at once
+MAX_CHUNKS = 512  # ... or this many chunks, whichever comes first (pwritev's IOV_MAX is 1024)
 
 
 class TransientOriginError(Exception):
@@ -39,6 +41,9 @@ class Origin(abc.ABC):
     @abc.abstractmethod
     async def read_range(self, entry: FileEntry, offset: int, length: int, sink: Sink) -> None:
         """Deliver exactly ``length`` bytes of ``entry`` from ``offset`` to ``sink``, in order."""
+
+    async def warm_up(self) -> None:
+        """One-time set-up a first request would otherwise wait for (building SDK clients)."""
 
     async def close(self) -> None:
         """Release what the origin holds (sessions, clients)."""
@@ -66,16 +71,23 @@ class HttpOrigin(Origin):
                     f"bytes {offset}-{offset + length - 1}/"
                 ):
                     raise TransientOriginError(f"unexpected Content-Range {resp.headers.get('Content-Range')!r}")
+                # readchunk() hands over the parser's buffers as they are (readexactly
+                # would join them: one more copy of every byte).
                 remaining = length
+                batch: list[bytes] = []
+                batched = 0
                 while remaining:
-                    try:
-                        block = await resp.content.readexactly(min(READ_BLOCK, remaining))
-                    except asyncio.IncompleteReadError as exc:
-                        raise TransientOriginError(
-                            f"{entry.path!r}: body ended {remaining - len(exc.partial)} bytes early"
-                        ) from None
-                    remaining -= len(block)
-                    await sink(block)
+                    chunk, _ = await resp.content.readchunk()
+                    if not chunk:
+                        raise TransientOriginError(f"{entry.path!r}: body ended {remaining} bytes early")
+                    if len(chunk) > remaining:
+                        raise TransientOriginError(f"{entry.path!r}: origin sent more bytes than the range holds")
+                    batch.append(chunk)
+                    batched += len(chunk)
+                    remaining -= len(chunk)
+                    if batched >= READ_BLOCK or len(batch) >= MAX_CHUNKS or not remaining:
+                        await sink(batch)
+                        batch, batched = [], 0
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
             raise TransientOriginError(f"{type(exc).__name__}: {exc}") from exc
 

@@ -54,7 +54,7 @@ class LocalOrigin(Origin):
                 if not block:
                     raise TransientOriginError(f"{path} ended early at {offset}")
                 offset += len(block)
-                await sink(block)
+                await sink([block])
         finally:
             os.close(fd)
 

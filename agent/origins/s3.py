@@ -45,6 +45,11 @@ class S3Origin(HttpOrigin):
                 self._client = await asyncio.to_thread(_make_client)
         return self._client
 
+    async def warm_up(self) -> None:
+        # botocore's client takes a few hundred ms to build (loading its service
+        # models): do it at start-up, not on the first prefetch.
+        await self.client()
+
     async def resolve(self, ref: ModelRef) -> Manifest:
         bucket, prefix = ref.location.split("/", 1)
         s3 = await self.client()
