@@ -136,9 +136,13 @@ def _prefetch(conn: AgentConnection, ref: str, pin: bool, out: TextIO) -> int:
     result = _follow(conn.stream("POST", "/v1/prefetch", {"ref": ref, "pin": pin}), out)
     fetched = result.get("fetched_bytes", 0)
     secs = max(result.get("seconds", 0.0), 1e-6)
+    how = (
+        f"{format_size(fetched)} fetched in {secs:.1f}s, {format_size(fetched / secs)}/s"
+        if fetched
+        else "already cached, nothing fetched"
+    )
     print(
-        f"{result['ref']}@{result['revision']}: {format_size(result['total_bytes'])} in cache"
-        f" ({format_size(fetched)} fetched in {secs:.1f}s, {format_size(fetched / secs)}/s)"
+        f"{result['ref']}@{result['revision']}: {format_size(result['total_bytes'])} in cache ({how})"
         + (", pinned" if pin else "")
     )
     return 0

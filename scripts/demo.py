@@ -41,12 +41,13 @@ REF = "s3://models/minilm"
 WARM_OPEN = textwrap.dedent(
     """
     import sys, time
+    import torch  # an inference server has torch loaded already: not part of the timing
+    from safetensors.torch import load_file
     t0 = time.perf_counter()
     import client
     t1 = time.perf_counter()
     tensors = client.open_tensors(sys.argv[1])
     t2 = time.perf_counter()
-    from safetensors.torch import load_file
     want = load_file(sys.argv[2])
     assert set(tensors) == set(want), "tensor names differ"
     for name, t in want.items():
@@ -58,8 +59,9 @@ WARM_OPEN = textwrap.dedent(
 
 COLD_BOTO3 = textwrap.dedent(
     """
-    import sys, time, boto3
+    import sys, time
     from pathlib import Path
+    import boto3, torch
     from safetensors.torch import load_file
     dest = Path(sys.argv[1])
     t0 = time.perf_counter()
@@ -69,7 +71,7 @@ COLD_BOTO3 = textwrap.dedent(
         path.parent.mkdir(parents=True, exist_ok=True)
         s3.download_file("models", obj["Key"], str(path))
     tensors = load_file(dest / "model.safetensors")
-    print(f"{time.perf_counter() - t0:.3f}")
+    print(f"{time.perf_counter() - t0:.3f}", end="")
     """
 )
 
@@ -78,9 +80,9 @@ def step(title: str) -> None:
     print(f"\n== {title}", flush=True)
 
 
-def run(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
-    """Run ``cmd``, echo its output, return (seconds, stdout); exit the demo if it fails."""
-    print("$ " + " ".join(cmd[2:] if cmd[:2] == [sys.executable, "-m"] else cmd), flush=True)
+def run(cmd: list[str], env: dict[str, str], label: str | None = None) -> tuple[float, str]:
+    """Run ``cmd``, echo it (or ``label``) and its output, return (seconds, stdout); exit if it fails."""
+    print("$ " + (label or " ".join(cmd[2:] if cmd[:2] == [sys.executable, "-m"] else cmd)), flush=True)
     t0 = time.perf_counter()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     seconds = time.perf_counter() - t0
@@ -128,7 +130,10 @@ def main() -> int:
                 timings["agent prefetch (again, cached)"], _ = run([*agent_cli, "prefetch", REF], env)
 
                 step("4. warm start: client.open_tensors in a fresh process, checked against the original files")
-                seconds, out = run([sys.executable, "-c", WARM_OPEN, REF, str(weights)], env)
+                seconds, out = run(
+                    [sys.executable, "-c", WARM_OPEN, REF, str(weights)], env,
+                    label=f'python -c "import client; client.open_tensors({REF!r})"  (+ compare with load_file)',
+                )  # fmt: skip
                 count, nbytes, import_s, open_s = out.split()
                 print(
                     f"  {count} tensors, {int(nbytes) / 2**20:.1f} MiB, bit-exact; "
@@ -138,8 +143,12 @@ def main() -> int:
                 timings["  of which open_tensors itself"] = float(open_s)
 
                 step("5. without warmstart: boto3 download + safetensors load_file, in a fresh process")
-                seconds, _ = run([sys.executable, "-c", COLD_BOTO3, str(work / "plain-download")], env)
+                seconds, out = run(
+                    [sys.executable, "-c", COLD_BOTO3, str(work / "plain-download")], env,
+                    label="python -c \"boto3 download_file for each object; safetensors.torch.load_file\"",
+                )  # fmt: skip
                 timings["boto3 download + load_file (whole process)"] = seconds
+                timings["  of which download + load_file itself"] = float(out)
 
                 step("6. agent ls")
                 run([*agent_cli, "ls"], env)
