@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
@@ -35,11 +36,13 @@ class Origins:
 
     async def warm_up(self) -> None:
         """Build every origin's clients now; a failure here only means the first request builds them."""
+        started = time.monotonic()
         origins = set(self._by_scheme.values())
         results = await asyncio.gather(*(o.warm_up() for o in origins), return_exceptions=True)
         for origin, result in zip(origins, results):
             if isinstance(result, Exception):
                 log.debug("warming up the %s origin failed (retried on first use): %s", origin.scheme, result)
+        log.info("origin clients ready (%.2fs)", time.monotonic() - started)
 
     def for_ref(self, ref: ModelRef) -> Origin:
         return self._by_scheme[ref.scheme]

@@ -1,0 +1,367 @@
+"""Cold-miss benchmark (issue 2): time to get a multi-shard model from S3 onto local disk.
+
+Contenders, all against the same objects in a real S3 server (SeaweedFS on
+loopback, tests.servers.seaweedfs), each round in a fresh destination on the
+same disk, page cache dropped before each contender when we may:
+
+- ``warmstart-cN``: a fresh ``agent serve`` (fresh cache dir, ``--connections N``)
+  started *before* the clock; timed is ``python -m agent prefetch s3://bench/model``
+  (the CLI, interpreter start included) until it exits;
+- ``boto3-par``: ``client.download_file`` (s3transfer, default TransferConfig) per
+  shard, one thread per shard; ``boto3-seq``: the same, one shard after another
+  (client made before the clock: interpreter start and client creation are not timed);
+- ``s5cmd``: ``s5cmd --endpoint-url URL cp 's3://bench/model/*' DEST/``;
+- ``curl-seq``: one ``curl -s -o /dev/null`` per shard, one after another (the raw
+  single-stream ceiling: nothing is written to disk); ``curl-par``: all shards at once.
+
+Usage::
+
+    python bench/cold_miss.py --size 1GiB --shards 4 --rounds 3
+
+Writes bench/out/cold_miss-<time>.json (raw per-round numbers) and prints a
+markdown table of medians and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.servers.agent_proc import AgentProcess  # noqa: E402
+from tests.servers.seaweedfs import SeaweedS3  # noqa: E402
+
+BUCKET = "bench"
+PREFIX = "model"
+CHUNK = 64 << 20
+
+UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+
+
+def parse_size(text: str) -> int:
+    t = text.strip().upper()
+    i = len(t)
+    while i and not t[i - 1].isdigit() and t[i - 1] != ".":
+        i -= 1
+    return int(float(t[:i]) * UNITS[t[i:].strip()])
+
+
+def write_shard(path: Path, size: int, tensors: int = 4) -> int:
+    """A valid safetensors file of about ``size`` bytes: ``tensors`` uint8 tensors of random bytes.
+
+    Written header-first then os.urandom in 64 MiB chunks, so memory stays small.
+    Returns the file's size.
+    """
+    per = size // tensors
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for t in range(tensors):
+        header[f"layer{t}.weight"] = {"dtype": "U8", "shape": [per], "data_offsets": [off, off + per]}
+        off += per
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        left = off
+        while left:
+            n = min(CHUNK, left)
+            f.write(os.urandom(n))
+            left -= n
+    return path.stat().st_size
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds a live process has used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu() -> float:
+    """CPU seconds of this process plus its waited-for children (boto3 threads, CLIs, s5cmd, curl)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+
+
+# ---------------------------------------------------------------------- contenders
+# Each takes (ctx, dest) and returns (seconds, extra-info dict); setup is outside the clock.
+
+
+def run_warmstart(ctx: dict, dest: Path, connections: int) -> tuple[float, dict]:
+    agent = AgentProcess(
+        dest / "agentwork",
+        env={**os.environ, **ctx["env"]},
+        capacity="20GiB",
+        cache_dir=dest / "cache",
+        extra_args=("--connections", str(connections)),
+    )
+    agent.start()
+    try:
+        assert agent.pid is not None
+        # A node's agent has been up long before a scaling event: let it finish building
+        # its S3 client (a few hundred ms of botocore start-up) before the clock starts.
+        deadline = time.monotonic() + 30
+        while "origin clients ready" not in agent.log_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        agent_cpu0, cli_cpu0 = proc_cpu(agent.pid), own_cpu()
+        t0 = time.perf_counter()
+        done = agent.cli("prefetch", f"s3://{BUCKET}/{PREFIX}", timeout=600)
+        secs = time.perf_counter() - t0
+        # the agent's CPU while it fetched, plus the CLI's (not the agent's start-up and shutdown)
+        ctx["agent_cpu"] = proc_cpu(agent.pid) - agent_cpu0 + own_cpu() - cli_cpu0
+        if done.returncode != 0:
+            raise RuntimeError(f"prefetch failed rc={done.returncode}\n{done.stdout}\n{done.stderr}\n{agent.log_tail()}")
+        blobs = dir_bytes(dest / "cache" / "blobs")
+        info = {"cli_stdout": done.stdout.strip(), "blob_bytes": blobs}
+        if blobs < ctx["total"]:
+            raise RuntimeError(f"agent cache has {blobs} blob bytes, want {ctx['total']}")
+    finally:
+        agent.close()
+        log = agent.log_text()
+        ctx.setdefault("agent_logs", []).append(log)
+    return secs, info
+
+
+def _boto3_client(ctx: dict):  # type: ignore[no-untyped-def]
+    import boto3
+    from botocore.config import Config
+
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=ctx["endpoint"],
+        aws_access_key_id=ctx["env"]["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=ctx["env"]["AWS_SECRET_ACCESS_KEY"],
+        region_name=ctx["env"]["AWS_REGION"],
+        config=Config(s3={"addressing_style": "path"}),
+    )
+
+
+def run_boto3(ctx: dict, dest: Path, parallel: bool) -> tuple[float, dict]:
+    s3 = _boto3_client(ctx)
+    dest.mkdir(parents=True, exist_ok=True)
+    keys = ctx["keys"]
+    t0 = time.perf_counter()
+    if parallel:
+        errors: list[BaseException] = []
+
+        def one(k: str) -> None:
+            try:
+                s3.download_file(BUCKET, k, str(dest / Path(k).name))
+            except BaseException as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(k,)) for k in keys]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+    else:
+        for k in keys:
+            s3.download_file(BUCKET, k, str(dest / Path(k).name))
+    secs = time.perf_counter() - t0
+    got = dir_bytes(dest)
+    if got != ctx["total"]:
+        raise RuntimeError(f"boto3 wrote {got} bytes, want {ctx['total']}")
+    return secs, {}
+
+
+def run_s5cmd(ctx: dict, dest: Path) -> tuple[float, dict]:
+    dest.mkdir(parents=True, exist_ok=True)
+    s5 = str(Path(sys.executable).parent / "s5cmd")
+    if not os.path.exists(s5):
+        s5 = shutil.which("s5cmd") or "s5cmd"
+    cmd = [s5, "--endpoint-url", ctx["endpoint"], "cp", f"s3://{BUCKET}/{PREFIX}/*", str(dest) + "/"]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env={**os.environ, **ctx["env"]}, capture_output=True, text=True, timeout=600)
+    secs = time.perf_counter() - t0
+    if done.returncode != 0:
+        raise RuntimeError(f"s5cmd failed: {done.stderr}")
+    got = dir_bytes(dest)
+    if got != ctx["total"]:
+        raise RuntimeError(f"s5cmd wrote {got} bytes, want {ctx['total']}")
+    return secs, {}
+
+
+def run_curl(ctx: dict, dest: Path, parallel: bool) -> tuple[float, dict]:
+    urls = [f"{ctx['endpoint']}/{BUCKET}/{k}" for k in ctx["keys"]]
+    base = ["curl", "-s", "-f", "-o", "/dev/null", "-w", "%{size_download}\n"]
+    t0 = time.perf_counter()
+    if parallel:
+        procs = [subprocess.Popen([*base, u], stdout=subprocess.PIPE, text=True) for u in urls]
+        outs = [p.communicate()[0] for p in procs]
+        rcs = [p.returncode for p in procs]
+    else:
+        outs, rcs = [], []
+        for u in urls:
+            d = subprocess.run([*base, u], capture_output=True, text=True)
+            outs.append(d.stdout)
+            rcs.append(d.returncode)
+    secs = time.perf_counter() - t0
+    got = sum(int(o.strip() or 0) for o in outs)
+    if any(rcs) or got != ctx["total"]:
+        raise RuntimeError(f"curl rcs={rcs} got {got} bytes, want {ctx['total']}")
+    return secs, {}
+
+
+CONTENDERS = {
+    "warmstart-c8": lambda c, d: run_warmstart(c, d, 8),
+    "warmstart-c16": lambda c, d: run_warmstart(c, d, 16),
+    "boto3-par": lambda c, d: run_boto3(c, d, True),
+    "boto3-seq": lambda c, d: run_boto3(c, d, False),
+    "s5cmd": run_s5cmd,
+    "curl-seq": lambda c, d: run_curl(c, d, False),
+    "curl-par": lambda c, d: run_curl(c, d, True),
+}
+
+
+def table(results: dict[str, list[float]], rounds: list[dict], total: int) -> str:
+    """Markdown: medians per contender, warmstart-c8's speedup over each, CPU seconds per GiB."""
+    med = {k: statistics.median(v) for k, v in results.items() if v}
+    ws = med.get("warmstart-c8")
+    gib = total / 2**30
+    lines = [
+        "| contender | median s | min s | max s | GB/s (median) | warmstart-c8 speedup vs it "
+        "| its CPU s/GiB | S3 server CPU s/GiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k, v in results.items():
+        if not v:
+            continue
+        m = med[k]
+        ratio = f"{m / ws:.2f}x" if ws else "-"
+        ok = [r for r in rounds if r["contender"] == k and r["error"] is None]
+        cpu = statistics.median(r["cpu_s"] for r in ok) / gib
+        server = statistics.median(r["server_cpu_s"] for r in ok) / gib
+        lines.append(
+            f"| {k} | {m:.2f} | {min(v):.2f} | {max(v):.2f} | {total / m / 1e9:.2f} | {ratio} "
+            f"| {cpu:.2f} | {server:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", default="1GiB", help="total model size (default 1GiB)")
+    ap.add_argument("--shards", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
+    ap.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "work"))
+    ap.add_argument("--no-drop-caches", action="store_true")
+    args = ap.parse_args()
+
+    names = [n for n in args.only.split(",") if n]
+    for n in names:
+        if n not in CONTENDERS:
+            ap.error(f"unknown contender {n}; known: {', '.join(CONTENDERS)}")
+    work = Path(args.workdir)
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "src").mkdir(parents=True)
+    total_wanted = parse_size(args.size)
+    per = total_wanted // args.shards
+
+    t_gen = time.perf_counter()
+    shards = []
+    for i in range(args.shards):
+        p = work / "src" / f"model-{i + 1:05d}-of-{args.shards:05d}.safetensors"
+        write_shard(p, per)
+        shards.append(p)
+    total = sum(p.stat().st_size for p in shards)
+    print(f"generated {len(shards)} shards, {total} bytes in {time.perf_counter() - t_gen:.1f}s", flush=True)
+
+    out_dir = ROOT / "bench" / "out"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with SeaweedS3(work / "seaweed") as sw:
+        sw.make_bucket(BUCKET)
+        t_up = time.perf_counter()
+        keys = []
+        for p in shards:
+            key = f"{PREFIX}/{p.name}"
+            sw.upload_file(p, BUCKET, key)
+            keys.append(key)
+        print(f"uploaded in {time.perf_counter() - t_up:.1f}s to {sw.endpoint_url}", flush=True)
+        for p in shards:  # the source copy is not needed any more: keep the disk (and cache) clean
+            p.unlink()
+        ctx: dict = {"endpoint": sw.endpoint_url, "env": sw.env, "keys": keys, "total": total}
+
+        results: dict[str, list[float]] = {n: [] for n in names}
+        rounds: list[dict] = []
+        dropped_all = True
+        for r in range(args.rounds):
+            # alternate the order each round so no contender always follows the same one
+            order = names if r % 2 == 0 else list(reversed(names))
+            for n in order:
+                dest = work / f"dest-r{r}-{n}"
+                shutil.rmtree(dest, ignore_errors=True)
+                dest.mkdir(parents=True)
+                dropped = False if args.no_drop_caches else drop_caches()
+                dropped_all &= dropped
+                ctx.pop("agent_cpu", None)
+                cpu0, server0 = own_cpu(), proc_cpu(sw.proc.pid)
+                try:
+                    secs, info = CONTENDERS[n](ctx, dest)
+                    info["cpu_s"] = ctx["agent_cpu"] if "agent_cpu" in ctx else own_cpu() - cpu0
+                    info["server_cpu_s"] = proc_cpu(sw.proc.pid) - server0
+                    err = None
+                except Exception as exc:  # noqa: BLE001
+                    secs, info, err = float("nan"), {}, str(exc)[-3000:]
+                if err is None:
+                    results[n].append(secs)
+                rec = {"round": r, "contender": n, "seconds": secs, "gb_per_s": total / secs / 1e9 if err is None else None,
+                       "page_cache_dropped": dropped, "error": err, **info}
+                rounds.append(rec)
+                print(json.dumps({k: v for k, v in rec.items() if k != "cli_stdout"}), flush=True)
+                shutil.rmtree(dest, ignore_errors=True)
+        agent_logs = ctx.get("agent_logs", [])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = {
+        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+        "time": stamp,
+        "total_bytes": total,
+        "shards": args.shards,
+        "rounds": args.rounds,
+        "cpus": os.cpu_count(),
+        "page_cache_dropped": dropped_all,
+        "medians": {k: statistics.median(v) for k, v in results.items() if v},
+        "per_round": rounds,
+    }
+    out = out_dir / f"cold_miss-{stamp}.json"
+    out.write_text(json.dumps(raw, indent=1))
+    (out_dir / "cold_miss-latest.json").write_text(json.dumps(raw, indent=1))
+    if agent_logs:
+        (out_dir / f"cold_miss-{stamp}-agent.log").write_text("\n\n".join(agent_logs))
+    print()
+    print(table(results, rounds, total))
+    print(f"\nraw numbers: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
