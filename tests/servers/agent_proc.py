@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tests.servers.ports import free_port
-from tests.servers.proc import die_with_parent_prefix
+from tests.servers.proc import spawn_logged
 
 # sockaddr_un.sun_path is 108 bytes with the NUL; pytest's tmp paths can be longer.
 MAX_SOCKET_PATH = 100
@@ -158,21 +158,10 @@ class AgentProcess:
     def _spawn(self) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.starts += 1
-        cmd = self.command()
-        if self.die_with_parent:
-            cmd = die_with_parent_prefix() + cmd  # setpriv execs python: same pid, same process group
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n==== start {self.starts} at {time.strftime('%H:%M:%S')}: {' '.join(cmd)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                cmd,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,  # a ^C to pytest does not hit it; stop() signals its group
-            )
+        self.proc = spawn_logged(
+            self.command(), self.log_path, banner=f"start {self.starts} at {time.strftime('%H:%M:%S')}",
+            cwd=self.workdir, env=self.env, die_with_parent=self.die_with_parent,
+        )  # fmt: skip
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Poll /readyz and the socket file (bounded in time and count); raise with the log tail."""

@@ -18,6 +18,8 @@ import functools
 import shutil
 import subprocess
 import threading
+from collections.abc import Mapping
+from pathlib import Path
 
 
 @functools.cache
@@ -38,3 +40,30 @@ def die_with_parent_prefix() -> list[str]:
         return []
     path = _setpriv()
     return [path, "--pdeathsig", "KILL", "--"] if path else []
+
+
+def spawn_logged(
+    cmd: list[str],
+    log_path: Path,
+    *,
+    banner: str,
+    cwd: Path,
+    env: Mapping[str, str] | None = None,
+    die_with_parent: bool = True,
+) -> subprocess.Popen[bytes]:
+    """Start ``cmd`` in its own session (stop() signals its group; ^C to pytest does not reach it),
+    stdout and stderr appended to ``log_path`` after a ``==== banner`` line naming the command."""
+    if die_with_parent:
+        cmd = die_with_parent_prefix() + cmd  # setpriv execs the command: same pid, same process group
+    with open(log_path, "ab") as log:
+        log.write(f"\n==== {banner}: {' '.join(cmd)}\n".encode())
+        log.flush()
+        return subprocess.Popen(
+            cmd,
+            env=None if env is None else dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=cwd,
+            start_new_session=True,
+        )

@@ -52,7 +52,7 @@ from types import TracebackType
 from typing import Any
 
 from tests.servers.ports import free_port, port_is_free
-from tests.servers.proc import die_with_parent_prefix
+from tests.servers.proc import spawn_logged
 
 GRPC_OFFSET = 10_000
 #: P below this keeps P+10000 below the ephemeral port range too.
@@ -191,19 +191,10 @@ class SeaweedS3:
             "-volume.preStopSeconds=0",
             *self.extra_args,
         ]
-        if self.die_with_parent:
-            args = die_with_parent_prefix() + args  # setpriv execs weed: same pid, same process group
-        with open(self.log_path, "ab") as log:
-            log.write(f"\n==== {time.strftime('%H:%M:%S')} {' '.join(args)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=self.data_dir,
-                start_new_session=True,  # its own process group: stop() kills the group
-            )
+        self.proc = spawn_logged(
+            args, self.log_path, banner=time.strftime("%H:%M:%S"), cwd=self.data_dir,
+            die_with_parent=self.die_with_parent,
+        )  # fmt: skip
 
     def _wait_ready(self) -> None:
         """Poll (bounded in time and count) until the master has a writable volume server and S3 answers."""
