@@ -100,7 +100,10 @@ def open_tensors(
     timeout: float = DEFAULT_TIMEOUT,
     copy: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Return every tensor of model ``ref`` (all its ``.safetensors`` files), fetched into the node cache if needed.
+    """Return every tensor of model ``ref`` (its safetensors weights), fetched into the node cache if needed.
+
+    The weight files are those ``model.safetensors.index.json`` names, else the
+    top-level ``*.safetensors`` (see :func:`_shard_paths`).
 
     Blocks while the agent fetches what the cache lacks (it reports progress
     at least once a second; ``timeout`` seconds of silence mean it is gone:
@@ -126,24 +129,63 @@ def open_tensors(
     return load_safetensors_files(paths, device=device, names=names, copy=copy)
 
 
+INDEX_FILE = "model.safetensors.index.json"
+MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+
 def _shard_paths(ref: str, complete: dict[str, Any], socket_path: str) -> list[str]:
-    """Local paths of the model's safetensors blobs, from the agent's ``complete`` line."""
+    """Local paths of the model's weight files, from the agent's ``complete`` line.
+
+    Which files are the weights follows the Hugging Face layout, as transformers
+    and vLLM read it: when ``model.safetensors.index.json`` is present, exactly the
+    files its ``weight_map`` names; otherwise every top-level ``*.safetensors``
+    (files in subfolders, such as ``original/`` or ``onnx/``, are other formats of
+    the same weights), or every ``*.safetensors`` when none is at the top. Repos
+    that ship the same weights twice (Mistral's ``consolidated.safetensors`` beside
+    the sharded files) therefore load once.
+    """
     where = f"agent at {socket_path} (open {ref!r})"
     cache_dir = os.environ.get(CACHE_DIR_ENV) or complete.get("cache_dir")
     files = complete.get("files")
     if not isinstance(cache_dir, str) or not isinstance(files, list):
         raise WarmstartError(f"{where}: the complete line lacks cache_dir or files: {complete!r:.300}")
-    paths: list[str] = []
+    blobs: dict[str, str] = {}
     for f in files:
         if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("blob"), str)):
             raise WarmstartError(f"{where}: malformed file entry {f!r:.200}")
-        if not f["path"].endswith(SAFETENSORS_SUFFIX):
-            continue
         blob = f["blob"]
         if os.path.isabs(blob) or ".." in blob.split("/"):
             raise WarmstartError(f"{where}: blob path {blob!r} is not inside the cache directory")
-        paths.append(os.path.join(cache_dir, blob))
-    if not paths:
+        blobs[f["path"]] = os.path.join(cache_dir, blob)
+
+    if INDEX_FILE in blobs:
+        wanted = _indexed_files(ref, blobs[INDEX_FILE])
+        missing = sorted(wanted - blobs.keys())
+        if missing:
+            raise ModelNotFoundError(f"{ref}: {INDEX_FILE} names files the model does not have: {', '.join(missing[:5])}")
+    else:
+        every = sorted(p for p in blobs if p.endswith(SAFETENSORS_SUFFIX))
+        wanted = set(p for p in every if "/" not in p) or set(every)
+    if not wanted:
         listed = ", ".join(str(f.get("path")) for f in files[:10])
         raise ModelNotFoundError(f"{ref} has no .safetensors files (files: {listed or 'none'})")
-    return paths
+    return [blobs[p] for p in sorted(wanted)]
+
+
+def _indexed_files(ref: str, index_path: str) -> set[str]:
+    """The shard names in a ``model.safetensors.index.json`` (untrusted: checked, bounded)."""
+    import json
+
+    with open(index_path, "rb") as f:
+        raw = f.read(MAX_INDEX_BYTES + 1)
+    try:
+        if len(raw) > MAX_INDEX_BYTES:
+            raise ValueError(f"larger than {MAX_INDEX_BYTES} bytes")
+        weight_map = json.loads(raw).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(v, str) and v.endswith(SAFETENSORS_SUFFIX) for v in weight_map.values()
+        ):
+            raise ValueError("weight_map must map tensor names to .safetensors file names")
+    except (ValueError, AttributeError) as exc:
+        raise MalformedFileError(f"{ref}: {INDEX_FILE} is not a valid index: {exc}") from None
+    return set(weight_map.values())

@@ -243,3 +243,35 @@ def test_https_single_file_and_local_dir(agent_factory: Any, hf_model: Any, hf_e
     )
     size = (hf_model.local_dir / MODEL_FILE).stat().st_size
     assert sum(1 for b in (agent.cache_dir / "blobs").iterdir() if b.stat().st_size == size) == 1
+
+
+def test_open_loads_the_indexed_shards_once(agent_factory: Any, hf_model: Any, tmp_path: Path) -> None:
+    """A repo laid out like Mistral's: sharded weights + index, the same weights again as
+    consolidated.safetensors, and a variant in a subfolder. open_tensors loads the shards only."""
+    from safetensors.torch import save_file
+
+    want = expected_tensors(hf_model.local_dir)
+    names = sorted(want)
+    repo = tmp_path / "mistral-like"
+    (repo / "original").mkdir(parents=True)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for shard, part in shards.items():
+        save_file({n: want[n].contiguous() for n in part}, str(repo / shard))
+    (repo / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {n: s for s, part in shards.items() for n in part}})
+    )
+    save_file({n: t.contiguous() for n, t in want.items()}, str(repo / "consolidated.safetensors"))
+    save_file({"other": torch.zeros(3)}, str(repo / "original" / "variant.safetensors"))
+
+    agent = agent_factory()
+    assert_bit_exact(client.open_tensors(str(repo), socket=str(agent.socket_path)), want)
+
+    # Without the index: the top-level files, so here the duplicate is a clear error, not a silent pick.
+    (repo / "model.safetensors.index.json").unlink()
+    with pytest.raises(client.MalformedFileError, match="is in both"):
+        client.open_tensors(str(repo), socket=str(agent.socket_path))
+
+    # An index naming a shard the model does not have.
+    (repo / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00009-of-00009.safetensors"}}))
+    with pytest.raises(client.ModelNotFoundError, match="model-00009-of-00009"):
+        client.open_tensors(str(repo), socket=str(agent.socket_path))
