@@ -133,6 +133,7 @@ async def _ensure_job(
             out["files"] = [
                 {"path": f.path, "size": f.size, "blob": f"blobs/{f.digest}"} for f in manifest.files
             ]
+            out["snapshot"] = await service.store.snapshot(ref, manifest)
         return out
 
     return await _stream(request, progress, job(), head)

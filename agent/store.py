@@ -8,6 +8,7 @@ Layout under the cache root, readable with ``ls``:
     sources/<fill key>             the digest an origin object turned out to have
     manifests/<model key>/<rev>.json  resolved file lists (agent/manifest.py)
     models/<model key>.json        {"ref", "revision", "pinned", "last_used"}
+    snapshots/<model key>/<rev>/   the revision's files as relative links to blobs (agent/snapshots.py)
     synced-at                      {"time": T}: every blob written before T is on the device
 
 Durability without an fsync per blob: a background task syncs the cache's
@@ -45,6 +46,7 @@ from typing import Any, TypeVar
 from agent.fill import BlobFill, whole_file_digests, write_json_atomic
 from agent.manifest import FileEntry, Manifest
 from agent.refs import ModelRef, parse_ref
+from agent.snapshots import link_snapshot, remove_snapshots, sweep_unfinished
 from agent.units import format_size
 from client.errors import CapacityError, IntegrityError
 
@@ -114,6 +116,7 @@ class Store:
         with open(probe, "w") as f:  # fail early and clearly on a read-only mount
             f.write("ok")
         os.unlink(probe)
+        sweep_unfinished(self.root)
         synced_at = self._read_synced_at()
         for entry in os.scandir(self.path("blobs")):
             if not entry.is_file(follow_symlinks=False):
@@ -253,8 +256,24 @@ class Store:
                 os.unlink(self.path("models", f"{ref.key}.json"))
             except FileNotFoundError:
                 pass
+            remove_snapshots(self.root, ref.key)
 
         await self.run(remove)
+
+    async def snapshot(self, ref: ModelRef, manifest: Manifest) -> str | None:
+        """The revision's snapshot directory (path under the root), or None if it cannot be laid out.
+
+        Every file must be a blob by now. An object store can hold both ``a`` and
+        ``a/b``, which no directory can: such a model still opens as tensors.
+        """
+        files = [(f.path, f.digest) for f in manifest.files]
+        if any(digest is None for _, digest in files):
+            raise IntegrityError(f"{ref.base}@{manifest.revision} is not complete; no snapshot")
+        try:
+            return await self.run(link_snapshot, self.root, ref.key, manifest.revision, files)
+        except OSError as exc:
+            log.warning("no snapshot directory for %s@%s: %s", ref.base, manifest.revision, exc)
+            return None
 
     async def model_digests(self, rec: ModelRecord) -> set[str]:
         manifest = await self.load_manifest(_ref_of(rec), rec.revision)

@@ -72,6 +72,7 @@ __all__ = [
     "load_safetensors_files",
     "open_tensors",
     "read_header",
+    "snapshot",
 ]
 
 CACHE_DIR_ENV = "WARMSTART_CACHE_DIR"
@@ -112,18 +113,8 @@ def open_tensors(
     else to the agent's own cache directory. ``names``, ``device`` and
     ``copy`` are as in :func:`load_safetensors_files`.
     """
-    conn = AgentConnection(socket, timeout)
-    complete: dict[str, Any] | None = None
-    with conn.stream("POST", "/v1/open", {"ref": ref}) as lines:
-        for line in lines:
-            if line.get("event") == "complete":
-                complete = line
-                break
-    if complete is None:
-        raise AgentUnavailableError(
-            f"agent at {conn.socket_path} ended the answer to open {ref!r} before it completed"
-        )
-    paths = _shard_paths(ref, complete, conn.socket_path)
+    complete, socket_path = _open(ref, socket, timeout)
+    paths = _shard_paths(ref, complete, socket_path)
     from client.loader import load_safetensors_files
 
     return load_safetensors_files(paths, device=device, names=names, copy=copy)
@@ -131,6 +122,41 @@ def open_tensors(
 
 INDEX_FILE = "model.safetensors.index.json"
 MAX_INDEX_BYTES = 64 * 1024 * 1024
+
+
+def snapshot(ref: str, *, socket: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> str:
+    """A read-only directory of model ``ref`` in the Hugging Face layout, fetched into the node cache if needed.
+
+    For frameworks that load from a path (``AutoModel.from_pretrained(path)``,
+    ``vllm serve PATH``). Every file is a relative symlink to its verified blob, so
+    the directory works under ``$WARMSTART_CACHE_DIR`` as well as on the node.
+    """
+    complete, socket_path = _open(ref, socket, timeout)
+    rel = complete.get("snapshot")
+    where = f"agent at {socket_path} (snapshot {ref!r})"
+    if rel is None:
+        raise WarmstartError(f"{where}: the agent could not lay this model out as a directory (see its log)")
+    if not isinstance(rel, str) or os.path.isabs(rel) or ".." in rel.split("/"):
+        raise WarmstartError(f"{where}: snapshot path {rel!r} is not inside the cache directory")
+    return os.path.join(_cache_dir(complete, where), rel)
+
+
+def _open(ref: str, socket: str | None, timeout: float) -> tuple[dict[str, Any], str]:
+    """Ask the agent to make ``ref`` whole; return its ``complete`` line and the socket path used."""
+    conn = AgentConnection(socket, timeout)
+    with conn.stream("POST", "/v1/open", {"ref": ref}) as lines:
+        for line in lines:
+            if line.get("event") == "complete":
+                return line, conn.socket_path
+    raise AgentUnavailableError(f"agent at {conn.socket_path} ended the answer to open {ref!r} before it completed")
+
+
+def _cache_dir(complete: dict[str, Any], where: str) -> str:
+    """Where this process sees the cache: ``$WARMSTART_CACHE_DIR`` (a pod's mount), else the agent's path."""
+    cache_dir = os.environ.get(CACHE_DIR_ENV) or complete.get("cache_dir")
+    if not isinstance(cache_dir, str):
+        raise WarmstartError(f"{where}: the complete line lacks cache_dir: {complete!r:.300}")
+    return cache_dir
 
 
 def _shard_paths(ref: str, complete: dict[str, Any], socket_path: str) -> list[str]:
@@ -145,10 +171,10 @@ def _shard_paths(ref: str, complete: dict[str, Any], socket_path: str) -> list[s
     the sharded files) therefore load once.
     """
     where = f"agent at {socket_path} (open {ref!r})"
-    cache_dir = os.environ.get(CACHE_DIR_ENV) or complete.get("cache_dir")
+    cache_dir = _cache_dir(complete, where)
     files = complete.get("files")
-    if not isinstance(cache_dir, str) or not isinstance(files, list):
-        raise WarmstartError(f"{where}: the complete line lacks cache_dir or files: {complete!r:.300}")
+    if not isinstance(files, list):
+        raise WarmstartError(f"{where}: the complete line lacks files: {complete!r:.300}")
     blobs: dict[str, str] = {}
     for f in files:
         if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("blob"), str)):

@@ -275,3 +275,32 @@ def test_open_loads_the_indexed_shards_once(agent_factory: Any, hf_model: Any, t
     (repo / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00009-of-00009.safetensors"}}))
     with pytest.raises(client.ModelNotFoundError, match="model-00009-of-00009"):
         client.open_tensors(str(repo), socket=str(agent.socket_path))
+
+
+def test_snapshot_is_the_repo_as_a_directory_and_goes_with_evict(
+    agent_factory: Any, hf_model: Any, tmp_path: Path
+) -> None:
+    agent = agent_factory()
+    path = Path(client.snapshot(hf_model.ref, socket=str(agent.socket_path)))
+    assert path.is_relative_to(agent.cache_dir / "snapshots")
+    want = sorted(p.relative_to(hf_model.local_dir) for p in hf_model.local_dir.rglob("*") if p.is_file())
+    got = sorted(p.relative_to(path) for p in path.rglob("*") if p.is_file())
+    assert got == want and any(len(p.parts) > 1 for p in got)  # nested files (onnx/...) at their paths
+    for rel in want:
+        assert (path / rel).read_bytes() == (hf_model.local_dir / rel).read_bytes(), rel
+        assert os.readlink(path / rel).startswith("../")  # relative: valid wherever the cache is mounted
+    assert_bit_exact(load_file(str(path / MODEL_FILE)), expected_tensors(hf_model.local_dir))
+    assert client.snapshot(hf_model.ref, socket=str(agent.socket_path)) == str(path)  # made once, found again
+
+    # A pod that mounts the node's cache at another path.
+    mount = tmp_path / "pod-mount"
+    mount.symlink_to(agent.cache_dir)
+    os.environ["WARMSTART_CACHE_DIR"] = str(mount)
+    try:
+        moved = Path(client.snapshot(hf_model.ref, socket=str(agent.socket_path)))
+    finally:
+        del os.environ["WARMSTART_CACHE_DIR"]
+    assert moved.is_relative_to(mount) and (moved / "config.json").read_bytes() == (hf_model.local_dir / "config.json").read_bytes()
+
+    agent.cli("evict", hf_model.ref, check=True)
+    assert not path.exists()

@@ -298,3 +298,25 @@ async def test_missing_path_and_changed_file(node: Node, tmp_path: Path) -> None
     os.utime(tmp_path / "m" / "w.bin", ns=(1, 1))
     with pytest.raises(FetchFailedError, match="changed since it was resolved"):
         await node.service.ensure(ref, manifest)
+
+
+def test_snapshot_links_are_atomic_relative_and_swept(tmp_path: Path) -> None:
+    from agent.snapshots import link_snapshot, sweep_unfinished
+
+    root = tmp_path / "cache"
+    (root / "blobs").mkdir(parents=True)
+    (root / "blobs" / "d1").write_bytes(b"one")
+    (root / "blobs" / "d2").write_bytes(b"two")
+    rel = link_snapshot(str(root), "k", "rev", [("a.json", "d1"), ("sub/dir/b.bin", "d2")])
+    snap = root / rel
+    assert (snap / "a.json").read_bytes() == b"one" and (snap / "sub/dir/b.bin").read_bytes() == b"two"
+    assert os.readlink(snap / "sub/dir/b.bin") == "../../../../../blobs/d2"
+    assert oct(snap.stat().st_mode & 0o777) == oct(0o755)
+    # An object store may hold "x" and "x/y"; no directory can. Nothing half-built is left behind.
+    with pytest.raises(OSError):
+        link_snapshot(str(root), "k", "rev2", [("x", "d1"), ("x/y", "d2")])
+    assert sorted(p.name for p in (root / "snapshots" / "k").iterdir()) == ["rev"]
+    # A crash mid-build leaves a hidden directory; the next start removes it.
+    (root / "snapshots" / "k" / ".building-rev3-abc").mkdir()
+    assert sweep_unfinished(str(root)) == 1
+    assert sorted(p.name for p in (root / "snapshots" / "k").iterdir()) == ["rev"]

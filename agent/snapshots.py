@@ -1,0 +1,75 @@
+"""Snapshot directories: a model revision as files in the Hugging Face layout, linked to blobs.
+
+Frameworks that want a directory (``from_pretrained(path)``, vLLM ``--model PATH``)
+get ``snapshots/<model key>/<revision>/`` under the cache root: every file of the
+manifest at its path, as a *relative* symlink to its blob (``../../../blobs/<digest>``),
+so the directory works wherever a pod mounts the cache. A snapshot is built in a
+hidden temporary directory and renamed into place, so a reader never sees a
+half-built one; two agents' requests racing to build it both end with the same
+complete directory. The links carry no data: the blobs' read-only bytes are what
+is read, and a blob evicted later leaves a dangling link until the next open
+fetches it back under the same name.
+
+Paths come from manifests, whose file paths were checked as relative, ``..``-free
+paths when they were resolved (agent/refs.check_relative_path).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable
+
+SNAPSHOTS = "snapshots"
+_TMP_PREFIX = ".building-"
+
+
+def link_snapshot(root: str, key: str, revision: str, files: Iterable[tuple[str, str]]) -> str:
+    """Make (or find) the snapshot of ``files`` ((path, blob digest) pairs); return its path under ``root``."""
+    rel = os.path.join(SNAPSHOTS, key, revision)
+    final = os.path.join(root, rel)
+    if os.path.isdir(final):
+        return rel
+    parent = os.path.dirname(final)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{revision}-", dir=parent)
+    try:
+        for path, digest in files:
+            link = os.path.join(tmp, path)
+            os.makedirs(os.path.dirname(link), exist_ok=True)
+            up = [".."] * (path.count("/") + 3)  # out of <subdirs>/, <revision>/, <key>/, snapshots/
+            os.symlink(os.path.join(*up, "blobs", digest), link)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; pods may read as another user
+        try:
+            os.rename(tmp, final)
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # someone else finished the same snapshot first
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return rel
+
+
+def remove_snapshots(root: str, key: str) -> None:
+    """Drop every snapshot of one model (it was evicted)."""
+    shutil.rmtree(os.path.join(root, SNAPSHOTS, key), ignore_errors=True)
+
+
+def sweep_unfinished(root: str) -> int:
+    """Remove snapshot directories a crash left half-built; returns how many."""
+    removed = 0
+    base = os.path.join(root, SNAPSHOTS)
+    if not os.path.isdir(base):
+        return 0
+    for model in os.scandir(base):
+        if not model.is_dir(follow_symlinks=False):
+            continue
+        for entry in os.scandir(model.path):
+            if entry.name.startswith(_TMP_PREFIX):
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed += 1
+    return removed
