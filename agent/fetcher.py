@@ -1,8 +1,9 @@
 """Fill missing blobs from an origin: parallel pieces, retries, one flight per blob.
 
 Every piece is one range request. Up to ``connections`` requests run at once
-across the whole agent (pieces queue in file order, so the front of a model
-lands first). A piece streams into its place in the partial file with
+across the whole agent; waiting pieces are admitted in the order their files
+were asked for, then piece order (agent/slots.py), so the front of a model
+lands first. A piece streams into its place in the partial file with
 positional writes while it is hashed (xxh3-128); it is recorded only when all
 of it arrived and, if the manifest already knows its hash, matched. Transient
 failures retry with exponential backoff and full jitter, a bounded number of
@@ -14,6 +15,7 @@ Concurrent requests for the same blob (same fill key) share one flight.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import time
@@ -24,6 +26,7 @@ import xxhash
 from agent.fill import BlobFill
 from agent.manifest import FileEntry
 from agent.origins import Origin, TransientOriginError
+from agent.slots import OrderedSlots
 from agent.store import Store
 from client.errors import FetchFailedError, IntegrityError
 
@@ -42,13 +45,15 @@ class Flight:
     done_bytes: int = 0
     fetched_bytes: int = 0
     started: float = field(default_factory=time.monotonic)
+    order: int = 0
 
 
 class Fetcher:
     def __init__(self, store: Store, connections: int, retries: int) -> None:
         self.store = store
         self.retries = retries
-        self._slots = asyncio.Semaphore(connections)
+        self._slots = OrderedSlots(connections)
+        self._order = itertools.count()  # flights in the order they were asked for (file order)
         self.flights: dict[str, Flight] = {}
         self.origin_bytes = 0
 
@@ -60,7 +65,7 @@ class Fetcher:
             return digest
         flight = self.flights.get(entry.fill_key)
         if flight is None:
-            flight = Flight(entry)
+            flight = Flight(entry, order=next(self._order))
             flight.task = asyncio.create_task(self._fill(flight, origin, protect), name=f"fill {entry.path}")
             self.flights[entry.fill_key] = flight
             flight.task.add_done_callback(lambda _t, k=entry.fill_key: self.flights.pop(k, None))
@@ -108,7 +113,7 @@ class Fetcher:
                 flight.fetched_bytes += n
                 self.origin_bytes += n
 
-            async with self._slots:
+            async with self._slots.hold((flight.order, index)):
                 try:
                     if length:
                         await origin.read_range(fill.entry, offset, length, sink)

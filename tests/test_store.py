@@ -320,3 +320,61 @@ def test_snapshot_links_are_atomic_relative_and_swept(tmp_path: Path) -> None:
     (root / "snapshots" / "k" / ".building-rev3-abc").mkdir()
     assert sweep_unfinished(str(root)) == 1
     assert sorted(p.name for p in (root / "snapshots" / "k").iterdir()) == ["rev"]
+
+
+class RecordingLocal(LocalOrigin):
+    """A local origin that logs which (file, piece offset) starts when, and is a little slow."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        super().__init__(pool)
+        self.starts: list[tuple[str, int]] = []
+
+    async def read_range(self, entry, offset, length, sink: Sink) -> None:  # type: ignore[no-untyped-def]
+        self.starts.append((entry.path, offset // MiB))
+        await asyncio.sleep(0.01)
+        await super().read_range(entry, offset, length, sink)
+
+
+async def test_pieces_are_fetched_front_of_the_model_first(tmp_path: Path) -> None:
+    for i in range(3):
+        write_random(tmp_path / "m" / f"shard-{i}.bin", 4 * MiB, seed=10 + i)
+    n = Node(tmp_path / "cache", 1 << 40, connections=2)
+    await n.start()
+    try:
+        ref, manifest = await n.service.resolve(str(tmp_path / "m"))
+        recording = RecordingLocal(n.pool)
+        n.origins._by_scheme["file"] = recording
+        await n.service.ensure(ref, manifest)
+    finally:
+        await n.stop()
+    assert len(recording.starts) == 12
+    # The first two connections go to whichever fills were ready first; from then on every
+    # free connection takes the lowest (file, piece) still waiting.
+    assert recording.starts[2:] == sorted(recording.starts[2:]), recording.starts
+    assert recording.starts[-1] == ("shard-2.bin", 3)
+
+
+async def test_ordered_slots_admit_lowest_key_and_survive_cancellation() -> None:
+    from agent.slots import OrderedSlots
+
+    slots = OrderedSlots(1)
+    order: list[str] = []
+    gate = asyncio.Event()
+
+    async def use(name: str, key: int, wait: asyncio.Event | None = None) -> None:
+        async with slots.hold(key):
+            order.append(name)
+            if wait is not None:
+                await wait.wait()
+
+    first = asyncio.create_task(use("first", 9, gate))
+    await asyncio.sleep(0)
+    late = asyncio.create_task(use("late", 5))
+    early = asyncio.create_task(use("early", 1))
+    gone = asyncio.create_task(use("gone", 0))
+    await asyncio.sleep(0)
+    gone.cancel()  # cancelled while waiting: never admitted, slot not lost
+    gate.set()
+    await asyncio.gather(first, late, early, return_exceptions=True)
+    assert order == ["first", "early", "late"]
+    assert slots.free == 1 and gone.cancelled()

@@ -1,0 +1,54 @@
+"""Connection slots handed out in model order, not arrival order.
+
+An ``asyncio.Semaphore`` admits waiters first come, first served, so the
+pieces of a model's second shard can take every connection while the first
+shard waits. A loader that consumes tensors in file order (and a prefetch
+that reports "the front is ready") wants the opposite: of all the pieces
+waiting, the lowest (flight, piece) goes next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+from collections.abc import AsyncIterator
+from typing import Any
+
+
+class OrderedSlots:
+    """At most ``n`` holders at once; waiters are admitted lowest ``key`` first."""
+
+    def __init__(self, n: int) -> None:
+        if n < 1:
+            raise ValueError("need at least one slot")
+        self.free = n
+        self._waiters: list[tuple[Any, int, asyncio.Future[None]]] = []
+        self._seq = itertools.count()  # ties (and equal keys) keep arrival order
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: Any) -> AsyncIterator[None]:
+        if self.free > 0 and not self._waiters:
+            self.free -= 1
+        else:
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiters, (key, next(self._seq), fut))
+            try:
+                await fut
+            except asyncio.CancelledError:
+                if fut.done() and not fut.cancelled():
+                    self._release()  # the slot was handed over just as we were cancelled: pass it on
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiters:
+            _, _, fut = heapq.heappop(self._waiters)
+            if not fut.done():  # cancelled waiters stay in the heap until they surface here
+                fut.set_result(None)
+                return
+        self.free += 1
