@@ -114,10 +114,17 @@ def open_tensors(
     ``copy`` are as in :func:`load_safetensors_files`.
     """
     complete, socket_path = _open(ref, socket, timeout)
-    paths = _shard_paths(ref, complete, socket_path)
+    shards = _shard_paths(ref, complete, socket_path)
     from client.loader import load_safetensors_files
 
-    return load_safetensors_files(paths, device=device, names=names, copy=copy)
+    try:
+        return load_safetensors_files(shards.values(), device=device, names=names, copy=copy)
+    except (MalformedFileError, KeyError) as exc:
+        # The loader names cache blobs; the user knows the model's file names.
+        message = str(exc.args[0]) if exc.args else str(exc)
+        for name, path in shards.items():
+            message = message.replace(path, f"{ref}/{name}")
+        raise type(exc)(message) from exc
 
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -159,8 +166,8 @@ def _cache_dir(complete: dict[str, Any], where: str) -> str:
     return cache_dir
 
 
-def _shard_paths(ref: str, complete: dict[str, Any], socket_path: str) -> list[str]:
-    """Local paths of the model's weight files, from the agent's ``complete`` line.
+def _shard_paths(ref: str, complete: dict[str, Any], socket_path: str) -> dict[str, str]:
+    """{file name in the model: local blob path} of the model's weight files, from the agent's ``complete`` line.
 
     Which files are the weights follows the Hugging Face layout, as transformers
     and vLLM read it: when ``model.safetensors.index.json`` is present, exactly the
@@ -195,7 +202,7 @@ def _shard_paths(ref: str, complete: dict[str, Any], socket_path: str) -> list[s
     if not wanted:
         listed = ", ".join(str(f.get("path")) for f in files[:10])
         raise ModelNotFoundError(f"{ref} has no .safetensors files (files: {listed or 'none'})")
-    return [blobs[p] for p in sorted(wanted)]
+    return {p: blobs[p] for p in sorted(wanted)}
 
 
 def _indexed_files(ref: str, index_path: str) -> set[str]:

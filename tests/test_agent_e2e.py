@@ -268,7 +268,7 @@ def test_open_loads_the_indexed_shards_once(agent_factory: Any, hf_model: Any, t
 
     # Without the index: the top-level files, so here the duplicate is a clear error, not a silent pick.
     (repo / "model.safetensors.index.json").unlink()
-    with pytest.raises(client.MalformedFileError, match="is in both"):
+    with pytest.raises(client.MalformedFileError, match="is in both .*/consolidated.safetensors and .*/model-0000"):
         client.open_tensors(str(repo), socket=str(agent.socket_path))
 
     # An index naming a shard the model does not have.
