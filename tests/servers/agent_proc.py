@@ -17,10 +17,8 @@ carrying the log's tail.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,7 +30,7 @@ from pathlib import Path
 from types import TracebackType
 
 from tests.servers.ports import free_port
-from tests.servers.proc import spawn_logged
+from tests.servers.proc import kill_group, log_tail, spawn_logged, stop_group
 
 # sockaddr_un.sun_path is 108 bytes with the NUL; pytest's tmp paths can be longer.
 MAX_SOCKET_PATH = 100
@@ -186,27 +184,14 @@ class AgentProcess:
         self._kill_and_reap()
 
     def _kill_and_reap(self) -> None:
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        if self.proc is not None:
+            kill_group(self.proc)
 
     def stop(self, grace: float | None = None) -> int | None:
         """SIGTERM, wait ``grace`` s, then SIGKILL the process group; returns the exit code."""
-        proc = self.proc
-        if proc is None:
+        if self.proc is None:
             return None
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.stop_grace if grace is None else grace)
-            except subprocess.TimeoutExpired:
-                self._kill_and_reap()
-        return proc.returncode
+        return stop_group(self.proc, self.stop_grace if grace is None else grace)
 
     def restart(self, *, kill: bool = False, wait: bool = True) -> AgentProcess:
         """Stop (SIGTERM, or SIGKILL with ``kill=True``) and start again on the same dirs, socket and port."""
@@ -282,5 +267,4 @@ class AgentProcess:
             return ""
 
     def log_tail(self, lines: int = 60) -> str:
-        text = self.log_text().splitlines()[-lines:]
-        return f"--- last {len(text)} lines of {self.log_path} ---\n" + "\n".join(text)
+        return log_tail(self.log_path, lines)

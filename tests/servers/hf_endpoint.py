@@ -38,23 +38,22 @@ error status), and a request log with the bytes served per file.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import datetime
 import hashlib
 import json
 import os
 import re
-import socket
 import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, unquote
 
 from aiohttp import web
+
+from tests.servers.threaded import ThreadedServer
 
 LFS_SUFFIXES = frozenset(
     {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".onnx", ".msgpack", ".gguf", ".npz", ".npy", ".pkl"}
@@ -207,7 +206,7 @@ class HubError(Exception):
         )
 
 
-class HfEndpoint:
+class HfEndpoint(ThreadedServer):
     """The server: ``endpoint`` is ``http://127.0.0.1:PORT``; a context manager; thread-safe knobs."""
 
     def __init__(self, *, require_token: str | None = None, host: str = "127.0.0.1", port: int = 0) -> None:
@@ -219,40 +218,14 @@ class HfEndpoint:
         self._seq = 0
         self._log: list[HfRequest] = []
         self._faults: list[tuple[int, str | None]] = []  # (status, file or None) consumed in order
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self._sock.listen(128)
-        self.host, self.port = self._sock.getsockname()[:2]
-        self._loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
-        self._started = threading.Event()
-        self._start_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"hf-endpoint-{self.port}", daemon=True)
-        self._thread.start()
-        if not self._started.wait(timeout=30):
-            raise RuntimeError("HfEndpoint did not start within 30 s")
-        if self._start_error is not None:
-            raise RuntimeError(f"HfEndpoint failed to start: {self._start_error!r}")
+        super().__init__(host, port, backlog=128, name="hf-endpoint")
 
     # ------------------------------------------------------------------ lifecycle
 
     @property
     def endpoint(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._start())
-        except BaseException as exc:  # reported to the constructor, never left unhandled in the thread
-            self._start_error = exc
-            self._started.set()
-            return
-        self._started.set()
-        self._loop.run_forever()
-        with contextlib.suppress(Exception):
-            self._loop.run_until_complete(self._loop.shutdown_asyncgens())
 
     async def _start(self) -> None:
         app = web.Application()
@@ -261,28 +234,9 @@ class HfEndpoint:
         await self._runner.setup()
         await web.SockSite(self._runner, self._sock).start()
 
-    def close(self) -> None:
-        """Stop serving (open connections are closed) and join the thread; idempotent."""
-        if self._loop.is_closed():
-            return
-        if self._thread.is_alive() and self._runner is not None:
-            fut = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
-            with contextlib.suppress(Exception):
-                fut.result(timeout=10)
-        if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-        if not self._thread.is_alive():
-            self._loop.close()
-        self._sock.close()
-
-    def __enter__(self) -> HfEndpoint:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+    async def _shutdown(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()  # stops serving and closes open connections
 
     # ------------------------------------------------------------------ repos
 

@@ -14,8 +14,11 @@ rather than killed when, say, a thread pool shuts down.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import shutil
+import signal
 import subprocess
 import threading
 from collections.abc import Mapping
@@ -67,3 +70,33 @@ def spawn_logged(
             cwd=cwd,
             start_new_session=True,
         )
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group of ``proc`` (spawned with its own session) and reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    # No signal after the wait: the group id may belong to someone else once reaped.
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float) -> int | None:
+    """SIGTERM the process group, wait ``grace`` s, then SIGKILL it; returns the exit code."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+    return proc.returncode
+
+
+def log_tail(path: Path, lines: int) -> str:
+    """The last ``lines`` lines of a server's log, headed by its path, for error messages."""
+    try:
+        text = path.read_text(errors="replace").splitlines()[-lines:]
+    except OSError as exc:
+        return f"(no log at {path}: {exc})"
+    return f"--- last {len(text)} lines of {path} ---\n" + "\n".join(text)

