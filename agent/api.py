@@ -104,7 +104,7 @@ async def _stream(
 
 
 async def _ensure_job(
-    request: web.Request, pin: bool | None, with_files: bool
+    request: web.Request, pin: bool | None, with_files: bool, with_snapshot: bool = False
 ) -> web.StreamResponse:
     service = request.app[SERVICE]
     ref, manifest = await service.resolve(_ref_field(await _body(request)))
@@ -133,22 +133,27 @@ async def _ensure_job(
             out["files"] = [
                 {"path": f.path, "size": f.size, "blob": f"blobs/{f.digest}"} for f in manifest.files
             ]
-            out["snapshot"] = await service.store.snapshot(ref, manifest)
+            if with_snapshot:  # only when asked: links are file work open_tensors does not need
+                out["snapshot"] = await service.store.snapshot(ref, manifest)
         return out
 
     return await _stream(request, progress, job(), head)
 
 
+def _flag(body: dict[str, Any], name: str) -> bool | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, bool):
+        raise BadRequestError(f'"{name}" must be true or false')
+    return value
+
+
 async def prefetch(request: web.Request) -> web.StreamResponse:
-    body = await _body(request)
-    pin = body.get("pin")
-    if pin is not None and not isinstance(pin, bool):
-        raise BadRequestError('"pin" must be true or false')
-    return await _ensure_job(request, pin, with_files=False)
+    return await _ensure_job(request, _flag(await _body(request), "pin"), with_files=False)
 
 
 async def open_model(request: web.Request) -> web.StreamResponse:
-    return await _ensure_job(request, None, with_files=True)
+    snapshot = bool(_flag(await _body(request), "snapshot"))
+    return await _ensure_job(request, None, with_files=True, with_snapshot=snapshot)
 
 
 async def resolve(request: web.Request) -> web.Response:

@@ -96,6 +96,20 @@ def whole_file_digests(fd: int, size: int, want_sha256: bool, want_git_sha1: boo
     return hasher.digests()
 
 
+def file_digests(path: str, size: int, want_sha256: bool = False) -> dict[str, str]:
+    """Whole-file digests of the file at ``path``, or {} when it is missing or not ``size`` bytes."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return {}
+    try:
+        if os.fstat(fd).st_size != size:
+            return {}
+        return whole_file_digests(fd, size, want_sha256, False)
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: str, data: Any) -> None:
     """Write a small state file so a reader sees the old or the new version, never half."""
     tmp = f"{path}.tmp{os.getpid()}-{threading.get_ident()}"

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from agent.fetcher import Fetcher, first_error
-from agent.fill import whole_file_digests
+from agent.fill import file_digests
 from agent.manifest import Manifest
 from agent.origins import Origins
 from agent.refs import ModelRef, parse_ref
@@ -173,7 +172,9 @@ class ModelService:
             if digest is None:
                 continue
             checked += 1
-            fd_digests = await self.store.run(_rehash, self.store.blob_path(digest), entry.size, bool(entry.sha256))
+            fd_digests = await self.store.run(
+                file_digests, self.store.blob_path(digest), entry.size, bool(entry.sha256)
+            )
             bad = fd_digests.get("xxh128") != digest or (entry.sha256 and fd_digests.get("sha256") != entry.sha256)
             if bad:
                 corrupt += 1
@@ -183,15 +184,3 @@ class ModelService:
         await self.ensure(ref, manifest)
         return {"checked": checked, "corrupt": corrupt, "repaired": missing}
 
-
-def _rehash(path: str, size: int, want_sha256: bool) -> dict[str, str]:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return {}
-    try:
-        if os.fstat(fd).st_size != size:
-            return {}
-        return whole_file_digests(fd, size, want_sha256, False)
-    finally:
-        os.close(fd)

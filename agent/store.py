@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from agent.fill import BlobFill, whole_file_digests, write_json_atomic
+from agent.fill import BlobFill, file_digests, write_json_atomic
 from agent.manifest import FileEntry, Manifest
 from agent.refs import ModelRef, parse_ref
 from agent.snapshots import link_snapshot, remove_snapshots, sweep_unfinished
@@ -442,13 +442,10 @@ def _syncfs(path: str) -> None:
 
 
 def _blob_matches(path: str, digest: str, size: int) -> bool:
-    fd = os.open(path, os.O_RDONLY)
     try:
-        return whole_file_digests(fd, size, False, False)["xxh128"] == digest
-    except (OSError, IntegrityError):
+        return file_digests(path, size).get("xxh128") == digest
+    except OSError:
         return False
-    finally:
-        os.close(fd)
 
 
 def _free_bytes(path: str) -> int:

@@ -138,7 +138,7 @@ def snapshot(ref: str, *, socket: str | None = None, timeout: float = DEFAULT_TI
     ``vllm serve PATH``). Every file is a relative symlink to its verified blob, so
     the directory works under ``$WARMSTART_CACHE_DIR`` as well as on the node.
     """
-    complete, socket_path = _open(ref, socket, timeout)
+    complete, socket_path = _open(ref, socket, timeout, snapshot=True)
     rel = complete.get("snapshot")
     where = f"agent at {socket_path} (snapshot {ref!r})"
     if rel is None:
@@ -148,10 +148,11 @@ def snapshot(ref: str, *, socket: str | None = None, timeout: float = DEFAULT_TI
     return os.path.join(_cache_dir(complete, where), rel)
 
 
-def _open(ref: str, socket: str | None, timeout: float) -> tuple[dict[str, Any], str]:
+def _open(ref: str, socket: str | None, timeout: float, snapshot: bool = False) -> tuple[dict[str, Any], str]:
     """Ask the agent to make ``ref`` whole; return its ``complete`` line and the socket path used."""
     conn = AgentConnection(socket, timeout)
-    with conn.stream("POST", "/v1/open", {"ref": ref}) as lines:
+    body: dict[str, Any] = {"ref": ref, "snapshot": True} if snapshot else {"ref": ref}
+    with conn.stream("POST", "/v1/open", body) as lines:
         for line in lines:
             if line.get("event") == "complete":
                 return line, conn.socket_path

@@ -281,6 +281,8 @@ def test_snapshot_is_the_repo_as_a_directory_and_goes_with_evict(
     agent_factory: Any, hf_model: Any, tmp_path: Path
 ) -> None:
     agent = agent_factory()
+    client.open_tensors(hf_model.ref, socket=str(agent.socket_path))
+    assert not any((agent.cache_dir / "snapshots").glob("*"))  # links only for who asks for a directory
     path = Path(client.snapshot(hf_model.ref, socket=str(agent.socket_path)))
     assert path.is_relative_to(agent.cache_dir / "snapshots")
     want = sorted(p.relative_to(hf_model.local_dir) for p in hf_model.local_dir.rglob("*") if p.is_file())
