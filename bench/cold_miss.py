@@ -39,22 +39,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from agent.units import parse_size  # noqa: E402
 from tests.servers.agent_proc import AgentProcess  # noqa: E402
 from tests.servers.seaweedfs import SeaweedS3  # noqa: E402
 
 BUCKET = "bench"
 PREFIX = "model"
 CHUNK = 64 << 20
-
-UNITS = {"": 1, "B": 1, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
-
-
-def parse_size(text: str) -> int:
-    t = text.strip().upper()
-    i = len(t)
-    while i and not t[i - 1].isdigit() and t[i - 1] != ".":
-        i -= 1
-    return int(float(t[:i]) * UNITS[t[i:].strip()])
 
 
 def write_shard(path: Path, size: int, tensors: int = 4) -> int:
