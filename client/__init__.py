@@ -143,9 +143,7 @@ def snapshot(ref: str, *, socket: str | None = None, timeout: float = DEFAULT_TI
     where = f"agent at {socket_path} (snapshot {ref!r})"
     if rel is None:
         raise WarmstartError(f"{where}: the agent could not lay this model out as a directory (see its log)")
-    if not isinstance(rel, str) or os.path.isabs(rel) or ".." in rel.split("/"):
-        raise WarmstartError(f"{where}: snapshot path {rel!r} is not inside the cache directory")
-    return os.path.join(_cache_dir(complete, where), rel)
+    return _in_cache(_cache_dir(complete, where), rel, f"{where}: snapshot path")
 
 
 def _open(ref: str, socket: str | None, timeout: float, snapshot: bool = False) -> tuple[dict[str, Any], str]:
@@ -165,6 +163,13 @@ def _cache_dir(complete: dict[str, Any], where: str) -> str:
     if not isinstance(cache_dir, str):
         raise WarmstartError(f"{where}: the complete line lacks cache_dir: {complete!r:.300}")
     return cache_dir
+
+
+def _in_cache(cache_dir: str, rel: Any, what: str) -> str:
+    """``cache_dir/rel`` for a path the agent sent, refused unless it stays inside the cache."""
+    if not isinstance(rel, str) or os.path.isabs(rel) or ".." in rel.split("/"):
+        raise WarmstartError(f"{what} {rel!r} is not inside the cache directory")
+    return os.path.join(cache_dir, rel)
 
 
 def _shard_paths(ref: str, complete: dict[str, Any], socket_path: str) -> dict[str, str]:
@@ -187,10 +192,7 @@ def _shard_paths(ref: str, complete: dict[str, Any], socket_path: str) -> dict[s
     for f in files:
         if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("blob"), str)):
             raise WarmstartError(f"{where}: malformed file entry {f!r:.200}")
-        blob = f["blob"]
-        if os.path.isabs(blob) or ".." in blob.split("/"):
-            raise WarmstartError(f"{where}: blob path {blob!r} is not inside the cache directory")
-        blobs[f["path"]] = os.path.join(cache_dir, blob)
+        blobs[f["path"]] = _in_cache(cache_dir, f["blob"], f"{where}: blob path")
 
     if INDEX_FILE in blobs:
         wanted = _indexed_files(ref, blobs[INDEX_FILE])
