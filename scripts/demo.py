@@ -117,7 +117,6 @@ def main() -> int:
 
             env = {k: v for k, v in os.environ.items() if not k.startswith(("WARMSTART_", "AWS_"))}
             env.update(s3.env)
-            env.update({"AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull})
 
             step("2. agent serve, empty cache")
             with AgentProcess(work / "agent", env=env, capacity="2GiB", die_with_parent=True) as agent:

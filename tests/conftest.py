@@ -194,8 +194,6 @@ def agent_env(seaweed: SeaweedS3, hf_endpoint: HfEndpoint, tmp_path: Path) -> di
     env.update(seaweed.env)
     env.update(
         {
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
             "HF_ENDPOINT": hf_endpoint.endpoint,
             "HF_HOME": str(tmp_path / "agent-hf-home"),
             "HF_HUB_DISABLE_TELEMETRY": "1",

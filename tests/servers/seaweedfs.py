@@ -131,6 +131,9 @@ class SeaweedS3:
             "AWS_REGION": REGION,
             # No instance-metadata probes to 169.254.169.254 if a chain falls through.
             "AWS_EC2_METADATA_DISABLED": "true",
+            # Nothing from the user's ~/.aws (a profile's region or endpoint would win).
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
         }
 
     def start(self, attempts: int = 3) -> SeaweedS3:
