@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from client._transport import DEFAULT_TIMEOUT, AgentConnection
@@ -68,6 +68,7 @@ __all__ = [
     "SafetensorsHeader",
     "TensorInfo",
     "WarmstartError",
+    "iter_tensors",
     "load_safetensors_file",
     "load_safetensors_files",
     "open_tensors",
@@ -103,28 +104,49 @@ def open_tensors(
 ) -> dict[str, torch.Tensor]:
     """Return every tensor of model ``ref`` (its safetensors weights), fetched into the node cache if needed.
 
-    The weight files are those ``model.safetensors.index.json`` names, else the
-    top-level ``*.safetensors`` (see :func:`_shard_paths`).
+    ``dict(iter_tensors(...))``; see :func:`iter_tensors` for the arguments.
+    """
+    return dict(iter_tensors(ref, device=device, names=names, socket=socket, timeout=timeout, copy=copy))
 
-    Blocks while the agent fetches what the cache lacks (it reports progress
-    at least once a second; ``timeout`` seconds of silence mean it is gone:
-    :class:`AgentUnavailableError`). Blob paths are taken relative to
-    ``$WARMSTART_CACHE_DIR`` when set (a pod that mounts the cache elsewhere),
-    else to the agent's own cache directory. ``names``, ``device`` and
-    ``copy`` are as in :func:`load_safetensors_files`.
+
+def iter_tensors(
+    ref: str,
+    *,
+    device: str | torch.device = "cpu",
+    names: Iterable[str] | None = None,
+    socket: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    copy: bool = False,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for the weights of model ``ref``, in file order, fetching what the cache lacks.
+
+    This is the shape frameworks consume (vLLM's ``load_weights``, a
+    ``load_state_dict`` loop): tensors can be placed as they come instead of
+    after the whole model is in memory.
+
+    The weight files are those ``model.safetensors.index.json`` names, else the
+    top-level ``*.safetensors`` (see :func:`_shard_paths`). Blocks while the agent
+    fetches what the cache lacks (it reports progress at least once a second;
+    ``timeout`` seconds of silence mean it is gone: :class:`AgentUnavailableError`).
+    Blob paths are taken relative to ``$WARMSTART_CACHE_DIR`` when set (a pod that
+    mounts the cache elsewhere), else to the agent's own cache directory.
+    ``names``, ``device`` and ``copy`` are as in :func:`load_safetensors_files`.
     """
     complete, socket_path = _open(ref, socket, timeout)
     shards = _shard_paths(ref, complete, socket_path)
     from client.loader import load_safetensors_files
 
     try:
-        return load_safetensors_files(shards.values(), device=device, names=names, copy=copy)
+        tensors = load_safetensors_files(shards.values(), device=device, names=names, copy=copy)
     except (MalformedFileError, KeyError) as exc:
         # The loader names cache blobs; the user knows the model's file names.
         message = str(exc.args[0]) if exc.args else str(exc)
         for name, path in shards.items():
             message = message.replace(path, f"{ref}/{name}")
         raise type(exc)(message) from exc
+    while tensors:
+        name = next(iter(tensors))
+        yield name, tensors.pop(name)
 
 
 INDEX_FILE = "model.safetensors.index.json"
