@@ -43,13 +43,14 @@ from client.errors import (
 if TYPE_CHECKING:
     import torch
 
-    from client.loader import load_safetensors_file, load_safetensors_files
+    from client.loader import iter_safetensors_files, load_safetensors_file, load_safetensors_files
     from client.safetensors_header import SafetensorsHeader, TensorInfo, read_header
 
 # Public names that live in torch-importing modules, loaded on first access (PEP 562).
 _LAZY: dict[str, str] = {
     "SafetensorsHeader": "client.safetensors_header",
     "TensorInfo": "client.safetensors_header",
+    "iter_safetensors_files": "client.loader",
     "load_safetensors_file": "client.loader",
     "load_safetensors_files": "client.loader",
     "read_header": "client.safetensors_header",
@@ -68,6 +69,7 @@ __all__ = [
     "SafetensorsHeader",
     "TensorInfo",
     "WarmstartError",
+    "iter_safetensors_files",
     "iter_tensors",
     "load_safetensors_file",
     "load_safetensors_files",
@@ -101,12 +103,15 @@ def open_tensors(
     socket: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     copy: bool = False,
+    ring_bytes: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Return every tensor of model ``ref`` (its safetensors weights), fetched into the node cache if needed.
 
     ``dict(iter_tensors(...))``; see :func:`iter_tensors` for the arguments.
     """
-    return dict(iter_tensors(ref, device=device, names=names, socket=socket, timeout=timeout, copy=copy))
+    return dict(
+        iter_tensors(ref, device=device, names=names, socket=socket, timeout=timeout, copy=copy, ring_bytes=ring_bytes)
+    )
 
 
 def iter_tensors(
@@ -117,6 +122,7 @@ def iter_tensors(
     socket: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     copy: bool = False,
+    ring_bytes: int | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for the weights of model ``ref``, in file order, fetching what the cache lacks.
 
@@ -130,23 +136,27 @@ def iter_tensors(
     ``timeout`` seconds of silence mean it is gone: :class:`AgentUnavailableError`).
     Blob paths are taken relative to ``$WARMSTART_CACHE_DIR`` when set (a pod that
     mounts the cache elsewhere), else to the agent's own cache directory.
-    ``names``, ``device`` and ``copy`` are as in :func:`load_safetensors_files`.
+    ``names``, ``device``, ``copy`` and ``ring_bytes`` (host memory for a GPU
+    load; default 256 MiB) are as in :func:`iter_safetensors_files`.
     """
-    complete, socket_path = _open(ref, socket, timeout)
+    complete, socket_path = _open(ref, socket, timeout)  # here, so a dead agent fails at the call
     shards = _shard_paths(ref, complete, socket_path)
-    from client.loader import load_safetensors_files
+    return _iterate(ref, shards, dict(device=device, names=names, copy=copy, ring_bytes=ring_bytes))
 
+
+def _iterate(ref: str, shards: dict[str, str], options: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
+    from client.loader import iter_safetensors_files
+
+    if options["ring_bytes"] is None:
+        del options["ring_bytes"]
     try:
-        tensors = load_safetensors_files(shards.values(), device=device, names=names, copy=copy)
+        yield from iter_safetensors_files(shards.values(), **options)
     except (MalformedFileError, KeyError) as exc:
         # The loader names cache blobs; the user knows the model's file names.
         message = str(exc.args[0]) if exc.args else str(exc)
         for name, path in shards.items():
             message = message.replace(path, f"{ref}/{name}")
         raise type(exc)(message) from exc
-    while tensors:
-        name = next(iter(tensors))
-        yield name, tensors.pop(name)
 
 
 INDEX_FILE = "model.safetensors.index.json"

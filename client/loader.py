@@ -19,11 +19,10 @@ harmless for the mapping, but would free no disk space and hide the blob from
 the next reader). The lock and file are released when the last such tensor is
 garbage-collected.
 
-GPU devices are served by :func:`_move_to_device`, a plain ``.to(device)`` from
-the CPU tensors (mapped ones by default, so the host holds no copy beyond the
-page cache; the mapping and lock go as soon as the last tensor is moved). The
-pinned-buffer ring that overlaps disk reads with host-to-device copies
-replaces that one function later.
+Other devices (CUDA) are served by :class:`client.device_ring.DeviceRing`: large
+positional reads into a few reusable pinned buffers, copied to the device on
+a CUDA stream while the next ones are read; the host never holds more than
+the ring, and the file is not mapped at all.
 """
 
 from __future__ import annotations
@@ -35,11 +34,13 @@ import os
 import sys
 import time
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from client._buffers import writable_bytes
+from client.device_ring import DEFAULT_RING_BYTES, DeviceRing
 from client.errors import MalformedFileError, WarmstartError
 from client.safetensors_header import SafetensorsHeader, TensorInfo, read_header
 
@@ -61,42 +62,58 @@ class _OpenFile:
     header: SafetensorsHeader
 
 
-def load_safetensors_files(
+def iter_safetensors_files(
     paths: Iterable[PathLike],
     *,
     device: str | torch.device = "cpu",
     names: Iterable[str] | None = None,
     copy: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Load the tensors of one or more safetensors files (the shards of one model) into one dict.
+    ring_bytes: int = DEFAULT_RING_BYTES,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` from one or more safetensors files (the shards of one model), file by file.
 
     ``names`` restricts loading to those tensor names; a name in no file
     raises ``KeyError``. A name present in two files raises
     :class:`MalformedFileError` (the shards of a model must not disagree).
-    Headers of all files are validated before any tensor is built.
-    ``device`` other than CPU: loaded on CPU, then moved (see module doc).
+    Headers of all files are validated before any tensor is yielded.
+    ``device`` other than CPU: through a ring of ``ring_bytes`` of pinned host
+    buffers (see :mod:`client.device_ring`); host memory stays at the ring's size.
     ``copy``: CPU tensors in memory of their own instead of views of the page
     cache (see module doc).
     """
     target = torch.device(device)
     wanted = None if names is None else _as_name_set(names)
     files = _open_all(paths)
+    ring: DeviceRing | None = None
     try:
         owner = _check_names(files, wanted)
-        tensors: dict[str, torch.Tensor] = {}
+        if target.type != "cpu":
+            ring = DeviceRing(target, ring_bytes)
         for f in files:
             selected = [t for t in f.header.tensors if owner.get(t.name) is f and (wanted is None or t.name in wanted)]
+            if ring is not None:
+                yield from ring.load(f.fd, f.path, selected)
+                continue
             fd, f.fd = f.fd, -1  # the per-file loader owns the descriptor from here on
-            part = _load_one(f.path, fd, selected, copy=copy)
-            if target.type != "cpu":
-                # File by file, so host memory never holds more than one shard's CPU tensors.
-                part = _move_to_device(part, target)
-            tensors.update(part)
+            yield from _load_one(f.path, fd, selected, copy=copy).items()
     finally:
+        if ring is not None:
+            ring.close()
         for f in files:
             if f.fd >= 0:
                 os.close(f.fd)
-    return tensors
+
+
+def load_safetensors_files(
+    paths: Iterable[PathLike],
+    *,
+    device: str | torch.device = "cpu",
+    names: Iterable[str] | None = None,
+    copy: bool = False,
+    ring_bytes: int = DEFAULT_RING_BYTES,
+) -> dict[str, torch.Tensor]:
+    """Every selected tensor of the files in one dict; see :func:`iter_safetensors_files`."""
+    return dict(iter_safetensors_files(paths, device=device, names=names, copy=copy, ring_bytes=ring_bytes))
 
 
 def load_safetensors_file(
@@ -105,9 +122,10 @@ def load_safetensors_file(
     device: str | torch.device = "cpu",
     names: Iterable[str] | None = None,
     copy: bool = False,
+    ring_bytes: int = DEFAULT_RING_BYTES,
 ) -> dict[str, torch.Tensor]:
     """:func:`load_safetensors_files` for a single file."""
-    return load_safetensors_files([path], device=device, names=names, copy=copy)
+    return load_safetensors_files([path], device=device, names=names, copy=copy, ring_bytes=ring_bytes)
 
 
 def _as_name_set(names: Iterable[str]) -> set[str]:
@@ -225,7 +243,7 @@ def _read_tensor(fd: int, t: TensorInfo, path: str) -> torch.Tensor:
     """Read one tensor into fresh (allocator-aligned) memory with large positional reads."""
     buf = torch.empty(t.nbytes, dtype=torch.uint8)
     if t.nbytes:
-        dest = memoryview(_writable_bytes(buf)).cast("B")
+        dest = writable_bytes(buf)
         done = 0
         while done < t.nbytes:
             n = os.preadv(fd, [dest[done : done + _MAX_READ]], t.offset + done)
@@ -233,23 +251,3 @@ def _read_tensor(fd: int, t: TensorInfo, path: str) -> torch.Tensor:
                 raise MalformedFileError(f"{path}: file ended inside tensor {t.name!r} (truncated while loading?)")
             done += n
     return buf.view(t.dtype).view(t.shape)
-
-
-def _writable_bytes(t: torch.Tensor) -> memoryview:
-    """A writable memoryview of a contiguous CPU uint8 tensor's memory, without numpy."""
-    import ctypes
-
-    array = (ctypes.c_ubyte * t.numel()).from_address(t.data_ptr())
-    return memoryview(array)
-
-
-def _move_to_device(tensors: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    """Copy CPU tensors to ``device`` one at a time, dropping each CPU copy as soon as it is moved.
-
-    The simple path: synchronous copies from pageable memory. The pinned ring
-    with overlapped reads and host-to-device copies replaces this function.
-    """
-    out: dict[str, torch.Tensor] = {}
-    for name in list(tensors):
-        out[name] = tensors.pop(name).to(device, non_blocking=False)
-    return out

@@ -224,7 +224,7 @@ def test_names_filter(model_file: tuple[Path, dict[str, torch.Tensor]]) -> None:
 
 
 def test_meta_device_goes_through_the_device_path(model_file: tuple[Path, dict[str, torch.Tensor]]) -> None:
-    """A non-CPU device is the CPU load then ``.to(device)``; meta exercises that path without a GPU."""
+    """A non-CPU device goes through the device ring; meta exercises that path without a GPU."""
     path, want = model_file
     got = client.load_safetensors_file(path, device="meta", names=["bf16", "scalar"])
     assert {n: (t.device.type, t.dtype, t.shape) for n, t in got.items()} == {
