@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.manifest import Manifest
 from agent.models import ModelService, Progress
 from agent.store import Store
 from client.errors import HTTP_STATUS, BadRequestError, WarmstartError
@@ -69,9 +70,17 @@ def _ref_field(body: dict[str, Any]) -> str:
 
 
 async def _stream(
-    request: web.Request, progress: Progress | None, job: Awaitable[dict[str, Any]], head: dict[str, Any]
+    request: web.Request,
+    progress: Progress | None,
+    job: Awaitable[dict[str, Any]],
+    head: dict[str, Any],
+    updates: Callable[[], list[dict[str, Any]]] | None = None,
 ) -> web.StreamResponse:
-    """Run ``job`` while streaming progress lines; finish with its result or its error."""
+    """Run ``job`` while streaming progress lines; finish with its result or its error.
+
+    With ``updates``, its lines are sent as soon as a piece or a blob completes
+    (not only every tick): a client that streams tensors waits on them.
+    """
     resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await resp.prepare(request)
 
@@ -82,7 +91,14 @@ async def _stream(
     try:
         await send(head)
         while not task.done():
-            await asyncio.wait([task], timeout=TICK_SECONDS)
+            if updates is None:
+                await asyncio.wait([task], timeout=TICK_SECONDS)
+            else:
+                for line in updates():
+                    await send(line)
+                change = asyncio.ensure_future(request.app[SERVICE].fetcher.wait_change(TICK_SECONDS))
+                await asyncio.wait([task, change], return_when=asyncio.FIRST_COMPLETED)
+                change.cancel()
             if not task.done():
                 await send(progress.snapshot() if progress else {"event": "progress"})
         try:
@@ -104,7 +120,7 @@ async def _stream(
 
 
 async def _ensure_job(
-    request: web.Request, pin: bool | None, with_files: bool, with_snapshot: bool = False
+    request: web.Request, pin: bool | None, with_files: bool, with_snapshot: bool = False, stream: bool = False
 ) -> web.StreamResponse:
     service = request.app[SERVICE]
     ref, manifest = await service.resolve(_ref_field(await _body(request)))
@@ -137,7 +153,48 @@ async def _ensure_job(
                 out["snapshot"] = await service.store.snapshot(ref, manifest)
         return out
 
-    return await _stream(request, progress, job(), head)
+    updates = None
+    if stream:
+        states = _FileStates(service, manifest)
+        head["cache_dir"] = service.store.root
+        head["file_states"] = states.changed()
+        updates = states.lines
+    return await _stream(request, progress, job(), head, updates)
+
+
+class _FileStates:
+    """Where each file of a manifest can be read while it fills, as lines for a streaming client.
+
+    A file is ``blob`` (complete and verified), ``partial`` with the pieces
+    verified so far (bytes of other pieces are not to be read), or neither yet.
+    Only files whose state changed since the last call are returned.
+    """
+
+    def __init__(self, service: ModelService, manifest: Manifest) -> None:
+        self.service = service
+        self.manifest = manifest
+        self._sent: dict[str, tuple[Any, ...]] = {}
+
+    def changed(self) -> list[dict[str, Any]]:
+        out = []
+        for entry in self.manifest.files:
+            state: dict[str, Any] = {"path": entry.path, "size": entry.size, "piece_size": entry.piece_size}
+            digest = self.service.store.digest_of(entry)
+            flight = self.service.fetcher.flights.get(entry.fill_key)
+            if digest is not None:
+                state["blob"] = f"blobs/{digest}"
+            elif flight is not None and flight.partial is not None:
+                state["partial"] = flight.partial
+                state["done"] = sorted(flight.done_pieces)
+            key = (state.get("blob"), state.get("partial"), len(state.get("done", ())))
+            if self._sent.get(entry.path) != key:
+                self._sent[entry.path] = key
+                out.append(state)
+        return out
+
+    def lines(self) -> list[dict[str, Any]]:
+        files = self.changed()
+        return [{"event": "files", "files": files}] if files else []
 
 
 def _flag(body: dict[str, Any], name: str) -> bool | None:
@@ -152,8 +209,10 @@ async def prefetch(request: web.Request) -> web.StreamResponse:
 
 
 async def open_model(request: web.Request) -> web.StreamResponse:
-    snapshot = bool(_flag(await _body(request), "snapshot"))
-    return await _ensure_job(request, None, with_files=True, with_snapshot=snapshot)
+    body = await _body(request)
+    snapshot = bool(_flag(body, "snapshot"))
+    stream = bool(_flag(body, "stream"))
+    return await _ensure_job(request, None, with_files=True, with_snapshot=snapshot, stream=stream)
 
 
 async def resolve(request: web.Request) -> web.Response:

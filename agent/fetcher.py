@@ -46,6 +46,10 @@ class Flight:
     fetched_bytes: int = 0
     started: float = field(default_factory=time.monotonic)
     order: int = 0
+    # Readable while filling (for clients that stream): the partial file and its
+    # verified pieces, kept on the event loop's side so the API can read them safely.
+    partial: str | None = None
+    done_pieces: set[int] = field(default_factory=set)
 
 
 class Fetcher:
@@ -56,6 +60,19 @@ class Fetcher:
         self._order = itertools.count()  # flights in the order they were asked for (file order)
         self.flights: dict[str, Flight] = {}
         self.origin_bytes = 0
+        self._changed = asyncio.Event()
+
+    def _notify(self) -> None:
+        """Wake everyone waiting in :meth:`wait_change` (a piece or a blob completed)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def wait_change(self, timeout: float) -> None:
+        """Return when a piece or a blob completes anywhere, or after ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass
 
     async def ensure_blob(self, entry: FileEntry, origin: Origin, protect: set[str]) -> str:
         """Make ``entry``'s bytes a complete blob in the store; return its digest."""
@@ -79,6 +96,9 @@ class Fetcher:
         entry = flight.entry
         fill, have = await self.store.begin_fill(entry, protect)
         flight.done_bytes = have
+        flight.done_pieces = set(fill.done)
+        flight.partial = self.store.relative(fill.path)
+        self._notify()
         try:
             try:
                 async with asyncio.TaskGroup() as tg:
@@ -89,7 +109,9 @@ class Fetcher:
             digest = await self.store.finish_fill(fill, lambda d: _check_whole(entry, d))
         except BaseException:
             await self.store.abandon_fill(fill)
+            self._notify()
             raise
+        self._notify()
         log.info(
             "filled %s (%d bytes, %d from origin) in %.2fs",
             entry.path, entry.size, flight.fetched_bytes, time.monotonic() - flight.started,
@@ -118,6 +140,8 @@ class Fetcher:
                     if length:
                         await origin.read_range(fill.entry, offset, length, sink)
                     await self.store.run(fill.record_piece, index, hasher.hexdigest())
+                    flight.done_pieces.add(index)
+                    self._notify()
                     return
                 except (TransientOriginError, IntegrityError) as exc:
                     last = exc

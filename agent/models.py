@@ -106,7 +106,10 @@ class ModelService:
         missing_before = [f for f in manifest.files if self.store.digest_of(f) is None]
         try:
             async with asyncio.TaskGroup() as tg:
-                for entry in manifest.files:
+                # Connections go to files in this order (agent/slots.py): the small ones
+                # first (config, tokenizer, the shard index: what a loader reads before
+                # any weight), then the rest in manifest order.
+                for entry in sorted(manifest.files, key=lambda f: f.size > f.piece_size):
                     tg.create_task(self.fetcher.ensure_blob(entry, origin, protect))
         except BaseExceptionGroup as group:
             raise first_error(group) from None

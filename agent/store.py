@@ -92,6 +92,10 @@ class Store:
     def path(self, *parts: str) -> str:
         return os.path.join(self.root, *parts)
 
+    def relative(self, path: str) -> str:
+        """``path`` relative to the cache root, as the local API names files to clients."""
+        return os.path.relpath(path, self.root)
+
     def blob_path(self, digest: str) -> str:
         return self.path("blobs", digest)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from client._transport import DEFAULT_TIMEOUT, AgentConnection
@@ -42,6 +42,8 @@ from client.errors import (
 
 if TYPE_CHECKING:
     import torch
+
+    from client.stream import ModelStream
 
     from client.loader import iter_safetensors_files, load_safetensors_file, load_safetensors_files
     from client.safetensors_header import SafetensorsHeader, TensorInfo, read_header
@@ -130,33 +132,39 @@ def iter_tensors(
     ``load_state_dict`` loop): tensors can be placed as they come instead of
     after the whole model is in memory.
 
+    Tensors come while the model is still arriving: each one as soon as the
+    agent has verified the pieces that hold it (see :mod:`client.stream`), so
+    loading overlaps fetching. The iteration ends with the agent's verdict on the
+    whole model (an origin's sha256, say) and raises if it failed.
+
     The weight files are those ``model.safetensors.index.json`` names, else the
-    top-level ``*.safetensors`` (see :func:`_shard_paths`). Blocks while the agent
-    fetches what the cache lacks (it reports progress at least once a second;
-    ``timeout`` seconds of silence mean it is gone: :class:`AgentUnavailableError`).
+    top-level ``*.safetensors`` (see :func:`_weight_files`). The agent reports
+    progress at least once a second; ``timeout`` seconds of silence mean it is
+    gone: :class:`AgentUnavailableError`.
     Blob paths are taken relative to ``$WARMSTART_CACHE_DIR`` when set (a pod that
     mounts the cache elsewhere), else to the agent's own cache directory.
     ``names``, ``device``, ``copy`` and ``ring_bytes`` (host memory for a GPU
     load; default 256 MiB) are as in :func:`iter_safetensors_files`.
     """
-    complete, socket_path = _open(ref, socket, timeout)  # here, so a dead agent fails at the call
-    shards = _shard_paths(ref, complete, socket_path)
-    return _iterate(ref, shards, dict(device=device, names=names, copy=copy, ring_bytes=ring_bytes))
+    from client.stream import ModelStream
+
+    stream = ModelStream(ref, socket, timeout)  # here, so a dead agent or a bad reference fail at the call
+    try:
+        shards = _weight_files(ref, stream.names(), lambda: _read_whole(stream, INDEX_FILE))
+    except BaseException:
+        stream.close()
+        raise
+    return _iterate(ref, stream, shards, dict(device=device, names=names, copy=copy, ring_bytes=ring_bytes))
 
 
-def _iterate(ref: str, shards: dict[str, str], options: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
-    from client.loader import iter_safetensors_files
+def _iterate(
+    ref: str, stream: ModelStream, shards: list[str], options: dict[str, Any]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    from client.loader import iter_streamed_files
 
     if options["ring_bytes"] is None:
         del options["ring_bytes"]
-    try:
-        yield from iter_safetensors_files(shards.values(), **options)
-    except (MalformedFileError, KeyError) as exc:
-        # The loader names cache blobs; the user knows the model's file names.
-        message = str(exc.args[0]) if exc.args else str(exc)
-        for name, path in shards.items():
-            message = message.replace(path, f"{ref}/{name}")
-        raise type(exc)(message) from exc
+    yield from iter_streamed_files(stream, shards, label=ref, **options)
 
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -204,48 +212,49 @@ def _in_cache(cache_dir: str, rel: Any, what: str) -> str:
     return os.path.join(cache_dir, rel)
 
 
-def _shard_paths(ref: str, complete: dict[str, Any], socket_path: str) -> dict[str, str]:
-    """{file name in the model: local blob path} of the model's weight files, from the agent's ``complete`` line.
+def _weight_files(ref: str, paths: list[str], read_index: Callable[[], bytes]) -> list[str]:
+    """The model's weight files, in load order, from its file list.
 
     Which files are the weights follows the Hugging Face layout, as transformers
     and vLLM read it: when ``model.safetensors.index.json`` is present, exactly the
-    files its ``weight_map`` names; otherwise every top-level ``*.safetensors``
-    (files in subfolders, such as ``original/`` or ``onnx/``, are other formats of
-    the same weights), or every ``*.safetensors`` when none is at the top. Repos
-    that ship the same weights twice (Mistral's ``consolidated.safetensors`` beside
-    the sharded files) therefore load once.
+    files its ``weight_map`` names (``read_index`` gives its bytes); otherwise every
+    top-level ``*.safetensors`` (files in subfolders, such as ``original/`` or
+    ``onnx/``, are other formats of the same weights), or every ``*.safetensors``
+    when none is at the top. Repos that ship the same weights twice (Mistral's
+    ``consolidated.safetensors`` beside the sharded files) therefore load once.
     """
-    where = f"agent at {socket_path} (open {ref!r})"
-    cache_dir = _cache_dir(complete, where)
-    files = complete.get("files")
-    if not isinstance(files, list):
-        raise WarmstartError(f"{where}: the complete line lacks files: {complete!r:.300}")
-    blobs: dict[str, str] = {}
-    for f in files:
-        if not (isinstance(f, dict) and isinstance(f.get("path"), str) and isinstance(f.get("blob"), str)):
-            raise WarmstartError(f"{where}: malformed file entry {f!r:.200}")
-        blobs[f["path"]] = _in_cache(cache_dir, f["blob"], f"{where}: blob path")
-
-    if INDEX_FILE in blobs:
-        wanted = _indexed_files(ref, blobs[INDEX_FILE])
-        missing = sorted(wanted - blobs.keys())
+    if INDEX_FILE in paths:
+        wanted = _indexed_files(ref, read_index())
+        missing = sorted(wanted - set(paths))
         if missing:
             raise ModelNotFoundError(f"{ref}: {INDEX_FILE} names files the model does not have: {', '.join(missing[:5])}")
     else:
-        every = sorted(p for p in blobs if p.endswith(SAFETENSORS_SUFFIX))
+        every = sorted(p for p in paths if p.endswith(SAFETENSORS_SUFFIX))
         wanted = set(p for p in every if "/" not in p) or set(every)
     if not wanted:
-        listed = ", ".join(str(f.get("path")) for f in files[:10])
+        listed = ", ".join(paths[:10])
         raise ModelNotFoundError(f"{ref} has no .safetensors files (files: {listed or 'none'})")
-    return {p: blobs[p] for p in sorted(wanted)}
+    return sorted(wanted)
 
 
-def _indexed_files(ref: str, index_path: str) -> set[str]:
+def _read_whole(stream: ModelStream, path: str) -> bytes:
+    """A small file of the model, once it is complete (bounded: it is read into memory)."""
+    state = stream.wait_readable(path, 0, 0)
+    if state.size > MAX_INDEX_BYTES:
+        raise MalformedFileError(f"{stream.ref}: {path} is larger than {MAX_INDEX_BYTES} bytes")
+    fd, _ = stream.open(path)
+    try:
+        stream.wait_readable(path, 0, state.size)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(MAX_INDEX_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
+def _indexed_files(ref: str, raw: bytes) -> set[str]:
     """The shard names in a ``model.safetensors.index.json`` (untrusted: checked, bounded)."""
     import json
 
-    with open(index_path, "rb") as f:
-        raw = f.read(MAX_INDEX_BYTES + 1)
     try:
         if len(raw) > MAX_INDEX_BYTES:
             raise ValueError(f"larger than {MAX_INDEX_BYTES} bytes")

@@ -104,6 +104,16 @@ class NDJSONStream(Iterator[dict[str, Any]]):
             self._response.close()
             conn.close()
 
+    def abort(self) -> None:
+        """Break the connection from another thread (wakes a reader blocked on it)."""
+        conn = self._conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def __enter__(self) -> Self:
         return self
 

@@ -20,7 +20,7 @@ synchronous copies.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -128,10 +128,18 @@ class DeviceRing:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def load(self, fd: int, path: str, infos: Sequence[TensorInfo]) -> Iterator[tuple[str, torch.Tensor]]:
+    def load(
+        self,
+        fd: int,
+        path: str,
+        infos: Sequence[TensorInfo],
+        wait: Callable[[int, int], None] | None = None,
+    ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``infos``' tensors on the device as their bytes arrive (file order).
 
         ``fd`` must stay open until the generator is exhausted or closed.
+        ``wait(offset, length)``, when given, is called on a reader thread before
+        each read and blocks until those bytes of a still-filling file are verified.
         """
         dests = [torch.empty(t.nbytes, dtype=torch.uint8, device=self.device) for t in infos]
         for t, d in zip(infos, dests):
@@ -142,14 +150,14 @@ class DeviceRing:
         pending: dict[int, Future[None]] = {}
         try:
             for i in range(min(slots, len(batches))):
-                pending[i] = self._pool.submit(self._read, fd, path, batches[i], i % slots)
+                pending[i] = self._pool.submit(self._read, fd, path, batches[i], i % slots, wait)
             for i, batch in enumerate(batches):
                 slot = i % slots
                 pending.pop(i).result()
                 finished = self._copy_out(batch, slot, dests)
                 nxt = i + slots
                 if nxt < len(batches):
-                    pending[nxt] = self._pool.submit(self._read, fd, path, batches[nxt], slot)
+                    pending[nxt] = self._pool.submit(self._read, fd, path, batches[nxt], slot, wait)
                 for index in finished:
                     t = infos[index]
                     yield t.name, dests[index].view(t.dtype).view(t.shape)
@@ -160,7 +168,9 @@ class DeviceRing:
             if self.stream is not None:
                 self.stream.synchronize()
 
-    def _read(self, fd: int, path: str, batch: _Batch, slot: int) -> None:
+    def _read(
+        self, fd: int, path: str, batch: _Batch, slot: int, wait: Callable[[int, int], None] | None
+    ) -> None:
         """Fill a slot with a batch's file ranges (runs on a reader thread)."""
         event = self._events[slot]
         if event is not None:
@@ -168,6 +178,8 @@ class DeviceRing:
         view = writable_bytes(self.buffers[slot])
         pos = 0
         for offset, length in batch.reads:
+            if wait is not None:
+                wait(offset, length)
             done = 0
             while done < length:
                 chunk = min(length - done, _MAX_READ)

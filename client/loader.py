@@ -31,18 +31,20 @@ import errno
 import fcntl
 import mmap
 import os
+import struct
 import sys
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from client._buffers import writable_bytes
 from client.device_ring import DEFAULT_RING_BYTES, DeviceRing
 from client.errors import MalformedFileError, WarmstartError
-from client.safetensors_header import SafetensorsHeader, TensorInfo, read_header
+from client.safetensors_header import MAX_HEADER_BYTES, SafetensorsHeader, TensorInfo, read_header
 
 # How long to wait for a shared lock; the agent holds its exclusive one only
 # for the instant it takes to unlink a blob.
@@ -95,7 +97,7 @@ def iter_safetensors_files(
                 yield from ring.load(f.fd, f.path, selected)
                 continue
             fd, f.fd = f.fd, -1  # the per-file loader owns the descriptor from here on
-            yield from _load_one(f.path, fd, selected, copy=copy).items()
+            yield from _load_one(f.path, fd, selected, copy=copy)
     finally:
         if ring is not None:
             ring.close()
@@ -126,6 +128,104 @@ def load_safetensors_file(
 ) -> dict[str, torch.Tensor]:
     """:func:`load_safetensors_files` for a single file."""
     return load_safetensors_files([path], device=device, names=names, copy=copy, ring_bytes=ring_bytes)
+
+
+class ShardSource(Protocol):
+    """A model file that may still be arriving (see client/stream.py's ModelStream)."""
+
+    def open(self, path: str) -> tuple[int, str]:
+        """A read-only descriptor of model file ``path`` and the local file it is."""
+
+    def wait_readable(self, path: str, start: int, end: int) -> object:
+        """Block until bytes [start, end) of ``path`` are verified on disk."""
+
+    def finish(self) -> object:
+        """Block until the whole model is verified; raise if it was not."""
+
+    def close(self) -> None:
+        """Stop: every wait still blocked raises. Idempotent."""
+
+
+def iter_streamed_files(
+    source: ShardSource,
+    shards: Sequence[str],
+    *,
+    label: str,
+    device: str | torch.device = "cpu",
+    names: Iterable[str] | None = None,
+    copy: bool = False,
+    ring_bytes: int = DEFAULT_RING_BYTES,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`iter_safetensors_files` for files that may still be filling: each tensor as soon as its bytes are verified.
+
+    Files are taken in order; a file's header is read once its first bytes are
+    there, and each tensor once the pieces holding it are. Names are checked as
+    files arrive (a duplicate raises when its second file is reached, a
+    requested name no file has raises at the end). ``label`` prefixes file names
+    in error messages (the model reference). The last tensor is followed by
+    ``source.finish()`` (the whole-model verdict); ``source`` is closed on the
+    way out, whatever happens.
+    """
+    if sys.byteorder != "little":
+        raise WarmstartError("safetensors data is little-endian; this client does not byte-swap on big-endian hosts")
+    target = torch.device(device)
+    wanted = None if names is None else _as_name_set(names)
+    owner: dict[str, str] = {}
+    ring = DeviceRing(target, ring_bytes) if target.type != "cpu" else None
+    try:
+        for shard in shards:
+            display = f"{label}/{shard}"
+            fd, _local = source.open(shard)
+            handed_over = False
+            try:
+                _lock_shared(fd, display)
+                source.wait_readable(shard, 0, 8)
+                raw = os.pread(fd, 8, 0)
+                length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
+                source.wait_readable(shard, 0, 8 + min(length, MAX_HEADER_BYTES))  # read_header rejects more
+                header = read_header(fd, name=display)
+                selected = []
+                for t in header.tensors:
+                    if t.name in owner:
+                        raise MalformedFileError(f"tensor {t.name!r} is in both {owner[t.name]} and {display}")
+                    owner[t.name] = display
+                    if wanted is None or t.name in wanted:
+                        selected.append(t)
+
+                def wait(offset: int, nbytes: int, shard: str = shard) -> None:
+                    source.wait_readable(shard, offset, offset + nbytes)
+
+                if ring is not None:
+                    tensors = ring.load(fd, display, selected, wait=wait)
+                else:
+                    handed_over = True
+                    tensors = _load_one(display, fd, selected, copy=copy, wait=wait)
+                try:
+                    yield from _without_closing(tensors)
+                except BaseException:
+                    # A consumer that stops early, or a failure: close the source first, so
+                    # reader threads blocked waiting for bytes wake up, then the generator.
+                    source.close()
+                    tensors.close()
+                    raise
+            finally:
+                if not handed_over:
+                    os.close(fd)
+        if wanted is not None:
+            missing = sorted(wanted - owner.keys())
+            if missing:
+                raise KeyError(f"no tensor named {_some(missing)} in {label}; available: {_some(sorted(owner))}")
+        source.finish()
+    finally:
+        source.close()
+        if ring is not None:
+            ring.close()
+
+
+def _without_closing(gen: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """``gen``'s items; closing this does not close ``gen`` (the caller does, after its own clean-up)."""
+    for item in gen:
+        yield item
 
 
 def _as_name_set(names: Iterable[str]) -> set[str]:
@@ -199,22 +299,38 @@ def _some(names: Sequence[str], shown: int = 5) -> str:
     return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def _load_one(path: str, fd: int, infos: Sequence[TensorInfo], *, copy: bool) -> dict[str, torch.Tensor]:
-    """Build ``infos``' tensors from the open, share-locked ``fd``; takes ownership of ``fd``.
+# wait(offset, length) blocks until those bytes of the file are verified (streaming loads)
+Wait = Callable[[int, int], None]
+
+
+def _load_one(
+    path: str, fd: int, infos: Sequence[TensorInfo], *, copy: bool, wait: Wait | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``infos``' tensors from the open, share-locked ``fd``; takes ownership of ``fd``.
 
     The descriptor (and with it the lock) is closed here unless some tensor
     maps the file, in which case it closes when the mapping is collected.
     """
     if not copy and any(t.nbytes for t in infos):
-        return _map_tensors(path, fd, infos)
+        yield from _map_tensors(path, fd, infos, wait)
+        return
     try:
-        return {t.name: _read_tensor(fd, t, path) for t in infos}
+        for t in infos:
+            if wait is not None:
+                wait(t.offset, t.nbytes)
+            yield t.name, _read_tensor(fd, t, path)
     finally:
         os.close(fd)
 
 
-def _map_tensors(path: str, fd: int, infos: Sequence[TensorInfo]) -> dict[str, torch.Tensor]:
-    """Zero-copy views of a private mapping; hands ``fd`` to a finalizer of the mapping."""
+def _map_tensors(
+    path: str, fd: int, infos: Sequence[TensorInfo], wait: Wait | None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Zero-copy views of a private mapping; hands ``fd`` to a finalizer of the mapping.
+
+    A file still being filled is mapped whole (it is preallocated); a tensor's
+    view is made only after ``wait`` says its bytes are verified.
+    """
     try:
         mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
     except BaseException:
@@ -226,17 +342,17 @@ def _map_tensors(path: str, fd: int, infos: Sequence[TensorInfo]) -> dict[str, t
     weakref.finalize(mm, os.close, fd)
     view = memoryview(mm)
     del mm  # from here only memoryviews, and through them the tensors, keep the mapping alive
-    out: dict[str, torch.Tensor] = {}
     for t in infos:
+        if wait is not None:
+            wait(t.offset, t.nbytes)
         if t.nbytes == 0:
-            out[t.name] = torch.empty(t.shape, dtype=t.dtype)
+            yield t.name, torch.empty(t.shape, dtype=t.dtype)
         elif t.offset % t.dtype.itemsize:
             # Misaligned for its element type: give it aligned memory of its own.
-            out[t.name] = _read_tensor(fd, t, path)
+            yield t.name, _read_tensor(fd, t, path)
         else:
             flat = torch.frombuffer(view[t.offset : t.offset + t.nbytes], dtype=t.dtype)
-            out[t.name] = flat.view(t.shape)
-    return out
+            yield t.name, flat.view(t.shape)
 
 
 def _read_tensor(fd: int, t: TensorInfo, path: str) -> torch.Tensor:

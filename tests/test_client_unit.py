@@ -661,7 +661,7 @@ def test_open_tensors_loads_every_shard(
     fake_agent.routes[("POST", "/v1/open")] = _open_route(str(cache), files)
     got = client.open_tensors("s3://models/m", socket=fake_agent.path, timeout=5)
     assert_same(got, want)
-    assert fake_agent.requests == [("POST", "/v1/open", {"ref": "s3://models/m"})]
+    assert fake_agent.requests == [("POST", "/v1/open", {"ref": "s3://models/m", "stream": True})]
     some = sorted(want)[:2]
     assert_same(client.open_tensors("s3://models/m", socket=fake_agent.path, names=some), {n: want[n] for n in some})
 
@@ -673,7 +673,7 @@ def test_open_tensors_uses_warmstart_cache_dir_mount(
     """The pod mounts the node cache somewhere else than the agent's own path."""
     cache, files, want = cache_with_model
     fake_agent.routes[("POST", "/v1/open")] = _open_route("/var/lib/warmstart-not-here", files)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(WarmstartError, match="is missing.*WARMSTART_CACHE_DIR"):
         client.open_tensors("hf://o/m", socket=fake_agent.path, timeout=5)
     monkeypatch.setenv("WARMSTART_CACHE_DIR", str(cache))
     monkeypatch.setenv("WARMSTART_SOCKET", fake_agent.path)

@@ -1,0 +1,208 @@
+"""Follow the agent while it fills a model: which bytes of which file may be read now.
+
+``open_tensors`` does not wait for the whole model. It asks the agent to open
+the model with ``"stream": true``; the agent answers with where each file can
+be read (its blob when complete, else its partial file and the pieces verified
+so far) and sends a new line each time a piece or a file completes. A thread
+reads those lines into :class:`ModelStream`; the loader asks it to wait until
+the pieces that hold a tensor are verified, then reads them itself from the
+cache files (the bytes never pass through the agent).
+
+A partial file becomes its blob by a rename, so a descriptor opened on the
+partial file stays valid and keeps reading the same bytes. The client never
+reads a piece the agent has not verified. Whole-file checks (an origin's
+sha256) can only run once every piece is there: the stream ends with the
+agent's verdict, and :meth:`ModelStream.finish` raises if it was not success,
+so a load that saw a corrupt file fails instead of returning.
+
+An agent that does not stream (it answers with a final ``complete`` line only)
+works too: every file becomes readable when that line arrives.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from client._transport import DEFAULT_TIMEOUT, AgentConnection, NDJSONStream
+from client.errors import AgentUnavailableError, WarmstartError
+
+OPEN_RETRIES = 5  # a partial file renamed to its blob between the agent's line and our open
+
+
+@dataclass
+class FileState:
+    """One file of the model as the agent last described it."""
+
+    path: str
+    size: int = 0
+    piece_size: int = 0
+    blob: str | None = None  # relative to the cache dir, once complete
+    partial: str | None = None  # relative to the cache dir, while filling
+    done: set[int] = field(default_factory=set)
+
+    def readable(self, start: int, end: int) -> bool:
+        """Whether bytes [start, end) are verified on disk."""
+        if self.blob is not None or end <= start:
+            return self.blob is not None or self.partial is not None
+        if self.partial is None or self.piece_size <= 0:
+            return False
+        first, last = start // self.piece_size, (end - 1) // self.piece_size
+        return all(i in self.done for i in range(first, last + 1))
+
+
+class ModelStream:
+    """The agent's open of one model, followed on a thread; thread-safe waits for readable bytes."""
+
+    def __init__(self, ref: str, socket: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.ref = ref
+        conn = AgentConnection(socket, timeout)
+        self.socket_path = conn.socket_path
+        self.where = f"agent at {conn.socket_path} (open {ref!r})"
+        # Sent here, so a dead agent, a bad reference or a missing model raise at the call.
+        self._lines: NDJSONStream = conn.stream("POST", "/v1/open", {"ref": ref, "stream": True})
+        self._cond = threading.Condition()
+        self.files: dict[str, FileState] = {}
+        self.cache_dir: str | None = None
+        self.complete: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+        self._listed = False  # the file list is known (a streaming head, or the complete line)
+        self._closed = False
+        try:
+            self._take(next(self._lines))  # the "resolved" head: the file list
+        except StopIteration:
+            raise AgentUnavailableError(f"{self.where}: the agent closed the answer before the file list") from None
+        except BaseException:
+            self._lines.close()
+            raise
+        self._thread = threading.Thread(target=self._follow, name="warmstart-open", daemon=True)
+        if self.complete is None:
+            self._thread.start()
+        else:
+            self._lines.close()
+
+    # -- the reader thread ------------------------------------------------------
+    def _follow(self) -> None:
+        try:
+            for line in self._lines:
+                with self._cond:
+                    self._take(line)
+                    self._cond.notify_all()
+                if line.get("event") == "complete":
+                    break
+            else:
+                raise AgentUnavailableError(f"{self.where}: the agent ended its answer before it completed")
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            with self._cond:
+                if not self._closed:
+                    self.error = exc
+                self._cond.notify_all()
+        finally:
+            self._lines.close()
+
+    def _take(self, line: dict[str, Any]) -> None:
+        event = line.get("event")
+        if event == "resolved":
+            self.cache_dir = os.environ.get("WARMSTART_CACHE_DIR") or line.get("cache_dir")
+            states = line.get("file_states")
+            if isinstance(states, list):
+                for state in states:
+                    self._update(state)
+                self._listed = True
+        elif event == "files":
+            for state in line.get("files") or []:
+                self._update(state)
+        elif event == "complete":
+            self.cache_dir = os.environ.get("WARMSTART_CACHE_DIR") or line.get("cache_dir")
+            files = line.get("files")
+            if not isinstance(files, list):
+                raise WarmstartError(f"{self.where}: the complete line lacks files: {line!r:.300}")
+            for f in files:
+                self._update(f)
+            self.complete = line
+            self._listed = True
+
+    def _update(self, state: Any) -> None:
+        if not (isinstance(state, dict) and isinstance(state.get("path"), str)):
+            raise WarmstartError(f"{self.where}: malformed file state {state!r:.200}")
+        f = self.files.setdefault(state["path"], FileState(state["path"]))
+        for name in ("size", "piece_size"):
+            if isinstance(state.get(name), int):
+                setattr(f, name, state[name])
+        if isinstance(state.get("blob"), str):
+            f.blob = state["blob"]
+        if isinstance(state.get("partial"), str):
+            f.partial = state["partial"]
+        done = state.get("done")
+        if isinstance(done, list):
+            f.done.update(i for i in done if isinstance(i, int))
+
+    # -- for the loading thread ------------------------------------------------
+    def names(self) -> list[str]:
+        """The model's file names (from an agent that does not stream: once it completed)."""
+        with self._cond:
+            while not self._listed:
+                if self.error is not None:
+                    raise self.error
+                self._cond.wait(1.0)
+            return list(self.files)
+
+    def wait_readable(self, path: str, start: int, end: int) -> FileState:
+        """Block until bytes [start, end) of model file ``path`` are verified; return its state."""
+        with self._cond:
+            while True:
+                f = self.files.get(path)
+                if f is not None and f.readable(start, end):
+                    return f
+                if self.error is not None:
+                    raise self.error
+                if self.complete is not None:
+                    raise WarmstartError(f"{self.where}: the model is complete but {path!r} is not readable")
+                if self._closed:
+                    raise WarmstartError(f"{self.where}: the stream was closed")
+                self._cond.wait(1.0)
+
+    def open(self, path: str) -> tuple[int, str]:
+        """A read-only descriptor of model file ``path`` as soon as it exists (partial or blob)."""
+        from client import _in_cache
+
+        for _ in range(OPEN_RETRIES):
+            f = self.wait_readable(path, 0, 0)
+            rel = f.blob or f.partial
+            with self._cond:
+                cache_dir = self.cache_dir
+            if not isinstance(cache_dir, str):
+                raise WarmstartError(f"{self.where}: the agent did not say where its cache is")
+            local = _in_cache(cache_dir, rel, f"{self.where}: file path")
+            try:
+                return os.open(local, os.O_RDONLY | os.O_CLOEXEC), local
+            except FileNotFoundError:
+                if f.blob is not None:
+                    raise WarmstartError(
+                        f"{self.where}: {path!r} is complete but {local} is missing; if this process sees the"
+                        f" node cache at another path than the agent, set WARMSTART_CACHE_DIR to it"
+                    ) from None
+                with self._cond:  # renamed to its blob just now: the next line names the blob
+                    if f.blob is None and self.error is None and self.complete is None:
+                        self._cond.wait(1.0)
+        raise WarmstartError(f"{self.where}: could not open {path!r}: it kept moving")
+
+    def finish(self) -> dict[str, Any]:
+        """Wait for the agent's verdict on the whole model; raise its error if it failed."""
+        with self._cond:
+            while self.complete is None and self.error is None:
+                self._cond.wait(1.0)
+            if self.error is not None:
+                raise self.error
+            return self.complete
+
+    def close(self) -> None:
+        """Stop following (the agent keeps fetching for whoever asks next)."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._lines.abort()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
