@@ -64,12 +64,51 @@ def hash_range(fd: int, offset: int, length: int) -> str:
     return h.hexdigest()
 
 
+class S3EtagHasher:
+    """The ETag S3 gives an object uploaded in parts of ``part_size`` (0: one part, plain MD5).
+
+    A multipart upload's ETag is ``md5(md5(part 1) + md5(part 2) + ...)-N``; to
+    recompute it the part size must be known (HeadObject with PartNumber=1, see
+    agent/origins/s3.py). Used to check bytes that came from peers against the
+    origin's own word when it has no sha256.
+    """
+
+    def __init__(self, part_size: int) -> None:
+        self.part_size = part_size
+        self.whole = hashlib.md5()  # noqa: S324 - S3's ETag, compared with the origin's
+        self.part = hashlib.md5()  # noqa: S324
+        self.in_part = 0
+        self.part_digests: list[bytes] = []
+
+    def update(self, data: Any) -> None:
+        if not self.part_size:
+            self.whole.update(data)
+            return
+        view = memoryview(data).cast("B")
+        while len(view):
+            take = min(len(view), self.part_size - self.in_part)
+            self.part.update(view[:take])
+            self.in_part += take
+            view = view[take:]
+            if self.in_part == self.part_size:
+                self.part_digests.append(self.part.digest())
+                self.part = hashlib.md5()  # noqa: S324
+                self.in_part = 0
+
+    def hexdigest(self) -> str:
+        if not self.part_size:
+            return self.whole.hexdigest()
+        parts = self.part_digests + ([self.part.digest()] if self.in_part else [])
+        return f"{hashlib.md5(b''.join(parts)).hexdigest()}-{len(parts)}"  # noqa: S324
+
+
 class WholeFileHasher:
     """xxh3-128 (always) plus the origin's own digests (when given) over a file, in order."""
 
-    def __init__(self, size: int, want_sha256: bool, want_git_sha1: bool) -> None:
+    def __init__(self, size: int, want_sha256: bool, want_git_sha1: bool, etag_part_size: int | None = None) -> None:
         self.size = size
         self.offset = 0
+        self.etag_part_size = etag_part_size
         self.hashers: dict[str, Any] = {"xxh128": xxhash.xxh3_128()}
         if want_sha256:
             self.hashers["sha256"] = hashlib.sha256()
@@ -77,6 +116,8 @@ class WholeFileHasher:
             git = hashlib.sha1()  # noqa: S324 - git's blob id, not a security boundary
             git.update(f"blob {size}\0".encode())
             self.hashers["git_sha1"] = git
+        if etag_part_size is not None:
+            self.hashers["s3_etag"] = S3EtagHasher(etag_part_size)
 
     def advance(self, fd: int, end: int) -> None:
         """Hash the file from where we stopped up to ``end``."""
@@ -227,6 +268,30 @@ class BlobFill:
                 {"size": self.entry.size, "piece_size": self.entry.piece_size, "done": self.done},
             )
         self._follow(blocking=False)
+
+    def reset_whole(self, etag_part_size: int | None = None) -> None:
+        """Start the whole-file digests again from byte 0 (optionally also the S3 ETag).
+
+        For a fill that takes pieces from peers: the ETag is only computed then,
+        and after the whole-file check failed and the peers' pieces were fetched
+        again from the origin, every digest is recomputed over the repaired file.
+        The next :meth:`_follow` catches up over what is already complete.
+        """
+        entry = self.entry
+        with self._whole_lock:
+            if etag_part_size is None:
+                etag_part_size = self._whole.etag_part_size
+            self._whole = WholeFileHasher(entry.size, bool(entry.sha256), bool(entry.git_sha1), etag_part_size)
+        self._follow(blocking=True)
+
+    def forget_piece(self, index: int) -> None:
+        """Drop a recorded piece (it will be fetched again); the whole-file hash must be reset after."""
+        with self._state_lock:
+            self.done.pop(index, None)
+            write_json_atomic(
+                self.state_path,
+                {"size": self.entry.size, "piece_size": self.entry.piece_size, "done": self.done},
+            )
 
     def _contiguous_end(self) -> int:
         index = self._whole.offset // self.entry.piece_size

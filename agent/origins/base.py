@@ -71,25 +71,40 @@ class HttpOrigin(Origin):
                     f"bytes {offset}-{offset + length - 1}/"
                 ):
                     raise TransientOriginError(f"unexpected Content-Range {resp.headers.get('Content-Range')!r}")
-                # readchunk() hands over the parser's buffers as they are (readexactly
-                # would join them: one more copy of every byte).
-                remaining = length
-                batch: list[bytes] = []
-                batched = 0
-                while remaining:
-                    chunk, _ = await resp.content.readchunk()
-                    if not chunk:
-                        raise TransientOriginError(f"{entry.path!r}: body ended {remaining} bytes early")
-                    if len(chunk) > remaining:
-                        raise TransientOriginError(f"{entry.path!r}: origin sent more bytes than the range holds")
-                    batch.append(chunk)
-                    batched += len(chunk)
-                    remaining -= len(chunk)
-                    if batched >= READ_BLOCK or len(batch) >= MAX_CHUNKS or not remaining:
-                        await sink(batch)
-                        batch, batched = [], 0
+                try:
+                    extra = await pump_body(resp.content, length, sink)
+                except EOFError as exc:
+                    raise TransientOriginError(f"{entry.path!r}: {exc}") from None
+                if extra:
+                    raise TransientOriginError(f"{entry.path!r}: origin sent more bytes than the range holds")
         except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
             raise TransientOriginError(f"{type(exc).__name__}: {exc}") from exc
+
+
+async def pump_body(content: aiohttp.StreamReader, length: int, sink: Sink) -> bytes:
+    """Hand the next ``length`` bytes of a body to ``sink`` in batches; return what came past them.
+
+    readchunk() hands over the parser's buffers as they are (readexactly would
+    join them: one more copy of every byte). EOFError when the body ends early.
+    """
+    remaining = length
+    extra = b""
+    batch: list[bytes] = []
+    batched = 0
+    while remaining:
+        chunk, _ = await content.readchunk()
+        if not chunk:
+            raise EOFError(f"body ended {remaining} bytes early")
+        if len(chunk) > remaining:
+            extra = chunk[remaining:]
+            chunk = chunk[:remaining]
+        batch.append(chunk)
+        batched += len(chunk)
+        remaining -= len(chunk)
+        if batched >= READ_BLOCK or len(batch) >= MAX_CHUNKS or not remaining:
+            await sink(batch)
+            batch, batched = [], 0
+    return extra
 
 
 async def _reason(resp: aiohttp.ClientResponse) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from typing import Any
 
@@ -38,6 +39,7 @@ class S3Origin(HttpOrigin):
         self._client: Any = None
         self._lock = asyncio.Lock()
         self._urls: dict[tuple[str, str], tuple[float, str]] = {}
+        self._part_sizes: dict[tuple[str, str, str], int | None] = {}
 
     async def client(self) -> Any:
         async with self._lock:
@@ -69,6 +71,35 @@ class S3Origin(HttpOrigin):
                 f"{revision}; use {ref.base}@{revision} or the bare reference"
             )
         return Manifest(ref=ref.base, origin="s3", revision=revision, files=files, resolved_at=time.time())
+
+    async def etag_part_size(self, entry: FileEntry) -> int | None:
+        """How to recompute this object's ETag: 0 for a plain MD5, the part size of a multipart upload.
+
+        None when the ETag cannot be recomputed (not an MD5 at all, e.g. SSE-KMS,
+        or parts of different sizes): then the origin offers no digest to check
+        bytes from peers against, and the fetcher takes such a file from the
+        origin only. The part size comes from HeadObject with PartNumber=1.
+        """
+        etag = entry.source.get("etag", "").strip('"').lower()
+        if re.fullmatch(r"[0-9a-f]{32}", etag):
+            return 0
+        m = re.fullmatch(r"[0-9a-f]{32}-([0-9]+)", etag)
+        if not m:
+            return None
+        key = (entry.source["bucket"], entry.source["key"], etag)
+        if key not in self._part_sizes:
+            s3 = await self.client()
+            try:
+                head = await asyncio.to_thread(
+                    s3.head_object, Bucket=key[0], Key=key[1], PartNumber=1, IfMatch=entry.source["etag"]
+                )
+                part, parts = int(head["ContentLength"]), int(head.get("PartsCount") or 0)
+            except (ClientError, BotoCoreError, KeyError, ValueError):
+                return None  # not cached: a passing failure should not rule peers out for good
+            count = int(m.group(1))
+            uniform = part > 0 and parts == count and -(-entry.size // part) == count
+            self._part_sizes[key] = part if uniform else None
+        return self._part_sizes[key]
 
     async def request_target(self, entry: FileEntry) -> tuple[str, dict[str, str]]:
         src = entry.source
