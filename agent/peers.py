@@ -1,0 +1,286 @@
+"""Peers: who else caches for this cluster, which of them answer, and who owns a piece.
+
+Placement is rendezvous (highest-random-weight) hashing: for piece ``index`` of
+the bytes named ``fill_key``, every member (peers and this node) gets the score
+``xxh3_64(f"{member}|{fill_key}|{index}")`` and the highest score owns the
+piece. Every node computes the same owner from the same member list without
+talking to anyone; when a member leaves only its own pieces move (each to its
+next-highest member), and the pieces spread evenly over the members.
+
+Members are named ``HOST:PORT`` exactly as they appear in ``--peers`` or as
+``--peer-dns`` resolves them (``IP:PORT``), so all nodes name each other the
+same way. This node's own name is ``--advertise``, or ``--listen`` when that
+is not a wildcard address, or the list entry that is an address of one of this
+host's interfaces with the listen port.
+
+Liveness: a background task pings every peer (short timeout) and re-resolves
+the DNS name now and then. A peer that fails a ping, or a request, drops out of
+placement until a ping succeeds again. A peer that sent bytes that did not
+match what it promised is *penalised*: left out for a while, longer each time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+
+import xxhash
+
+log = logging.getLogger(__name__)
+
+PROBE_INTERVAL = 2.0
+PENALTY_BASE = 30.0
+PENALTY_CAP = 600.0
+SUSPECT_LIMIT = 2  # consecutive slow answers before a peer is taken out of placement
+MAX_PEERS = 1024
+
+
+def rendezvous(members: Iterable[str], fill_key: str, index: int) -> list[str]:
+    """``members`` ordered by their score for piece ``index`` of ``fill_key``, owner first."""
+    return sorted(members, key=lambda m: (xxhash.xxh3_64_intdigest(f"{m}|{fill_key}|{index}".encode()), m), reverse=True)
+
+
+def split_hostport(addr: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); ValueError when it is neither."""
+    host, sep, port = addr.strip().rpartition(":")
+    if not sep or not port.isdigit() or not host or not 0 < int(port) < 65536:
+        raise ValueError(f"peer address must be HOST:PORT, got {addr!r}")
+    return host.strip("[]"), int(port)
+
+
+def join_hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def is_wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::", "[::]")
+
+
+@dataclass
+class Peer:
+    """What this node knows about one other member."""
+
+    addr: str
+    alive: bool = False
+    penalised_until: float = 0.0
+    strikes: int = 0
+    slow: int = 0
+    last_error: str = ""
+
+    def usable(self, now: float) -> bool:
+        return self.alive and now >= self.penalised_until
+
+    def to_json(self, now: float) -> dict[str, object]:
+        return {
+            "addr": self.addr,
+            "alive": self.alive,
+            "penalised_for_s": round(max(0.0, self.penalised_until - now), 1),
+            "strikes": self.strikes,
+            "last_error": self.last_error,
+        }
+
+
+def _local_address(ip: str) -> bool:
+    """Whether ``ip`` belongs to one of this host's interfaces (a socket can bind it)."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(ip).version == 6 else socket.AF_INET
+    except ValueError:
+        return False
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((ip, 0))
+        except OSError:
+            return False
+    return True
+
+
+class Membership:
+    """The member list, its liveness, and placement over it.
+
+    Touched only from the event loop. ``ping`` is the peer client's probe
+    (injected so this module stays free of HTTP).
+    """
+
+    def __init__(
+        self,
+        listen: str,
+        *,
+        static: Iterable[str] = (),
+        dns_name: str | None = None,
+        dns_interval: float = 10.0,
+        advertise: str | None = None,
+        probe_interval: float = PROBE_INTERVAL,
+    ) -> None:
+        host, self.port = split_hostport(listen)
+        self.listen = join_hostport(host, self.port)
+        self.self_addr: str | None = advertise.strip() if advertise else None
+        if self.self_addr is None and not is_wildcard(host):
+            self.self_addr = self.listen
+        if self.self_addr is not None:
+            split_hostport(self.self_addr)  # checked
+        self.static = [a.strip() for a in static if a.strip()]
+        for a in self.static:
+            split_hostport(a)
+        self.dns_name = dns_name
+        self.dns_interval = dns_interval
+        self.probe_interval = probe_interval
+        self.peers: dict[str, Peer] = {}
+        self._dns_at = 0.0
+
+    @property
+    def me(self) -> str:
+        """This node's name in placement (a stand-in until it is known: others then never pick it)."""
+        return self.self_addr or join_hostport(socket.gethostname(), self.port)
+
+    # -- membership ----------------------------------------------------------
+    async def _is_self(self, addr: str) -> bool:
+        if addr in (self.self_addr, self.listen):
+            return True
+        if self.self_addr is not None:
+            return False  # known exactly: nothing else is this node
+        host, port = split_hostport(addr)
+        if port != self.port:
+            return False
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), 5)
+        except (OSError, TimeoutError):
+            return False
+        ips = {info[4][0] for info in infos}
+        for ip in ips:
+            if await loop.run_in_executor(None, _local_address, ip):
+                return True
+        return False
+
+    async def set_members(self, addrs: Iterable[str]) -> None:
+        """Replace the member list (keeping what is known about those that stay); drop this node."""
+        wanted: list[str] = []
+        for addr in addrs:
+            if addr in wanted or len(wanted) >= MAX_PEERS:
+                continue
+            if await self._is_self(addr):
+                if self.self_addr is None:
+                    self.self_addr = addr
+                    log.info("this node is %s in the peer list", addr)
+                continue
+            wanted.append(addr)
+        added = [a for a in wanted if a not in self.peers]
+        gone = [a for a in self.peers if a not in wanted]
+        self.peers = {a: self.peers.get(a) or Peer(a) for a in wanted}
+        if added or gone:
+            log.info("peers: %d (+%s -%s)", len(self.peers), ",".join(added) or "0", ",".join(gone) or "0")
+
+    async def _resolve_dns(self) -> list[str]:
+        assert self.dns_name
+        loop = asyncio.get_running_loop()
+        infos = await asyncio.wait_for(loop.getaddrinfo(self.dns_name, self.port, type=socket.SOCK_STREAM), 10)
+        return sorted({join_hostport(str(info[4][0]), self.port) for info in infos})
+
+    async def refresh(self) -> None:
+        """Static list plus the DNS name's current addresses (when due)."""
+        found = list(self.static)
+        if self.dns_name:
+            try:
+                found += await self._resolve_dns()
+            except (OSError, TimeoutError) as exc:
+                log.warning("cannot resolve --peer-dns %s: %s (keeping the last answer)", self.dns_name, exc)
+                found += [a for a in self.peers if a not in found]
+            self._dns_at = time.monotonic()
+        await self.set_members(found)
+
+    # -- liveness ------------------------------------------------------------
+    def mark_up(self, addr: str) -> None:
+        peer = self.peers.get(addr)
+        if peer is not None:
+            if not peer.alive:
+                log.info("peer %s is up", addr)
+            peer.alive = True
+            peer.slow = 0
+
+    def mark_down(self, addr: str, why: str) -> None:
+        peer = self.peers.get(addr)
+        if peer is not None:
+            if peer.alive:
+                log.warning("peer %s is down: %s", addr, why)
+            peer.alive = False
+            peer.last_error = why
+
+    def mark_slow(self, addr: str, why: str) -> None:
+        """A hedged request gave up on it; a few in a row take it out of placement."""
+        peer = self.peers.get(addr)
+        if peer is not None:
+            peer.slow += 1
+            if peer.slow >= SUSPECT_LIMIT:
+                self.mark_down(addr, why)
+
+    def penalise(self, addr: str, why: str) -> None:
+        """It sent bytes that did not match what it promised: leave it out, longer each time."""
+        peer = self.peers.get(addr)
+        if peer is None:
+            return
+        peer.strikes += 1
+        span = min(PENALTY_CAP, PENALTY_BASE * 2 ** (peer.strikes - 1))
+        peer.penalised_until = time.monotonic() + span
+        peer.last_error = why
+        log.error("peer %s penalised for %.0fs (strike %d): %s", addr, span, peer.strikes, why)
+
+    async def run(self, ping: Callable[[str], Awaitable[None]]) -> None:
+        """Background task: refresh the list, ping every peer, forever."""
+        while True:
+            try:
+                if not self.peers or (self.dns_name and time.monotonic() - self._dns_at >= self.dns_interval):
+                    await self.refresh()
+                await asyncio.gather(*(self._probe(a, ping) for a in list(self.peers)))
+            except Exception:  # the loop must outlive any one bad round
+                log.exception("peer probe round failed")
+            await asyncio.sleep(self.probe_interval)
+
+    async def _probe(self, addr: str, ping: Callable[[str], Awaitable[None]]) -> None:
+        try:
+            await ping(addr)
+        except Exception as exc:
+            self.mark_down(addr, f"ping: {type(exc).__name__}: {exc}")
+        else:
+            self.mark_up(addr)
+
+    # -- placement -----------------------------------------------------------
+    def live(self) -> list[str]:
+        now = time.monotonic()
+        return [a for a, p in self.peers.items() if p.usable(now)]
+
+    def owners(self, fill_key: str, index: int) -> list[str]:
+        """Live members (this node included) ranked for the piece, owner first."""
+        return rendezvous([self.me, *self.live()], fill_key, index)
+
+    def candidates(self, fill_key: str, index: int, limit: int) -> list[str]:
+        """The peers to ask for a piece, in order: those ranked above this node, at most ``limit``.
+
+        Empty when this node owns the piece: then it fetches from the origin.
+        """
+        out = []
+        for addr in self.owners(fill_key, index):
+            if addr == self.me or len(out) >= limit:
+                break
+            out.append(addr)
+        return out
+
+    def snapshot(self) -> dict[str, object]:
+        now = time.monotonic()
+        return {"self": self.me, "peers": [p.to_json(now) for p in self.peers.values()]}
+
+
+def read_token(path: str) -> str:
+    """The shared peer token (a mounted Kubernetes Secret), stripped; ValueError if unusable."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read --peer-token-file {path}: {exc.strerror}") from None
+    if len(token) < 16:
+        raise ValueError(f"--peer-token-file {path} holds {len(token)} characters; use a random token of 16 or more")
+    return token
