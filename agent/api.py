@@ -19,6 +19,7 @@ from aiohttp import web
 
 from agent.manifest import Manifest
 from agent.models import ModelService, Progress
+from agent.peer_api import PeerState, add_peer_routes, peer_auth
 from agent.store import Store
 from client.errors import HTTP_STATUS, BadRequestError, WarmstartError
 
@@ -119,10 +120,16 @@ async def _stream(
     return resp
 
 
-async def _ensure_job(
-    request: web.Request, pin: bool | None, with_files: bool, with_snapshot: bool = False, stream: bool = False
+async def ensure_job(
+    request: web.Request,
+    pin: bool | None,
+    with_files: bool,
+    with_snapshot: bool = False,
+    stream: bool = False,
+    service: ModelService | None = None,
 ) -> web.StreamResponse:
-    service = request.app[SERVICE]
+    """Resolve the body's ref, make it whole, stream progress (the local API's and the peers' prefetch)."""
+    service = service or request.app[SERVICE]
     ref, manifest = await service.resolve(_ref_field(await _body(request)))
     progress = service.progress(manifest)
     started = time.monotonic()
@@ -197,6 +204,9 @@ class _FileStates:
         return [{"event": "files", "files": files}] if files else []
 
 
+read_body = _body
+
+
 def _flag(body: dict[str, Any], name: str) -> bool | None:
     value = body.get(name)
     if value is not None and not isinstance(value, bool):
@@ -205,14 +215,14 @@ def _flag(body: dict[str, Any], name: str) -> bool | None:
 
 
 async def prefetch(request: web.Request) -> web.StreamResponse:
-    return await _ensure_job(request, _flag(await _body(request), "pin"), with_files=False)
+    return await ensure_job(request, _flag(await _body(request), "pin"), with_files=False)
 
 
 async def open_model(request: web.Request) -> web.StreamResponse:
     body = await _body(request)
     snapshot = bool(_flag(body, "snapshot"))
     stream = bool(_flag(body, "stream"))
-    return await _ensure_job(request, None, with_files=True, with_snapshot=snapshot, stream=stream)
+    return await ensure_job(request, None, with_files=True, with_snapshot=snapshot, stream=stream)
 
 
 async def resolve(request: web.Request) -> web.Response:
@@ -247,9 +257,85 @@ async def verify(request: web.Request) -> web.StreamResponse:
     return await _stream(request, service.progress(manifest), service.verify(ref, manifest), head)
 
 
+async def stats(request: web.Request) -> web.Response:
+    """Byte counters (origin vs peers) and what this node knows of its peers."""
+    service = request.app[SERVICE]
+    out: dict[str, Any] = dict(service.fetcher.stats())
+    peers = service.fetcher.peers
+    out.update(peers.snapshot() if peers is not None else {"self": None, "peers": []})
+    return web.json_response(out)
+
+
+async def prefetch_all(request: web.Request) -> web.StreamResponse:
+    """``agent prefetch --all-nodes``: this node and every live peer prefetch the same revision.
+
+    The reference is resolved here first (so every node gets the same
+    revision, and a bad reference fails once); each node then resolves it
+    itself. A ``node`` line is sent as each node finishes or fails; the others go on.
+    """
+    service = request.app[SERVICE]
+    body = await _body(request)
+    pin = _flag(body, "pin")
+    ref, manifest = await service.resolve(_ref_field(body))
+    pinned_ref = f"{ref.base}@{manifest.revision}"
+    membership, client = service.fetcher.peers, service.fetcher.peer_client
+    nodes = [membership.me] if membership is not None else ["self"]
+    peers = membership.live() if membership is not None else []
+    skipped = [a for a in (membership.peers if membership is not None else {}) if a not in peers]
+    results: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []
+
+    def record(line: dict[str, Any]) -> None:
+        results.append(line)
+        pending.append({"event": "node", **line})
+
+    async def here() -> None:
+        started = time.monotonic()
+        try:
+            await service.ensure(ref, manifest, pin)
+            record({"node": nodes[0], "status": "complete", "seconds": round(time.monotonic() - started, 3)})
+        except WarmstartError as exc:
+            record({"node": nodes[0], "status": "error", "message": str(exc)})
+
+    async def there(addr: str) -> None:
+        assert client is not None
+        started = time.monotonic()
+        try:
+            last: dict[str, Any] = {}
+            async for line in client.prefetch(addr, pinned_ref, pin):
+                last = line
+                if line.get("event") in ("complete", "error"):
+                    break
+            if last.get("event") == "complete":
+                record({"node": addr, "status": "complete", "seconds": round(time.monotonic() - started, 3)})
+            else:
+                err = last.get("error") or {}
+                message = err.get("message") if isinstance(err, dict) else None
+                record({"node": addr, "status": "error", "message": message or "no complete line"})
+        except Exception as exc:  # one node failing never stops the others
+            record({"node": addr, "status": "error", "message": f"{type(exc).__name__}: {exc}"})
+
+    async def job() -> dict[str, Any]:
+        await asyncio.gather(here(), *(there(a) for a in peers))
+        failed = [r["node"] for r in results if r["status"] != "complete"]
+        return {"ref": ref.base, "revision": manifest.revision, "nodes": results, "failed": failed,
+                "skipped": skipped}
+
+    def updates() -> list[dict[str, Any]]:
+        out = list(pending)
+        pending.clear()
+        return out
+
+    head = {"event": "resolved", "ref": ref.base, "revision": manifest.revision, "total_bytes": manifest.total_size,
+            "files": len(manifest.files), "nodes": nodes + peers, "skipped": skipped}
+    return await _stream(request, None, job(), head, updates)
+
+
 def local_app(service: ModelService) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY)
     app[SERVICE] = service
+    app.router.add_get("/v1/stats", stats)
+    app.router.add_post("/v1/prefetch-all", prefetch_all)
     app.router.add_post("/v1/resolve", resolve)
     app.router.add_post("/v1/prefetch", prefetch)
     app.router.add_post("/v1/open", open_model)
@@ -269,10 +355,11 @@ async def readyz(request: web.Request) -> web.Response:
     return web.Response(text="store not open yet\n", status=503)
 
 
-def node_app(ready: dict[str, bool]) -> web.Application:
-    """The TCP face: health now; metrics and the peer API join it later."""
-    app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY)
+def node_app(ready: dict[str, bool], peer: PeerState | None = None) -> web.Application:
+    """The TCP face: health, and the peer API (agent/peer_api.py; 404 unless a peer token is set)."""
+    app = web.Application(middlewares=[errors_middleware, peer_auth], client_max_size=MAX_BODY)
     app[READY] = ready
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
+    add_peer_routes(app, peer or PeerState(None))
     return app

@@ -24,6 +24,8 @@ from agent.config import (
     DEFAULT_CAPACITY,
     DEFAULT_CONNECTIONS,
     DEFAULT_LISTEN,
+    DEFAULT_PEER_DNS_INTERVAL,
+    DEFAULT_PEER_HEDGE_TIMEOUT,
     DEFAULT_SOCKET,
     AgentConfig,
 )
@@ -51,6 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--piece-size", default=_env("WARMSTART_PIECE_SIZE", str(DEFAULT_PIECE_SIZE)))
     s.add_argument("--connections", type=int, default=int(_env("WARMSTART_CONNECTIONS", str(DEFAULT_CONNECTIONS))))
     s.add_argument("--log-level", default=_env("WARMSTART_LOG_LEVEL", "INFO"))
+    s.add_argument("--peers", default=_env("WARMSTART_PEERS", ""),
+                   help="static peer list HOST:PORT,... (this node's own address is ignored)")
+    s.add_argument("--peer-dns", default=_env("WARMSTART_PEER_DNS", "") or None,
+                   help="DNS name listing the peers (a Kubernetes headless Service); port = --listen's")
+    s.add_argument("--peer-dns-interval", type=float,
+                   default=float(_env("WARMSTART_PEER_DNS_INTERVAL", str(DEFAULT_PEER_DNS_INTERVAL))))
+    s.add_argument("--peer-token-file", default=_env("WARMSTART_PEER_TOKEN_FILE", "") or None,
+                   help="file with the shared peer token (a mounted Secret); peers are off without it")
+    s.add_argument("--advertise", default=_env("WARMSTART_ADVERTISE", "") or None,
+                   help="HOST:PORT other nodes know this one by (default: --listen unless it is 0.0.0.0)")
+    s.add_argument("--peer-hedge-timeout", type=float,
+                   default=float(_env("WARMSTART_PEER_HEDGE_TIMEOUT", str(DEFAULT_PEER_HEDGE_TIMEOUT))),
+                   help="seconds to wait for a peer's answer before asking the next owner")
 
     def with_socket(name: str, help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
@@ -60,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = with_socket("prefetch", "fetch a model into this node's cache")
     c.add_argument("ref")
     c.add_argument("--pin", action="store_true", help="never evict it for capacity")
+    c.add_argument("--all-nodes", action="store_true", help="also on every live peer (before a scale-up)")
+    c = with_socket("stats", "byte counters (origin, peers) and peer states")
+    c.add_argument("--json", action="store_true")
     c = with_socket("ls", "list cached models")
     c.add_argument("--json", action="store_true")
     c = with_socket("evict", "unpin a model and delete its blobs")
@@ -75,8 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         conn = AgentConnection(args.socket)
+        if args.command == "prefetch" and args.all_nodes:
+            return _prefetch_all(conn, args.ref, args.pin, sys.stderr)
         if args.command == "prefetch":
             return _prefetch(conn, args.ref, args.pin, sys.stderr)
+        if args.command == "stats":
+            return _stats(conn, args.json)
         if args.command == "ls":
             return _ls(conn, args.json)
         if args.command == "evict":
@@ -109,6 +131,17 @@ def _serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--piece-size must be between {format_size(MIN_PIECE_SIZE)} and {format_size(MAX_PIECE_SIZE)}")
         if args.connections < 1:
             raise ValueError("--connections must be at least 1")
+        peers = tuple(a.strip() for a in args.peers.split(",") if a.strip())
+        if (peers or args.peer_dns) and not args.peer_token_file:
+            raise ValueError("--peers/--peer-dns need --peer-token-file (the shared token peers authenticate with)")
+        if args.peer_token_file:
+            from agent.peers import read_token, split_hostport
+
+            read_token(args.peer_token_file)
+            for addr in peers + ((args.advertise,) if args.advertise else ()):
+                split_hostport(addr)
+        if args.peer_hedge_timeout <= 0 or args.peer_dns_interval <= 0:
+            raise ValueError("--peer-hedge-timeout and --peer-dns-interval must be positive")
         config = AgentConfig(
             cache_dir=args.cache_dir,
             socket=args.socket,
@@ -116,6 +149,12 @@ def _serve(args: argparse.Namespace) -> int:
             capacity=parse_size(args.capacity),
             piece_size=piece_size,
             connections=args.connections,
+            peers=peers,
+            peer_dns=args.peer_dns,
+            peer_dns_interval=args.peer_dns_interval,
+            peer_token_file=args.peer_token_file,
+            advertise=args.advertise,
+            peer_hedge_timeout=args.peer_hedge_timeout,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -145,6 +184,62 @@ def _prefetch(conn: AgentConnection, ref: str, pin: bool, out: TextIO) -> int:
         f"{result['ref']}@{result['revision']}: {format_size(result['total_bytes'])} in cache ({how})"
         + (", pinned" if pin else "")
     )
+    return 0
+
+
+def _prefetch_all(conn: AgentConnection, ref: str, pin: bool, out: TextIO) -> int:
+    """One line per node as it finishes; exit 1 if any node failed (the others still finished)."""
+    result: dict[str, Any] | None = None
+    shown: set[str] = set()
+
+    def show(node: dict[str, Any]) -> None:
+        shown.add(node["node"])
+        if node.get("status") == "complete":
+            print(f"{node['node']}: complete in {node.get('seconds', 0):.1f}s", flush=True)
+        else:
+            print(f"{node['node']}: error: {node.get('message')}", flush=True)
+
+    for line in conn.stream("POST", "/v1/prefetch-all", {"ref": ref, "pin": pin}):
+        event = line.get("event")
+        if event == "resolved":
+            out.write(f"{line.get('ref')}@{line.get('revision')}: {format_size(line.get('total_bytes', 0))} "
+                      f"on {len(line.get('nodes', []))} nodes\n")
+            for addr in line.get("skipped", []):
+                print(f"{addr}: skipped (not answering)")
+        elif event == "node":
+            show(line)
+        elif event == "error":
+            raise WarmstartError(str((line.get("error") or {}).get("message", "prefetch failed")))
+        elif event == "complete":
+            result = line
+            for node in line.get("nodes", []):
+                if node["node"] not in shown:
+                    show(node)
+        out.flush()
+    if result is None:
+        raise WarmstartError("the agent closed the stream before the operation completed")
+    if result.get("failed"):
+        print(f"error: {len(result['failed'])} node(s) failed: {', '.join(result['failed'])}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _stats(conn: AgentConnection, as_json: bool) -> int:
+    data = conn.request_json("GET", "/v1/stats")
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"origin bytes         {format_size(data['origin_bytes'])}")
+    print(f"peer bytes received  {format_size(data['peer_bytes_received'])}")
+    print(f"peer bytes served    {format_size(data['peer_bytes_served'])}")
+    print(f"peer pieces rejected {data['peer_pieces_rejected']}")
+    if data.get("self"):
+        print(f"this node            {data['self']}")
+    for p in data.get("peers", []):
+        state = "up" if p["alive"] else "down"
+        if p["penalised_for_s"]:
+            state += f", penalised {p['penalised_for_s']:.0f}s more"
+        print(f"peer {p['addr']}: {state}")
     return 0
 
 

@@ -17,6 +17,8 @@ DEFAULT_CAPACITY = "100GiB"
 DEFAULT_CONNECTIONS = 8
 DEFAULT_RETRIES = 6
 DEFAULT_READ_TIMEOUT = 30.0
+DEFAULT_PEER_DNS_INTERVAL = 10.0
+DEFAULT_PEER_HEDGE_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -32,3 +34,10 @@ class AgentConfig:
     retries: int = DEFAULT_RETRIES
     read_timeout: float = DEFAULT_READ_TIMEOUT
     socket_mode: int = 0o660
+    # Peers (agent/peers.py): off unless a token file is given.
+    peers: tuple[str, ...] = ()
+    peer_dns: str | None = None
+    peer_dns_interval: float = DEFAULT_PEER_DNS_INTERVAL
+    peer_token_file: str | None = None
+    advertise: str | None = None
+    peer_hedge_timeout: float = DEFAULT_PEER_HEDGE_TIMEOUT

@@ -18,6 +18,9 @@ from agent.config import AgentConfig
 from agent.fetcher import Fetcher
 from agent.models import ModelService
 from agent.origins import Origins
+from agent.peer_api import PeerState
+from agent.peer_client import PeerClient
+from agent.peers import Membership, read_token
 from agent.store import Store
 from agent.units import format_size
 
@@ -48,12 +51,44 @@ def _prepare_socket_path(path: str) -> None:
         probe.close()
 
 
+def _start_peers(
+    config: AgentConfig, fetcher: Fetcher, peer_state: PeerState
+) -> tuple[aiohttp.ClientSession, asyncio.Task[None] | None]:
+    """Membership, its probe task and the peer client; the fetcher asks peers from now on."""
+    assert peer_state.token is not None
+    membership = Membership(
+        config.listen,
+        static=config.peers,
+        dns_name=config.peer_dns,
+        dns_interval=config.peer_dns_interval,
+        advertise=config.advertise,
+    )
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=64, ttl_dns_cache=10),
+        auto_decompress=False,
+        read_bufsize=4 * 1024 * 1024,
+    )
+    client = PeerClient(session, peer_state.token.decode(), config.peer_hedge_timeout, config.read_timeout)
+    fetcher.peers = membership
+    fetcher.peer_client = client
+    peer_state.membership = membership
+    task = None
+    if config.peers or config.peer_dns:
+        task = asyncio.create_task(membership.run(client.ping), name="peers")
+        log.info("peers: %s%s; this node is %s", ",".join(config.peers) or "-",
+                 f" + DNS {config.peer_dns}" if config.peer_dns else "", membership.me)
+    else:
+        log.info("peer API on (token set) but no --peers/--peer-dns: serving peers only")
+    return session, task
+
+
 async def serve(config: AgentConfig) -> None:
     host, port = split_listen(config.listen)
     pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="warmstart-io")
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=8, thread_name_prefix="warmstart"))
     ready = {"store": False}
-    node_runner = web.AppRunner(node_app(ready), access_log=None)
+    peer_state = PeerState(read_token(config.peer_token_file) if config.peer_token_file else None)
+    node_runner = web.AppRunner(node_app(ready, peer_state), access_log=None)
     await node_runner.setup()
     await web.TCPSite(node_runner, host, port).start()
     log.info("health on http://%s:%d (/livez, /readyz)", host, port)
@@ -69,6 +104,10 @@ async def serve(config: AgentConfig) -> None:
     origins = Origins(session, pool)
     fetcher = Fetcher(store, config.connections, config.retries)
     service = ModelService(store, fetcher, origins, config.piece_size)
+    peer_session, membership_task = None, None
+    if peer_state.token is not None:
+        peer_session, membership_task = _start_peers(config, fetcher, peer_state)
+        peer_state.service = service
 
     _prepare_socket_path(config.socket)
     local_runner = web.AppRunner(local_app(service), access_log=None)
@@ -102,6 +141,10 @@ async def serve(config: AgentConfig) -> None:
             await asyncio.gather(*(f.task for f in fetcher.flights.values() if f.task), return_exceptions=True)
         syncer.cancel()
         warm_up.cancel()
+        if membership_task is not None:
+            membership_task.cancel()
+        if peer_session is not None:
+            await peer_session.close()
         await store.sync()
         await session.close()
         pool.shutdown(wait=True)

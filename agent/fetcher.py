@@ -1,15 +1,26 @@
-"""Fill missing blobs from an origin: parallel pieces, retries, one flight per blob.
+"""Fill missing blobs: parallel pieces from peers or the origin, retries, one flight per blob.
 
-Every piece is one range request. Up to ``connections`` requests run at once
-across the whole agent; waiting pieces are admitted in the order their files
-were asked for, then piece order (agent/slots.py), so the front of a model
-lands first. A piece streams into its place in the partial file with
+Every piece is one range request. Up to ``connections`` origin requests run at
+once across the whole agent; waiting pieces are admitted in the order their
+files were asked for, then piece order (agent/slots.py), so the front of a
+model lands first. A piece streams into its place in the partial file with
 positional writes while it is hashed (xxh3-128); it is recorded only when all
 of it arrived and, if the manifest already knows its hash, matched. Transient
 failures retry with exponential backoff and full jitter, a bounded number of
 times; what was verified stays for the next attempt or the next process.
 
-Concurrent requests for the same blob (same fill key) share one flight.
+Concurrent requests for the same blob (same fill key) share one flight, and
+every piece has one fetch at a time however many ask for it: this node's own
+flight and peers asking for the piece (agent/peer_api.py) wait on the same one.
+
+Piece sources (with peers configured, agent/peers.py): a piece that another
+live member owns by rendezvous order is asked of that owner first, then the
+next, finally fetched from the origin; a piece this node owns comes from the
+origin. Trust: a peer's piece must match the hash the peer states for it, and
+the whole file must match the origin's own digest (sha256, git blob id or the
+S3 ETag) before it is published; a file whose origin gives no such digest is
+never taken from peers. Peer pieces are not shown to streaming readers
+(``Flight.done_pieces``) before that check passed.
 """
 
 from __future__ import annotations
@@ -20,20 +31,38 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import xxhash
 
 from agent.fill import BlobFill
 from agent.manifest import FileEntry
 from agent.origins import Origin, TransientOriginError
+from agent.peer_client import PeerDownError, PeerError, PeerLiedError, PeerSlowError, PieceRequest
 from agent.slots import OrderedSlots
 from agent.store import Store
 from client.errors import FetchFailedError, IntegrityError
+
+if TYPE_CHECKING:
+    from agent.peer_client import PeerClient
+    from agent.peers import Membership
 
 log = logging.getLogger(__name__)
 
 BACKOFF_BASE = 0.2
 BACKOFF_CAP = 8.0
+PEER_TRIES = 2  # owners asked for a piece before the origin
+FILL_LINGER = 30.0  # seconds an idle partial file stays open for peers asking for more of it
+PEER_SCHEMES = ("s3", "hf", "https")  # origins whose references peers may name (never a node's local files)
+
+
+@dataclass(frozen=True)
+class PeerContext:
+    """Where a flight's bytes come from, as a peer must be told to check it itself."""
+
+    ref: str  # the reference's base, e.g. s3://bucket/prefix
+    revision: str
+    scheme: str
 
 
 @dataclass
@@ -48,8 +77,69 @@ class Flight:
     order: int = 0
     # Readable while filling (for clients that stream): the partial file and its
     # verified pieces, kept on the event loop's side so the API can read them safely.
+    # Pieces from peers join only when the whole file checked out (at commit).
     partial: str | None = None
     done_pieces: set[int] = field(default_factory=set)
+    ctx: PeerContext | None = None
+    use_peers: bool = False
+    peer_pieces: dict[int, str] = field(default_factory=dict)  # index -> the peer that sent it
+
+
+class Signal:
+    """A broadcast wake-up: :meth:`wake` releases everyone waiting now; :meth:`wait` has a timeout."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def wake(self) -> None:
+        self._event.set()
+        self._event = asyncio.Event()
+
+    async def wait(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+        except TimeoutError:
+            pass
+
+
+class PieceStream(Signal):
+    """An origin fetch of one piece in progress, for readers that pass the bytes on as they land.
+
+    ``written`` is how many bytes from the piece's start are in the file;
+    ``attempt`` changes when a try failed and the piece starts over (a reader
+    that already sent bytes of the failed try gives up); ``digest`` is set once
+    the piece is recorded, ``failed`` when it never will be.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = 0
+        self.attempt = 0
+        self.digest: str | None = None
+        self.failed = False
+
+
+class OpenFill:
+    """A partial file open in this process: the one BlobFill its users (flight, peers) share."""
+
+    def __init__(self, fill: BlobFill) -> None:
+        self.fill = fill
+        self.users = 0
+        self.closed = False
+        self.tasks: dict[int, asyncio.Task[None]] = {}  # one fetch per piece
+        self.streams: dict[int, PieceStream] = {}  # pieces being fetched from the origin
+        self.linger: asyncio.TimerHandle | None = None
+
+
+@dataclass
+class ServedPiece:
+    """How to answer a peer for one piece: bytes of ``path`` at ``offset``, hash now or when ``stream`` ends."""
+
+    path: str
+    offset: int
+    length: int
+    digest: str | None
+    stream: PieceStream | None = None
 
 
 class Fetcher:
@@ -57,24 +147,40 @@ class Fetcher:
         self.store = store
         self.retries = retries
         self._slots = OrderedSlots(connections)
+        self._peer_slots = OrderedSlots(connections)
         self._order = itertools.count()  # flights in the order they were asked for (file order)
         self.flights: dict[str, Flight] = {}
+        self._fills: dict[str, OpenFill] = {}
+        self._opening: dict[str, asyncio.Task[OpenFill]] = {}
+        self._meta_pieces: dict[str, list[str]] = {}
+        self._closing: set[asyncio.Future[None]] = set()
+        self.peers: Membership | None = None
+        self.peer_client: PeerClient | None = None
         self.origin_bytes = 0
-        self._changed = asyncio.Event()
+        self.peer_bytes_received = 0
+        self.peer_bytes_served = 0
+        self.peer_pieces_rejected = 0
+        self._changed = Signal()
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "origin_bytes": self.origin_bytes,
+            "peer_bytes_received": self.peer_bytes_received,
+            "peer_bytes_served": self.peer_bytes_served,
+            "peer_pieces_rejected": self.peer_pieces_rejected,
+        }
 
     def _notify(self) -> None:
         """Wake everyone waiting in :meth:`wait_change` (a piece or a blob completed)."""
-        self._changed.set()
-        self._changed = asyncio.Event()
+        self._changed.wake()
 
     async def wait_change(self, timeout: float) -> None:
         """Return when a piece or a blob completes anywhere, or after ``timeout`` seconds."""
-        try:
-            await asyncio.wait_for(self._changed.wait(), timeout)
-        except TimeoutError:
-            pass
+        await self._changed.wait(timeout)
 
-    async def ensure_blob(self, entry: FileEntry, origin: Origin, protect: set[str]) -> str:
+    async def ensure_blob(
+        self, entry: FileEntry, origin: Origin, protect: set[str], ctx: PeerContext | None = None
+    ) -> str:
         """Make ``entry``'s bytes a complete blob in the store; return its digest."""
         digest = self.store.digest_of(entry)
         if digest is not None:
@@ -82,7 +188,7 @@ class Fetcher:
             return digest
         flight = self.flights.get(entry.fill_key)
         if flight is None:
-            flight = Flight(entry, order=next(self._order))
+            flight = Flight(entry, order=next(self._order), ctx=ctx)
             flight.task = asyncio.create_task(self._fill(flight, origin, protect), name=f"fill {entry.path}")
             self.flights[entry.fill_key] = flight
             flight.task.add_done_callback(lambda _t, k=entry.fill_key: self.flights.pop(k, None))
@@ -92,67 +198,363 @@ class Fetcher:
         entry.pieces = flight.entry.pieces
         return digest
 
+    # -- the partial files open in this process -----------------------------
+    async def _acquire(self, entry: FileEntry, protect: set[str]) -> OpenFill:
+        key = entry.fill_key
+        h = self._fills.get(key)
+        if h is None:
+            opening = self._opening.get(key)
+            if opening is None:
+                opening = asyncio.create_task(self._open_fill(entry, protect), name=f"open {entry.path}")
+                self._opening[key] = opening
+                opening.add_done_callback(lambda _t: self._opening.pop(key, None))
+            h = await asyncio.shield(opening)
+        h.users += 1
+        if h.linger is not None:
+            h.linger.cancel()
+            h.linger = None
+        return h
+
+    async def _open_fill(self, entry: FileEntry, protect: set[str]) -> OpenFill:
+        fill, _ = await self.store.begin_fill(entry, protect)
+        h = OpenFill(fill)
+        self._fills[entry.fill_key] = h
+        return h
+
+    def _release(self, h: OpenFill, close: bool = False) -> None:
+        """One user less; an unused partial stays open a while (peers tend to ask for more of it).
+
+        With ``close`` (a fill that failed) it is closed at once if nobody else
+        uses it, as before peers: a new attempt re-opens it and re-hashes its
+        recorded pieces.
+        """
+        h.users -= 1
+        if h.users == 0 and not h.closed and close and not h.tasks:
+            self._retire(h)
+            closing = asyncio.ensure_future(self.store.abandon_fill(h.fill))
+            self._closing.add(closing)  # held until done: the loop keeps only weak references to tasks
+            closing.add_done_callback(self._closing.discard)
+        elif h.users == 0 and not h.closed:
+            h.linger = asyncio.get_running_loop().call_later(FILL_LINGER, self._close_later, h)
+
+    def _close_later(self, h: OpenFill) -> None:
+        closing = asyncio.ensure_future(self._close_idle(h))
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def _close_idle(self, h: OpenFill) -> None:
+        if h.users or h.closed or h.tasks:
+            return
+        h.closed = True
+        if self._fills.get(h.fill.key) is h:
+            del self._fills[h.fill.key]
+        await self.store.abandon_fill(h.fill)
+
+    def _retire(self, h: OpenFill) -> None:
+        """The fill was published or discarded: its file handle is no longer ours to share."""
+        h.closed = True
+        if self._fills.get(h.fill.key) is h:
+            del self._fills[h.fill.key]
+
+    # -- one blob ------------------------------------------------------------
     async def _fill(self, flight: Flight, origin: Origin, protect: set[str]) -> str:
         entry = flight.entry
-        fill, have = await self.store.begin_fill(entry, protect)
-        flight.done_bytes = have
-        flight.done_pieces = set(fill.done)
-        flight.partial = self.store.relative(fill.path)
-        self._notify()
+        h = await self._acquire(entry, protect)
+        fill = h.fill
         try:
+            flight.done_pieces = set(fill.done)
+            flight.done_bytes = sum(entry.piece_range(i)[1] for i in fill.done)
+            flight.partial = self.store.relative(fill.path)
+            self._notify()
+            flight.use_peers = await self._peers_allowed(flight, fill, origin)
             try:
                 async with asyncio.TaskGroup() as tg:
                     for index in fill.missing():
-                        tg.create_task(self._fetch_piece(fill, index, origin, flight))
+                        tg.create_task(self._piece(h, index, origin, flight))
             except BaseExceptionGroup as group:
                 raise first_error(group) from None
-            digest = await self.store.finish_fill(fill, lambda d: _check_whole(entry, d))
+            digest = await self._finish(h, flight, origin)
         except BaseException:
-            await self.store.abandon_fill(fill)
             self._notify()
+            self._release(h, close=True)  # the next try opens it again, re-checking recorded pieces
             raise
+        self._release(h)
         self._notify()
         log.info(
-            "filled %s (%d bytes, %d from origin) in %.2fs",
-            entry.path, entry.size, flight.fetched_bytes, time.monotonic() - flight.started,
+            "filled %s (%d bytes, %d from origin, %d pieces from peers) in %.2fs",
+            entry.path, entry.size, flight.fetched_bytes, len(flight.peer_pieces), time.monotonic() - flight.started,
         )
         return digest
 
-    async def _fetch_piece(self, fill: BlobFill, index: int, origin: Origin, flight: Flight) -> None:
-        offset, length = fill.entry.piece_range(index)
-        last: Exception | None = None
-        for attempt in range(self.retries):
-            if attempt:
-                await asyncio.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
-            hasher = xxhash.xxh3_128()
-            pos = offset
+    async def _peers_allowed(self, flight: Flight, fill: BlobFill, origin: Origin) -> bool:
+        """Whether this blob may take pieces from peers: only when the origin's own digest can check them."""
+        if self.peers is None or not self.peers.peers or flight.ctx is None or flight.ctx.scheme not in PEER_SCHEMES:
+            return False
+        entry = flight.entry
+        if entry.sha256 or entry.git_sha1:
+            return True
+        part_size = None
+        etag_part_size = getattr(origin, "etag_part_size", None)
+        if etag_part_size is not None:
+            part_size = await etag_part_size(entry)
+        if part_size is None:
+            log.info("%s: the origin gives no digest to check peers' bytes against; fetching it from the origin only",
+                     entry.path)
+            return False
+        await self.store.run(fill.reset_whole, part_size)
+        return True
 
-            async def sink(chunks: list[bytes]) -> None:
-                nonlocal pos
-                n = await self.store.run(_write_and_hash, fill, pos, chunks, hasher)
-                pos += n
-                flight.done_bytes += n
-                flight.fetched_bytes += n
-                self.origin_bytes += n
+    async def _finish(self, h: OpenFill, flight: Flight, origin: Origin) -> str:
+        """Publish the blob once its whole-file digests match the origin's.
 
-            async with self._slots.hold((flight.order, index)):
+        If pieces came from peers and the file does not match, it is not thrown
+        away: those pieces are fetched again from the origin, peers whose piece
+        differed are penalised, and the repaired file is checked again.
+        """
+        entry, fill = flight.entry, h.fill
+        try:
+            if flight.peer_pieces:
                 try:
-                    if length:
-                        await origin.read_range(fill.entry, offset, length, sink)
-                    await self.store.run(fill.record_piece, index, hasher.hexdigest())
-                    flight.done_pieces.add(index)
-                    self._notify()
-                    return
-                except (TransientOriginError, IntegrityError) as exc:
-                    last = exc
-                    flight.done_bytes -= pos - offset
-                    log.warning(
-                        "piece %d of %s failed (attempt %d/%d): %s",
-                        index, fill.entry.path, attempt + 1, self.retries, exc,
-                    )
-        raise FetchFailedError(
-            f"{fill.entry.path!r}: piece {index} failed {self.retries} times, last: {last}"
-        )
+                    digest = await self.store.finish_fill(fill, lambda d: _check_whole(entry, d, _PeerDataSuspect))
+                except _PeerDataSuspect as exc:
+                    log.error("%s does not match the origin's digest with %d pieces from peers (%s); "
+                              "fetching those again from the origin", entry.path, len(flight.peer_pieces), exc)
+                    await self._repair_from_origin(h, flight, origin)
+                    digest = await self.store.finish_fill(fill, lambda d: _check_whole(entry, d, IntegrityError))
+            else:
+                digest = await self.store.finish_fill(fill, lambda d: _check_whole(entry, d, IntegrityError))
+        except IntegrityError:
+            self._retire(h)  # finish() discarded the partial file
+            raise
+        self._retire(h)
+        flight.done_pieces.update(range(entry.piece_count))  # peer pieces show only now, checked
+        return digest
+
+    async def _repair_from_origin(self, h: OpenFill, flight: Flight, origin: Origin) -> None:
+        fill = h.fill
+        sent = dict(flight.peer_pieces)
+        flight.peer_pieces.clear()
+        before = {i: fill.done[i] for i in sent if i in fill.done}
+        for index in sent:
+            await self.store.run(fill.forget_piece, index)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for index in sent:
+                    tg.create_task(self._origin_piece(h, index, origin, None))
+        except BaseExceptionGroup as group:
+            raise first_error(group) from None
+        for index, addr in sent.items():
+            if fill.done.get(index) != before.get(index):
+                self.peer_pieces_rejected += 1
+                if self.peers is not None:
+                    self.peers.penalise(addr, f"piece {index} of {flight.entry.path} differed from the origin's")
+        await self.store.run(fill.reset_whole, None)
+
+    # -- one piece -----------------------------------------------------------
+    async def _piece(self, h: OpenFill, index: int, origin: Origin, flight: Flight) -> None:
+        """Get piece ``index`` into the file: join a fetch already running for it, or start one."""
+        for _ in range(2):
+            if index in h.fill.done:
+                break
+            running = h.tasks.get(index)
+            if running is None:
+                break
+            try:
+                await asyncio.shield(running)
+            except Exception:
+                pass  # whoever started it failed; try it ourselves
+        if index in h.fill.done:  # fetched from the origin for a peer that asked first
+            if index not in flight.done_pieces:
+                flight.done_pieces.add(index)
+                flight.done_bytes += flight.entry.piece_range(index)[1]
+            self._notify()
+            return
+        peers: list[str] = []
+        if flight.use_peers and self.peers is not None:
+            peers = self.peers.candidates(flight.entry.fill_key, index, PEER_TRIES)
+        if peers:
+            task = asyncio.create_task(self._get_piece(h, index, origin, flight, peers))
+        else:
+            # Announced now, not when the task first runs: a peer asking for this
+            # piece in between must follow this fetch, not start a second one.
+            stream = self._announce(h, index)
+            task = asyncio.create_task(self._origin_piece(h, index, origin, flight, stream))
+        self._track(h, index, task)
+        await task
+
+    def _track(self, h: OpenFill, index: int, task: asyncio.Task[None]) -> None:
+        h.tasks[index] = task
+        task.add_done_callback(lambda t: h.tasks.pop(index, None) if h.tasks.get(index) is t else None)
+
+    @staticmethod
+    def _announce(h: OpenFill, index: int) -> PieceStream:
+        stream = PieceStream()
+        h.streams[index] = stream
+        return stream
+
+    async def _get_piece(self, h: OpenFill, index: int, origin: Origin, flight: Flight, peers: list[str]) -> None:
+        """Ask the owners in rendezvous order; the origin when none delivered."""
+        for addr in peers:
+            try:
+                await self._peer_piece(h, index, addr, flight)
+                return
+            except PeerError as exc:
+                log.info("piece %d of %s from peer %s failed: %s", index, flight.entry.path, addr, exc)
+        await self._origin_piece(h, index, origin, flight, self._announce(h, index))
+
+    async def _peer_piece(self, h: OpenFill, index: int, addr: str, flight: Flight) -> None:
+        assert self.peers is not None and self.peer_client is not None and flight.ctx is not None
+        fill, entry = h.fill, flight.entry
+        offset, length = entry.piece_range(index)
+        hasher = xxhash.xxh3_128()
+        pos = offset
+
+        async def sink(chunks: list[bytes]) -> None:
+            nonlocal pos
+            n = await self.store.run(_write_and_hash, fill, pos, chunks, hasher)
+            pos += n
+            flight.done_bytes += n
+            self.peer_bytes_received += n
+
+        req = PieceRequest(flight.ctx.ref, flight.ctx.revision, entry.path, entry.fill_key, entry.piece_size, index)
+        try:
+            async with self._peer_slots.hold((flight.order, index)):
+                stated = await self.peer_client.fetch_piece(addr, req, length, sink)
+            got = hasher.hexdigest()
+            if got != stated:
+                raise PeerLiedError(f"piece {index} hashed {got}, the peer stated {stated!r}")
+            try:
+                await self.store.run(fill.record_piece, index, got)
+            except IntegrityError as exc:
+                raise PeerLiedError(str(exc)) from None
+        except BaseException as exc:
+            flight.done_bytes -= pos - offset
+            if isinstance(exc, PeerLiedError):
+                self.peer_pieces_rejected += 1
+                self.peers.penalise(addr, f"{entry.path}: {exc}")
+            elif isinstance(exc, PeerDownError):
+                self.peers.mark_down(addr, str(exc))
+            elif isinstance(exc, PeerSlowError):
+                self.peers.mark_slow(addr, str(exc))
+            raise
+        flight.peer_pieces[index] = addr
+        self.peers.mark_up(addr)
+
+    async def _origin_piece(
+        self, h: OpenFill, index: int, origin: Origin, flight: Flight | None, stream: PieceStream | None = None
+    ) -> None:
+        """Fetch one piece from the origin into the partial file, with retries; readers may follow it."""
+        fill = h.fill
+        offset, length = fill.entry.piece_range(index)
+        if stream is None:
+            stream = self._announce(h, index)
+        last: Exception | None = None
+        order = flight.order if flight is not None else -1  # peers are waiting on it: it goes first
+        try:
+            for attempt in range(self.retries):
+                if attempt:
+                    await asyncio.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
+                hasher = xxhash.xxh3_128()
+                pos = offset
+
+                async def sink(chunks: list[bytes]) -> None:
+                    nonlocal pos
+                    n = await self.store.run(_write_and_hash, fill, pos, chunks, hasher)
+                    pos += n
+                    stream.written = pos - offset
+                    stream.wake()
+                    self.origin_bytes += n
+                    if flight is not None:
+                        flight.done_bytes += n
+                        flight.fetched_bytes += n
+
+                async with self._slots.hold((order, index)):
+                    try:
+                        if length:
+                            await origin.read_range(fill.entry, offset, length, sink)
+                        digest = hasher.hexdigest()
+                        await self.store.run(fill.record_piece, index, digest)
+                        stream.digest = digest
+                        if flight is not None:
+                            flight.done_pieces.add(index)
+                        self._notify()
+                        return
+                    except (TransientOriginError, IntegrityError) as exc:
+                        last = exc
+                        if flight is not None:
+                            flight.done_bytes -= pos - offset
+                        stream.attempt += 1
+                        stream.written = 0
+                        stream.wake()
+                        log.warning(
+                            "piece %d of %s failed (attempt %d/%d): %s",
+                            index, fill.entry.path, attempt + 1, self.retries, exc,
+                        )
+            raise FetchFailedError(
+                f"{fill.entry.path!r}: piece {index} failed {self.retries} times, last: {last}"
+            )
+        finally:
+            stream.failed = stream.digest is None
+            stream.wake()
+            if h.streams.get(index) is stream:
+                del h.streams[index]
+
+    # -- serving peers -------------------------------------------------------
+    async def serve_piece(self, entry: FileEntry, index: int, origin: Origin) -> ServedPiece:
+        """Where a peer can read piece ``index`` of ``entry`` now, fetching it from the origin if need be.
+
+        From the complete blob (its recorded piece hashes), from the partial
+        file when the piece is verified, else from the one origin fetch of that
+        piece (started here if nobody runs it), followed as it lands. A piece
+        this node is itself fetching from a peer is refused (BusyError): the
+        requester goes on to its next candidate rather than waiting on a chain.
+        """
+        offset, length = entry.piece_range(index)
+        digest = self.store.digest_of(entry)
+        if digest is not None:
+            pieces = await self._blob_pieces(digest, entry)
+            if pieces is not None:
+                return ServedPiece(self.store.blob_path(digest), offset, length, pieces[index])
+        h = await self._acquire(entry, set())
+        try:
+            if index in h.fill.done:
+                return ServedPiece(h.fill.path, offset, length, h.fill.done[index])
+            stream = h.streams.get(index)
+            if stream is None:
+                if index in h.tasks:
+                    raise BusyError(f"piece {index} of {entry.path!r} is being fetched from a peer here")
+                h.users += 1  # the fetch keeps the file open until it ends
+                stream = self._announce(h, index)
+                task = asyncio.create_task(self._serve_fetch(h, index, origin, stream), name=f"serve {entry.path}")
+                self._track(h, index, task)
+            return ServedPiece(h.fill.path, offset, length, None, stream)
+        finally:
+            self._release(h)
+
+    async def _serve_fetch(self, h: OpenFill, index: int, origin: Origin, stream: PieceStream) -> None:
+        try:
+            await self._origin_piece(h, index, origin, None, stream)
+        except Exception as exc:  # the requesters see the stream fail and move on
+            log.warning("piece %d of %s for a peer failed: %s", index, h.fill.entry.path, exc)
+        finally:
+            self._release(h)
+
+    async def _blob_pieces(self, digest: str, entry: FileEntry) -> list[str] | None:
+        pieces = self._meta_pieces.get(digest)
+        if pieces is None:
+            meta = await self.store.read_meta(digest)
+            if not meta or meta.get("piece_size") != entry.piece_size:
+                return None
+            pieces = self._meta_pieces[digest] = list(meta["pieces"])
+        return pieces if len(pieces) == entry.piece_count else None
+
+
+class BusyError(Exception):
+    """This node cannot serve the piece right now (the requester moves on)."""
+
+
+class _PeerDataSuspect(Exception):
+    """The whole file did not match with peer pieces in it: repair, do not discard."""
 
 
 def _write_and_hash(fill: BlobFill, offset: int, chunks: list[bytes], hasher: xxhash.xxh3_128) -> int:
@@ -162,13 +564,17 @@ def _write_and_hash(fill: BlobFill, offset: int, chunks: list[bytes], hasher: xx
     return sum(len(c) for c in chunks)
 
 
-def _check_whole(entry: FileEntry, digests: dict[str, str]) -> None:
+def _check_whole(entry: FileEntry, digests: dict[str, str], error: Any = IntegrityError) -> None:
     """Compare the finished file with every digest the origin or manifest promised."""
     for name, expected in (("sha256", entry.sha256), ("git_sha1", entry.git_sha1), ("xxh128", entry.digest)):
         if expected and digests.get(name) != expected:
-            raise IntegrityError(
+            raise error(
                 f"{entry.path!r}: {name} of the fetched bytes is {digests.get(name)}, the origin says {expected}"
             )
+    if "s3_etag" in digests:
+        expected = str(entry.source.get("etag", "")).strip('"').lower()
+        if digests["s3_etag"] != expected:
+            raise error(f"{entry.path!r}: the fetched bytes make ETag {digests['s3_etag']}, S3 says {expected}")
 
 
 def first_error(group: BaseExceptionGroup) -> BaseException:

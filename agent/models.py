@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from agent.fetcher import Fetcher, first_error
+from agent.fetcher import Fetcher, PeerContext, first_error
 from agent.fill import file_digests
 from agent.manifest import Manifest
 from agent.origins import Origins
@@ -102,6 +102,7 @@ class ModelService:
         """Fetch every missing file of ``manifest``; on return all are verified blobs."""
         await self.store.record_model(ref, manifest.revision, pin)
         origin = self.origins.for_ref(ref)
+        ctx = PeerContext(ref.base, manifest.revision, ref.scheme)
         protect = {d for f in manifest.files if (d := self.store.digest_of(f))}
         missing_before = [f for f in manifest.files if self.store.digest_of(f) is None]
         try:
@@ -110,7 +111,7 @@ class ModelService:
                 # first (config, tokenizer, the shard index: what a loader reads before
                 # any weight), then the rest in manifest order.
                 for entry in sorted(manifest.files, key=lambda f: f.size > f.piece_size):
-                    tg.create_task(self.fetcher.ensure_blob(entry, origin, protect))
+                    tg.create_task(self.fetcher.ensure_blob(entry, origin, protect, ctx))
         except BaseExceptionGroup as group:
             raise first_error(group) from None
         if missing_before or any(f.pieces is None for f in manifest.files):

@@ -1,0 +1,221 @@
+"""The peer API on the TCP port (``/peer/v1/...``): pieces by (model, file, index), prefetch, ping.
+
+Every route needs ``Authorization: Bearer <token>`` (the shared token of
+``--peer-token-file``, compared in constant time); without a token file the
+routes do not exist (404). What a requester names is never trusted: the owner
+resolves the reference through its own ModelService (only s3/hf/https
+references, never a node's local files), looks the file up in its own
+manifest and answers 409 when the fill key, size or piece size differ from
+its own. It can only ever send bytes of a blob or partial file of its cache.
+
+A piece's answer is ``Content-Length: length + 32``: the piece's bytes, then
+the owner's xxh3-128 of the piece in hex, as recorded when the owner verified
+it. The hash goes last so a piece still arriving from the origin can be passed
+on as it lands (cut-through) with one request and no chunked framing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from agent.fetcher import PEER_SCHEMES, BusyError, ServedPiece
+from agent.manifest import Manifest
+from agent.models import ModelService
+from agent.refs import check_relative_path, parse_ref
+from client.errors import BadReferenceError, BadRequestError, CapacityError, WarmstartError
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1024 * 1024
+STALL_SECONDS = 30.0
+
+
+class PeerState:
+    """What the peer routes need; filled in by the daemon once the store is open."""
+
+    def __init__(self, token: str | None) -> None:
+        self.token = token.encode() if token else None
+        self.service: ModelService | None = None
+        self.membership: Any = None  # agent.peers.Membership once peers are on
+        self._resolving: dict[str, asyncio.Task[Manifest]] = {}
+
+    async def manifest(self, ref_base: str, revision: str) -> Manifest:
+        """The manifest of ``ref_base@revision`` as this node resolves it (one resolve at a time per name)."""
+        assert self.service is not None
+        name = f"{ref_base}@{revision}"
+        task = self._resolving.get(name)
+        if task is None:
+            task = asyncio.create_task(self._resolve(name))
+            self._resolving[name] = task
+            task.add_done_callback(lambda _t: self._resolving.pop(name, None))
+        return await asyncio.shield(task)
+
+    async def _resolve(self, name: str) -> Manifest:
+        assert self.service is not None
+        _, manifest = await self.service.resolve(name)
+        return manifest
+
+
+PEER: web.AppKey[PeerState] = web.AppKey("peer", PeerState)
+
+
+@web.middleware
+async def peer_auth(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Peer routes: 404 with peers off, 401 without the right bearer token; other routes untouched."""
+    if not request.path.startswith("/peer/"):
+        return await handler(request)
+    state = request.app[PEER]
+    if state.token is None:
+        raise web.HTTPNotFound(text="peer API is off on this node (no --peer-token-file)\n")
+    given = request.headers.get("Authorization", "")
+    scheme, _, token = given.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.token):
+        log.warning("peer request from %s refused: %s token", request.remote, "wrong" if token else "no")
+        raise web.HTTPUnauthorized(text="peer token missing or wrong\n", headers={"WWW-Authenticate": "Bearer"})
+    if state.service is None:
+        raise web.HTTPServiceUnavailable(text="store not open yet\n")
+    return await handler(request)
+
+
+def _peer_ref(text: object, allow_revision: bool = False) -> Any:
+    ref = parse_ref(text)
+    if ref.scheme not in PEER_SCHEMES:
+        raise BadReferenceError(f"peers may only name {', '.join(PEER_SCHEMES)} references, not {ref.scheme}")
+    if ref.revision and not allow_revision:
+        raise BadReferenceError("give the revision as rev=, not in the reference")
+    return ref
+
+
+def _int(query: Any, name: str) -> int:
+    try:
+        return int(query[name])
+    except (KeyError, ValueError):
+        raise BadRequestError(f"query parameter {name!r} must be an integer") from None
+
+
+async def ping(request: web.Request) -> web.Response:
+    membership = request.app[PEER].membership
+    return web.json_response({"ok": True, "node": membership.me if membership is not None else None})
+
+
+async def piece(request: web.Request) -> web.StreamResponse:
+    state = request.app[PEER]
+    service = state.service
+    assert service is not None
+    q = request.query
+    ref = _peer_ref(q.get("ref"))
+    revision, path, key = q.get("rev", ""), q.get("path", ""), q.get("key", "")
+    if not revision or not key:
+        raise BadRequestError("rev and key are required")
+    check_relative_path(path, "path")
+    index, piece_size = _int(q, "index"), _int(q, "piece_size")
+    manifest = await state.manifest(ref.base, revision)
+    entry = next((f for f in manifest.files if f.path == path), None)
+    if entry is None:
+        raise web.HTTPNotFound(text=f"{path!r} is not a file of {ref.base}@{revision}\n")
+    if entry.fill_key != key or entry.piece_size != piece_size or not 0 <= index < entry.piece_count:
+        raise web.HTTPConflict(text="fill key, piece size or index differ from this node's manifest\n")
+    origin = service.origins.for_ref(ref)
+    for attempt in range(2):
+        try:
+            served = await service.fetcher.serve_piece(entry, index, origin)
+        except BusyError as exc:
+            raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+        except CapacityError as exc:
+            raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
+        try:
+            fd = await asyncio.to_thread(os.open, served.path, os.O_RDONLY)
+        except FileNotFoundError:
+            if attempt:
+                raise
+            continue  # the partial file just became its blob: look again
+        try:
+            return await _send(request, served, fd)
+        finally:
+            await asyncio.to_thread(os.close, fd)
+    raise WarmstartError("piece moved twice while being served")
+
+
+async def _send(request: web.Request, served: ServedPiece, fd: int) -> web.StreamResponse:
+    fetcher = request.app[PEER].service.fetcher  # type: ignore[union-attr]
+    resp = web.StreamResponse(
+        headers={"Content-Type": "application/octet-stream", "X-Warmstart-Piece-Length": str(served.length)}
+    )
+    resp.content_length = served.length + 32
+    await resp.prepare(request)
+    try:
+        await _copy(resp, served, fd, fetcher)
+    except _Abort as exc:
+        log.info("piece for %s cut short: %s", request.remote, exc)
+        if request.transport is not None:
+            request.transport.abort()  # the requester sees a short body and moves on
+    except ConnectionResetError:
+        pass  # the requester went away (hedged to another owner)
+    return resp
+
+
+class _Abort(Exception):
+    """The piece cannot be completed; the response is cut off."""
+
+
+async def _copy(resp: web.StreamResponse, served: ServedPiece, fd: int, fetcher: Any) -> None:
+    sent = 0
+    stream = served.stream
+    attempt = stream.attempt if stream is not None else 0
+    while sent < served.length:
+        if stream is not None and stream.digest is None:
+            if stream.attempt != attempt or stream.failed:
+                raise _Abort("the origin fetch of this piece failed")
+            ready = stream.written
+            if ready <= sent:
+                await stream.wait(STALL_SECONDS)
+                continue
+        else:
+            ready = served.length
+        n = min(ready - sent, READ_CHUNK)
+        data = await asyncio.to_thread(os.pread, fd, n, served.offset + sent)
+        if len(data) != n:
+            raise _Abort("short read from the cache")
+        await resp.write(data)
+        sent += n
+        fetcher.peer_bytes_served += n
+    digest = served.digest
+    if stream is not None:
+        while stream.digest is None and not stream.failed:
+            await stream.wait(STALL_SECONDS)
+        if stream.digest is None or stream.attempt != attempt:
+            raise _Abort("the origin fetch of this piece failed")
+        digest = stream.digest
+    assert digest is not None
+    await resp.write(digest.encode("ascii"))
+    await resp.write_eof()
+
+
+async def prefetch(request: web.Request) -> web.StreamResponse:
+    """Prefetch on this node for a peer (``agent prefetch --all-nodes``): the local API's NDJSON stream."""
+    from agent.api import ensure_job, read_body
+
+    service = request.app[PEER].service
+    assert service is not None
+    body = await read_body(request)
+    _peer_ref(body.get("ref"), allow_revision=True)
+    pin = body.get("pin")
+    if pin is not None and not isinstance(pin, bool):
+        raise BadRequestError('"pin" must be true or false')
+    return await ensure_job(request, pin, with_files=False, service=service)
+
+
+def add_peer_routes(app: web.Application, state: PeerState) -> None:
+    app[PEER] = state
+    app.router.add_get("/peer/v1/ping", ping)
+    app.router.add_get("/peer/v1/piece", piece)
+    app.router.add_post("/peer/v1/prefetch", prefetch)
