@@ -1,0 +1,300 @@
+"""Peers: real agent processes on loopback ports fill each other's caches from one origin.
+
+The origin is SeaweedFS behind a byte-counting TCP relay, so "the origin sent the
+model about once" is measured on the wire. Every agent gets the same static
+``--peers`` list (itself included: it must ignore its own address) and a shared
+token file. Models are random bytes in several files (multipart uploads above
+8 MiB, so the whole-file check is the S3 multipart ETag) with 1 MiB pieces.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from agent.peers import rendezvous
+from client._transport import AgentConnection
+from tests.servers.ports import free_ports
+from tests.servers.seaweedfs import SeaweedS3
+
+MiB = 1024 * 1024
+TOKEN = "peer-token-for-tests-0123456789abcdef"
+
+
+# ---------------------------------------------------------------------- placement (pure)
+
+
+def test_rendezvous_is_stable_even_and_minimal_on_leave() -> None:
+    members = [f"10.0.0.{i}:7070" for i in range(1, 6)]
+    pieces = [(f"sha256-{k:04d}", i) for k in range(40) for i in range(50)]
+    owners = {p: rendezvous(members, *p)[0] for p in pieces}
+    # Stable: the same answer again, and whatever order the members are listed in.
+    assert owners == {p: rendezvous(list(reversed(members)), *p)[0] for p in pieces}
+    # Even: each of 5 members owns about a fifth of 2000 pieces.
+    counts = Counter(owners.values())
+    assert set(counts) == set(members)
+    assert all(0.8 * 400 < c < 1.2 * 400 for c in counts.values()), counts
+    # Removing a member moves only that member's pieces (each to its next-ranked member).
+    gone = members[2]
+    rest = [m for m in members if m != gone]
+    for p in pieces:
+        new_owner = rendezvous(rest, *p)[0]
+        if owners[p] != gone:
+            assert new_owner == owners[p]
+        else:
+            assert new_owner == rendezvous(members, *p)[1]
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _upload(seaweed: SeaweedS3, tmp_path: Path, prefix: str, sizes: dict[str, int]) -> dict[str, bytes]:
+    src = tmp_path / f"src-{prefix.replace('/', '-')}"
+    src.mkdir()
+    seaweed.make_bucket("models")
+    files = {}
+    for name, size in sizes.items():
+        data = os.urandom(size)
+        (src / name).write_bytes(data)
+        seaweed.upload_file(src / name, "models", f"{prefix}/{name}")
+        files[name] = data
+    return files
+
+
+MODEL = {
+    "config.json": 3000,
+    "model-00001-of-00003.safetensors": 12 * MiB + 4321,
+    "model-00002-of-00003.safetensors": 12 * MiB,
+    "model-00003-of-00003.safetensors": 9 * MiB + 77,
+}
+
+
+def _relay(seaweed: SeaweedS3, relay_factory: Any, rate: float | None = None) -> Any:
+    host, port = seaweed.endpoint_url.removeprefix("http://").split(":")
+    return relay_factory(host, int(port), rate=rate)
+
+
+def _cluster(
+    agent_factory: Any, agent_env: dict[str, str], tmp_path: Path, n: int, relay: Any, *, start: int | None = None,
+    extra: tuple[str, ...] = (),
+) -> list[Any]:
+    """``n`` agents with the same static peer list (themselves included); the first ``start`` started."""
+    token_file = tmp_path / "peer-token"
+    token_file.write_text(TOKEN + "\n")
+    ports = free_ports(n)
+    peers = ",".join(f"127.0.0.1:{p}" for p in ports)
+    env = {**agent_env, "AWS_ENDPOINT_URL": relay.url}
+    agents = []
+    for i, port in enumerate(ports):
+        args = ("--peers", peers, "--peer-token-file", str(token_file), "--piece-size", "1MiB", *extra)
+        agents.append(agent_factory(f"node{i}", env=env, port=port, extra_args=args, start=False))
+    for a in agents[: n if start is None else start]:
+        a.start()
+    return agents
+
+
+def _stats(agent: Any) -> dict[str, Any]:
+    return AgentConnection(str(agent.socket_path), timeout=10).request_json("GET", "/v1/stats")
+
+
+def _wait_peers_up(agents: list[Any], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        views = [_stats(a) for a in agents]
+        if all(sum(p["alive"] for p in v["peers"]) == len(agents) - 1 for v in views):
+            return
+        assert time.monotonic() < deadline, views
+        time.sleep(0.2)
+
+
+def _prefetch_all_at_once(agents: list[Any], ref: str, timeout: float = 90.0) -> list[subprocess.CompletedProcess[str]]:
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "agent", "prefetch", ref],
+            env={**a.env, "WARMSTART_SOCKET": str(a.socket_path)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for a in agents
+    ]  # fmt: skip
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=timeout)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+def _assert_bit_exact(agent: Any, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        blob = agent.cache_dir / "blobs" / xxhash.xxh3_128_hexdigest(data)
+        assert blob.is_file(), f"{agent.name} lacks {name}"
+        assert blob.read_bytes() == data, f"{agent.name}: {name} differs"
+
+
+def _peer_get(agent: Any, path: str, params: dict[str, str] | None = None, token: str | None = TOKEN) -> int:
+    url = agent.url + path + ("?" + urllib.parse.urlencode(params) if params else "")
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token is not None else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            r.read()
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+# ---------------------------------------------------------------------- end to end
+
+
+def test_concurrent_prefetch_sends_the_model_once_from_the_origin(
+    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+) -> None:
+    files = _upload(seaweed, tmp_path, "peers/once", MODEL)
+    relay = _relay(seaweed, relay_factory)
+    agents = _cluster(agent_factory, agent_env, tmp_path, 4, relay)
+    _wait_peers_up(agents)
+    relay.reset_counters()
+    started = time.monotonic()
+    for done in _prefetch_all_at_once(agents, "s3://models/peers/once"):
+        assert done.returncode == 0, done.stderr
+    elapsed = time.monotonic() - started
+    model_bytes = sum(len(d) for d in files.values())
+    for a in agents:
+        _assert_bit_exact(a, files)
+    stats = [_stats(a) for a in agents]
+    received = sum(s["peer_bytes_received"] for s in stats)
+    served = sum(s["peer_bytes_served"] for s in stats)
+    print(f"origin {relay.bytes_down / model_bytes:.2f}x the model, peers moved {received / model_bytes:.2f}x, "
+          f"{elapsed:.1f}s for 4 nodes")
+    assert relay.bytes_down <= 1.1 * model_bytes, (relay.bytes_down, model_bytes, stats)
+    assert all(s["peer_bytes_received"] > 0 for s in stats), stats
+    assert received > 2 * model_bytes and served > 2 * model_bytes, stats
+    assert sum(s["origin_bytes"] for s in stats) <= 1.1 * model_bytes, stats
+    assert all(s["peer_pieces_rejected"] == 0 for s in stats), stats
+
+
+def test_kill9_one_agent_mid_transfer_the_others_finish(
+    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+) -> None:
+    files = _upload(seaweed, tmp_path, "peers/kill", {k: v for k, v in MODEL.items() if not k.startswith("model-00003")})
+    relay = _relay(seaweed, relay_factory, rate=6 * MiB)  # ~24 MiB: about 4 s from the origin
+    agents = _cluster(agent_factory, agent_env, tmp_path, 3, relay)
+    _wait_peers_up(agents)
+    victim, *rest = agents
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "agent", "prefetch", "s3://models/peers/kill"],
+            env={**a.env, "WARMSTART_SOCKET": str(a.socket_path)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for a in agents
+    ]  # fmt: skip
+    deadline = time.monotonic() + 30
+    while _stats(victim)["peer_bytes_served"] < 2 * MiB:
+        assert time.monotonic() < deadline, "the victim never served a piece"
+        time.sleep(0.05)
+    victim.kill9()
+    started = time.monotonic()
+    for a, p in zip(agents, procs):
+        stdout, stderr = p.communicate(timeout=90)
+        if a is not victim:
+            assert p.returncode == 0, stderr
+    print(f"survivors finished {time.monotonic() - started:.1f}s after the kill")
+    for a in rest:
+        _assert_bit_exact(a, files)
+    # Pings take the dead node out of placement within a few seconds.
+    deadline = time.monotonic() + 10
+    while any(p["alive"] for a in rest for p in _stats(a)["peers"] if p["addr"] == victim.listen):
+        assert time.monotonic() < deadline, [_stats(a)["peers"] for a in rest]
+        time.sleep(0.2)
+
+
+def test_lying_peer_is_detected_penalised_and_worked_around(
+    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+) -> None:
+    files = _upload(seaweed, tmp_path, "peers/liar", {k: v for k, v in MODEL.items() if not k.startswith("model-00003")})
+    relay = _relay(seaweed, relay_factory)
+    agents = _cluster(agent_factory, agent_env, tmp_path, 3, relay, start=1)
+    liar, *honest = agents
+    assert liar.cli("prefetch", "s3://models/peers/liar").returncode == 0  # alone: all from the origin
+    # Its disk goes bad under it: every piece of the big files has a flipped byte.
+    for name, data in files.items():
+        if len(data) > MiB:
+            blob = liar.cache_dir / "blobs" / xxhash.xxh3_128_hexdigest(data)
+            blob.chmod(0o644)
+            with open(blob, "r+b") as f:
+                for off in range(100, len(data), MiB):
+                    f.seek(off)
+                    f.write(bytes([data[off] ^ 0xFF]))
+    for a in honest:
+        a.start()
+    _wait_peers_up(agents)
+    for done in _prefetch_all_at_once(honest, "s3://models/peers/liar"):
+        assert done.returncode == 0, done.stderr
+    for a in honest:
+        _assert_bit_exact(a, files)
+    views = [_stats(a) for a in honest]
+    assert sum(v["peer_pieces_rejected"] for v in views) > 0, views
+    for v in views:
+        if v["peer_pieces_rejected"]:
+            (peer,) = [p for p in v["peers"] if p["addr"] == liar.listen]
+            assert peer["strikes"] >= 1 and peer["penalised_for_s"] > 0, peer
+
+
+def test_peer_routes_need_the_token_and_refuse_what_is_not_a_model_piece(
+    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+) -> None:
+    _upload(seaweed, tmp_path, "peers/auth", {"config.json": 1000})
+    relay = _relay(seaweed, relay_factory)
+    (node,) = _cluster(agent_factory, agent_env, tmp_path, 1, relay)
+    assert _peer_get(node, "/peer/v1/ping") == 200
+    assert _peer_get(node, "/peer/v1/ping", token=None) == 401
+    assert _peer_get(node, "/peer/v1/ping", token="wrong-token-wrong-token-wrong") == 401
+    good = {"ref": "s3://models/peers/auth", "rev": "x", "path": "config.json", "key": "k", "index": "0",
+            "piece_size": str(MiB)}
+    assert _peer_get(node, "/peer/v1/piece", good, token=None) == 401
+    for bad in (
+        {"path": "../../etc/passwd"},
+        {"path": "/etc/passwd"},
+        {"ref": "file:///etc"},
+        {"ref": "/etc"},
+        {"ref": "s3://models/peers/auth@abc"},
+        {"index": "nope"},
+    ):
+        assert _peer_get(node, "/peer/v1/piece", {**good, **bad}) == 400, bad
+    assert _peer_get(node, "/peer/v1/piece", {**good, "rev": "not-the-revision"}) in (404, 409)
+    assert node.http_status("/readyz") == 200
+
+    # Without a token file the peer routes do not exist, and --peers without one is refused.
+    plain = agent_factory("plain", env={**agent_env, "AWS_ENDPOINT_URL": relay.url})
+    assert _peer_get(plain, "/peer/v1/ping") == 404
+    refused = subprocess.run(
+        [sys.executable, "-m", "agent", "serve", "--cache-dir", str(tmp_path / "x"), "--socket",
+         str(tmp_path / "x.sock"), "--peers", "127.0.0.1:1"],
+        env=agent_env, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--peer-token-file" in refused.stderr
+
+
+def test_prefetch_all_nodes_fills_every_node(
+    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+) -> None:
+    files = _upload(seaweed, tmp_path, "peers/all", {"config.json": 2000, "w.bin": 10 * MiB + 5})
+    relay = _relay(seaweed, relay_factory)
+    agents = _cluster(agent_factory, agent_env, tmp_path, 3, relay)
+    _wait_peers_up(agents)
+    relay.reset_counters()
+    done = agents[0].cli("prefetch", "s3://models/peers/all", "--all-nodes")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count(": complete") == 3, done.stdout
+    for a in agents:
+        _assert_bit_exact(a, files)
+    assert relay.bytes_down <= 1.1 * sum(len(d) for d in files.values())
