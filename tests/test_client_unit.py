@@ -699,3 +699,84 @@ def test_real_model_loads_bit_exact(minilm_dir: Path) -> None:
     got = client.load_safetensors_file(path)
     assert len(got) > 100
     assert_same(got, load_file(str(path)))
+
+
+# ---------------------------------------------------------------------- readahead
+
+
+def test_page_chunks_merge_touching_ranges_align_to_pages_and_split() -> None:
+    from client.readahead import page_chunks
+
+    ranges = [(8200, 100), (100, 4000), (4100, 4000), (1 << 20, 0)]
+    assert page_chunks(ranges, chunk=4096, page=4096) == [(0, 4096), (4096, 4004), (8192, 108)]
+    assert page_chunks([(5000, 20000)], chunk=8192, page=4096) == [(4096, 8192), (12288, 8192), (20480, 4520)]
+
+
+def test_readahead_maps_pages_before_the_reader_touches_them(tmp_path: Path) -> None:
+    """After ``wait``, reading the views takes (almost) no page faults in the reading thread."""
+    import ctypes
+    import mmap
+    import resource
+
+    from client.readahead import Readahead
+
+    size = 32 << 20
+    path = tmp_path / "blob"
+    path.write_bytes(os.urandom(size))
+    data = path.read_bytes()
+    expected = sum(data[i] for i in range(0, size, 4096))
+
+    def faults_while_reading(warm: bool) -> int:
+        fd = os.open(path, os.O_RDONLY)
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+        view = memoryview(mm)
+        ra = None
+        if warm:
+            ra = Readahead(ctypes.addressof(ctypes.c_char.from_buffer(view)), fd, [(0, size)], chunk=4 << 20)
+            ra.wait(0, size)
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        total = sum(view[i] for i in range(0, size, 4096))  # one byte of each page, no allocations
+        faults = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+        assert total == expected
+        if ra is not None:
+            ra.close()
+        del view
+        mm.close()
+        os.close(fd)
+        return faults
+
+    cold_faults = faults_while_reading(warm=False)
+    warm_faults = faults_while_reading(warm=True)
+    # Page-cache folios may be large (one fault maps up to 2 MiB), so a hot file takes few faults
+    # even unwarmed; but some, and none at all once the readahead has mapped every page.
+    assert cold_faults >= 8, cold_faults
+    assert warm_faults <= 1, (warm_faults, cold_faults)
+
+
+def test_readahead_stays_within_its_window_and_close_stops_it(tmp_path: Path) -> None:
+    import ctypes
+    import mmap
+
+    from client.readahead import Readahead
+
+    size = 16 << 20
+    path = tmp_path / "blob"
+    path.write_bytes(b"\1" * size)
+    fd = os.open(path, os.O_RDONLY)
+    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+    view = memoryview(mm)
+    ra = Readahead(ctypes.addressof(ctypes.c_char.from_buffer(view)), fd, [(0, size)], chunk=1 << 20, window=2 << 20)
+    try:
+        deadline = time.monotonic() + 10
+        while sum(ra._done) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert sum(ra._done) == 2  # two chunks ahead of a reader that has not started, no more
+        ra.wait(size - 1, 1)  # the reader jumps to the end: the window follows it
+        assert ra._done[-1]
+    finally:
+        ra.close()
+    assert all(not t.is_alive() for t in ra._threads)
+    del view
+    mm.close()
+    os.close(fd)
