@@ -160,6 +160,8 @@ class Fetcher:
         self.peer_bytes_received = 0
         self.peer_bytes_served = 0
         self.peer_pieces_rejected = 0
+        self.peer_files_repaired = 0
+        self.peer_bytes_repaired = 0
         self._changed = Signal()
 
     def stats(self) -> dict[str, int]:
@@ -168,6 +170,8 @@ class Fetcher:
             "peer_bytes_received": self.peer_bytes_received,
             "peer_bytes_served": self.peer_bytes_served,
             "peer_pieces_rejected": self.peer_pieces_rejected,
+            "peer_files_repaired": self.peer_files_repaired,
+            "peer_bytes_repaired": self.peer_bytes_repaired,
         }
 
     def _notify(self) -> None:
@@ -334,6 +338,8 @@ class Fetcher:
         fill = h.fill
         sent = dict(flight.peer_pieces)
         flight.peer_pieces.clear()
+        self.peer_files_repaired += 1
+        self.peer_bytes_repaired += sum(flight.entry.piece_range(i)[1] for i in sent)
         before = {i: fill.done[i] for i in sent if i in fill.done}
         for index in sent:
             await self.store.run(fill.forget_piece, index)
@@ -343,11 +349,16 @@ class Fetcher:
                     tg.create_task(self._origin_piece(h, index, origin, None))
         except BaseExceptionGroup as group:
             raise first_error(group) from None
+        differed: dict[str, list[int]] = {}
         for index, addr in sent.items():
             if fill.done.get(index) != before.get(index):
                 self.peer_pieces_rejected += 1
-                if self.peers is not None:
-                    self.peers.penalise(addr, f"piece {index} of {flight.entry.path} differed from the origin's")
+                differed.setdefault(addr, []).append(index)
+        for addr, indexes in differed.items():  # one strike per peer and file, however many pieces
+            if self.peers is not None:
+                self.peers.penalise(
+                    addr, f"pieces {','.join(map(str, sorted(indexes)))} of {flight.entry.path} differed from the origin's"
+                )
         await self.store.run(fill.reset_whole, None)
 
     # -- one piece -----------------------------------------------------------

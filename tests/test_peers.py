@@ -9,6 +9,7 @@ token file. Models are random bytes in several files (multipart uploads above
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -86,9 +87,12 @@ def _relay(seaweed: SeaweedS3, relay_factory: Any, rate: float | None = None) ->
 
 def _cluster(
     agent_factory: Any, agent_env: dict[str, str], tmp_path: Path, n: int, relay: Any, *, start: int | None = None,
-    extra: tuple[str, ...] = (),
+    extra: tuple[str, ...] = (), first_extra: tuple[str, ...] = (),
 ) -> list[Any]:
-    """``n`` agents with the same static peer list (themselves included); the first ``start`` started."""
+    """``n`` agents with the same static peer list (themselves included); the first ``start`` started.
+
+    ``extra`` goes to every agent's command line, ``first_extra`` after it to the first agent's only.
+    """
     token_file = tmp_path / "peer-token"
     token_file.write_text(TOKEN + "\n")
     ports = free_ports(n)
@@ -97,6 +101,7 @@ def _cluster(
     agents = []
     for i, port in enumerate(ports):
         args = ("--peers", peers, "--peer-token-file", str(token_file), "--piece-size", "1MiB", *extra)
+        args += first_extra if i == 0 else ()
         agents.append(agent_factory(f"node{i}", env=env, port=port, extra_args=args, start=False))
     for a in agents[: n if start is None else start]:
         a.start()
@@ -298,3 +303,145 @@ def test_prefetch_all_nodes_fills_every_node(
     for a in agents:
         _assert_bit_exact(a, files)
     assert relay.bytes_down <= 1.1 * sum(len(d) for d in files.values())
+
+
+def _fill_key_of(agent: Any, data: bytes) -> str:
+    """The fill key under which ``agent`` stored a blob with these bytes (its sources/ index)."""
+    digest = xxhash.xxh3_128_hexdigest(data)
+    keys = [p.name for p in (agent.cache_dir / "sources").iterdir() if json.loads(p.read_text()) == digest]
+    assert len(keys) == 1, keys
+    return keys[0]
+
+
+def _liar_first(members: list[str], liar: str, fill_key: str, pieces: int) -> list[int]:
+    """Pieces whose owner (first in rendezvous order) is ``liar``: every other member asks it first."""
+    return [i for i in range(pieces) if rendezvous(members, fill_key, i)[0] == liar]
+
+
+def test_consistent_liar_is_caught_by_the_whole_file_check_and_repaired_from_the_origin(
+    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+) -> None:
+    """A peer whose bytes match the piece hashes it states: only the origin's ETag can catch it.
+
+    The liar is a real agent serving from its own cache, where one file's bytes
+    AND the piece hashes it recorded for them (meta/<digest>.json) were
+    rewritten: every piece it sends of that file passes the per-piece check.
+    The requesters must find out at the whole-file S3 ETag (multipart MD5 of
+    MD5s), fetch their peer pieces of that file again from the origin (only
+    that file), penalise the liar and no one else, and end bit-exact.
+    """
+    sizes = {k: v for k, v in MODEL.items() if not k.startswith("model-00003")}
+    files = _upload(seaweed, tmp_path, "peers/consistent", sizes)
+    bad_name = "model-00001-of-00003.safetensors"
+    bad = files[bad_name]
+    relay = _relay(seaweed, relay_factory)
+    agents = _cluster(agent_factory, agent_env, tmp_path, 3, relay, start=1)
+    liar, *honest = agents
+    assert liar.cli("prefetch", "s3://models/peers/consistent").returncode == 0  # alone: all from the origin
+    # It has served nothing yet, so it reads the piece hashes from disk on the first request.
+    digest = xxhash.xxh3_128_hexdigest(bad)
+    blob, meta_path = liar.cache_dir / "blobs" / digest, liar.cache_dir / "meta" / f"{digest}.json"
+    lie = bytearray(bad)
+    for off in range(100, len(lie), MiB):
+        lie[off] ^= 0xFF
+    blob.chmod(0o644)
+    blob.write_bytes(bytes(lie))
+    blob.chmod(0o444)
+    meta = json.loads(meta_path.read_text())
+    meta["pieces"] = [xxhash.xxh3_128_hexdigest(bytes(lie[i : i + MiB])) for i in range(0, len(lie), MiB)]
+    meta_path.write_text(json.dumps(meta))
+    members = [a.listen for a in agents]
+    lying = _liar_first(members, liar.listen, _fill_key_of(liar, bad), len(meta["pieces"]))
+    assert lying, "rendezvous gave the liar no piece of the file: pick other ports"  # (2/3)^13: about 0.5%
+    for a in honest:
+        a.start()
+    _wait_peers_up(agents)
+    relay.reset_counters()
+    for done in _prefetch_all_at_once(honest, "s3://models/peers/consistent"):
+        assert done.returncode == 0, done.stderr
+    for a in honest:
+        _assert_bit_exact(a, files)
+    views = [_stats(a) for a in honest]
+    model_bytes = sum(len(d) for d in files.values())
+    repaired = sum(v["peer_bytes_repaired"] for v in views)
+    print(f"origin {relay.bytes_down / model_bytes:.2f}x the model, {repaired / model_bytes:.2f}x repaired; "
+          f"liar owned pieces {lying} of {bad_name}")
+    for a, v in zip(honest, views):
+        # Each requester took the liar's pieces of the bad file, none was refused piece by piece,
+        # the whole file did not match, and only that file was fetched again.
+        assert v["peer_files_repaired"] == 1, v
+        assert 0 < v["peer_pieces_rejected"] <= len(lying), v
+        assert (v["peer_pieces_rejected"] - 1) * MiB < v["peer_bytes_repaired"] <= len(bad), v
+        assert "does not match the origin's digest" in a.log_text()
+        (liar_view,) = [p for p in v["peers"] if p["addr"] == liar.listen]
+        assert liar_view["strikes"] == 1 and liar_view["penalised_for_s"] > 0, liar_view
+        assert all(p["strikes"] == 0 for p in v["peers"] if p["addr"] != liar.listen), v["peers"]
+    # The origin sent the model about once plus the repaired pieces, and nothing more.
+    assert repaired <= 2 * len(bad)
+    assert relay.bytes_down >= repaired
+    assert relay.bytes_down <= 1.1 * (model_bytes + repaired), (relay.bytes_down, model_bytes, repaired, views)
+    assert sum(v["origin_bytes"] for v in views) - repaired <= 1.05 * model_bytes, views
+
+
+def test_owner_with_another_piece_size_answers_409_and_requesters_go_elsewhere(
+    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+) -> None:
+    """An owner that resolved the file differently (here: another --piece-size, as in a rolling
+    change of the flag) refuses with 409; requesters go to the next owner or the origin."""
+    files = _upload(seaweed, tmp_path, "peers/conflict", {"config.json": 2000, "w.bin": 12 * MiB + 5})
+    relay = _relay(seaweed, relay_factory)
+    agents = _cluster(agent_factory, agent_env, tmp_path, 3, relay, first_extra=("--piece-size", "2MiB"))
+    odd, *rest = agents
+    _wait_peers_up(agents)
+    assert odd.cli("prefetch", "s3://models/peers/conflict").returncode == 0  # it has every piece, in 2 MiB pieces
+    relay.reset_counters()
+    for done in _prefetch_all_at_once(rest, "s3://models/peers/conflict"):
+        assert done.returncode == 0, done.stderr
+    for a in rest:
+        _assert_bit_exact(a, files)
+    model_bytes = sum(len(d) for d in files.values())
+    views = [_stats(a) for a in rest]
+    assert _stats(odd)["peer_bytes_served"] == 0
+    assert any("answered 409" in a.log_text() for a in rest), "nobody asked the odd node"
+    for v in views:
+        assert v["peer_pieces_rejected"] == 0 and v["peer_files_repaired"] == 0, v
+        (o,) = [p for p in v["peers"] if p["addr"] == odd.listen]
+        assert o["alive"] and o["strikes"] == 0, o  # a refusal is no lie, and no sign of a dead node
+    assert all(v["peer_bytes_received"] > 0 for v in views), views  # the two 1 MiB nodes still shared
+    # The odd node's third of the pieces may come from the origin twice (both asked it, then went there).
+    assert relay.bytes_down <= 1.45 * model_bytes, (relay.bytes_down, model_bytes, views)
+
+
+def test_an_owner_with_busy_origin_connections_answers_at_once_and_nobody_hedges_to_the_origin(
+    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+) -> None:
+    """``--connections 1`` on one owner behind a slow origin: its pieces wait for its one origin
+    connection for seconds. The owner answers a peer's request (headers) as soon as it checked it,
+    and the bytes follow when they come; had it answered only once the piece got a connection,
+    every requester would hedge away after --peer-hedge-timeout (2 s) and fetch the piece from the
+    origin itself."""
+    files = _upload(seaweed, tmp_path, "peers/busy", {"config.json": 2000, "a.bin": 8 * MiB, "b.bin": 8 * MiB + 9})
+    relay = _relay(seaweed, relay_factory)
+    agents = _cluster(agent_factory, agent_env, tmp_path, 4, relay, first_extra=("--connections", "1"))
+    owner, *rest = agents
+    _wait_peers_up(agents)
+    relay.reset_counters()
+    relay.set_rate(4 * MiB)  # shared by 25 origin connections: ~0.16 MiB/s, 6 s a piece, for the owner's one
+    started = time.monotonic()
+    for done in _prefetch_all_at_once(agents, "s3://models/peers/busy"):
+        assert done.returncode == 0, done.stderr
+    elapsed = time.monotonic() - started
+    for a in agents:
+        _assert_bit_exact(a, files)
+    model_bytes = sum(len(d) for d in files.values())
+    views = [_stats(a) for a in rest]
+    hedged = sum(a.log_text().count("no answer within") for a in agents)
+    print(f"origin {relay.bytes_down / model_bytes:.2f}x the model in {elapsed:.1f}s, {hedged} hedged requests, "
+          f"owner served {_stats(owner)['peer_bytes_served'] / MiB:.0f} MiB")
+    assert hedged == 0
+    assert _stats(owner)["peer_bytes_served"] > 0
+    for v in views:
+        (o,) = [p for p in v["peers"] if p["addr"] == owner.listen]
+        assert o["alive"], o
+    assert relay.bytes_down <= 1.1 * model_bytes, (relay.bytes_down, model_bytes, views)
+
