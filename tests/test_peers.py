@@ -21,11 +21,17 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 import xxhash
 
 from agent.peers import rendezvous
 from client._transport import AgentConnection
-from tests.servers.ports import free_ports
+from client.errors import WarmstartError
+from tests.servers.agent_proc import AgentProcess, AgentStartError
+from tests.servers.netns import Netns
+from tests.servers.netns import unavailable as netns_unavailable
+from tests.servers.ports import free_port, free_ports
+from tests.servers.relay import TcpRelay
 from tests.servers.seaweedfs import SeaweedS3
 
 MiB = 1024 * 1024
@@ -445,3 +451,106 @@ def test_an_owner_with_busy_origin_connections_answers_at_once_and_nobody_hedges
         assert o["alive"], o
     assert relay.bytes_down <= 1.1 * model_bytes, (relay.bytes_down, model_bytes, views)
 
+
+# ---------------------------------------------------------------------- --peer-dns in a network namespace
+
+
+class _NetnsAgent(AgentProcess):
+    """An agent inside ``netns`` listening on ``ip:port``; ready when its Unix socket answers.
+
+    (Unix sockets are files: reachable from outside the namespace; its TCP port is not.)
+    """
+
+    def __init__(self, workdir: Path, netns: Netns, ip: str, **kw: Any) -> None:
+        super().__init__(workdir, **kw)
+        self.netns, self.ip = netns, ip
+
+    @property
+    def listen(self) -> str:
+        return f"{self.ip}:{self.port}"
+
+    def command(self) -> list[str]:
+        return [*self.netns.exec_prefix(), *super().command()]
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        deadline = time.monotonic() + (self.start_timeout if timeout is None else timeout)
+        while True:
+            if self.proc is None or self.proc.poll() is not None:
+                raise AgentStartError(f"{self.name} exited before it was ready\n{self.log_tail()}")
+            try:
+                _stats(self)
+                return
+            except (OSError, WarmstartError):
+                pass
+            if time.monotonic() > deadline:
+                raise AgentStartError(f"{self.name} not ready in time\n{self.log_tail()}")
+            time.sleep(0.1)
+
+
+@pytest.mark.skipif(netns_unavailable() is not None, reason=netns_unavailable() or "")
+def test_peer_dns_in_a_network_namespace(
+    agent_env: dict[str, str], seaweed: SeaweedS3, tmp_path: Path
+) -> None:
+    """``--peer-dns NAME``: three agents on three addresses of one name, same port, inside a
+    namespace of the test's own (its /etc/hosts gives the name); S3 through a relay listening in
+    the namespace. They find each other, leave themselves out, drop a stopped agent and take it
+    back when it answers again, and a concurrent prefetch takes the model once from the origin."""
+    ips = ["198.18.0.11", "198.18.0.12", "198.18.0.13"]
+    name = "warmstart-agents.test"
+    files = _upload(seaweed, tmp_path, "peers/dns", {"config.json": 2000, "w.bin": 9 * MiB + 7})
+    token_file = tmp_path / "peer-token"
+    token_file.write_text(TOKEN + "\n")
+    agents: list[_NetnsAgent] = []
+    relay = None
+    try:
+        with Netns(["198.18.0.1", *ips], hosts={name: ips}) as ns:
+            host, port = seaweed.endpoint_url.removeprefix("http://").split(":")
+            relay = TcpRelay(host, int(port), sock=ns.listen_socket("198.18.0.1"))
+            env = {**agent_env, "AWS_ENDPOINT_URL": f"http://198.18.0.1:{relay.port}"}
+            agent_port = free_port()  # the same on every address (the port of --peer-dns is --listen's)
+            for i, ip in enumerate(ips):
+                args = ("--peer-dns", name, "--peer-dns-interval", "1", "--peer-token-file", str(token_file),
+                        "--piece-size", "1MiB")
+                agents.append(_NetnsAgent(tmp_path / f"dns{i}", ns, ip, name=f"dns{i}", env=env, port=agent_port,
+                                          extra_args=args, stop_grace=5))
+            for a in agents:
+                a.start()
+
+            def views_until(ok: Any, what: str, timeout: float = 20.0) -> list[dict[str, Any]]:
+                deadline = time.monotonic() + timeout
+                while True:
+                    views = [_stats(a) for a in agents if a.alive()]
+                    if ok(views):
+                        return views
+                    assert time.monotonic() < deadline, f"{what}: {views}"
+                    time.sleep(0.2)
+
+            addrs = {a.listen for a in agents}
+            views = views_until(lambda vs: all(sum(p["alive"] for p in v["peers"]) == 2 for v in vs), "peers up")
+            for a, v in zip(agents, views):
+                assert v["self"] == a.listen  # itself, as the name resolves to it...
+                assert {p["addr"] for p in v["peers"]} == addrs - {a.listen}  # ... and left out
+
+            relay.reset_counters()
+            for done in _prefetch_all_at_once(agents, "s3://models/peers/dns"):
+                assert done.returncode == 0, done.stderr
+            model_bytes = sum(len(d) for d in files.values())
+            for a in agents:
+                _assert_bit_exact(a, files)
+            stats = [_stats(a) for a in agents]
+            print(f"origin {relay.bytes_down / model_bytes:.2f}x the model over --peer-dns")
+            assert relay.bytes_down <= 1.1 * model_bytes, (relay.bytes_down, model_bytes, stats)
+            assert all(s["peer_bytes_received"] > 0 for s in stats), stats
+
+            gone = agents[2]
+            gone.stop()
+            views_until(lambda vs: all(not p["alive"] for v in vs for p in v["peers"] if p["addr"] == gone.listen),
+                        "stopped agent dropped")
+            gone.start()
+            views_until(lambda vs: len(vs) == 3 and all(sum(p["alive"] for p in v["peers"]) == 2 for v in vs),
+                        "restarted agent back")
+    finally:
+        for a in agents:
+            a.close()
+        if relay is not None:
+            relay.close()

@@ -16,6 +16,7 @@ all connections (the origin's link, not each connection, is what is slow).
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 
@@ -69,10 +70,14 @@ class TcpRelay(ThreadedServer):
     """Listen on 127.0.0.1 (a free port), relay each connection to ``upstream_host:upstream_port``.
 
     ``rate`` (bytes/s) throttles the upstream-to-client direction when set.
+    ``sock``: listen on this socket instead (bound and listening already), e.g.
+    one made inside a network namespace (tests/servers/netns.py): clients there
+    reach an upstream in this process's namespace.
     """
 
     def __init__(
-        self, upstream_host: str, upstream_port: int, *, rate: float | None = None, listen_host: str = "127.0.0.1"
+        self, upstream_host: str, upstream_port: int, *, rate: float | None = None, listen_host: str = "127.0.0.1",
+        sock: socket.socket | None = None,
     ) -> None:
         self.upstream = (upstream_host, upstream_port)
         self._bucket = TokenBucket(rate)
@@ -84,7 +89,7 @@ class TcpRelay(ThreadedServer):
         self._writers: set[asyncio.StreamWriter] = set()
         self._flowing: asyncio.Event | None = None
         self._server: asyncio.base_events.Server | None = None
-        super().__init__(listen_host, 0, backlog=256, name="relay")
+        super().__init__(listen_host, 0, backlog=256, name="relay", sock=sock)
 
     # ------------------------------------------------------------------ public
 

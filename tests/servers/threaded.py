@@ -23,11 +23,16 @@ T = TypeVar("T")
 class ThreadedServer(abc.ABC):
     """Subclasses set their own state, then call ``super().__init__``, which starts serving."""
 
-    def __init__(self, host: str, port: int, *, backlog: int, name: str, start_timeout: float = 30.0) -> None:
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self._sock.listen(backlog)
+    def __init__(
+        self, host: str, port: int, *, backlog: int, name: str, start_timeout: float = 30.0,
+        sock: socket.socket | None = None,
+    ) -> None:
+        if sock is None:  # else a listening socket made elsewhere (e.g. in another network namespace)
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(backlog)
+        self._sock = sock
         self.host, self.port = self._sock.getsockname()[:2]
         self._name = name
         self._loop = asyncio.new_event_loop()
