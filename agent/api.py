@@ -17,6 +17,8 @@ from typing import Any
 
 from aiohttp import web
 
+from agent.artifacts_api import add_artifact_routes
+from agent.artifacts_peer import add_artifact_peer_routes
 from agent.manifest import Manifest
 from agent.models import ModelService, Progress
 from agent.peer_api import PeerState, add_peer_routes, peer_auth
@@ -342,6 +344,7 @@ def local_app(service: ModelService) -> web.Application:
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/evict", evict)
     app.router.add_post("/v1/verify", verify)
+    add_artifact_routes(app, service)
     return app
 
 
@@ -362,4 +365,5 @@ def node_app(ready: dict[str, bool], peer: PeerState | None = None) -> web.Appli
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     add_peer_routes(app, peer or PeerState(None))
+    add_artifact_peer_routes(app)
     return app

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("ref")
     c = with_socket("verify", "re-hash a cached model; re-fetch what is corrupt")
     c.add_argument("ref")
+    from agent import cli_artifacts
+
+    cli_artifacts.add_parser(sub)
     return p
 
 
@@ -92,6 +95,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command == "artifacts":
+            from agent import cli_artifacts
+
+            return cli_artifacts.run(args)
         conn = AgentConnection(args.socket)
         if args.command == "prefetch" and args.all_nodes:
             return _prefetch_all(conn, args.ref, args.pin, sys.stderr)

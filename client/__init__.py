@@ -30,6 +30,7 @@ from client._transport import DEFAULT_TIMEOUT, AgentConnection
 from client.errors import (
     AccessDeniedError,
     AgentUnavailableError,
+    ArtifactNotFoundError,
     BadReferenceError,
     BadRequestError,
     CapacityError,
@@ -37,12 +38,15 @@ from client.errors import (
     IntegrityError,
     MalformedFileError,
     ModelNotFoundError,
+    UnsafeBundleError,
     WarmstartError,
 )
 
 if TYPE_CHECKING:
     import torch
 
+    from client.compile_cache import CompileCache, compile_cache
+    from client.fingerprint import current_fingerprint
     from client.stream import ModelStream
 
     from client.loader import iter_safetensors_files, load_safetensors_file, load_safetensors_files
@@ -50,6 +54,9 @@ if TYPE_CHECKING:
 
 # Public names that live in torch-importing modules, loaded on first access (PEP 562).
 _LAZY: dict[str, str] = {
+    "CompileCache": "client.compile_cache",
+    "compile_cache": "client.compile_cache",
+    "current_fingerprint": "client.fingerprint",
     "SafetensorsHeader": "client.safetensors_header",
     "TensorInfo": "client.safetensors_header",
     "iter_safetensors_files": "client.loader",
@@ -61,16 +68,21 @@ _LAZY: dict[str, str] = {
 __all__ = [
     "AccessDeniedError",
     "AgentUnavailableError",
+    "ArtifactNotFoundError",
     "BadReferenceError",
     "BadRequestError",
     "CapacityError",
+    "CompileCache",
     "FetchFailedError",
     "IntegrityError",
     "MalformedFileError",
     "ModelNotFoundError",
     "SafetensorsHeader",
     "TensorInfo",
+    "UnsafeBundleError",
     "WarmstartError",
+    "compile_cache",
+    "current_fingerprint",
     "iter_safetensors_files",
     "iter_tensors",
     "load_safetensors_file",

@@ -23,7 +23,7 @@ import os
 import socket
 from collections.abc import Iterator
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, BinaryIO, Self
 
 from client.errors import AgentUnavailableError, WarmstartError, error_from_wire
 
@@ -166,33 +166,75 @@ class AgentConnection:
         headers = {"Accept": "application/json, application/x-ndjson", "Connection": "close"}
         if payload is not None:
             headers["Content-Type"] = "application/json"
-        conn = _UnixHTTPConnection(self.socket_path, self.timeout)
+        conn = self._connect()
         try:
-            try:
-                conn.connect()
-            except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
-                raise AgentUnavailableError(
-                    f"no warmstart agent is listening on {self.socket_path} ({exc.strerror or exc});"
-                    f" start one with `agent serve`, or set {SOCKET_ENV} to the agent's socket"
-                ) from None
-            except TimeoutError:
-                raise AgentUnavailableError(
-                    f"connecting to the warmstart agent on {self.socket_path} timed out after {self.timeout:g}s"
-                ) from None
-            except OSError as exc:
-                raise AgentUnavailableError(
-                    f"cannot connect to the warmstart agent on {self.socket_path}: {exc.strerror or exc};"
-                    f" check `agent serve` is running and {SOCKET_ENV}"
-                ) from None
             _guard(conn.request, method, path, body=payload, headers=headers, where=where)
-            response = _guard(conn.getresponse, where=where)
-            if not 200 <= response.status < 300:
-                raw = _guard(response.read, MAX_ERROR_BODY, where=where)
-                raise _error_from_response(response.status, response.reason, raw, where)
+            response = _check_status(conn, where)
         except BaseException:
             conn.close()
             raise
         return conn, response, where
+
+    def send_file(
+        self, method: str, path: str, f: BinaryIO, size: int, headers: dict[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Send ``size`` bytes of file ``f`` (from its current offset) as the body; one JSON object back.
+
+        The body goes with ``socket.sendfile`` (the kernel copies file to
+        socket, no Python buffers), so a bundle of GBs costs no client memory.
+        """
+        where = f"agent at {self.socket_path} ({method} {path})"
+        conn = self._connect()
+        try:
+            conn.putrequest(method, path, skip_accept_encoding=True)
+            for name, value in {"Accept": "application/json", "Connection": "close",
+                                "Content-Type": "application/octet-stream", "Content-Length": str(size),
+                                **(headers or {})}.items():
+                conn.putheader(name, value)
+            _guard(conn.endheaders, where=where)
+            assert conn.sock is not None
+            try:
+                sent = _guard(conn.sock.sendfile, f, f.tell(), size, where=where)
+            except AgentUnavailableError:
+                _check_status(conn, where)  # the agent refused mid-body (capacity, ...): raise its own error
+                raise
+            if sent != size:
+                raise WarmstartError(f"{where}: sent {sent} of {size} bytes (the file shrank?)")
+            response = _check_status(conn, where)
+            data = _guard(response.read, where=where)
+            response.close()
+        finally:
+            conn.close()
+        return _parse_object(data, where)
+
+    def _connect(self) -> _UnixHTTPConnection:
+        conn = _UnixHTTPConnection(self.socket_path, self.timeout)
+        try:
+            conn.connect()
+        except (FileNotFoundError, ConnectionRefusedError, NotADirectoryError) as exc:
+            raise AgentUnavailableError(
+                f"no warmstart agent is listening on {self.socket_path} ({exc.strerror or exc});"
+                f" start one with `agent serve`, or set {SOCKET_ENV} to the agent's socket"
+            ) from None
+        except TimeoutError:
+            raise AgentUnavailableError(
+                f"connecting to the warmstart agent on {self.socket_path} timed out after {self.timeout:g}s"
+            ) from None
+        except OSError as exc:
+            raise AgentUnavailableError(
+                f"cannot connect to the warmstart agent on {self.socket_path}: {exc.strerror or exc};"
+                f" check `agent serve` is running and {SOCKET_ENV}"
+            ) from None
+        return conn
+
+
+def _check_status(conn: _UnixHTTPConnection, where: str) -> http.client.HTTPResponse:
+    """The response's head; a non-2xx answer raises its typed error."""
+    response = _guard(conn.getresponse, where=where)
+    if not 200 <= response.status < 300:
+        raw = _guard(response.read, MAX_ERROR_BODY, where=where)
+        raise _error_from_response(response.status, response.reason, raw, where)
+    return response
 
 
 def _guard(fn: Any, *args: Any, where: str, **kwargs: Any) -> Any:

@@ -14,6 +14,8 @@ Every error also subclasses the built-in a caller would naturally catch, so
     │   └── IntegrityError                  bytes did not match the expected digest
     ├── CapacityError (OSError)             cache capacity or disk space exhausted
     ├── MalformedFileError (ValueError)     e.g. a bad safetensors header
+    │   └── UnsafeBundleError               an artifact archive member would land outside its target
+    ├── ArtifactNotFoundError (FileNotFoundError)  no artifact bundle for this key and fingerprint
     └── AgentUnavailableError (ConnectionError)  no agent answers on the socket
 
 On the wire an error is ``{"error": {"kind": KIND, "message": MESSAGE}}``; ``KIND``
@@ -70,6 +72,22 @@ class AgentUnavailableError(WarmstartError, ConnectionError):
     kind = "agent_unavailable"
 
 
+class UnsafeBundleError(MalformedFileError):
+    """An artifact bundle that must not be installed; ``member`` names the offending archive entry."""
+
+    kind = "unsafe_bundle"
+
+    def __init__(self, message: str, member: str | None = None) -> None:
+        super().__init__(message)
+        self.member = member
+
+
+class ArtifactNotFoundError(WarmstartError, FileNotFoundError):
+    """Nothing stored (here or on a peer) for this key under this fingerprint; the message says what exists."""
+
+    kind = "artifact_not_found"
+
+
 _BY_KIND: dict[str, type[WarmstartError]] = {
     cls.kind: cls
     for cls in (
@@ -82,6 +100,8 @@ _BY_KIND: dict[str, type[WarmstartError]] = {
         CapacityError,
         MalformedFileError,
         AgentUnavailableError,
+        UnsafeBundleError,
+        ArtifactNotFoundError,
     )
 }
 
@@ -90,6 +110,8 @@ HTTP_STATUS: dict[str, int] = {
     "bad_reference": 400,
     "bad_request": 400,
     "malformed_file": 422,
+    "unsafe_bundle": 422,
+    "artifact_not_found": 404,
     "not_found": 404,
     "access_denied": 403,
     "fetch_failed": 502,

@@ -28,13 +28,10 @@ the ring, and the file is not mapped at all.
 from __future__ import annotations
 
 import ctypes
-import errno
-import fcntl
 import mmap
 import os
 import struct
 import sys
-import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,6 +40,7 @@ from typing import Protocol
 import torch
 
 from client._buffers import writable_bytes
+from client._flock import lock_shared as _lock_shared
 from client.device_ring import DEFAULT_RING_BYTES, DeviceRing
 from client.errors import MalformedFileError, WarmstartError
 from client.readahead import Readahead
@@ -50,7 +48,6 @@ from client.safetensors_header import MAX_HEADER_BYTES, SafetensorsHeader, Tenso
 
 # How long to wait for a shared lock; the agent holds its exclusive one only
 # for the instant it takes to unlink a blob.
-LOCK_TIMEOUT = 10.0
 # Linux returns at most 0x7ffff000 bytes per read; ask for no more than that per call.
 _MAX_READ = 1 << 30
 
@@ -257,23 +254,6 @@ def _open_all(paths: Iterable[PathLike]) -> list[_OpenFile]:
             os.close(f.fd)
         raise
     return files
-
-
-def _lock_shared(fd: int, path: str, timeout: float = LOCK_TIMEOUT) -> None:
-    """Take a shared flock, waiting a bounded time for an exclusive holder (the agent deleting it) to finish."""
-    deadline = time.monotonic() + timeout
-    delay = 0.001
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-        if time.monotonic() >= deadline:
-            raise WarmstartError(f"{path}: could not take a shared lock within {timeout:g}s (held exclusively)")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.1)
 
 
 def _check_names(files: Sequence[_OpenFile], wanted: set[str] | None) -> dict[str, _OpenFile]:

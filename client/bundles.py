@@ -1,0 +1,305 @@
+"""Artifact bundles: directory trees and small files in one plain tar, built and installed safely.
+
+A bundle is an uncompressed tar (stdlib ``tarfile``; compile caches are
+mostly already-compact ``.so``/``.py``/pickles, and gzip would cost more CPU
+than the bytes it saves on a node-local or cluster link)::
+
+    warmstart-bundle.json     {"format": 1, "trees": [...], "files": [...]}: what is inside
+    <tree>/<relative path>    one directory tree per name ("inductor", "triton", "dir", ...)
+    <file>                    a named blob of bytes ("mega.bin": save_cache_artifacts())
+
+Installing never trusts the archive. Every member is checked before a byte is
+written: no absolute paths, no ``..``, no member below a symlink member, no
+duplicates, no devices/FIFOs, symlinks only relative and resolving inside
+their tree, hard links only to an earlier regular member of the same tree.
+The first offending member raises :class:`UnsafeBundleError` naming it. The
+tree is then extracted into a fresh temporary directory *inside* the target
+(files opened with ``O_EXCL|O_NOFOLLOW``, modes stripped to rwx bits) and
+moved into place file by file with ``rename``: a process reading the target
+sees each file old or new, never half, and nothing outside the target is
+touched (each destination's parent is checked with ``realpath``, so a symlink
+already in the target cannot redirect a write). Nothing is executed;
+installing only writes files.
+
+Stdlib only (the client's rule).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import posixpath
+import shutil
+import stat
+import tarfile
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import IO, Any
+
+from client.errors import UnsafeBundleError
+
+META_NAME = "warmstart-bundle.json"
+FORMAT = 1
+COPY_CHUNK = 1024 * 1024
+MAX_SMALL_FILE = 1024 * 1024 * 1024
+# Cache-directory entries that are process-local state, never worth shipping.
+SKIP_DIRS = frozenset({"locks"})
+SKIP_SUFFIXES = (".lock", ".tmp")
+
+
+def iter_tree(root: str) -> Iterator[tuple[str, os.stat_result]]:
+    """``(relative path, lstat)`` of the directories and regular files under ``root``, sorted, skipping lock files.
+
+    Symlinks and special files in a cache directory are not shipped (the
+    caches this is for contain none); files that vanish mid-walk are skipped.
+    """
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir.replace(os.sep, "/")
+        if rel_dir == "":
+            dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]
+        dirnames.sort()
+        for name in sorted(dirnames) + sorted(filenames):
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            if name.endswith(SKIP_SUFFIXES):
+                continue
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+            if stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode):
+                yield rel, st
+
+
+def tree_signature(root: str) -> dict[str, int]:
+    """{relative file path: size}: tells whether a cache directory gained anything.
+
+    Not mtimes: a cache hit may rewrite a file it already had with the same bytes.
+    """
+    if not os.path.isdir(root):
+        return {}
+    return {rel: st.st_size for rel, st in iter_tree(root) if stat.S_ISREG(st.st_mode)}
+
+
+def build_bundle(out: IO[bytes], trees: Mapping[str, str], files: Mapping[str, bytes] | None = None) -> dict[str, Any]:
+    """Write a bundle of ``trees`` ({name: directory}) and ``files`` ({name: bytes}) to ``out``; return its table."""
+    files = dict(files or {})
+    for name in list(trees) + list(files):
+        if not name or "/" in name or name in (".", "..", META_NAME):
+            raise ValueError(f"bad bundle entry name {name!r}")
+    table: dict[str, Any] = {"format": FORMAT, "trees": sorted(trees), "files": sorted(files)}
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT, bufsize=COPY_CHUNK) as tar:
+        _add_bytes(tar, META_NAME, json.dumps(table, sort_keys=True).encode())
+        for name in sorted(files):
+            _add_bytes(tar, name, files[name])
+        for name in sorted(trees):
+            root = trees[name]
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+            for rel, st in iter_tree(root):
+                info = tarfile.TarInfo(f"{name}/{rel}")
+                info.mtime = int(st.st_mtime)
+                info.mode = stat.S_IMODE(st.st_mode) & 0o755
+                if stat.S_ISDIR(st.st_mode):
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(info)
+                    continue
+                try:
+                    f = open(os.path.join(root, rel), "rb")
+                except FileNotFoundError:
+                    continue
+                with f:
+                    info.size = os.fstat(f.fileno()).st_size
+                    tar.addfile(info, f)
+    return table
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    import io
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+class Bundle:
+    """A bundle opened for reading; every member is checked when it opens (see the module doc)."""
+
+    def __init__(self, fileobj: IO[bytes], where: str = "bundle") -> None:
+        self.where = where
+        try:
+            self._tar = tarfile.open(fileobj=fileobj, mode="r:")
+            members = self._tar.getmembers()
+        except (tarfile.TarError, EOFError) as exc:
+            raise UnsafeBundleError(f"{where}: not a readable bundle ({exc})") from None
+        self.members: dict[str, tarfile.TarInfo] = {}
+        self.trees: dict[str, list[tarfile.TarInfo]] = {}
+        links: set[str] = set()
+        for m in members:
+            name = _check_member(m, where, links, self.members)
+            self.members[name] = m
+            if "/" in name:
+                tree, rel = name.split("/", 1)
+                self.trees.setdefault(tree, []).append(m)
+                if m.issym():
+                    _check_symlink(m, tree, rel, where)
+                    links.add(name)
+                elif m.islnk():
+                    _check_hardlink(m, tree, where, self.members)
+            elif m.isdir():
+                self.trees.setdefault(name, [])
+            elif not m.isreg():
+                raise UnsafeBundleError(f"{where}: top-level member {name!r} is not a file", name)
+        meta = self.read(META_NAME) if META_NAME in self.members else None
+        try:
+            self.table = json.loads(meta) if meta is not None else {}
+        except ValueError:
+            raise UnsafeBundleError(f"{where}: {META_NAME} is not JSON", META_NAME) from None
+
+    def close(self) -> None:
+        self._tar.close()
+
+    def __enter__(self) -> Bundle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read(self, name: str) -> bytes | None:
+        """The bytes of top-level file ``name``, or None when the bundle has none."""
+        m = self.members.get(name)
+        if m is None or not m.isreg() or "/" in name:
+            return None
+        if m.size > MAX_SMALL_FILE:
+            raise UnsafeBundleError(f"{self.where}: {name!r} is {m.size} bytes, more than files are allowed", name)
+        f = self._tar.extractfile(m)
+        assert f is not None
+        return f.read()
+
+    def install(self, tree: str, target: str) -> int:
+        """Merge tree ``tree`` into directory ``target`` (created); returns how many files were written."""
+        members = self.trees.get(tree)
+        if members is None:
+            raise KeyError(tree)
+        os.makedirs(target, exist_ok=True)
+        real_target = os.path.realpath(target)
+        tmp = tempfile.mkdtemp(prefix=".warmstart-install-", dir=real_target)
+        try:
+            for m in members:
+                self._extract(m, m.name.split("/", 1)[1], tmp)
+            return _move_tree(tmp, real_target, self.where)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _extract(self, m: tarfile.TarInfo, rel: str, tmp: str) -> None:
+        path = os.path.join(tmp, *rel.split("/"))
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        if m.isdir():
+            os.makedirs(path, exist_ok=True)
+        elif m.issym():
+            os.symlink(m.linkname, path)
+        elif m.islnk():
+            os.link(os.path.join(tmp, *m.linkname.split("/", 1)[1].split("/")), path, follow_symlinks=False)
+        else:
+            src = self._tar.extractfile(m)
+            assert src is not None
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         (m.mode & 0o755) | 0o600)
+            with os.fdopen(fd, "wb") as dst, src:
+                shutil.copyfileobj(src, dst, COPY_CHUNK)
+
+
+def _check_member(
+    m: tarfile.TarInfo, where: str, links: set[str], seen: Mapping[str, tarfile.TarInfo]
+) -> str:
+    """The member's normalised name, or UnsafeBundleError naming it."""
+    raw = m.name
+    if not raw or "\x00" in raw or "\\" in raw:
+        raise UnsafeBundleError(f"{where}: member {raw!r} has a bad name", raw)
+    if raw.startswith("/") or posixpath.isabs(raw):
+        raise UnsafeBundleError(f"{where}: member {raw!r} is an absolute path", raw)
+    parts = [p for p in raw.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        raise UnsafeBundleError(f"{where}: member {raw!r} climbs out with '..'", raw)
+    if not parts:
+        raise UnsafeBundleError(f"{where}: member {raw!r} names no path", raw)
+    name = "/".join(parts)
+    if not (m.isreg() or m.isdir() or m.issym() or m.islnk()):
+        raise UnsafeBundleError(f"{where}: member {raw!r} is a device, FIFO or other special file", raw)
+    if name in seen and not (m.isdir() and seen[name].isdir()):
+        raise UnsafeBundleError(f"{where}: member {raw!r} appears twice", raw)
+    for i in range(1, len(parts)):
+        if "/".join(parts[:i]) in links:
+            raise UnsafeBundleError(f"{where}: member {raw!r} lies below a symlink member", raw)
+        parent = seen.get("/".join(parts[:i]))
+        if parent is not None and not parent.isdir():
+            raise UnsafeBundleError(f"{where}: member {raw!r} lies below a non-directory member", raw)
+    m.name = name
+    return name
+
+
+def _check_symlink(m: tarfile.TarInfo, tree: str, rel: str, where: str) -> None:
+    target = m.linkname
+    if not target or target.startswith("/") or "\x00" in target:
+        raise UnsafeBundleError(f"{where}: symlink {m.name!r} -> {target!r} is absolute or empty", m.name)
+    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
+    if resolved == ".." or resolved.startswith("../") or resolved.startswith("/"):
+        raise UnsafeBundleError(f"{where}: symlink {m.name!r} -> {target!r} points outside its tree", m.name)
+
+
+def _check_hardlink(
+    m: tarfile.TarInfo, tree: str, where: str, seen: Mapping[str, tarfile.TarInfo]
+) -> None:
+    target = posixpath.normpath(m.linkname) if m.linkname else ""
+    other = seen.get(target)
+    if other is None or not other.isreg() or not target.startswith(f"{tree}/"):
+        raise UnsafeBundleError(
+            f"{where}: hard link {m.name!r} -> {m.linkname!r} is not to an earlier file of its tree", m.name
+        )
+    m.linkname = target
+
+
+def _move_tree(src_root: str, dst_root: str, where: str) -> int:
+    """Rename every entry under ``src_root`` into ``dst_root`` (same filesystem); returns files moved."""
+    moved = 0
+    for dirpath, dirnames, filenames in os.walk(src_root):
+        rel_dir = os.path.relpath(dirpath, src_root)
+        dst_dir = dst_root if rel_dir == "." else os.path.join(dst_root, rel_dir)
+        for d in sorted(dirnames):
+            src = os.path.join(dirpath, d)
+            if os.path.islink(src):  # a symlink member: os.walk lists it with the directories
+                filenames.append(d)
+                continue
+            dst = os.path.join(dst_dir, d)
+            _check_inside(dst, dst_root, where)
+            try:
+                os.mkdir(dst, 0o755)
+            except FileExistsError:
+                if os.path.islink(dst) or not os.path.isdir(dst):
+                    raise UnsafeBundleError(
+                        f"{where}: {dst} exists and is not a directory; not installing over it", d
+                    ) from None
+        dirnames[:] = [d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))]
+        for f in sorted(filenames):
+            dst = os.path.join(dst_dir, f)
+            _check_inside(dst, dst_root, where)
+            if os.path.isdir(dst) and not os.path.islink(dst):
+                raise UnsafeBundleError(f"{where}: {dst} is a directory; not replacing it with a file", f)
+            try:
+                os.replace(os.path.join(dirpath, f), dst)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                raise UnsafeBundleError(f"{where}: {dst} is on another filesystem than its target", f) from None
+            moved += 1
+    return moved
+
+
+def _check_inside(path: str, root: str, where: str) -> None:
+    """Refuse a destination whose parent resolves outside ``root`` (a symlink already in the target)."""
+    parent = os.path.realpath(os.path.dirname(path))
+    if parent != root and not parent.startswith(root + os.sep):
+        raise UnsafeBundleError(f"{where}: {path} would be written outside {root} (through a symlink)", path)
