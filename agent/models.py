@@ -67,14 +67,28 @@ class ModelService:
         self.fetcher = fetcher
         self.origins = origins
         self.piece_size = piece_size
+        # Model key -> the revision a bare reference opens while a newer one is being
+        # fetched in the background (the warm set's rollover): the newest *complete* one.
+        self.serving: dict[str, str] = {}
 
-    async def resolve(self, text: str) -> tuple[ModelRef, Manifest]:
-        """The manifest ``text`` names now; raises BadReferenceError, ModelNotFoundError, ..."""
+    def is_complete(self, manifest: Manifest) -> bool:
+        return all(self.store.digest_of(f) is not None for f in manifest.files)
+
+    async def resolve(self, text: str, fresh: bool = False) -> tuple[ModelRef, Manifest]:
+        """The manifest ``text`` names now; raises BadReferenceError, ModelNotFoundError, ...
+
+        A bare reference whose model is being rolled over names the complete revision
+        (``serving``) unless ``fresh``: the warm set itself asks the origin.
+        """
         ref = parse_ref(text)
         if ref.revision:
             pinned = await self.store.load_manifest(ref, ref.revision)
             if pinned is not None:
                 return ref, pinned
+        elif not fresh and (serving := self.serving.get(ref.key)) is not None:
+            current = await self.store.load_manifest(ref, serving)
+            if current is not None and self.is_complete(current):
+                return ref, current
         try:
             fresh = await self.origins.for_ref(ref).resolve(ref)
         except FetchFailedError as exc:
@@ -99,8 +113,19 @@ class ModelService:
         return p
 
     async def ensure(self, ref: ModelRef, manifest: Manifest, pin: bool | None = None) -> Manifest:
-        """Fetch every missing file of ``manifest``; on return all are verified blobs."""
-        await self.store.record_model(ref, manifest.revision, pin)
+        """Fetch every missing file of ``manifest``; on return all are verified blobs.
+
+        The model's record (what a bare reference falls back to, what `agent ls`
+        shows) moves to a new revision only once that revision is complete when
+        the record names a complete one now: never from whole to partial.
+        """
+        rec = self.store.models.get(ref.key)
+        defer = False
+        if rec is not None and rec.revision != manifest.revision and not self.is_complete(manifest):
+            current = await self.store.load_manifest(ref, rec.revision)
+            defer = current is not None and self.is_complete(current)
+        if not defer:
+            await self.store.record_model(ref, manifest.revision, pin)
         origin = self.origins.for_ref(ref)
         ctx = PeerContext(ref.base, manifest.revision, ref.scheme)
         protect = {d for f in manifest.files if (d := self.store.digest_of(f))}
@@ -117,6 +142,8 @@ class ModelService:
         if missing_before or any(f.pieces is None for f in manifest.files):
             await self._fill_piece_hashes(manifest)
             await self.store.save_manifest(ref, manifest)
+        if defer:
+            await self.store.record_model(ref, manifest.revision, pin)
         await self.store.touch(f.digest for f in manifest.files if f.digest)
         return manifest
 

@@ -84,6 +84,9 @@ class Store:
         self.sources: dict[str, str] = {}
         self.models: dict[str, ModelRecord] = {}
         self._pinned_cache: set[str] | None = None
+        # Revisions held pinned besides the model records' own (the warm set's: a
+        # revision being replaced stays pinned until its successor is complete).
+        self.holds: dict[str, set[tuple[ModelRef, str]]] = {}
         self._manifest_cache: dict[tuple[str, str], Manifest] = {}
         self.evictions = 0
         self.reverified = 0
@@ -285,12 +288,29 @@ class Store:
             return set()
         return {d for f in manifest.files if (d := f.digest or self.sources.get(f.fill_key))}
 
+    def set_holds(self, owner: str, holds: set[tuple[ModelRef, str]]) -> None:
+        """Pin exactly these (reference, revision) pairs on behalf of ``owner`` (replacing its last set)."""
+        if holds:
+            self.holds[owner] = set(holds)
+        else:
+            self.holds.pop(owner, None)
+        self._pinned_cache = None
+
+    async def revision_digests(self, ref: ModelRef, revision: str) -> set[str]:
+        manifest = await self.load_manifest(ref, revision)
+        if manifest is None:
+            return set()
+        return {d for f in manifest.files if (d := f.digest or self.sources.get(f.fill_key))}
+
     async def pinned_digests(self) -> set[str]:
         if self._pinned_cache is None:
             pinned: set[str] = set()
             for rec in list(self.models.values()):
                 if rec.pinned:
                     pinned |= await self.model_digests(rec)
+            for held in list(self.holds.values()):
+                for ref, revision in held:
+                    pinned |= await self.revision_digests(ref, revision)
             self._pinned_cache = pinned
         return self._pinned_cache
 
