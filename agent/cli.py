@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--piece-size", default=_env("WARMSTART_PIECE_SIZE", str(DEFAULT_PIECE_SIZE)))
     s.add_argument("--connections", type=int, default=int(_env("WARMSTART_CONNECTIONS", str(DEFAULT_CONNECTIONS))))
     s.add_argument("--log-level", default=_env("WARMSTART_LOG_LEVEL", "INFO"))
+    s.add_argument("--warm-set", default=_env("WARMSTART_WARM_SET", "") or None,
+                   help="YAML file of models to keep warm (a mounted ConfigMap; edits apply without a restart)")
+    s.add_argument("--warm-set-poll", type=float, default=float(_env("WARMSTART_WARM_SET_POLL", "2")),
+                   help="seconds between looks at the warm-set file")
     s.add_argument("--peers", default=_env("WARMSTART_PEERS", ""),
                    help="static peer list HOST:PORT,... (this node's own address is ignored)")
     s.add_argument("--peer-dns", default=_env("WARMSTART_PEER_DNS", "") or None,
@@ -78,7 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--all-nodes", action="store_true", help="also on every live peer (before a scale-up)")
     c = with_socket("stats", "byte counters (origin, peers) and peer states")
     c.add_argument("--json", action="store_true")
-    c = with_socket("ls", "list cached models")
+    c = with_socket("ls", "list cached models (and the warm set, if the agent has one)")
+    c.add_argument("--json", action="store_true")
+    c = with_socket("warm-set", "the warm set's entries: revision, state, progress, errors")
+    c.add_argument("action", nargs="?", choices=["status"], default="status")
     c.add_argument("--json", action="store_true")
     c = with_socket("evict", "unpin a model and delete its blobs")
     c.add_argument("ref")
@@ -108,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             return _stats(conn, args.json)
         if args.command == "ls":
             return _ls(conn, args.json)
+        if args.command == "warm-set":
+            from agent.cli_warm_set import show_warm_set
+
+            return show_warm_set(conn, args.json)
         if args.command == "evict":
             out = conn.request_json("POST", "/v1/evict", {"ref": args.ref})
             print(f"evicted {out['ref']}: freed {format_size(out['freed_bytes'])}")
@@ -147,6 +158,8 @@ def _serve(args: argparse.Namespace) -> int:
             read_token(args.peer_token_file)
             for addr in peers + ((args.advertise,) if args.advertise else ()):
                 split_hostport(addr)
+        if args.warm_set_poll <= 0:
+            raise ValueError("--warm-set-poll must be positive")
         if args.peer_hedge_timeout <= 0 or args.peer_dns_interval <= 0:
             raise ValueError("--peer-hedge-timeout and --peer-dns-interval must be positive")
         config = AgentConfig(
@@ -162,6 +175,8 @@ def _serve(args: argparse.Namespace) -> int:
             peer_token_file=args.peer_token_file,
             advertise=args.advertise,
             peer_hedge_timeout=args.peer_hedge_timeout,
+            warm_set=os.path.abspath(args.warm_set) if args.warm_set else None,
+            warm_set_poll=args.warm_set_poll,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -285,9 +300,12 @@ def _progress_text(line: dict[str, Any]) -> str:
 
 
 def _ls(conn: AgentConnection, as_json: bool) -> int:
+    from agent.cli_warm_set import show_warm_set, warm_set_status
+
     data = conn.request_json("GET", "/v1/models")
+    warm = warm_set_status(conn)
     if as_json:
-        print(json.dumps(data, indent=2))
+        print(json.dumps({**data, "warm_set": warm} if warm is not None else data, indent=2))
         return 0
     rows = [("MODEL", "REVISION", "SIZE", "CACHED", "PINNED", "LAST USE")]
     for m in data["models"]:
@@ -299,4 +317,7 @@ def _ls(conn: AgentConnection, as_json: bool) -> int:
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     print(f"cache: {format_size(data['used_bytes'])} used of {format_size(data['capacity_bytes'])}")
+    if warm is not None:
+        print()
+        show_warm_set(conn, False, warm)
     return 0

@@ -23,6 +23,7 @@ from agent.peer_client import PeerClient
 from agent.peers import Membership, read_token
 from agent.store import Store
 from agent.units import format_size
+from agent.warm_set import WarmSet, add_warm_set_routes
 
 log = logging.getLogger(__name__)
 IO_THREADS = 16
@@ -110,7 +111,10 @@ async def serve(config: AgentConfig) -> None:
         peer_state.service = service
 
     _prepare_socket_path(config.socket)
-    local_runner = web.AppRunner(local_app(service), access_log=None)
+    warm_set = WarmSet(config.warm_set, service, poll=config.warm_set_poll) if config.warm_set else None
+    app = local_app(service)
+    add_warm_set_routes(app, warm_set)
+    local_runner = web.AppRunner(app, access_log=None)
     await local_runner.setup()
     await web.UnixSite(local_runner, config.socket).start()
     os.chmod(config.socket, config.socket_mode)
@@ -123,6 +127,7 @@ async def serve(config: AgentConfig) -> None:
 
     syncer = asyncio.create_task(store.sync_loop(), name="sync")
     warm_up = asyncio.create_task(origins.warm_up(), name="warm-up origins")
+    warm_task = asyncio.create_task(warm_set.run(), name="warm set") if warm_set is not None else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -132,6 +137,9 @@ async def serve(config: AgentConfig) -> None:
     finally:
         log.info("shutting down")
         ready["store"] = False
+        if warm_task is not None and warm_set is not None:
+            warm_task.cancel()
+            await warm_set.close()
         await local_runner.cleanup()
         await node_runner.cleanup()
         for flight in list(fetcher.flights.values()):
