@@ -1,0 +1,296 @@
+"""The declarative warm set (agent/warm_set.py) on real agents, a real file, SeaweedFS and the HF endpoint.
+
+The file is laid out the way a mounted ConfigMap is (``warm-set.yaml ->
+..data/warm-set.yaml``, ``..data -> ..<timestamp>``) and changed the way the
+kubelet changes it: a new timestamped directory, then an atomic rename of a new
+``..data`` symlink over the old one. Agents poll it every 0.2 s.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import re
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import xxhash
+
+from agent.warm_set import WarmSetError, parse_duration, parse_warm_set
+from client._transport import AgentConnection
+from tests.servers.hf_endpoint import HfEndpoint
+from tests.servers.seaweedfs import SeaweedS3
+from tests.test_peers import _cluster, _relay, _upload, _wait_peers_up
+
+MiB = 1024 * 1024
+POLL = ("--warm-set-poll", "0.2")
+
+
+# ---------------------------------------------------------------------- the file format (pure)
+
+
+def test_parse_is_strict_and_names_what_is_wrong() -> None:
+    spec = parse_warm_set(
+        "models:\n  - ref: hf://org/name@main\n    pin: true\n  - ref: s3://models/embedder\n    pin: false\n"
+        "refresh: 10m\n"
+    )
+    assert [(e.ref, e.pin) for e in spec.entries] == [("hf://org/name@main", True), ("s3://models/embedder", False)]
+    assert spec.refresh == 600
+    assert parse_warm_set("").entries == ()
+    assert parse_duration("1h30m") == 5400 and parse_duration("30s") == 30 and parse_duration(45) == 45
+    bad = {
+        "models: [{ref: s3://models/x, pinned: true}]": "unknown key 'pinned'",
+        "modles: []": "unknown key 'modles'",
+        "refresh: 10 minutes": "refresh",
+        "refresh: 0s": "minimum",
+        "models: [{ref: 'gs://b/x'}]": "models[0]: unknown scheme 'gs'",
+        "models: [{pin: true}]": "'ref' is required",
+        "models: [{ref: s3://models/x, pin: 'yes'}]": "'pin' must be true or false",
+        "models: [{ref: s3://models/x}, {ref: s3://models/x@abc}]": "list a model once",
+        "models: [": "invalid YAML",
+        "- a\n- b\n": "top level",
+    }
+    for text, words in bad.items():
+        with pytest.raises(WarmSetError, match=re.escape(words)):
+            parse_warm_set(text)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+class ConfigMapDir:
+    """A directory laid out like a mounted ConfigMap, updated by an atomic ``..data`` swap."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.n = 0
+        self.path = root / "warm-set.yaml"
+
+    def write(self, text: str) -> None:
+        self.n += 1
+        version = self.root / f"..2026_01_01_00_00_{self.n:02d}.{os.getpid()}"
+        version.mkdir()
+        (version / "warm-set.yaml").write_text(text)
+        tmp = self.root / "..data_tmp"
+        tmp.symlink_to(version.name)
+        os.replace(tmp, self.root / "..data")  # the atomic swap
+        if not self.path.is_symlink():
+            self.path.symlink_to("..data/warm-set.yaml")
+
+
+def _conn(agent: Any) -> AgentConnection:
+    return AgentConnection(str(agent.socket_path), timeout=10)
+
+
+def _status(agent: Any) -> dict[str, Any]:
+    return _conn(agent).request_json("GET", "/v1/warm-set")
+
+
+def _entry(status: dict[str, Any], ref: str) -> dict[str, Any]:
+    return next(e for e in status["entries"] if e["ref"] == ref)
+
+
+def _wait(agent: Any, pred: Callable[[dict[str, Any]], bool], timeout: float = 30.0, what: str = "") -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = _status(agent)
+        if pred(st):
+            return st
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {st}"
+        time.sleep(0.1)
+
+
+def _all_ready(st: dict[str, Any], n: int | None = None) -> bool:
+    return bool(st["entries"]) and all(e["state"] == "ready" for e in st["entries"]) and (
+        n is None or len(st["entries"]) == n)
+
+
+def _pins(agent: Any) -> dict[str, bool]:
+    return {m["ref"]: m["pinned"] for m in _conn(agent).request_json("GET", "/v1/models")["models"]}
+
+
+def _warm_set(*entries: tuple[str, bool], refresh: str = "10m") -> str:
+    lines = ["models:"] + [f"  - ref: {r}\n    pin: {'true' if p else 'false'}" for r, p in entries]
+    return "\n".join(lines) + f"\nrefresh: {refresh}\n"
+
+
+# ---------------------------------------------------------------------- one agent
+
+
+def test_add_remove_symlink_swaps_and_a_bad_file_keeps_the_last_good_set(
+    agent_factory: Any, seaweed: SeaweedS3, tmp_path: Path
+) -> None:
+    a_files = _upload(seaweed, tmp_path, "ws-a", {"a.bin": 3 * MiB, "config.json": 100})
+    b_files = _upload(seaweed, tmp_path, "ws-b", {"b.bin": 2 * MiB})
+    ref_a, ref_b = "s3://models/ws-a", "s3://models/ws-b"
+    cm = ConfigMapDir(tmp_path / "cm")
+    cm.write(_warm_set((ref_a, True)))
+    agent = agent_factory("n", extra_args=("--warm-set", str(cm.path), *POLL))
+
+    st = _wait(agent, lambda s: _all_ready(s, 1), what="A ready")
+    assert _entry(st, ref_a)["total_bytes"] == sum(len(d) for d in a_files.values())
+    assert _pins(agent) == {ref_a: True}
+
+    cm.write(_warm_set((ref_a, True), (ref_b, False)))  # add B (evictable)
+    st = _wait(agent, lambda s: _all_ready(s, 2), what="A and B ready")
+    assert st["generation"] == 2
+    assert _pins(agent) == {ref_a: True, ref_b: False}
+    for data in (*a_files.values(), *b_files.values()):
+        assert (agent.cache_dir / "blobs" / xxhash.xxh3_128_hexdigest(data)).read_bytes() == data
+
+    for broken, words in (("models: [\n", "invalid YAML"), ("models: []\nrefresh: 1m\nextra: 1\n", "'extra'"),
+                          ("models: [{ref: 's3://models/ws-a', pin: true, size: 3}]", "'size'")):
+        cm.write(broken)
+        st = _wait(agent, lambda s: s["file_error"] is not None and words in s["file_error"]["message"], 10,
+                   f"file error {words}")
+        assert st["generation"] == 2 and _all_ready(st, 2), st  # the last good set stays in force
+        assert agent.alive()
+    assert st["file_errors_total"] == 3
+    metrics = _conn(agent)._send("GET", "/v1/warm-set/metrics", None)[1].read().decode()
+    assert "warmstart_warm_set_file_errors_total 3.0" in metrics
+    assert 'warmstart_warm_set_entries{state="ready"} 2.0' in metrics
+    assert "warmstart_warm_set_file_valid 0.0" in metrics
+    assert "invalid YAML" in agent.log_text() and "keeping the last good warm set" in agent.log_text()
+
+    cm.write(_warm_set((ref_b, True)))  # A removed, B now pinned
+    st = _wait(agent, lambda s: len(s["entries"]) == 1 and _all_ready(s), what="A removed")
+    assert st["file_error"] is None and st["generation"] == 3
+    assert _pins(agent) == {ref_a: False, ref_b: True}  # A unpinned (evictable), not deleted
+    assert all((agent.cache_dir / "blobs" / xxhash.xxh3_128_hexdigest(d)).is_file() for d in a_files.values())
+
+    out = agent.cli("ls", check=True).stdout
+    assert "warm set" in out and ref_b in out and "ready" in out
+    # A restart reconciles from the file again; nothing is fetched twice.
+    agent.restart()
+    _wait(agent, lambda s: _all_ready(s, 1), what="ready after restart")
+    assert _pins(agent)[ref_b] is True
+
+
+def test_over_capacity_is_refused_with_the_sizes_and_no_retry_loop(
+    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+) -> None:
+    _upload(seaweed, tmp_path, "cap-a", {"a.bin": 5 * MiB})
+    b_files = _upload(seaweed, tmp_path, "cap-b", {"b.bin": 4 * MiB})
+    relay = _relay(seaweed, relay_factory)
+    ref_a, ref_b = "s3://models/cap-a", "s3://models/cap-b"
+    cm = ConfigMapDir(tmp_path / "cm")
+    cm.write(_warm_set((ref_a, True), (ref_b, True), refresh="1s"))
+    agent = agent_factory("n", capacity="8MiB", env={**agent_env, "AWS_ENDPOINT_URL": relay.url},
+                          extra_args=("--warm-set", str(cm.path), *POLL, "--piece-size", "1MiB"))
+    st = _wait(agent, lambda s: {e["state"] for e in s["entries"]} == {"ready", "failed"}, what="one refused")
+    refused = next(e for e in st["entries"] if e["state"] == "failed")
+    assert refused["error"]["kind"] == "capacity" and refused["next_retry_s"] is None
+    msg = refused["error"]["message"]
+    assert "does not fit" in msg and "8.0 MiB" in msg, msg
+    assert "refused" in agent.log_text() and "8.0 MiB" in agent.log_text()
+
+    # No loop: over several refresh periods the origin sees no request for the refused entry.
+    connections = relay.connections
+    requests_before = agent.log_text().count("refused")
+    time.sleep(3.0)
+    assert relay.connections == connections
+    assert agent.log_text().count("refused") == requests_before
+    ready_ref = next(e["ref"] for e in st["entries"] if e["state"] == "ready")
+    assert _pins(agent) == {ready_ref: True}  # the pinned one was never evicted
+
+    # Dropping the pinned one frees the room: the refused one goes in without any file change of its own.
+    if refused["ref"] == ref_b:
+        cm.write(_warm_set((ref_b, True), refresh="1s"))
+        _wait(agent, lambda s: _all_ready(s, 1), what="B in once A is gone")
+        blob = agent.cache_dir / "blobs" / xxhash.xxh3_128_hexdigest(b_files["b.bin"])
+        assert blob.read_bytes() == b_files["b.bin"]
+
+
+# ---------------------------------------------------------------------- rollover
+
+
+def _model_dir(root: Path, name: str, size: int) -> dict[str, bytes]:
+    root.mkdir(parents=True)
+    files = {"config.json": f'{{"name": "{name}"}}'.encode(), "model.safetensors": os.urandom(size)}
+    for path, data in files.items():
+        (root / path).write_bytes(data)
+    return files
+
+
+def test_moving_main_rolls_over_while_a_reader_keeps_the_old_revision(
+    agent_factory: Any, agent_env: dict[str, str], hf_endpoint: HfEndpoint, relay_factory: Any, tmp_path: Path
+) -> None:
+    repo = "org/rolling"
+    old = _model_dir(tmp_path / "v1", "v1", 4 * MiB)
+    new = _model_dir(tmp_path / "v2", "v2", 12 * MiB)
+    c1 = hf_endpoint.add_repo(repo, tmp_path / "v1")
+    host, port = hf_endpoint.endpoint.removeprefix("http://").split(":")
+    relay = relay_factory(host, int(port.rstrip("/")))
+    ref = f"hf://{repo}@main"
+    cm = ConfigMapDir(tmp_path / "cm")
+    cm.write(_warm_set((ref, True), refresh="1s"))
+    agent = agent_factory("n", env={**agent_env, "HF_ENDPOINT": relay.url},
+                          extra_args=("--warm-set", str(cm.path), *POLL, "--piece-size", "1MiB"))
+    _wait(agent, lambda s: _all_ready(s, 1) and s["entries"][0]["revision"] == c1, what="v1 ready")
+
+    # A client opens the bare reference and keeps the old weights open (shared flock, as client readers do).
+    opened = _conn(agent).stream("POST", "/v1/open", {"ref": f"hf://{repo}"})
+    complete = [line for line in opened if line.get("event") == "complete"][0]
+    assert complete["revision"] == c1
+    blob = next(f["blob"] for f in complete["files"] if f["path"] == "model.safetensors")
+    fd = os.open(agent.cache_dir / blob, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    try:
+        relay.set_rate(4 * MiB)  # the new revision takes ~3 s to arrive
+        c2 = hf_endpoint.set_branch(repo, "main", tmp_path / "v2")
+        st = _wait(agent, lambda s: s["entries"][0]["state"] == "fetching", what="rollover started")
+        e = st["entries"][0]
+        assert (e["revision"], e["target_revision"], e["replacing"]) == (c1, c2, c1)
+        seen_fetching = 0
+        while _status(agent)["entries"][0]["state"] == "fetching":
+            seen_fetching += 1
+            # During the rollover the bare reference (and @main's record) still name the complete v1 ...
+            assert _conn(agent).request_json("POST", "/v1/resolve", {"ref": f"hf://{repo}"})["revision"] == c1
+            # ... and the reader reads it bit-exact.
+            assert os.pread(fd, len(old["model.safetensors"]), 0) == old["model.safetensors"]
+            time.sleep(0.2)
+        assert seen_fetching >= 2
+        st = _wait(agent, lambda s: _all_ready(s, 1), what="v2 ready")
+        e = st["entries"][0]
+        assert (e["revision"], e["replacing"], e["rollovers"], st["rollovers_total"]) == (c2, None, 1, 1)
+        assert _conn(agent).request_json("POST", "/v1/resolve", {"ref": f"hf://{repo}"})["revision"] == c2
+        assert os.pread(fd, len(old["model.safetensors"]), 0) == old["model.safetensors"]
+    finally:
+        os.close(fd)
+    opened = _conn(agent).stream("POST", "/v1/open", {"ref": f"hf://{repo}"})
+    complete = [line for line in opened if line.get("event") == "complete"][0]
+    assert complete["revision"] == c2 and complete["fetched_bytes"] == 0
+    blob = next(f["blob"] for f in complete["files"] if f["path"] == "model.safetensors")
+    assert (agent.cache_dir / blob).read_bytes() == new["model.safetensors"]
+    assert "rolled over" in agent.log_text()
+    metrics = _conn(agent)._send("GET", "/v1/warm-set/metrics", None)[1].read().decode()
+    assert "warmstart_warm_set_rollovers_total 1.0" in metrics
+
+
+# ---------------------------------------------------------------------- peers
+
+
+def test_two_peers_warm_the_same_set_with_the_origin_sending_it_about_once(
+    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+) -> None:
+    files = _upload(seaweed, tmp_path, "ws-peers", {"a.bin": 12 * MiB, "b.bin": 4 * MiB})
+    relay = _relay(seaweed, relay_factory)
+    cm = ConfigMapDir(tmp_path / "cm")
+    cm.write(_warm_set())
+    agents = _cluster(agent_factory, agent_env, tmp_path, 2, relay,
+                      extra=("--warm-set", str(cm.path), *POLL))
+    _wait_peers_up(agents)
+    relay.reset_counters()
+    cm.write(_warm_set(("s3://models/ws-peers", True)))
+    for a in agents:
+        _wait(a, lambda s: _all_ready(s, 1), timeout=60, what=f"{a.name} ready")
+    model_bytes = sum(len(d) for d in files.values())
+    print(f"origin {relay.bytes_down / model_bytes:.2f}x the model for 2 nodes")
+    assert relay.bytes_down <= 1.2 * model_bytes, (relay.bytes_down, model_bytes)
+    for a in agents:
+        for data in files.values():
+            assert (a.cache_dir / "blobs" / xxhash.xxh3_128_hexdigest(data)).read_bytes() == data
