@@ -26,6 +26,8 @@ from agent.config import (
     DEFAULT_LISTEN,
     DEFAULT_PEER_DNS_INTERVAL,
     DEFAULT_PEER_HEDGE_TIMEOUT,
+    DEFAULT_READ_TIMEOUT,
+    DEFAULT_RETRIES,
     DEFAULT_SOCKET,
     AgentConfig,
 )
@@ -53,6 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--piece-size", default=_env("WARMSTART_PIECE_SIZE", str(DEFAULT_PIECE_SIZE)))
     s.add_argument("--connections", type=int, default=int(_env("WARMSTART_CONNECTIONS", str(DEFAULT_CONNECTIONS))))
     s.add_argument("--log-level", default=_env("WARMSTART_LOG_LEVEL", "INFO"))
+    s.add_argument("--socket-mode", default=_env("WARMSTART_SOCKET_MODE", "660"),
+                   help="octal permissions of the local socket (default 660: owner and group only)")
+    s.add_argument("--socket-group", default=_env("WARMSTART_SOCKET_GROUP", "") or None,
+                   help="group (name or gid) that owns the local socket: the pods allowed to use it")
+    s.add_argument("--read-timeout", type=float,
+                   default=float(_env("WARMSTART_READ_TIMEOUT", str(DEFAULT_READ_TIMEOUT))),
+                   help="seconds an origin or peer body may stall before the request is retried")
+    s.add_argument("--retries", type=int, default=int(_env("WARMSTART_RETRIES", str(DEFAULT_RETRIES))),
+                   help="tries per piece against the origin (backoff with jitter between them)")
     s.add_argument("--warm-set", default=_env("WARMSTART_WARM_SET", "") or None,
                    help="YAML file of models to keep warm (a mounted ConfigMap; edits apply without a restart)")
     s.add_argument("--warm-set-poll", type=float, default=float(_env("WARMSTART_WARM_SET_POLL", "2")),
@@ -162,6 +173,10 @@ def _serve(args: argparse.Namespace) -> int:
             raise ValueError("--warm-set-poll must be positive")
         if args.peer_hedge_timeout <= 0 or args.peer_dns_interval <= 0:
             raise ValueError("--peer-hedge-timeout and --peer-dns-interval must be positive")
+        if args.read_timeout <= 0 or args.retries < 1:
+            raise ValueError("--read-timeout must be positive and --retries at least 1")
+        socket_mode = _socket_mode(args.socket_mode)
+        socket_gid = _group_id(args.socket_group) if args.socket_group else None
         config = AgentConfig(
             cache_dir=args.cache_dir,
             socket=args.socket,
@@ -175,6 +190,10 @@ def _serve(args: argparse.Namespace) -> int:
             peer_token_file=args.peer_token_file,
             advertise=args.advertise,
             peer_hedge_timeout=args.peer_hedge_timeout,
+            read_timeout=args.read_timeout,
+            retries=args.retries,
+            socket_mode=socket_mode,
+            socket_gid=socket_gid,
             warm_set=os.path.abspath(args.warm_set) if args.warm_set else None,
             warm_set_poll=args.warm_set_poll,
         )
@@ -191,6 +210,27 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _socket_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ValueError(f"--socket-mode must be octal permissions like 660, got {text!r}") from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f"--socket-mode must be octal permissions like 660, got {text!r}")
+    return mode
+
+
+def _group_id(name: str) -> int:
+    import grp
+
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ValueError(f"--socket-group: no group named {name!r}") from None
 
 
 def _prefetch(conn: AgentConnection, ref: str, pin: bool, out: TextIO) -> int:

@@ -34,6 +34,7 @@ class AgentConfig:
     retries: int = DEFAULT_RETRIES
     read_timeout: float = DEFAULT_READ_TIMEOUT
     socket_mode: int = 0o660
+    socket_gid: int | None = None  # chgrp the socket to this group (the pods allowed to use it)
     # Peers (agent/peers.py): off unless a token file is given.
     peers: tuple[str, ...] = ()
     peer_dns: str | None = None

@@ -117,6 +117,8 @@ async def serve(config: AgentConfig) -> None:
     local_runner = web.AppRunner(app, access_log=None)
     await local_runner.setup()
     await web.UnixSite(local_runner, config.socket).start()
+    if config.socket_gid is not None:
+        os.chown(config.socket, -1, config.socket_gid)
     os.chmod(config.socket, config.socket_mode)
     ready["store"] = True
     log.info(
