@@ -10,6 +10,7 @@ current.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from agent.manifest import Manifest
 from agent.origins import Origins
 from agent.refs import ModelRef, parse_ref
 from agent.store import Store
-from client.errors import FetchFailedError, ModelNotFoundError
+from client.errors import CapacityError, FetchFailedError, ModelNotFoundError, WarmstartError
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +139,9 @@ class ModelService:
                 for entry in sorted(manifest.files, key=lambda f: f.size > f.piece_size):
                     tg.create_task(self.fetcher.ensure_blob(entry, origin, protect, ctx))
         except BaseExceptionGroup as group:
-            raise first_error(group) from None
+            raise _disk_full(first_error(group), self.store.root) from None
+        except OSError as exc:
+            raise _disk_full(exc, self.store.root) from None
         if missing_before or any(f.pieces is None for f in manifest.files):
             await self._fill_piece_hashes(manifest)
             await self.store.save_manifest(ref, manifest)
@@ -215,3 +218,13 @@ class ModelService:
         await self.ensure(ref, manifest)
         return {"checked": checked, "corrupt": corrupt, "repaired": missing}
 
+
+def _disk_full(exc: BaseException, root: str) -> BaseException:
+    """A write that hit ENOSPC/EDQUOT in the middle of a fill becomes a clear capacity error."""
+    if isinstance(exc, OSError) and not isinstance(exc, WarmstartError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" ({exc.filename})" if exc.filename else ""
+        return CapacityError(
+            f"disk full: no space left on the filesystem of {root} while filling{where}; "
+            "verified pieces are kept: free space or lower --capacity, then fetch again"
+        )
+    return exc

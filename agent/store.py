@@ -137,7 +137,9 @@ class Store:
             self.reverified += unsynced
             self.blob_sizes[entry.name] = st.st_size
         for entry in os.scandir(self.path("partial")):
-            if entry.name.endswith(".part"):
+            if entry.name.startswith("artifact-") and entry.name.endswith(".part"):
+                os.unlink(entry.path)  # an artifact upload cut off by a crash: nobody resumes it
+            elif entry.name.endswith(".part"):
                 self.partial_sizes[entry.name[:-5]] = entry.stat().st_blocks * 512
             elif ".tmp" in entry.name:
                 os.unlink(entry.path)  # a state file half-written when we were killed

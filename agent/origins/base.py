@@ -114,7 +114,7 @@ async def _reason(resp: aiohttp.ClientResponse) -> str:
         body = await resp.content.read(2048)
     except (aiohttp.ClientError, asyncio.TimeoutError):
         body = b""
-    return body.decode("utf-8", "replace").strip()
+    return " ".join(body.decode("utf-8", "replace").split())  # one line: errors and log lines stay one line
 
 
 def check_status(status: int, entry: FileEntry, reason: str = "") -> None:
