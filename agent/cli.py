@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tries per piece against the origin (backoff with jitter between them)")
     s.add_argument("--warm-set", default=_env("WARMSTART_WARM_SET", "") or None,
                    help="YAML file of models to keep warm (a mounted ConfigMap; edits apply without a restart)")
-    s.add_argument("--warm-set-poll", type=float, default=float(_env("WARMSTART_WARM_SET_POLL", "2")),
+    s.add_argument("--warm-set-poll", type=float, default=float(_env("WARMSTART_WARM_SET_POLL", "0.5")),
                    help="seconds between looks at the warm-set file")
     s.add_argument("--peers", default=_env("WARMSTART_PEERS", ""),
                    help="static peer list HOST:PORT,... (this node's own address is ignored)")

@@ -44,4 +44,4 @@ class AgentConfig:
     peer_hedge_timeout: float = DEFAULT_PEER_HEDGE_TIMEOUT
     # The declarative warm set (agent/warm_set.py): a YAML file, watched every warm_set_poll seconds.
     warm_set: str | None = None
-    warm_set_poll: float = 2.0
+    warm_set_poll: float = 0.5

@@ -65,7 +65,7 @@ from client.errors import CapacityError, WarmstartError
 log = logging.getLogger(__name__)
 
 DEFAULT_REFRESH = 600.0
-DEFAULT_POLL = 2.0
+DEFAULT_POLL = 0.5
 MIN_REFRESH = 1.0
 MAX_ENTRIES = 1000
 CONCURRENCY = 4
@@ -278,6 +278,7 @@ class WarmSet:
         self.rollovers = 0
         self.owned: set[str] = set()
         self._wake = asyncio.Event()
+        self._owned_lock = asyncio.Lock()
 
     # -- the file --------------------------------------------------------------
     async def check_file(self) -> bool:
@@ -380,7 +381,8 @@ class WarmSet:
         await self._save_owned()
 
     async def _save_owned(self) -> None:
-        await self.store.run(write_json_atomic, self.store.path(_OWNED_FILE), {"keys": sorted(self.owned)})
+        async with self._owned_lock:  # one writer at a time, each writing the set as it is then
+            await self.store.run(write_json_atomic, self.store.path(_OWNED_FILE), {"keys": sorted(self.owned)})
 
     async def _load_owned(self) -> None:
         def read() -> set[str]:
@@ -515,6 +517,9 @@ class WarmSet:
             return
         entry.refused_against = None
         entry.state = "fetching"
+        if entry.spec.pin and entry.ref.key not in self.owned:
+            self.owned.add(entry.ref.key)  # ensure() pins the record from now on: ours to unpin
+            asyncio.get_running_loop().create_task(self._save_owned())
         entry.error = None
         entry.progress = self.service.progress(manifest)
         self._update_holds()  # the target is pinned (held) from its first byte
@@ -567,11 +572,14 @@ class WarmSet:
         self._update_holds()
 
     async def _other_pinned(self, entry: Entry, manifest: Manifest) -> int:
-        """Bytes pinned by everything but this target: models, held revisions, other entries being fetched."""
+        """Bytes pinned by everything but this target: models, held revisions, other entries being fetched.
+
+        No await after the pinned set is read: the caller decides and marks the entry
+        ``fetching`` in the same step, so two entries never both count on the same room.
+        """
+        pinned = await self.store.pinned_digests()
         mine = {_file_id(self.store, f) for f in manifest.files}
-        sizes: dict[str, int] = {}
-        for digest in await self.store.pinned_digests():
-            sizes[digest] = self.store.blob_sizes.get(digest, 0)
+        sizes: dict[str, int] = {d: self.store.blob_sizes.get(d, 0) for d in pinned}
         for other in self.entries.values():
             if other is entry or not other.spec.pin or other.state != "fetching" or other.manifest is None:
                 continue
@@ -634,11 +642,16 @@ class WarmSetCollector:
         since = GaugeMetricFamily(
             "warmstart_warm_set_entry_seconds_since_ready",
             "Seconds since the entry was last ready (0 while ready; since it was listed if never ready)",
-            labels=["ref", "state"],
+            labels=["ref"],
         )
+        state = GaugeMetricFamily("warmstart_warm_set_entry_state", "1 for the entry's current state, else 0",
+                                  labels=["ref", "state"])
         for e in status["entries"]:
-            since.add_metric([e["ref"], e["state"]], e["seconds_since_ready"])
+            since.add_metric([e["ref"]], e["seconds_since_ready"])
+            for s in STATES:
+                state.add_metric([e["ref"], s], 1 if e["state"] == s else 0)
         yield since
+        yield state
         rollovers = CounterMetricFamily("warmstart_warm_set_rollovers", "Completed revision rollovers")
         rollovers.add_metric([], ws.rollovers)
         yield rollovers
