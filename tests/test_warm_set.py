@@ -205,6 +205,27 @@ def test_over_capacity_is_refused_with_the_sizes_and_no_retry_loop(
         assert blob.read_bytes() == b_files["b.bin"]
 
 
+def test_a_missing_file_then_a_failing_entry_backs_off_and_says_why(
+    agent_factory: Any, seaweed: SeaweedS3, tmp_path: Path
+) -> None:
+    files = _upload(seaweed, tmp_path, "ws-ok", {"ok.bin": 1 * MiB})
+    cm = ConfigMapDir(tmp_path / "cm")
+    agent = agent_factory("n", extra_args=("--warm-set", str(cm.path), *POLL))
+    st = _status(agent)  # no file yet: reported, and the agent serves
+    assert st["generation"] == 0 and "missing" in st["file_error"]["message"] and st["entries"] == []
+    gone, ok = "s3://models/ws-not-there", "s3://models/ws-ok"
+    cm.write(_warm_set((gone, True), (ok, True)))
+    st = _wait(agent, lambda s: {e["state"] for e in s["entries"]} == {"failed", "ready"}, what="one failed")
+    bad = _entry(st, gone)
+    assert bad["error"]["kind"] == "not_found" and "ws-not-there" in bad["error"]["message"], bad
+    assert bad["attempts"] == 1 and 0 < bad["next_retry_s"] <= 2.5, bad
+    st = _wait(agent, lambda s: _entry(s, gone)["attempts"] == 2, timeout=10, what="second attempt")
+    assert 0 < _entry(st, gone)["next_retry_s"] <= 5, st  # 2 s, then 4 s (+-20%): exponential
+    assert (agent.cache_dir / "blobs" / xxhash.xxh3_128_hexdigest(files["ok.bin"])).is_file()
+    out = agent.cli("warm-set", "status", check=True).stdout
+    assert "not_found" in out and "retry in" in out and "ready" in out
+
+
 # ---------------------------------------------------------------------- rollover
 
 
@@ -294,3 +315,19 @@ def test_two_peers_warm_the_same_set_with_the_origin_sending_it_about_once(
     for a in agents:
         for data in files.values():
             assert (a.cache_dir / "blobs" / xxhash.xxh3_128_hexdigest(data)).read_bytes() == data
+
+
+# ---------------------------------------------------------------------- alert rules
+
+
+def test_warm_set_alert_rules_pass_promtool() -> None:
+    import shutil
+    import subprocess
+
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (Debian package prometheus)")
+    rules = Path(__file__).resolve().parents[1] / "docs" / "monitoring"
+    for args in (("check", "rules", "warm-set-rules.yaml"), ("test", "rules", "warm-set-rules.test.yaml")):
+        done = subprocess.run([promtool, *args], cwd=rules, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
