@@ -20,6 +20,8 @@ from aiohttp import web
 from agent.artifacts_api import add_artifact_routes
 from agent.artifacts_peer import add_artifact_peer_routes
 from agent.manifest import Manifest
+from agent.metrics import METRICS, Metrics, add_metrics_route
+from agent.metrics import of as metrics_of
 from agent.models import ModelService, Progress
 from agent.peer_api import PeerState, add_peer_routes, peer_auth
 from agent.store import Store
@@ -49,10 +51,18 @@ async def errors_middleware(
         raise
     except WarmstartError as exc:
         log.info("%s %s -> %s: %s", request.method, request.path, exc.kind, exc)
+        _count_error(request, exc)
         return _error_response(exc)
     except Exception as exc:  # the agent keeps serving whatever one request did
         log.exception("internal error on %s %s", request.method, request.path)
-        return _error_response(WarmstartError(f"internal error: {type(exc).__name__}: {exc}"))
+        error = WarmstartError(f"internal error: {type(exc).__name__}: {exc}")
+        _count_error(request, error)
+        return _error_response(error)
+
+
+def _count_error(request: web.Request, exc: WarmstartError) -> None:
+    if (metrics := metrics_of(request.app)) is not None:
+        metrics.api_error(exc.kind)
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -107,10 +117,13 @@ async def _stream(
         try:
             result = task.result()
         except WarmstartError as exc:
+            _count_error(request, exc)
             await send({"event": "error", **exc.to_wire()})
         except Exception as exc:
             log.exception("internal error in %s", request.path)
-            await send({"event": "error", **WarmstartError(f"internal error: {exc}").to_wire()})
+            error = WarmstartError(f"internal error: {exc}")
+            _count_error(request, error)
+            await send({"event": "error", **error.to_wire()})
         else:
             await send({"event": "complete", **result})
     except (ConnectionResetError, asyncio.CancelledError):
@@ -134,6 +147,7 @@ async def ensure_job(
     service = service or request.app[SERVICE]
     ref, manifest = await service.resolve(_ref_field(await _body(request)))
     progress = service.progress(manifest)
+    service.fetcher.metrics.count_lookup(service.store, service.fetcher, manifest)
     started = time.monotonic()
     head = {
         "event": "resolved",
@@ -154,6 +168,7 @@ async def ensure_job(
             "seconds": round(time.monotonic() - started, 3),
         }
         if with_files:
+            service.fetcher.metrics.served_to_client(manifest.total_size)
             out["cache_dir"] = service.store.root
             out["files"] = [
                 {"path": f.path, "size": f.size, "blob": f"blobs/{f.digest}"} for f in manifest.files
@@ -336,6 +351,7 @@ async def prefetch_all(request: web.Request) -> web.StreamResponse:
 def local_app(service: ModelService) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=MAX_BODY)
     app[SERVICE] = service
+    app[METRICS] = service.fetcher.metrics
     app.router.add_get("/v1/stats", stats)
     app.router.add_post("/v1/prefetch-all", prefetch_all)
     app.router.add_post("/v1/resolve", resolve)
@@ -358,12 +374,13 @@ async def readyz(request: web.Request) -> web.Response:
     return web.Response(text="store not open yet\n", status=503)
 
 
-def node_app(ready: dict[str, bool], peer: PeerState | None = None) -> web.Application:
-    """The TCP face: health, and the peer API (agent/peer_api.py; 404 unless a peer token is set)."""
+def node_app(ready: dict[str, bool], peer: PeerState | None = None, metrics: Metrics | None = None) -> web.Application:
+    """The TCP face: health, metrics, and the peer API (agent/peer_api.py; 404 unless a peer token is set)."""
     app = web.Application(middlewares=[errors_middleware, peer_auth], client_max_size=MAX_BODY)
     app[READY] = ready
     app.router.add_get("/livez", livez)
     app.router.add_get("/readyz", readyz)
     add_peer_routes(app, peer or PeerState(None))
     add_artifact_peer_routes(app)
+    add_metrics_route(app, metrics if metrics is not None else Metrics())
     return app

@@ -84,6 +84,7 @@ async def _from_peers(service: ModelService, index: ArtifactIndex, key: str, fpi
                 continue
             if not index.store.has_blob(found.digest):
                 await fetch_blob(client, addr, index, found)
+                service.fetcher.peer_bytes_received += found.size
             entry, _ = await index.publish(found.key, found.fingerprint, found.digest, found.size,
                                            publisher=found.publisher, created=found.created)
             log.info("artifact %s [%s] came from peer %s", key, fpid, addr)
@@ -140,7 +141,13 @@ async def get(request: web.Request) -> web.Response:
     use_peers = body.get("peers", True)
     if not isinstance(use_peers, bool):
         raise BadRequestError('"peers" must be true or false')
-    entry, source = await lookup(service, key, fingerprint, use_peers)
+    try:
+        entry, source = await lookup(service, key, fingerprint, use_peers)
+    except ArtifactNotFoundError:
+        service.fetcher.metrics.artifact_lookup(hit=False)
+        raise
+    service.fetcher.metrics.artifact_lookup(hit=source == "local")
+    service.fetcher.metrics.served_to_client(entry.size)
     return web.json_response({
         "entry": entry.to_json(), "source": source,
         "cache_dir": service.store.root, "blob": f"blobs/{entry.digest}",

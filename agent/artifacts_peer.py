@@ -59,6 +59,7 @@ async def blob(request: web.Request) -> web.StreamResponse:
     if not index.store.has_blob(digest) or not any(e.digest == digest for e in index.entries.values()):
         raise web.HTTPNotFound(text="no such artifact blob here\n")
     # sendfile from the blob; an eviction meanwhile unlinks the name, the open file stays readable.
+    request.app[PEER].service.fetcher.peer_bytes_served += index.store.blob_sizes.get(digest, 0)  # type: ignore[union-attr]
     return web.FileResponse(index.store.blob_path(digest), headers={"Content-Type": "application/octet-stream"})
 
 

@@ -16,6 +16,7 @@ from aiohttp import web
 from agent.api import local_app, node_app
 from agent.config import AgentConfig
 from agent.fetcher import Fetcher
+from agent.metrics import Metrics
 from agent.models import ModelService
 from agent.origins import Origins
 from agent.peer_api import PeerState
@@ -89,10 +90,11 @@ async def serve(config: AgentConfig) -> None:
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=8, thread_name_prefix="warmstart"))
     ready = {"store": False}
     peer_state = PeerState(read_token(config.peer_token_file) if config.peer_token_file else None)
-    node_runner = web.AppRunner(node_app(ready, peer_state), access_log=None)
+    metrics = Metrics()
+    node_runner = web.AppRunner(node_app(ready, peer_state, metrics), access_log=None)
     await node_runner.setup()
     await web.TCPSite(node_runner, host, port).start()
-    log.info("health on http://%s:%d (/livez, /readyz)", host, port)
+    log.info("health and metrics on http://%s:%d (/livez, /readyz, /metrics)", host, port)
 
     store = Store(config.cache_dir, config.capacity, pool)
     await store.open()
@@ -103,7 +105,8 @@ async def serve(config: AgentConfig) -> None:
         read_bufsize=4 * 1024 * 1024,
     )
     origins = Origins(session, pool)
-    fetcher = Fetcher(store, config.connections, config.retries)
+    fetcher = Fetcher(store, config.connections, config.retries, metrics)
+    metrics.watch(store, fetcher)
     service = ModelService(store, fetcher, origins, config.piece_size)
     peer_session, membership_task = None, None
     if peer_state.token is not None:

@@ -37,6 +37,7 @@ import xxhash
 
 from agent.fill import BlobFill
 from agent.manifest import FileEntry
+from agent.metrics import Metrics
 from agent.origins import Origin, TransientOriginError
 from agent.peer_client import PeerDownError, PeerError, PeerLiedError, PeerSlowError, PieceRequest
 from agent.slots import OrderedSlots
@@ -143,8 +144,9 @@ class ServedPiece:
 
 
 class Fetcher:
-    def __init__(self, store: Store, connections: int, retries: int) -> None:
+    def __init__(self, store: Store, connections: int, retries: int, metrics: Metrics | None = None) -> None:
         self.store = store
+        self.metrics = metrics if metrics is not None else Metrics()
         self.retries = retries
         self._slots = OrderedSlots(connections)
         self._peer_slots = OrderedSlots(connections)
@@ -430,7 +432,8 @@ class Fetcher:
         req = PieceRequest(flight.ctx.ref, flight.ctx.revision, entry.path, entry.fill_key, entry.piece_size, index)
         try:
             async with self._peer_slots.hold((flight.order, index)):
-                stated = await self.peer_client.fetch_piece(addr, req, length, sink)
+                with self.metrics.piece_fetch("peer"):
+                    stated = await self.peer_client.fetch_piece(addr, req, length, sink)
             got = hasher.hexdigest()
             if got != stated:
                 raise PeerLiedError(f"piece {index} hashed {got}, the peer stated {stated!r}")
@@ -440,6 +443,8 @@ class Fetcher:
                 raise PeerLiedError(str(exc)) from None
         except BaseException as exc:
             flight.done_bytes -= pos - offset
+            if isinstance(exc, PeerError):
+                self.metrics.fetch_error("peer", _PEER_ERROR_KINDS.get(type(exc), "error"))
             if isinstance(exc, PeerLiedError):
                 self.peer_pieces_rejected += 1
                 self.peers.penalise(addr, f"{entry.path}: {exc}")
@@ -481,10 +486,11 @@ class Fetcher:
 
                 async with self._slots.hold((order, index)):
                     try:
-                        if length:
-                            await origin.read_range(fill.entry, offset, length, sink)
-                        digest = hasher.hexdigest()
-                        await self.store.run(fill.record_piece, index, digest)
+                        with self.metrics.piece_fetch("origin"):
+                            if length:
+                                await origin.read_range(fill.entry, offset, length, sink)
+                            digest = hasher.hexdigest()
+                            await self.store.run(fill.record_piece, index, digest)
                         stream.digest = digest
                         if flight is not None:
                             flight.done_pieces.add(index)
@@ -492,6 +498,7 @@ class Fetcher:
                         return
                     except (TransientOriginError, IntegrityError) as exc:
                         last = exc
+                        self.metrics.fetch_error("origin", "transient")
                         if flight is not None:
                             flight.done_bytes -= pos - offset
                         stream.attempt += 1
@@ -501,6 +508,7 @@ class Fetcher:
                             "piece %d of %s failed (attempt %d/%d): %s",
                             index, fill.entry.path, attempt + 1, self.retries, exc,
                         )
+            self.metrics.fetch_error("origin", "failed")
             raise FetchFailedError(
                 f"{fill.entry.path!r}: piece {index} failed {self.retries} times, last: {last}"
             )
@@ -558,6 +566,9 @@ class Fetcher:
                 return None
             pieces = self._meta_pieces[digest] = list(meta["pieces"])
         return pieces if len(pieces) == entry.piece_count else None
+
+
+_PEER_ERROR_KINDS = {PeerDownError: "down", PeerSlowError: "slow", PeerLiedError: "rejected"}
 
 
 class BusyError(Exception):
