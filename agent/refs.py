@@ -134,7 +134,8 @@ def _parse_hf(rest: str, ref: str) -> ModelRef:
 def _parse_http(scheme: str, rest: str, ref: str) -> ModelRef:
     rest, rev = _split_revision(rest, ref) if re.search(r"@[A-Za-z0-9._\-]+$", rest) else (rest, None)
     host, _, path = rest.partition("/")
-    if "@" in host or not _HOST.match(host):
+    name = host.rsplit(":", 1)[0] if not host.startswith("[") else host
+    if "@" in host or not _HOST.match(host) or ".." in name or name.startswith((".", "-")):
         raise BadReferenceError(f"bad host {host!r} in {ref!r}")
     if not path or path.endswith("/"):
         raise BadReferenceError(f"{ref!r} must name one file")
