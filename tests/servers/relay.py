@@ -77,9 +77,12 @@ class TcpRelay(ThreadedServer):
 
     def __init__(
         self, upstream_host: str, upstream_port: int, *, rate: float | None = None, listen_host: str = "127.0.0.1",
-        sock: socket.socket | None = None,
+        sock: socket.socket | None = None, capture: bool = False,
     ) -> None:
         self.upstream = (upstream_host, upstream_port)
+        #: with ``capture``: every byte relayed, both directions, in arrival order (for "what went
+        #: over the wire" assertions, e.g. that no credential crosses to a peer).
+        self.captured: bytearray | None = bytearray() if capture else None
         self._bucket = TokenBucket(rate)
         self._lock = threading.Lock()
         self._bytes_down = 0
@@ -233,6 +236,8 @@ class TcpRelay(ThreadedServer):
                         self._bytes_down += len(data)
                     else:
                         self._bytes_up += len(data)
+                    if self.captured is not None:
+                        self.captured += data
                 writer.write(data)
                 await writer.drain()
         except (ConnectionError, OSError):
