@@ -36,10 +36,11 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from agent.fill import BlobFill
-from agent.manifest import FileEntry
+from agent.manifest import FileEntry, Manifest
 from agent.metrics import Metrics
 from agent.origins import Origin, TransientOriginError
 from agent.peer_client import PeerDownError, PeerError, PeerLiedError, PeerSlowError, PieceRequest
+from agent.peers import PieceSpec
 from agent.slots import OrderedSlots
 from agent.store import Store
 from client.errors import FetchFailedError, IntegrityError
@@ -64,6 +65,13 @@ class PeerContext:
     ref: str  # the reference's base, e.g. s3://bucket/prefix
     revision: str
     scheme: str
+    # every piece of the model, in model order, so that all nodes spread its owners evenly the same way
+    pieces: tuple[PieceSpec, ...] = field(default=(), compare=False, hash=False, repr=False)
+
+    @classmethod
+    def of(cls, ref_base: str, scheme: str, manifest: Manifest) -> PeerContext:
+        pieces = tuple((f.fill_key, i, f.piece_range(i)[1]) for f in manifest.files for i in range(f.piece_count))
+        return cls(ref_base, manifest.revision, scheme, pieces)
 
 
 @dataclass
@@ -384,7 +392,9 @@ class Fetcher:
             return
         peers: list[str] = []
         if flight.use_peers and self.peers is not None:
-            peers = self.peers.candidates(flight.entry.fill_key, index, PEER_TRIES)
+            ctx = flight.ctx
+            model = (f"{ctx.ref}@{ctx.revision}", ctx.pieces) if ctx is not None and ctx.pieces else None
+            peers = self.peers.candidates(flight.entry.fill_key, index, PEER_TRIES, model)
         if peers:
             task = asyncio.create_task(self._get_piece(h, index, origin, flight, peers))
         else:

@@ -128,7 +128,7 @@ class ModelService:
         if not defer:
             await self.store.record_model(ref, manifest.revision, pin)
         origin = self.origins.for_ref(ref)
-        ctx = PeerContext(ref.base, manifest.revision, ref.scheme)
+        ctx = PeerContext.of(ref.base, ref.scheme, manifest)
         protect = {d for f in manifest.files if (d := self.store.digest_of(f))}
         missing_before = [f for f in manifest.files if self.store.digest_of(f) is None]
         try:

@@ -26,7 +26,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import xxhash
@@ -38,11 +38,45 @@ PENALTY_BASE = 30.0
 PENALTY_CAP = 600.0
 SUSPECT_LIMIT = 2  # consecutive slow answers before a peer is taken out of placement
 MAX_PEERS = 1024
+PLACEMENTS_KEPT = 16  # balanced placements remembered (model revision x member list)
 
 
 def rendezvous(members: Iterable[str], fill_key: str, index: int) -> list[str]:
     """``members`` ordered by their score for piece ``index`` of ``fill_key``, owner first."""
     return sorted(members, key=lambda m: (xxhash.xxh3_64_intdigest(f"{m}|{fill_key}|{index}".encode()), m), reverse=True)
+
+
+# One piece of a model, for placement: (fill key, piece index, length in bytes).
+PieceSpec = tuple[str, int, int]
+
+
+def balanced_owners(members: Sequence[str], pieces: Sequence[PieceSpec]) -> dict[tuple[str, int], str]:
+    """The owner of every piece of a model: rendezvous order, with each member's share of the bytes bounded.
+
+    Plain rendezvous gives each piece to its top-ranked member. Over the few dozen
+    pieces of one model that is uneven (measured, bench/RESULTS.md "Peers": 16
+    pieces over 8 nodes gave owners 0 to 3 pieces each), and the busiest owner's
+    upload sets when the last node is ready. So pieces are taken in model order and
+    each goes to its highest-ranked member that still has room under an even share
+    of the bytes (total / members, at least the largest piece): consistent hashing
+    with bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2018) over rendezvous
+    ranks. Every node computes the same owners from the same manifest and member
+    list; when a member leaves, its pieces move, and a few others may shift to keep
+    the shares even.
+    """
+    if not members or not pieces:
+        return {}
+    share = max(-(-sum(n for _, _, n in pieces) // len(members)), max(n for _, _, n in pieces))
+    load = dict.fromkeys(members, 0)
+    owners: dict[tuple[str, int], str] = {}
+    for key, index, n in pieces:
+        ranked = rendezvous(members, key, index)
+        owner = next((m for m in ranked if load[m] + n <= share), None)
+        if owner is None:  # pieces of unequal sizes can leave no room anywhere: the least loaded takes it
+            owner = min(ranked, key=lambda m: load[m])
+        load[owner] += n
+        owners[(key, index)] = owner
+    return owners
 
 
 def split_hostport(addr: str) -> tuple[str, int]:
@@ -129,6 +163,7 @@ class Membership:
         self.dns_name = dns_name
         self.dns_interval = dns_interval
         self.probe_interval = probe_interval
+        self._placements: dict[tuple[str, tuple[str, ...]], dict[tuple[str, int], str]] = {}
         self.peers: dict[str, Peer] = {}
         self._dns_at = 0.0
 
@@ -257,17 +292,40 @@ class Membership:
         """Live members (this node included) ranked for the piece, owner first."""
         return rendezvous([self.me, *self.live()], fill_key, index)
 
-    def candidates(self, fill_key: str, index: int, limit: int) -> list[str]:
-        """The peers to ask for a piece, in order: those ranked above this node, at most ``limit``.
+    def candidates(
+        self, fill_key: str, index: int, limit: int, model: tuple[str, Sequence[PieceSpec]] | None = None
+    ) -> list[str]:
+        """The peers to ask for a piece, in order: its owner, then those ranked above this node, at most ``limit``.
 
-        Empty when this node owns the piece: then it fetches from the origin.
+        ``model`` (a name for the model's revision, and all its pieces) makes the
+        owner the balanced one (:func:`balanced_owners`); without it, the top of
+        the rendezvous ranking. Empty when this node owns the piece: then it
+        fetches from the origin.
         """
-        out = []
-        for addr in self.owners(fill_key, index):
+        ranked = self.owners(fill_key, index)
+        owner = ranked[0]
+        if model is not None:
+            owner = self._balanced(model, tuple(sorted(ranked))).get((fill_key, index), owner)
+        if owner == self.me:
+            return []
+        out = [owner]
+        for addr in ranked:
             if addr == self.me or len(out) >= limit:
                 break
-            out.append(addr)
-        return out
+            if addr != owner:
+                out.append(addr)
+        return out[:limit]
+
+    def _balanced(self, model: tuple[str, Sequence[PieceSpec]], members: tuple[str, ...]) -> dict[tuple[str, int], str]:
+        """:func:`balanced_owners`, remembered per model revision and member list (a few at a time)."""
+        key = (model[0], members)
+        owners = self._placements.get(key)
+        if owners is None:
+            owners = balanced_owners(members, model[1])
+            if len(self._placements) >= PLACEMENTS_KEPT:
+                self._placements.pop(next(iter(self._placements)))
+            self._placements[key] = owners
+        return owners
 
     def snapshot(self) -> dict[str, object]:
         now = time.monotonic()

@@ -24,7 +24,9 @@ from typing import Any
 import pytest
 import xxhash
 
-from agent.peers import rendezvous
+from agent.fetcher import PeerContext
+from agent.manifest import Manifest
+from agent.peers import balanced_owners, rendezvous
 from client._transport import AgentConnection
 from client.errors import WarmstartError
 from tests.servers.agent_proc import AgentProcess, AgentStartError
@@ -60,6 +62,29 @@ def test_rendezvous_is_stable_even_and_minimal_on_leave() -> None:
             assert new_owner == owners[p]
         else:
             assert new_owner == rendezvous(members, *p)[1]
+
+
+def test_balanced_owners_share_a_model_evenly_in_rendezvous_order() -> None:
+    """16 equal pieces over 8 members: plain rendezvous gives some members 3 and some 0; balanced, 2 each."""
+    members = [f"198.18.1.{i}:7070" for i in range(1, 9)]
+    pieces = [(f"src-shard{k}", i, 16 * MiB) for k in range(4) for i in range(4)]
+    owners = balanced_owners(members, pieces)
+    assert owners == balanced_owners(list(reversed(members)), pieces)  # every node computes the same
+    assert Counter(owners.values()) == {m: 2 for m in members}
+    plain = Counter(rendezvous(members, k, i)[0] for k, i, _ in pieces)
+    assert max(plain.values()) > 2  # what it fixes (for these names)
+    # Each piece goes to the first member in its rendezvous order that still had room.
+    for (k, i), owner in owners.items():
+        ranked = rendezvous(members, k, i)
+        assert ranked.index(owner) < len(members)
+    assert sum(owners[(k, i)] == rendezvous(members, k, i)[0] for k, i, _ in pieces) >= len(pieces) // 2
+    # Unequal sizes (a short last piece, small files): bytes stay within one piece of an even share.
+    mixed = [(f"f{k}", i, 16 * MiB if i < 5 else 3 * MiB) for k in range(3) for i in range(6)] + [("cfg", 0, 700)]
+    load = Counter()
+    for (k, i), owner in balanced_owners(members, mixed).items():
+        load[owner] += next(n for kk, ii, n in mixed if (kk, ii) == (k, i))
+    share = sum(n for *_, n in mixed) / len(members)
+    assert max(load.values()) <= share + 16 * MiB, (load, share)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -319,9 +344,12 @@ def _fill_key_of(agent: Any, data: bytes) -> str:
     return keys[0]
 
 
-def _liar_first(members: list[str], liar: str, fill_key: str, pieces: int) -> list[int]:
-    """Pieces whose owner (first in rendezvous order) is ``liar``: every other member asks it first."""
-    return [i for i in range(pieces) if rendezvous(members, fill_key, i)[0] == liar]
+def _liar_first(members: list[str], liar: Any, fill_key: str) -> list[int]:
+    """Pieces of ``fill_key`` whose owner is ``liar`` (balanced over the model): every other member asks it first."""
+    (path,) = (liar.cache_dir / "manifests").glob("*/*.json")  # the one model the liar resolved
+    ctx = PeerContext.of("s3://unused", "s3", Manifest.from_json(json.loads(path.read_text())))
+    owners = balanced_owners(sorted(members), ctx.pieces)
+    return [i for (key, i), owner in owners.items() if key == fill_key and owner == liar.listen]
 
 
 def test_consistent_liar_is_caught_by_the_whole_file_check_and_repaired_from_the_origin(
@@ -357,8 +385,8 @@ def test_consistent_liar_is_caught_by_the_whole_file_check_and_repaired_from_the
     meta["pieces"] = [xxhash.xxh3_128_hexdigest(bytes(lie[i : i + MiB])) for i in range(0, len(lie), MiB)]
     meta_path.write_text(json.dumps(meta))
     members = [a.listen for a in agents]
-    lying = _liar_first(members, liar.listen, _fill_key_of(liar, bad), len(meta["pieces"]))
-    assert lying, "rendezvous gave the liar no piece of the file: pick other ports"  # (2/3)^13: about 0.5%
+    lying = _liar_first(members, liar, _fill_key_of(liar, bad))
+    assert lying, "the liar owns no piece of the file"  # balanced: about a third of its 13
     for a in honest:
         a.start()
     _wait_peers_up(agents)
