@@ -42,6 +42,9 @@ from client.errors import (
     WarmstartError,
 )
 
+# open_tensors asks again when a blob is evicted between the agent's answer and the open (client/stream.py).
+EVICTED_RETRIES = 3
+
 if TYPE_CHECKING:
     import torch
 
@@ -123,9 +126,17 @@ def open_tensors(
 
     ``dict(iter_tensors(...))``; see :func:`iter_tensors` for the arguments.
     """
-    return dict(
-        iter_tensors(ref, device=device, names=names, socket=socket, timeout=timeout, copy=copy, ring_bytes=ring_bytes)
-    )
+    from client.stream import BlobEvictedError
+
+    for attempt in range(EVICTED_RETRIES):
+        try:
+            return dict(iter_tensors(
+                ref, device=device, names=names, socket=socket, timeout=timeout, copy=copy, ring_bytes=ring_bytes,
+            ))  # fmt: skip
+        except BlobEvictedError:
+            if attempt == EVICTED_RETRIES - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def iter_tensors(

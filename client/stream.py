@@ -32,6 +32,11 @@ from client.errors import AgentUnavailableError, WarmstartError
 OPEN_RETRIES = 5  # a partial file renamed to its blob between the agent's line and our open
 
 
+class BlobEvictedError(WarmstartError):
+    """A complete blob was evicted before this client could open and lock it (a race with capacity
+    pressure: the agent answered, another request evicted it). Opening the model again fetches it."""
+
+
 @dataclass
 class FileState:
     """One file of the model as the agent last described it."""
@@ -179,6 +184,11 @@ class ModelStream:
             try:
                 return os.open(local, os.O_RDONLY | os.O_CLOEXEC), local
             except FileNotFoundError:
+                if f.blob is not None and os.path.isdir(os.path.join(cache_dir, "blobs")):
+                    raise BlobEvictedError(
+                        f"{self.where}: {path!r} was evicted between the agent's answer and this open"
+                        " (the node cache is under capacity pressure); open the model again"
+                    ) from None
                 if f.blob is not None:
                     raise WarmstartError(
                         f"{self.where}: {path!r} is complete but {local} is missing; if this process sees the"
