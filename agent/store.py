@@ -398,7 +398,10 @@ class Store:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
                         return False
-                os.unlink(path)
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass  # a concurrent eviction (or `agent evict`) of the same blob got there first
                 for extra in (self.path("meta", f"{digest}.json"),):
                     try:
                         os.unlink(extra)
