@@ -1,0 +1,65 @@
+"""Issue 7, peers: a peer that stalls (before its answer, or in the middle of a piece's body)
+never stops a fetch: the requester moves on to the next owner or the origin within
+bounded time, and the model is bit-exact.
+
+A peer that dies (kill -9 mid-transfer) and peers that lie (corrupt disk; consistent
+liar) are covered by tests/test_peers.py.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.servers.cache_check import blob_digest, check_cache
+from tests.servers.ports import free_ports
+from tests.servers.relay import TcpRelay
+from tests.servers.seaweedfs import SeaweedS3
+
+MiB = 1024 * 1024
+TOKEN = "stall-peer-token-0123456789"
+
+
+@pytest.mark.parametrize("when", ["before-answer", "mid-body"])
+def test_a_stalled_peer_is_skipped_and_the_fetch_completes(
+    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, tmp_path: Path, when: str
+) -> None:
+    data = os.urandom(16 * MiB)
+    src = tmp_path / "w.bin"
+    src.write_bytes(data)
+    seaweed.make_bucket("models")
+    seaweed.upload_file(src, "models", f"stall-{when}/w.bin")
+    ref = f"s3://models/stall-{when}"
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    pa, pb = free_ports(2)
+    relay = TcpRelay("127.0.0.1", pb)  # A reaches B only through this: the test stalls it
+    try:
+        common = ("--peer-token-file", str(token), "--piece-size", "1MiB", "--peer-hedge-timeout", "1",
+                  "--read-timeout", "2")  # fmt: skip
+        b = agent_factory("b", port=pb, extra_args=("--peers", f"127.0.0.1:{pa},127.0.0.1:{pb}", *common))
+        assert b.cli("prefetch", ref).returncode == 0  # B has it all
+        a = agent_factory("a", port=pa, extra_args=(
+            "--peers", f"127.0.0.1:{pa},127.0.0.1:{relay.port}", "--advertise", f"127.0.0.1:{pa}", *common))
+        time.sleep(2.5)  # a ping round: A sees B alive
+        if when == "before-answer":
+            relay.pause()
+        else:
+            relay.set_rate(2 * MiB)  # pieces arrive slowly ...
+            threading.Timer(1.0, relay.pause).start()  # ... then stop in the middle of a body
+        start = time.monotonic()
+        done = a.cli("prefetch", ref, timeout=120)
+        took = time.monotonic() - start
+        assert done.returncode == 0, done.stderr
+        assert blob_digest(data) in check_cache(a.cache_dir)
+        assert took < 60, took
+        log = a.log_text()
+        assert "no answer within" in log or "stalled" in log, log[-3000:]
+        print(f"stalled peer ({when}): fetch completed in {took:.1f}s")
+    finally:
+        relay.close()
