@@ -115,6 +115,7 @@ async def serve(config: AgentConfig) -> None:
 
     _prepare_socket_path(config.socket)
     warm_set = WarmSet(config.warm_set, service, poll=config.warm_set_poll) if config.warm_set else None
+    metrics.watch_warm_set(warm_set)  # set-wide series even without one (the alert rules read them)
     app = local_app(service)
     add_warm_set_routes(app, warm_set)
     local_runner = web.AppRunner(app, access_log=None)

@@ -120,6 +120,12 @@ class Metrics:
         """From now on, scrapes read the state of ``store`` and ``fetcher`` (and its peers)."""
         self.state.store, self.state.fetcher = store, fetcher
 
+    def watch_warm_set(self, warm_set: Any) -> None:
+        """Export the warm set's series (agent/warm_set.py ``WarmSetCollector``; ``None``: no warm set)."""
+        from agent.warm_set import WarmSetCollector
+
+        self.registry.register(WarmSetCollector(warm_set))
+
     # -- events --------------------------------------------------------------
     def count_lookup(self, store: Store, fetcher: Fetcher, manifest: Manifest) -> None:
         """A request to make ``manifest`` whole arrived: count its pieces as hits or misses."""

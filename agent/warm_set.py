@@ -625,16 +625,20 @@ def _unique_size(manifest: Manifest) -> int:
 
 
 class WarmSetCollector:
-    """Prometheus collector for the warm set (register it on the agent's /metrics registry)."""
+    """Prometheus collector for the warm set (agent/metrics.py registers it on the agent's /metrics).
 
-    def __init__(self, warm_set: WarmSet) -> None:
+    Without a warm set (``None``) the set-wide series are still exported (no entries,
+    the file valid), so alert rules over them evaluate on every agent.
+    """
+
+    def __init__(self, warm_set: WarmSet | None) -> None:
         self.warm_set = warm_set
 
     def collect(self) -> Any:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         ws = self.warm_set
-        status = ws.status()
+        status = ws.status() if ws is not None else {"states": {s: 0 for s in STATES}, "entries": []}
         by_state = GaugeMetricFamily("warmstart_warm_set_entries", "Warm-set entries by state", labels=["state"])
         for state, n in status["states"].items():
             by_state.add_metric([state], n)
@@ -653,16 +657,17 @@ class WarmSetCollector:
         yield since
         yield state
         rollovers = CounterMetricFamily("warmstart_warm_set_rollovers", "Completed revision rollovers")
-        rollovers.add_metric([], ws.rollovers)
+        rollovers.add_metric([], ws.rollovers if ws is not None else 0)
         yield rollovers
         errors = CounterMetricFamily("warmstart_warm_set_file_errors", "Warm-set files rejected (last good kept)")
-        errors.add_metric([], ws.file_errors)
+        errors.add_metric([], ws.file_errors if ws is not None else 0)
         yield errors
-        valid = GaugeMetricFamily("warmstart_warm_set_file_valid", "1 when the file on disk is the set in force")
-        valid.add_metric([], 0 if ws.file_error else 1)
+        valid = GaugeMetricFamily("warmstart_warm_set_file_valid",
+                                  "0 while the warm-set file on disk is rejected (the last good set is in force)")
+        valid.add_metric([], 0 if ws is not None and ws.file_error else 1)
         yield valid
         gen = GaugeMetricFamily("warmstart_warm_set_generation", "Good warm-set files applied since start")
-        gen.add_metric([], ws.generation)
+        gen.add_metric([], ws.generation if ws is not None else 0)
         yield gen
 
 
