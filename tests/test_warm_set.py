@@ -21,6 +21,7 @@ import xxhash
 
 from agent.warm_set import WarmSetError, parse_duration, parse_warm_set
 from client._transport import AgentConnection
+from tests.servers.configmap import ConfigMapDir
 from tests.servers.hf_endpoint import HfEndpoint
 from tests.servers.seaweedfs import SeaweedS3
 from tests.test_peers import _cluster, _relay, _upload, _wait_peers_up
@@ -59,27 +60,6 @@ def test_parse_is_strict_and_names_what_is_wrong() -> None:
 
 
 # ---------------------------------------------------------------------- helpers
-
-
-class ConfigMapDir:
-    """A directory laid out like a mounted ConfigMap, updated by an atomic ``..data`` swap."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-        self.n = 0
-        self.path = root / "warm-set.yaml"
-
-    def write(self, text: str) -> None:
-        self.n += 1
-        version = self.root / f"..2026_01_01_00_00_{self.n:02d}.{os.getpid()}"
-        version.mkdir()
-        (version / "warm-set.yaml").write_text(text)
-        tmp = self.root / "..data_tmp"
-        tmp.symlink_to(version.name)
-        os.replace(tmp, self.root / "..data")  # the atomic swap
-        if not self.path.is_symlink():
-            self.path.symlink_to("..data/warm-set.yaml")
 
 
 def _conn(agent: Any) -> AgentConnection:
@@ -154,6 +134,9 @@ def test_add_remove_symlink_swaps_and_a_bad_file_keeps_the_last_good_set(
     assert "warmstart_warm_set_file_errors_total 3.0" in metrics
     assert 'warmstart_warm_set_entries{state="ready"} 2.0' in metrics
     assert "warmstart_warm_set_file_valid 0.0" in metrics
+    status, body = agent.http_get("/metrics")  # the same series on the agent's Prometheus endpoint
+    assert status == 200 and 'warmstart_warm_set_entries{state="ready"} 2.0' in body.decode()
+    assert f'warmstart_warm_set_entry_seconds_since_ready{{ref="{ref_a}"}} 0.0' in body.decode()
     assert "invalid YAML" in agent.log_text() and "keeping the last good warm set" in agent.log_text()
 
     cm.write(_warm_set((ref_b, True)))  # A removed, B now pinned
@@ -211,7 +194,7 @@ def test_a_missing_file_then_a_failing_entry_backs_off_and_says_why(
     files = _upload(seaweed, tmp_path, "ws-ok", {"ok.bin": 1 * MiB})
     cm = ConfigMapDir(tmp_path / "cm")
     agent = agent_factory("n", extra_args=("--warm-set", str(cm.path), *POLL))
-    st = _status(agent)  # no file yet: reported, and the agent serves
+    st = _wait(agent, lambda s: s["file_error"] is not None, 10, "missing file reported")  # and the agent serves
     assert st["generation"] == 0 and "missing" in st["file_error"]["message"] and st["entries"] == []
     gone, ok = "s3://models/ws-not-there", "s3://models/ws-ok"
     cm.write(_warm_set((gone, True), (ok, True)))
@@ -317,17 +300,37 @@ def test_two_peers_warm_the_same_set_with_the_origin_sending_it_about_once(
             assert (a.cache_dir / "blobs" / xxhash.xxh3_128_hexdigest(data)).read_bytes() == data
 
 
-# ---------------------------------------------------------------------- alert rules
+# ---------------------------------------------------------------------- deploy (the alert rules: tests/test_operate.py)
 
 
-def test_warm_set_alert_rules_pass_promtool() -> None:
+def test_node_group_overlay_mounts_its_own_warm_set() -> None:
     import shutil
     import subprocess
 
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not installed (Debian package prometheus)")
-    rules = Path(__file__).resolve().parents[1] / "docs" / "monitoring"
-    for args in (("check", "rules", "warm-set-rules.yaml"), ("test", "rules", "warm-set-rules.test.yaml")):
-        done = subprocess.run([promtool, *args], cwd=rules, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stdout + done.stderr
+    import yaml
+
+    root = Path(__file__).resolve().parents[1] / "deploy"
+    kubectl = shutil.which("kubectl")
+    if kubectl is None or not (root / "daemonset" / "kustomization.yaml").is_file():
+        pytest.skip("kubectl or the DaemonSet base (deploy/daemonset) is missing")
+    cm = yaml.safe_load((root / "daemonset" / "warm-set.yaml").read_text())
+    assert parse_warm_set(cm["data"]["warm-set.yaml"]).entries == ()
+    done = subprocess.run([kubectl, "kustomize", str(root / "overlays" / "gpu-h100")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    (ds,) = [d for d in docs if d["kind"] == "DaemonSet"]
+    (group_cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "warmstart-warm-set-h100"]
+    assert len(parse_warm_set(group_cm["data"]["warm-set.yaml"]).entries) == 3
+    spec = ds["spec"]["template"]["spec"]
+    agent = next(c for c in spec["containers"] if c["name"] == "agent")
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    mount = next(m for m in agent["volumeMounts"] if m["name"] == "warm-set")
+    assert "subPath" not in mount  # a subPath mount never sees the ConfigMap's updates
+    assert env["WARMSTART_WARM_SET"] == mount["mountPath"] + "/warm-set.yaml"
+    volume = next(v for v in spec["volumes"] if v["name"] == "warm-set")
+    assert volume["configMap"]["name"] == "warmstart-warm-set-h100"
+    assert spec["nodeSelector"] and ds["metadata"]["name"] == "warmstart-agent-h100"
+    labels = ds["spec"]["selector"]["matchLabels"]
+    assert labels["warmstart.dev/node-group"] == "h100"
+    assert all(ds["spec"]["template"]["metadata"]["labels"][k] == v for k, v in labels.items())
