@@ -30,9 +30,9 @@ from client.errors import BadReferenceError, MalformedFileError, UnsafeBundleErr
 from client.safetensors_header import SafetensorsHeader, parse_header_bytes, read_header
 from tests.servers.cache_check import cache_files
 
-PURE = settings(max_examples=300, deadline=2000, derandomize=True, database=None)
+PURE = settings(max_examples=300, deadline=None, derandomize=True, database=None)
 AGENT = settings(
-    max_examples=150, deadline=20000, derandomize=True, database=None,
+    max_examples=150, deadline=None, derandomize=True, database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )  # fmt: skip
 SECRET = "sentinel-9f3c1e-never-served"
@@ -95,7 +95,7 @@ def test_fuzz_safetensors_header_bytes(case: tuple[bytes, int]) -> None:
     _check_header(h, 8 + len(raw) + extra)
 
 
-@settings(max_examples=150, deadline=2000, derandomize=True, database=None)
+@settings(max_examples=150, deadline=None, derandomize=True, database=None)
 @given(case=header_json(), length=st.one_of(st.none(), st.integers(0, 2**64 - 1)))
 def test_fuzz_safetensors_file_with_a_lying_length(tmp_path_factory: Any, case: tuple[bytes, int], length: int | None) -> None:
     raw, extra = case
@@ -174,7 +174,7 @@ def archive(draw: Any) -> bytes:
     return raw
 
 
-@settings(max_examples=200, deadline=3000, derandomize=True, database=None)
+@settings(max_examples=200, deadline=None, derandomize=True, database=None)
 @given(raw=archive())
 def test_fuzz_artifact_archives(tmp_path_factory: Any, raw: bytes) -> None:
     root = tmp_path_factory.mktemp("bundle")

@@ -21,6 +21,7 @@ forwarded (re-hosted) SigV4 signature is not checked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ class FaultyOrigin(ThreadedServer):
         self._log: list[RangedGet] = []
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._closing: asyncio.Event
         super().__init__("127.0.0.1", 0, backlog=128, name="faulty-origin")
 
     @property
@@ -78,6 +80,7 @@ class FaultyOrigin(ThreadedServer):
             return list(self._log)
 
     async def _start(self) -> None:
+        self._closing = asyncio.Event()
         self._session = aiohttp.ClientSession(auto_decompress=False)
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -86,6 +89,7 @@ class FaultyOrigin(ThreadedServer):
         await web.SockSite(self._runner, self._sock).start()
 
     async def _shutdown(self) -> None:
+        self._closing.set()  # stalled answers end now, so cleanup does not wait on them
         if self._runner is not None:
             await self._runner.cleanup()
         if self._session is not None:
@@ -128,7 +132,8 @@ class FaultyOrigin(ThreadedServer):
         await resp.prepare(request)
         await resp.write(data[: len(data) // 2])
         if fault == "stall":
-            await asyncio.sleep(self.stall_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self.stall_seconds)
         assert request.transport is not None
         request.transport.abort()
         return resp
