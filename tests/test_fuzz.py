@@ -2,7 +2,7 @@
 artifact archives, and requests to the local API and the peer API of a real agent.
 
 Each input must end in a typed error (or a correct answer): no crash, no hang (every
-request has a timeout; every example a deadline), no "internal error", the agent
+request has a socket timeout, the whole file a pytest timeout), no "internal error", the agent
 still answers /livez, and no file outside the cache is written (a sentinel
 directory is snapshotted before and after) or read (a sentinel secret never appears
 in an answer). Examples are bounded and derandomized so the file runs in well under
