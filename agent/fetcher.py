@@ -67,11 +67,13 @@ class PeerContext:
     scheme: str
     # every piece of the model, in model order, so that all nodes spread its owners evenly the same way
     pieces: tuple[PieceSpec, ...] = field(default=(), compare=False, hash=False, repr=False)
+    # (fill key, index) -> position in ``pieces``
+    positions: dict[tuple[str, int], int] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @classmethod
     def of(cls, ref_base: str, scheme: str, manifest: Manifest) -> PeerContext:
         pieces = tuple((f.fill_key, i, f.piece_range(i)[1]) for f in manifest.files for i in range(f.piece_count))
-        return cls(ref_base, manifest.revision, scheme, pieces)
+        return cls(ref_base, manifest.revision, scheme, pieces, {(k, i): n for n, (k, i, _) in enumerate(pieces)})
 
 
 @dataclass
@@ -443,7 +445,7 @@ class Fetcher:
 
         req = PieceRequest(flight.ctx.ref, flight.ctx.revision, entry.path, entry.fill_key, entry.piece_size, index)
         try:
-            async with self._peer_slots.hold((flight.order, index)):
+            async with self._peer_slots.hold(self._peer_order(flight, index)):
                 with self.metrics.piece_fetch("peer"):
                     stated = await self.peer_client.fetch_piece(addr, req, length, sink)
             got = hasher.hexdigest()
@@ -467,6 +469,24 @@ class Fetcher:
             raise
         flight.peer_pieces[index] = addr
         self.peers.mark_up(addr)
+
+    def _peer_order(self, flight: Flight, index: int) -> tuple[int, int]:
+        """Where a piece asked of a peer waits for a connection: the model's pieces, rotated per node.
+
+        If every node asked for the pieces in model order, all of them would ask the
+        owners of the first pieces at once while the owners of the last ones idle,
+        and those would be the tail (measured: bench/RESULTS.md "Peers"). Node k of
+        N starts k/N of the way into the model instead, so the asking is spread over
+        all owners all the time. (Pieces this node fetches from the origin keep
+        model order: only a scale-up of several nodes reorders.)
+        """
+        ctx = flight.ctx
+        pos = ctx.positions.get((flight.entry.fill_key, index)) if ctx is not None else None
+        if ctx is None or pos is None or self.peers is None:
+            return (flight.order, index)
+        members = sorted([self.peers.me, *self.peers.live()])
+        shift = members.index(self.peers.me) * len(ctx.pieces) // len(members)
+        return (0, (pos - shift) % len(ctx.pieces))
 
     async def _origin_piece(
         self,
