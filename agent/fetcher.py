@@ -54,6 +54,13 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE = 0.2
 BACKOFF_CAP = 8.0
 PEER_TRIES = 2  # owners asked for a piece before the origin
+# Pieces asked of peers at once. Many more than origin connections: a piece that its owner
+# is itself still getting from the origin arrives only at the owner's share of the origin's
+# rate, so a node must follow many such pieces at once to fill its own link (measured: with
+# 8 at a time, 8 nodes behind 100 Mbit/s links each downloaded at about half their rate until
+# the origin was done; bench/RESULTS.md "Peers").
+PEER_CONNECTIONS_FACTOR = 4
+PEER_CONNECTIONS_MIN = 32
 FILL_LINGER = 30.0  # seconds an idle partial file stays open for peers asking for more of it
 PEER_SCHEMES = ("s3", "hf", "https")  # origins whose references peers may name (never a node's local files)
 
@@ -159,7 +166,7 @@ class Fetcher:
         self.metrics = metrics if metrics is not None else Metrics()
         self.retries = retries
         self._slots = OrderedSlots(connections)
-        self._peer_slots = OrderedSlots(connections)
+        self._peer_slots = OrderedSlots(max(PEER_CONNECTIONS_MIN, PEER_CONNECTIONS_FACTOR * connections))
         self._order = itertools.count()  # flights in the order they were asked for (file order)
         self.flights: dict[str, Flight] = {}
         self._fills: dict[str, OpenFill] = {}
