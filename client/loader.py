@@ -27,7 +27,6 @@ the ring, and the file is not mapped at all.
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import struct
@@ -43,11 +42,8 @@ from client._buffers import writable_bytes
 from client._flock import lock_shared as _lock_shared
 from client.device_ring import DEFAULT_RING_BYTES, DeviceRing
 from client.errors import MalformedFileError, WarmstartError
-from client.readahead import Readahead
 from client.safetensors_header import MAX_HEADER_BYTES, SafetensorsHeader, TensorInfo, read_header
 
-# How long to wait for a shared lock; the agent holds its exclusive one only
-# for the instant it takes to unlink a blob.
 # Linux returns at most 0x7ffff000 bytes per read; ask for no more than that per call.
 _MAX_READ = 1 << 30
 
@@ -324,22 +320,9 @@ def _map_tensors(
     weakref.finalize(mm, os.close, fd)
     view = memoryview(mm)
     del mm  # from here only memoryviews, and through them the tensors, keep the mapping alive
-    warm: Readahead | None = None
-    if wait is None:  # a complete file: populate the pages ahead of the views (a file being filled is hot)
-        warm = Readahead(ctypes.addressof(ctypes.c_char.from_buffer(view)), fd, [(t.offset, t.nbytes) for t in infos])
-        wait = warm.wait
-    try:
-        yield from _views(path, fd, view, infos, wait)
-    finally:
-        if warm is not None:
-            warm.close()
-
-
-def _views(
-    path: str, fd: int, view: memoryview, infos: Sequence[TensorInfo], wait: Wait
-) -> Iterator[tuple[str, torch.Tensor]]:
     for t in infos:
-        wait(t.offset, t.nbytes)
+        if wait is not None:
+            wait(t.offset, t.nbytes)
         if t.nbytes == 0:
             yield t.name, torch.empty(t.shape, dtype=t.dtype)
         elif t.offset % t.dtype.itemsize:
