@@ -69,7 +69,9 @@ sys.path.insert(0, str(ROOT))
 
 from agent.units import parse_size  # noqa: E402
 from tests.servers.proc import spawn_logged, stop_group  # noqa: E402
+from tests.servers.cache_check import file_digest  # noqa: E402
 from tests.servers.seaweedfs import DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY, REGION, find_weed  # noqa: E402
+from tests.servers.seaweedfs import s3_env as seaweed_s3_env  # noqa: E402
 
 BUCKET = "bench"
 PREFIX = "model"
@@ -250,27 +252,8 @@ def make_model(src: Path, size: int, shards: int, seed: int) -> None:
     (src / "config.json").write_text(json.dumps({"architectures": ["Synthetic"], "hidden_size": 4096}, indent=1))
 
 
-def content_digest(path: Path) -> str:
-    import xxhash
-
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def s3_env() -> dict[str, str]:
-    return {
-        "AWS_ENDPOINT_URL": f"http://{ORIGIN_IP}:{WEED_PORTS['s3']}",
-        "AWS_ACCESS_KEY_ID": DUMMY_ACCESS_KEY,
-        "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET_KEY,
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_REGION": REGION,
-        "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_CONFIG_FILE": os.devnull,
-        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    }
+    return seaweed_s3_env(f"http://{ORIGIN_IP}:{WEED_PORTS['s3']}")
 
 
 def start_origin(net: Net, work: Path) -> subprocess.Popen[bytes]:
@@ -492,7 +475,7 @@ def verify_node(cache: Path, want: dict[str, int]) -> str | None:
         return "no blobs directory"
     for p in blobs.iterdir():
         if p.is_file():
-            d = content_digest(p)
+            d = file_digest(p)
             have[d] = have.get(d, 0) + 1
     missing = {d: n for d, n in want.items() if have.get(d, 0) < n}
     if missing:
@@ -806,7 +789,7 @@ def main() -> int:
     total = sum(sizes.values())
     want: dict[str, int] = {}
     for p in src.iterdir():
-        d = content_digest(p)
+        d = file_digest(p)
         want[d] = want.get(d, 0) + 1
     limit_s = total * 8 / (args.rate * 1e6)
     print(f"model: {len(sizes)} files, {total} bytes; node link {args.rate} Mbit/s, origin {origin_rate or 'unlimited'} "

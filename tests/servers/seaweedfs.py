@@ -78,6 +78,22 @@ def find_weed() -> str:
     )
 
 
+def s3_env(endpoint_url: str) -> dict[str, str]:
+    """Environment overrides that point boto3/botocore (and the agent) at the S3 server at ``endpoint_url``."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint_url,
+        "AWS_ACCESS_KEY_ID": DUMMY_ACCESS_KEY,
+        "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET_KEY,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_REGION": REGION,
+        # No instance-metadata probes to 169.254.169.254 if a chain falls through.
+        "AWS_EC2_METADATA_DISABLED": "true",
+        # Nothing from the user's ~/.aws (a profile's region or endpoint would win).
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
+
+
 class SeaweedS3:
     """One ``weed server`` (master, volume, filer, S3 gateway) on 127.0.0.1.
 
@@ -123,18 +139,7 @@ class SeaweedS3:
     @property
     def env(self) -> dict[str, str]:
         """Environment overrides that point boto3/botocore (and the agent) at this server."""
-        return {
-            "AWS_ENDPOINT_URL": self.endpoint_url,
-            "AWS_ACCESS_KEY_ID": DUMMY_ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": DUMMY_SECRET_KEY,
-            "AWS_DEFAULT_REGION": REGION,
-            "AWS_REGION": REGION,
-            # No instance-metadata probes to 169.254.169.254 if a chain falls through.
-            "AWS_EC2_METADATA_DISABLED": "true",
-            # Nothing from the user's ~/.aws (a profile's region or endpoint would win).
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        }
+        return s3_env(self.endpoint_url)
 
     def start(self, attempts: int = 3) -> SeaweedS3:
         """Start the server and wait (bounded) until S3 serves requests and volumes are writable.
