@@ -60,6 +60,7 @@ LFS_SUFFIXES = frozenset(
 )
 LFS_MIN_SIZE = 10 * 1024 * 1024
 CHUNK = 1024 * 1024
+LOG_SETTLE_S = 2.0  # the longest a log reader waits for requests still being handled
 SKIP_DIRS = frozenset({".git", "__pycache__", ".cache"})
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 
@@ -214,6 +215,8 @@ class HfEndpoint(ThreadedServer):
         #: rfilenames (or "repo_id/rfilename") served with one byte flipped.
         self.corrupt_paths: set[str] = set()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._active = 0  # requests being handled: their log entry may not be written yet
         self._repos: dict[str, Repo] = {}
         self._seq = 0
         self._log: list[HfRequest] = []
@@ -229,7 +232,7 @@ class HfEndpoint(ThreadedServer):
 
     async def _start(self) -> None:
         app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        app.router.add_route("*", "/{tail:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         await web.SockSite(self._runner, self._sock).start()
@@ -305,6 +308,7 @@ class HfEndpoint(ThreadedServer):
     @property
     def requests(self) -> list[HfRequest]:
         with self._lock:
+            self._settle()
             return list(self._log)
 
     def clear_log(self) -> None:
@@ -314,6 +318,7 @@ class HfEndpoint(ThreadedServer):
     def bytes_served(self, file: str | None = None, repo_id: str | None = None) -> int:
         """Bytes of file content sent (GET bodies), optionally of one rfilename and/or repo."""
         with self._lock:
+            self._settle()
             return sum(
                 r.bytes_sent
                 for r in self._log
@@ -324,6 +329,7 @@ class HfEndpoint(ThreadedServer):
         """{"repo_id/rfilename": bytes sent} over the whole log."""
         out: dict[str, int] = {}
         with self._lock:
+            self._settle()
             for r in self._log:
                 if r.file is not None and r.bytes_sent:
                     key = f"{r.repo_id}/{r.file}"
@@ -374,6 +380,22 @@ class HfEndpoint(ThreadedServer):
         )
         with self._lock:
             self._log.append(entry)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        """Count the request while it is handled, so log readers can wait for its entry."""
+        with self._lock:
+            self._active += 1
+        try:
+            return await self._dispatch(request)
+        finally:
+            with self._idle:
+                self._active -= 1
+                self._idle.notify_all()
+
+    def _settle(self) -> None:
+        """(Lock held.) Wait briefly for requests in progress: a streamed body can reach the
+        client before the handler writes its log entry."""
+        self._idle.wait_for(lambda: self._active == 0, timeout=LOG_SETTLE_S)
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
         raw_path, _, raw_query = request.raw_path.partition("?")
