@@ -480,6 +480,45 @@ def test_an_owner_with_busy_origin_connections_answers_at_once_and_nobody_hedges
     assert relay.bytes_down <= 1.1 * model_bytes, (relay.bytes_down, model_bytes, views)
 
 
+def test_a_piece_still_arriving_from_a_slow_origin_is_passed_on_as_it_lands(
+    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+) -> None:
+    """Cut-through: a one-piece model behind a 2 MiB/s origin. The owner gets it from the origin in
+    about 4 s; the other node must be receiving it from the owner while it lands, not after a whole
+    4 MiB read block (at 1.5 MB/s, one of 16 flows on a 200 Mbit/s link, that held a piece's first
+    bytes back for 2.7 s: bench/RESULTS.md "Peers")."""
+    files = _upload(seaweed, tmp_path, "peers/cut", {"a.bin": 8 * MiB})
+    relay = _relay(seaweed, relay_factory)
+    agents = _cluster(agent_factory, agent_env, tmp_path, 2, relay, extra=("--piece-size", "8MiB"))
+    _wait_peers_up(agents)
+    relay.reset_counters()
+    relay.set_rate(2 * MiB)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "agent", "prefetch", "s3://models/peers/cut"],
+            env={**a.env, "WARMSTART_SOCKET": str(a.socket_path)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for a in agents
+    ]  # fmt: skip
+    try:
+        # Sample until the origin has sent 3 MiB (under one read block): what has the follower got?
+        deadline = time.monotonic() + 10
+        while relay.bytes_down < 3 * MiB:
+            assert time.monotonic() < deadline, relay.bytes_down
+            time.sleep(0.05)
+        followed = max(_stats(a)["peer_bytes_received"] for a in agents)
+    finally:
+        for p in procs:
+            _, err = p.communicate(timeout=30)
+            assert p.returncode == 0, err
+    for a in agents:
+        _assert_bit_exact(a, files)
+    assert sum(_stats(a)["peer_bytes_received"] for a in agents) == 8 * MiB  # one node owns the one piece
+    print(f"follower had {followed / MiB:.2f} MiB when the origin had sent {3 * MiB / MiB:.0f} MiB")
+    assert followed >= 1 * MiB, followed
+
+
 # ---------------------------------------------------------------------- --peer-dns in a network namespace
 
 

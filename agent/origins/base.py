@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
@@ -23,6 +24,11 @@ from client.errors import AccessDeniedError, FetchFailedError, ModelNotFoundErro
 Sink = Callable[[list[bytes]], Awaitable[None]]
 READ_BLOCK = 4 * 1024 * 1024  # bytes handed to the sink at once
 MAX_CHUNKS = 512  # ... or this many chunks, whichever comes first (pwritev's IOV_MAX is 1024)
+# ... or what came in this long, whichever comes first. A piece that peers follow as it lands
+# (cut-through, agent/peer_api.py) is passed on only as fast as it is handed to the sink; on
+# a slow flow (one of 16 sharing a 200 Mbit/s link gets 1.5 MB/s) a 4 MiB block would hold
+# its first bytes back for 2.7 s (measured: bench/RESULTS.md "Peers").
+FLUSH_SECONDS = 0.1
 
 
 class TransientOriginError(Exception):
@@ -91,6 +97,7 @@ async def pump_body(content: aiohttp.StreamReader, length: int, sink: Sink) -> b
     extra = b""
     batch: list[bytes] = []
     batched = 0
+    since = 0.0
     while remaining:
         chunk, _ = await content.readchunk()
         if not chunk:
@@ -98,10 +105,17 @@ async def pump_body(content: aiohttp.StreamReader, length: int, sink: Sink) -> b
         if len(chunk) > remaining:
             extra = chunk[remaining:]
             chunk = chunk[:remaining]
+        if not batch:
+            since = time.monotonic()
         batch.append(chunk)
         batched += len(chunk)
         remaining -= len(chunk)
-        if batched >= READ_BLOCK or len(batch) >= MAX_CHUNKS or not remaining:
+        if (
+            batched >= READ_BLOCK
+            or len(batch) >= MAX_CHUNKS
+            or not remaining
+            or time.monotonic() - since >= FLUSH_SECONDS
+        ):
             await sink(batch)
             batch, batched = [], 0
     return extra
