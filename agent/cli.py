@@ -293,7 +293,8 @@ def _stats(conn: AgentConnection, as_json: bool) -> int:
         return 0
     print(f"origin bytes         {format_size(data['origin_bytes'])}")
     print(f"peer bytes received  {format_size(data['peer_bytes_received'])}")
-    print(f"peer bytes served    {format_size(data['peer_bytes_served'])}")
+    print(f"peer bytes served    {format_size(data['peer_bytes_served'])}"
+          f" ({format_size(data.get('peer_bytes_relayed', 0))} of it passed on as a relay parent)")
     print(f"peer pieces rejected {data['peer_pieces_rejected']}")
     print(f"peer files repaired  {data.get('peer_files_repaired', 0)} "
           f"({format_size(data.get('peer_bytes_repaired', 0))} fetched again from the origin)")

@@ -39,7 +39,15 @@ from agent.fill import BlobFill
 from agent.manifest import FileEntry, Manifest
 from agent.metrics import Metrics
 from agent.origins import Origin, TransientOriginError
-from agent.peer_client import PeerDownError, PeerError, PeerLiedError, PeerSlowError, PieceRequest
+from agent.peer_client import (
+    PeerCutShortError,
+    PeerDownError,
+    PeerError,
+    PeerLiedError,
+    PeerRefusedError,
+    PeerSlowError,
+    PieceRequest,
+)
 from agent.peers import PieceSpec
 from agent.slots import OrderedSlots
 from agent.store import Store
@@ -61,6 +69,9 @@ PEER_TRIES = 2  # owners asked for a piece before the origin
 # the origin was done; bench/RESULTS.md "Peers").
 PEER_CONNECTIONS_FACTOR = 4
 PEER_CONNECTIONS_MIN = 32
+# How long a relay parent that is getting the file itself waits for its fetch of the asked
+# piece to start before it says no (under the requester's hedge timeout, 2 s by default).
+RELAY_WAIT = 1.0
 FILL_LINGER = 30.0  # seconds an idle partial file stays open for peers asking for more of it
 PEER_SCHEMES = ("s3", "hf", "https")  # origins whose references peers may name (never a node's local files)
 
@@ -121,16 +132,18 @@ class Signal:
 
 
 class PieceStream(Signal):
-    """An origin fetch of one piece in progress, for readers that pass the bytes on as they land.
+    """A fetch of one piece in progress, for readers that pass the bytes on as they land.
 
+    ``upstream`` is the peer the bytes come from (None: the origin).
     ``written`` is how many bytes from the piece's start are in the file;
     ``attempt`` changes when a try failed and the piece starts over (a reader
     that already sent bytes of the failed try gives up); ``digest`` is set once
     the piece is recorded, ``failed`` when it never will be.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, upstream: str | None = None) -> None:
         super().__init__()
+        self.upstream = upstream
         self.written = 0
         self.attempt = 0
         self.digest: str | None = None
@@ -145,7 +158,8 @@ class OpenFill:
         self.users = 0
         self.closed = False
         self.tasks: dict[int, asyncio.Task[None]] = {}  # one fetch per piece
-        self.streams: dict[int, PieceStream] = {}  # pieces being fetched from the origin
+        self.streams: dict[int, PieceStream] = {}  # pieces being fetched, that peers may follow
+        self.announced = Signal()  # a stream was added
         self.linger: asyncio.TimerHandle | None = None
 
 
@@ -178,6 +192,7 @@ class Fetcher:
         self.origin_bytes = 0
         self.peer_bytes_received = 0
         self.peer_bytes_served = 0
+        self.peer_bytes_relayed = 0  # of those, to relay requests (as a parent in a piece's relay tree)
         self.peer_pieces_rejected = 0
         self.peer_files_repaired = 0
         self.peer_bytes_repaired = 0
@@ -188,6 +203,7 @@ class Fetcher:
             "origin_bytes": self.origin_bytes,
             "peer_bytes_received": self.peer_bytes_received,
             "peer_bytes_served": self.peer_bytes_served,
+            "peer_bytes_relayed": self.peer_bytes_relayed,
             "peer_pieces_rejected": self.peer_pieces_rejected,
             "peer_files_repaired": self.peer_files_repaired,
             "peer_bytes_repaired": self.peer_bytes_repaired,
@@ -399,13 +415,16 @@ class Fetcher:
                 flight.done_bytes += flight.entry.piece_range(index)[1]
             self._notify()
             return
-        peers: list[str] = []
+        sources: list[tuple[str, bool]] = []  # (peer, ask it as a relay parent)
         if flight.use_peers and self.peers is not None:
             ctx = flight.ctx
             model = (f"{ctx.ref}@{ctx.revision}", ctx.pieces) if ctx is not None and ctx.pieces else None
-            peers = self.peers.candidates(flight.entry.fill_key, index, PEER_TRIES, model)
-        if peers:
-            task = asyncio.create_task(self._get_piece(h, index, origin, flight, peers))
+            owners = self.peers.candidates(flight.entry.fill_key, index, PEER_TRIES, model)
+            if owners:
+                parent = self.peers.relay_parent(flight.entry.fill_key, index, model)
+                sources = ([(parent, True)] if parent is not None else []) + [(a, False) for a in owners]
+        if sources:
+            task = asyncio.create_task(self._get_piece(h, index, origin, flight, sources))
         else:
             # Announced now, not when the task first runs: a peer asking for this
             # piece in between must follow this fetch, not start a second one.
@@ -421,36 +440,58 @@ class Fetcher:
         task.add_done_callback(lambda t: h.tasks.pop(index, None) if h.tasks.get(index) is t else None)
 
     @staticmethod
-    def _announce(h: OpenFill, index: int) -> PieceStream:
-        stream = PieceStream()
+    def _announce(h: OpenFill, index: int, upstream: str | None = None) -> PieceStream:
+        stream = PieceStream(upstream)
         h.streams[index] = stream
+        h.announced.wake()
         return stream
 
-    async def _get_piece(self, h: OpenFill, index: int, origin: Origin, flight: Flight, peers: list[str]) -> None:
-        """Ask the owners in rendezvous order; the origin when none delivered."""
-        for addr in peers:
+    @staticmethod
+    def _unannounce(h: OpenFill, index: int, stream: PieceStream) -> None:
+        """The fetch behind ``stream`` ended: recorded (``digest`` set) or failed; followers are told."""
+        stream.failed = stream.digest is None
+        stream.wake()
+        if h.streams.get(index) is stream:
+            del h.streams[index]
+
+    async def _get_piece(
+        self, h: OpenFill, index: int, origin: Origin, flight: Flight, sources: list[tuple[str, bool]]
+    ) -> None:
+        """Ask the relay parent, then the owners in rendezvous order; the origin when none delivered."""
+        for addr, relay in sources:
             try:
-                await self._peer_piece(h, index, addr, flight)
+                await self._peer_piece(h, index, addr, flight, relay)
                 return
             except PeerError as exc:
                 log.info("piece %d of %s from peer %s failed: %s", index, flight.entry.path, addr, exc)
         await self._origin_piece(h, index, origin, flight, self._announce(h, index))
 
-    async def _peer_piece(self, h: OpenFill, index: int, addr: str, flight: Flight) -> None:
+    async def _peer_piece(self, h: OpenFill, index: int, addr: str, flight: Flight, relay: bool = False) -> None:
+        """Get one piece from peer ``addr`` (a relay parent when ``relay``); other peers may follow it as it lands."""
         assert self.peers is not None and self.peer_client is not None and flight.ctx is not None
         fill, entry = h.fill, flight.entry
         offset, length = entry.piece_range(index)
         hasher = xxhash.xxh3_128()
         pos = offset
+        stream: PieceStream | None = None
 
         async def sink(chunks: list[bytes]) -> None:
-            nonlocal pos
+            nonlocal pos, stream
+            if stream is None:
+                # Followable from the first bytes on: not while queued or refused (a follower
+                # would wait on nothing, or see a failure that was not its parent's).
+                stream = self._announce(h, index, upstream=addr)
             n = await self.store.run(_write_and_hash, fill, pos, chunks, hasher)
             pos += n
+            stream.written = pos - offset
+            stream.wake()
             flight.done_bytes += n
             self.peer_bytes_received += n
 
-        req = PieceRequest(flight.ctx.ref, flight.ctx.revision, entry.path, entry.fill_key, entry.piece_size, index)
+        req = PieceRequest(
+            flight.ctx.ref, flight.ctx.revision, entry.path, entry.fill_key, entry.piece_size, index,
+            relay=relay, requester=self.peers.me,
+        )  # fmt: skip
         try:
             async with self._peer_slots.hold(self._peer_order(flight, index)):
                 with self.metrics.piece_fetch("peer"):
@@ -462,6 +503,8 @@ class Fetcher:
                 await self.store.run(fill.record_piece, index, got)
             except IntegrityError as exc:
                 raise PeerLiedError(str(exc)) from None
+            if stream is not None:
+                stream.digest = got
         except BaseException as exc:
             flight.done_bytes -= pos - offset
             if isinstance(exc, PeerError):
@@ -474,6 +517,9 @@ class Fetcher:
             elif isinstance(exc, PeerSlowError):
                 self.peers.mark_slow(addr, str(exc))
             raise
+        finally:
+            if stream is not None:
+                self._unannounce(h, index, stream)
         flight.peer_pieces[index] = addr
         self.peers.mark_up(addr)
 
@@ -565,20 +611,23 @@ class Fetcher:
                 f"{fill.entry.path!r}: piece {index} failed {self.retries} times, last: {last}"
             )
         finally:
-            stream.failed = stream.digest is None
-            stream.wake()
-            if h.streams.get(index) is stream:
-                del h.streams[index]
+            self._unannounce(h, index, stream)
 
     # -- serving peers -------------------------------------------------------
-    async def serve_piece(self, entry: FileEntry, index: int, origin: Origin) -> ServedPiece:
+    async def serve_piece(
+        self, entry: FileEntry, index: int, origin: Origin, *, relay: bool = False, requester: str = ""
+    ) -> ServedPiece:
         """Where a peer can read piece ``index`` of ``entry`` now, fetching it from the origin if need be.
 
         From the complete blob (its recorded piece hashes), from the partial
-        file when the piece is verified, else from the one origin fetch of that
-        piece (started here if nobody runs it), followed as it lands. A piece
-        this node is itself fetching from a peer is refused (BusyError): the
-        requester goes on to its next candidate rather than waiting on a chain.
+        file when the piece is verified, else from the fetch of that piece
+        running here (from the origin or from a peer), followed as it lands,
+        else from an origin fetch started here. Refused (BusyError, the
+        requester goes on to its next candidate): a ``relay`` request (from a
+        child in the piece's relay tree, agent/peers.py) for a piece this node
+        is not receiving, which must not cost an origin fetch; a piece that
+        this node is receiving from ``requester`` itself (no loops); a piece
+        between two tries here.
         """
         offset, length = entry.piece_range(index)
         digest = self.store.digest_of(entry)
@@ -586,14 +635,26 @@ class Fetcher:
             pieces = await self._blob_pieces(digest, entry)
             if pieces is not None:
                 return ServedPiece(self.store.blob_path(digest), offset, length, pieces[index])
+        if relay and entry.fill_key not in self._fills and entry.fill_key not in self.flights:
+            raise BusyError(f"{entry.path!r} is not coming to this node")  # (and no partial file is made for it)
         h = await self._acquire(entry, set())
         try:
+            stream = h.streams.get(index)
+            if stream is None and relay and entry.fill_key in self.flights:
+                # This node is getting the file too: its fetch of the piece may be about to start.
+                deadline = time.monotonic() + RELAY_WAIT
+                while stream is None and index not in h.fill.done and (left := deadline - time.monotonic()) > 0:
+                    await h.announced.wait(left)
+                    stream = h.streams.get(index)
             if index in h.fill.done:
                 return ServedPiece(h.fill.path, offset, length, h.fill.done[index])
-            stream = h.streams.get(index)
+            if stream is not None and requester and stream.upstream == requester:
+                raise BusyError(f"piece {index} of {entry.path!r} comes to this node from {requester} itself")
             if stream is None:
+                if relay:
+                    raise BusyError(f"piece {index} of {entry.path!r} is not coming to this node (yet)")
                 if index in h.tasks:
-                    raise BusyError(f"piece {index} of {entry.path!r} is being fetched from a peer here")
+                    raise BusyError(f"piece {index} of {entry.path!r} is between two tries here")
                 h.users += 1  # the fetch keeps the file open until it ends
                 stream = self._announce(h, index)
                 task = asyncio.create_task(self._serve_fetch(h, index, origin, stream), name=f"serve {entry.path}")
@@ -620,7 +681,13 @@ class Fetcher:
         return pieces if len(pieces) == entry.piece_count else None
 
 
-_PEER_ERROR_KINDS = {PeerDownError: "down", PeerSlowError: "slow", PeerLiedError: "rejected"}
+_PEER_ERROR_KINDS = {
+    PeerDownError: "down",
+    PeerSlowError: "slow",
+    PeerLiedError: "rejected",
+    PeerRefusedError: "refused",  # busy, another piece size, or a relay parent not receiving the piece
+    PeerCutShortError: "cut",  # the body ended early
+}
 
 
 class BusyError(Exception):

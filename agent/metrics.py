@@ -60,7 +60,9 @@ LOOKUP_KINDS = ("model", "artifact")
 # Fetch errors, by source and kind (the label values are a closed set; see docs/OPERATIONS.md).
 FETCH_ERRORS = {
     "origin": ("transient", "failed"),  # a try failed (retried), a piece gave up after every retry
-    "peer": ("down", "slow", "rejected", "error"),  # unreachable, hedged away, bytes refused, other
+    # unreachable, hedged away, bytes refused, said no (busy, a relay parent not receiving it),
+    # the answer ended early, other
+    "peer": ("down", "slow", "rejected", "refused", "cut", "error"),
 }
 # Seconds to fetch one piece (one range request, the try that succeeded).
 PIECE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

@@ -118,6 +118,7 @@ async def piece(request: web.Request) -> web.StreamResponse:
         raise BadRequestError("rev and key are required")
     check_relative_path(path, "path")
     index, piece_size = _int(q, "index"), _int(q, "piece_size")
+    relay, requester = q.get("relay") == "1", q.get("from", "")
     manifest = await state.manifest(ref.base, revision)
     entry = next((f for f in manifest.files if f.path == path), None)
     if entry is None:
@@ -127,7 +128,7 @@ async def piece(request: web.Request) -> web.StreamResponse:
     origin = service.origins.for_ref(ref)
     for attempt in range(2):
         try:
-            served = await service.fetcher.serve_piece(entry, index, origin)
+            served = await service.fetcher.serve_piece(entry, index, origin, relay=relay, requester=requester)
         except BusyError as exc:
             raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
         except CapacityError as exc:
@@ -139,13 +140,13 @@ async def piece(request: web.Request) -> web.StreamResponse:
                 raise
             continue  # the partial file just became its blob: look again
         try:
-            return await _send(request, served, fd)
+            return await _send(request, served, fd, relay)
         finally:
             await asyncio.to_thread(os.close, fd)
     raise WarmstartError("piece moved twice while being served")
 
 
-async def _send(request: web.Request, served: ServedPiece, fd: int) -> web.StreamResponse:
+async def _send(request: web.Request, served: ServedPiece, fd: int, relay: bool) -> web.StreamResponse:
     fetcher = request.app[PEER].service.fetcher  # type: ignore[union-attr]
     resp = web.StreamResponse(
         headers={"Content-Type": "application/octet-stream", "X-Warmstart-Piece-Length": str(served.length)}
@@ -153,7 +154,7 @@ async def _send(request: web.Request, served: ServedPiece, fd: int) -> web.Strea
     resp.content_length = served.length + 32
     await resp.prepare(request)
     try:
-        await _copy(resp, served, fd, fetcher)
+        await _copy(resp, served, fd, fetcher, relay)
     except _Abort as exc:
         log.info("piece for %s cut short: %s", request.remote, exc)
         if request.transport is not None:
@@ -167,14 +168,14 @@ class _Abort(Exception):
     """The piece cannot be completed; the response is cut off."""
 
 
-async def _copy(resp: web.StreamResponse, served: ServedPiece, fd: int, fetcher: Any) -> None:
+async def _copy(resp: web.StreamResponse, served: ServedPiece, fd: int, fetcher: Any, relay: bool) -> None:
     sent = 0
     stream = served.stream
     attempt = stream.attempt if stream is not None else 0
     while sent < served.length:
         if stream is not None and stream.digest is None:
             if stream.attempt != attempt or stream.failed:
-                raise _Abort("the origin fetch of this piece failed")
+                raise _Abort("the fetch of this piece here failed")
             ready = stream.written
             if ready <= sent:
                 await stream.wait(STALL_SECONDS)
@@ -188,12 +189,14 @@ async def _copy(resp: web.StreamResponse, served: ServedPiece, fd: int, fetcher:
         await resp.write(data)
         sent += n
         fetcher.peer_bytes_served += n
+        if relay:
+            fetcher.peer_bytes_relayed += n
     digest = served.digest
     if stream is not None:
         while stream.digest is None and not stream.failed:
             await stream.wait(STALL_SECONDS)
         if stream.digest is None or stream.attempt != attempt:
-            raise _Abort("the origin fetch of this piece failed")
+            raise _Abort("the fetch of this piece here failed")
         digest = stream.digest
     assert digest is not None
     await resp.write(digest.encode("ascii"))

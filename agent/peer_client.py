@@ -40,6 +40,15 @@ class PeerRefusedError(PeerError):
     """The peer answered, but not with the piece (it does not know the model, is busy, ...)."""
 
 
+class PeerCutShortError(PeerError):
+    """The answer ended early: the peer, or the fetch it was passing on as it landed, stopped.
+
+    Not a reason to take the peer out of placement: a relay parent whose own
+    source failed cuts its followers off too. If the peer itself died, the
+    next request or ping finds it down.
+    """
+
+
 class PeerLiedError(PeerError):
     """The bytes did not match the hash the peer stated, or the piece's known hash."""
 
@@ -54,9 +63,14 @@ class PieceRequest:
     fill_key: str
     piece_size: int
     index: int
+    # Ask a relay parent (agent/peers.py): serve only what you hold or are receiving, never
+    # fetch it from the origin for me. ``requester`` names the asking member, so that a node
+    # never follows a piece back to where its own copy comes from.
+    relay: bool = False
+    requester: str = ""
 
     def params(self) -> dict[str, str]:
-        return {
+        out = {
             "ref": self.ref,
             "rev": self.revision,
             "path": self.path,
@@ -64,6 +78,11 @@ class PieceRequest:
             "piece_size": str(self.piece_size),
             "index": str(self.index),
         }
+        if self.relay:
+            out["relay"] = "1"
+        if self.requester:
+            out["from"] = self.requester
+        return out
 
 
 class PeerClient:
@@ -106,9 +125,9 @@ class PeerClient:
             except TimeoutError:
                 raise PeerSlowError(f"body stalled for {self.read_timeout}s") from None
             except (EOFError, asyncio.IncompleteReadError):
-                raise PeerDownError("body ended before the piece hash") from None
+                raise PeerCutShortError("body ended before the piece hash") from None
             except (aiohttp.ClientError, ConnectionError, OSError) as exc:
-                raise PeerDownError(f"{type(exc).__name__}: {exc}") from None
+                raise PeerCutShortError(f"{type(exc).__name__}: {exc}") from None
         return stated
 
     async def prefetch(self, addr: str, ref: str, pin: bool | None) -> AsyncIterator[dict[str, object]]:

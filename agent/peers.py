@@ -39,6 +39,8 @@ PENALTY_CAP = 600.0
 SUSPECT_LIMIT = 2  # consecutive slow answers before a peer is taken out of placement
 MAX_PEERS = 1024
 PLACEMENTS_KEPT = 16  # balanced placements remembered (model revision x member list)
+# Children per node in a piece's relay tree (see Membership.relay_parent).
+RELAY_FANOUT = 2
 
 
 def rendezvous(members: Iterable[str], fill_key: str, index: int) -> list[str]:
@@ -77,6 +79,54 @@ def balanced_owners(members: Sequence[str], pieces: Sequence[PieceSpec]) -> dict
         load[owner] += n
         owners[(key, index)] = owner
     return owners
+
+
+def relay_orders(
+    members: Sequence[str],
+    pieces: Sequence[PieceSpec],
+    owners: dict[tuple[str, int], str],
+    fanout: int = RELAY_FANOUT,
+) -> dict[tuple[str, int], list[str]]:
+    """Every piece's relay tree, as the order of its members: the owner, then the rest.
+
+    The member at place k gets the piece from the one at place (k - 1) // fanout
+    (see :meth:`Membership.relay_parent`); the inner places upload, the last ones
+    do not. Plain rendezvous order for the rest would give some members far more
+    inner places than others over a model's few dozen pieces (measured at N=8:
+    one node uploaded 2x the model, another 0.6x). So, as for the owners, pieces
+    are taken in model order, and the inner places go to the members that so far
+    upload the fewest bytes, rendezvous rank breaking ties. Deterministic: every
+    node computes the same trees from the same manifest and member list.
+    """
+    n = len(members)
+    sends = [max(0, min(n, fanout * k + fanout + 1) - (fanout * k + 1)) for k in range(n)]  # children of place k
+    load = dict.fromkeys(members, 0)
+    orders: dict[tuple[str, int], list[str]] = {}
+    for key, index, length in pieces:
+        owner = owners.get((key, index))
+        ranked = rendezvous(members, key, index)
+        if owner is None:
+            owner = ranked[0]
+        rest = sorted((m for m in ranked if m != owner), key=lambda m: load[m])  # stable: rank breaks ties
+        order = [owner, *rest]
+        for place, m in enumerate(order):
+            load[m] += sends[place] * length
+        orders[(key, index)] = order
+    return orders
+
+
+def tree_parent(order: Sequence[str], member: str, fanout: int = RELAY_FANOUT) -> str | None:
+    """``member``'s parent in the relay tree ``order`` (the root, the owner, has none)."""
+    place = order.index(member)
+    return order[(place - 1) // fanout] if place else None
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Who owns each piece of one model, and each piece's relay tree, for one member list."""
+
+    owners: dict[tuple[str, int], str]
+    orders: dict[tuple[str, int], list[str]]
 
 
 def split_hostport(addr: str) -> tuple[str, int]:
@@ -163,7 +213,7 @@ class Membership:
         self.dns_name = dns_name
         self.dns_interval = dns_interval
         self.probe_interval = probe_interval
-        self._placements: dict[tuple[str, tuple[str, ...]], dict[tuple[str, int], str]] = {}
+        self._placements: dict[tuple[str, tuple[str, ...]], Placement] = {}
         self.peers: dict[str, Peer] = {}
         self._dns_at = 0.0
 
@@ -305,7 +355,7 @@ class Membership:
         ranked = self.owners(fill_key, index)
         owner = ranked[0]
         if model is not None:
-            owner = self._balanced(model, tuple(sorted(ranked))).get((fill_key, index), owner)
+            owner = self._balanced(model, tuple(sorted(ranked))).owners.get((fill_key, index), owner)
         if owner == self.me:
             return []
         out = [owner]
@@ -316,16 +366,45 @@ class Membership:
                 out.append(addr)
         return out[:limit]
 
-    def _balanced(self, model: tuple[str, Sequence[PieceSpec]], members: tuple[str, ...]) -> dict[tuple[str, int], str]:
-        """:func:`balanced_owners`, remembered per model revision and member list (a few at a time)."""
+    def relay_parent(
+        self, fill_key: str, index: int, model: tuple[str, Sequence[PieceSpec]] | None = None
+    ) -> str | None:
+        """The member to ask first for a piece it is itself receiving, or None (ask the owner).
+
+        If every node asked the owner, the owner would upload each of its pieces
+        N-1 times, as fast as the origin sends it. The origin's link is not shared
+        evenly among the owners' flows, so the owners it favours upload at their
+        link's rate while the others idle, and then those are the tail (measured:
+        bench/RESULTS.md "Peers"). Instead the members form a tree per piece:
+        the owner first, then the rest in rendezvous order; the member at place
+        k asks the one at place (k - 1) // RELAY_FANOUT, which passes the piece
+        on as it lands. Each member uploads a piece at most RELAY_FANOUT times,
+        and is an inner node of about as many trees as any other, so every
+        node's upload follows the origin's total rate, however the origin
+        splits it. A parent that neither holds nor is receiving the piece says
+        so at once (it never goes to the origin for a relay request); then the
+        owner is asked.
+        """
+        ranked = self.owners(fill_key, index)
+        order = None
+        if model is not None:
+            order = self._balanced(model, tuple(sorted(ranked))).orders.get((fill_key, index))
+        if order is None:
+            order = ranked
+        parent = tree_parent(order, self.me)
+        return None if parent == order[0] else parent
+
+    def _balanced(self, model: tuple[str, Sequence[PieceSpec]], members: tuple[str, ...]) -> Placement:
+        """:func:`balanced_owners` and :func:`relay_orders`, remembered per model revision and member list."""
         key = (model[0], members)
-        owners = self._placements.get(key)
-        if owners is None:
+        placement = self._placements.get(key)
+        if placement is None:
             owners = balanced_owners(members, model[1])
+            placement = Placement(owners, relay_orders(members, model[1], owners))
             if len(self._placements) >= PLACEMENTS_KEPT:
                 self._placements.pop(next(iter(self._placements)))
-            self._placements[key] = owners
-        return owners
+            self._placements[key] = placement
+        return placement
 
     def snapshot(self) -> dict[str, object]:
         now = time.monotonic()

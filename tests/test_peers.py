@@ -26,7 +26,7 @@ import xxhash
 
 from agent.fetcher import PeerContext
 from agent.manifest import Manifest
-from agent.peers import balanced_owners, rendezvous
+from agent.peers import RELAY_FANOUT, balanced_owners, relay_orders, rendezvous, tree_parent
 from client._transport import AgentConnection
 from client.errors import WarmstartError
 from tests.servers.agent_proc import AgentProcess, AgentStartError
@@ -85,6 +85,32 @@ def test_balanced_owners_share_a_model_evenly_in_rendezvous_order() -> None:
         load[owner] += next(n for kk, ii, n in mixed if (kk, ii) == (k, i))
     share = sum(n for *_, n in mixed) / len(members)
     assert max(load.values()) <= share + 16 * MiB, (load, share)
+
+
+def test_relay_trees_are_rooted_at_the_owner_and_share_the_upload_evenly() -> None:
+    members = [f"198.18.1.{i}:7070" for i in range(1, 9)]
+    pieces = [(f"shard{k}", i, 16 * MiB) for k in range(4) for i in range(4)] + [("cfg", 0, 62)]
+    owners = balanced_owners(members, pieces)
+    orders = relay_orders(members, pieces, owners)
+    children = Counter()
+    upload = Counter()
+    for key, index, length in pieces:
+        order = orders[(key, index)]
+        assert order[0] == owners[(key, index)] and sorted(order) == sorted(members)
+        assert tree_parent(order, order[0]) is None
+        for m in order[1:]:
+            parent = tree_parent(order, m)
+            assert parent is not None and order.index(parent) < order.index(m)  # toward the root: no loops
+            children[(key, index, parent)] += 1
+            upload[parent] += length
+    assert max(children.values()) <= RELAY_FANOUT  # no node uploads a piece more than twice
+    # Every node uploads within two pieces of an even share (7/8 of the model each); with the
+    # rest of each tree in plain rendezvous order this 16-piece model gave 0.6x to 2x.
+    even = sum(upload.values()) / len(members)
+    assert set(upload) == set(members)
+    assert max(upload.values()) <= even + 2 * 16 * MiB and min(upload.values()) >= even - 2 * 16 * MiB, upload
+    # The same trees whatever order the members are listed in (every node computes them alone).
+    assert relay_orders(list(reversed(members)), pieces, owners) == orders
 
 
 # ---------------------------------------------------------------------- helpers
@@ -215,6 +241,8 @@ def test_concurrent_prefetch_sends_the_model_once_from_the_origin(
     assert received > 2 * model_bytes and served > 2 * model_bytes, stats
     assert sum(s["origin_bytes"] for s in stats) <= 1.1 * model_bytes, stats
     assert all(s["peer_pieces_rejected"] == 0 for s in stats), stats
+    # With 4 nodes the last place of every piece's tree asks the node at place 1, not the owner.
+    assert sum(s["peer_bytes_relayed"] for s in stats) > 0, stats
 
 
 def test_kill9_one_agent_mid_transfer_the_others_finish(
@@ -318,6 +346,31 @@ def test_peer_routes_need_the_token_and_refuse_what_is_not_a_model_piece(
         env=agent_env, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     assert refused.returncode == 2 and "--peer-token-file" in refused.stderr
+
+
+def test_a_relay_request_never_costs_an_origin_fetch(
+    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+) -> None:
+    """A node asked as a relay parent for a piece it is not getting says so at once (503): no origin
+    fetch, no partial file. Asked as the owner (no relay=1), it fetches the piece and serves it."""
+    files = _upload(seaweed, tmp_path, "peers/relay", {"w.bin": 3 * MiB})
+    relay = _relay(seaweed, relay_factory)
+    (node,) = _cluster(agent_factory, agent_env, tmp_path, 1, relay)
+    conn = AgentConnection(str(node.socket_path), timeout=10)
+    rev = conn.request_json("POST", "/v1/resolve", {"ref": "s3://models/peers/relay"})["revision"]
+    (manifest,) = (node.cache_dir / "manifests").rglob(f"{rev}.json")
+    (entry,) = Manifest.from_json(json.loads(manifest.read_text())).files
+    q = {"ref": "s3://models/peers/relay", "rev": rev, "path": "w.bin", "key": entry.fill_key, "index": "1",
+         "piece_size": str(MiB)}
+    relay.reset_counters()
+    started = time.monotonic()
+    assert _peer_get(node, "/peer/v1/piece", {**q, "relay": "1", "from": "127.0.0.1:1"}) == 503
+    assert time.monotonic() - started < 1.0
+    assert relay.bytes_down == 0
+    assert not list((node.cache_dir / "partial").glob("*")), "a relay request made a partial file"
+    assert _peer_get(node, "/peer/v1/piece", q) == 200
+    assert MiB <= relay.bytes_down < 2 * MiB
+    assert len(files["w.bin"]) == 3 * MiB
 
 
 def test_prefetch_all_nodes_fills_every_node(
