@@ -475,12 +475,16 @@ class Fetcher:
         pos = offset
         stream: PieceStream | None = None
 
+        def answered() -> None:
+            # Followable once the peer agreed to send it: not while queued here, nor before a
+            # refusal (a follower would wait on nothing, or be cut off by a no that was not its
+            # parent's). Its bytes may still be on their way from the origin to the owner.
+            nonlocal stream
+            stream = self._announce(h, index, upstream=addr)
+
         async def sink(chunks: list[bytes]) -> None:
-            nonlocal pos, stream
-            if stream is None:
-                # Followable from the first bytes on: not while queued or refused (a follower
-                # would wait on nothing, or see a failure that was not its parent's).
-                stream = self._announce(h, index, upstream=addr)
+            nonlocal pos
+            assert stream is not None
             n = await self.store.run(_write_and_hash, fill, pos, chunks, hasher)
             pos += n
             stream.written = pos - offset
@@ -493,9 +497,9 @@ class Fetcher:
             relay=relay, requester=self.peers.me,
         )  # fmt: skip
         try:
-            async with self._peer_slots.hold(self._peer_order(flight, index)):
+            async with self._peer_slots.hold(self._peer_order(flight, index), name=(entry.fill_key, index)):
                 with self.metrics.piece_fetch("peer"):
-                    stated = await self.peer_client.fetch_piece(addr, req, length, sink)
+                    stated = await self.peer_client.fetch_piece(addr, req, length, sink, answered)
             got = hasher.hexdigest()
             if got != stated:
                 raise PeerLiedError(f"piece {index} hashed {got}, the peer stated {stated!r}")
@@ -641,7 +645,9 @@ class Fetcher:
         try:
             stream = h.streams.get(index)
             if stream is None and relay and entry.fill_key in self.flights:
-                # This node is getting the file too: its fetch of the piece may be about to start.
+                # This node is getting the file too: its fetch of the piece may be about to start,
+                # or be waiting for a peer connection (then it goes next: a child waits for it).
+                self._peer_slots.promote((entry.fill_key, index), (-1, 0))
                 deadline = time.monotonic() + RELAY_WAIT
                 while stream is None and index not in h.fill.done and (left := deadline - time.monotonic()) > 0:
                     await h.announced.wait(left)

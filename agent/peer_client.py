@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -99,8 +99,13 @@ class PeerClient:
                 raise PeerRefusedError(f"ping answered {resp.status}")
             await resp.read()
 
-    async def fetch_piece(self, addr: str, req: PieceRequest, length: int, sink: Sink) -> str:
-        """Stream piece ``req.index`` (``length`` bytes) from ``addr`` into ``sink``; return the stated hash."""
+    async def fetch_piece(
+        self, addr: str, req: PieceRequest, length: int, sink: Sink, on_answer: Callable[[], None] | None = None
+    ) -> str:
+        """Stream piece ``req.index`` (``length`` bytes) from ``addr`` into ``sink``; return the stated hash.
+
+        ``on_answer`` is called once the peer has agreed to send the piece (200, the right length).
+        """
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.hedge_timeout, sock_read=self.read_timeout)
         url = f"http://{addr}/peer/v1/piece"
         try:
@@ -117,6 +122,8 @@ class PeerClient:
                 raise PeerRefusedError(f"answered {resp.status}: {body}")
             if resp.content_length != length + HASH_LEN:
                 raise PeerRefusedError(f"answered {resp.content_length} bytes for a {length}-byte piece")
+            if on_answer is not None:
+                on_answer()
             try:
                 tail = await pump_body(resp.content, length, sink)
                 if len(tail) < HASH_LEN:

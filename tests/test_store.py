@@ -378,3 +378,22 @@ async def test_ordered_slots_admit_lowest_key_and_survive_cancellation() -> None
     await asyncio.gather(first, late, early, return_exceptions=True)
     assert order == ["first", "early", "late"]
     assert slots.free == 1 and gone.cancelled()
+
+    # promote: a waiter named when it began waiting moves up (a relay child asked for its piece).
+    order.clear()
+    gate = asyncio.Event()
+
+    async def named(name: str, key: int) -> None:
+        async with slots.hold(key, name=name):
+            order.append(name)
+
+    first = asyncio.create_task(use("first", 9, gate))
+    await asyncio.sleep(0)
+    tasks = [asyncio.create_task(named(n, k)) for n, k in (("a", 1), ("b", 2), ("c", 3))]
+    await asyncio.sleep(0)
+    assert slots.promote("c", 0) and not slots.promote("nobody", 0)
+    assert slots.promote("a", 5)  # never moves a waiter down
+    gate.set()
+    await asyncio.gather(first, *tasks)
+    assert order == ["first", "c", "a", "b"]
+    assert not slots.promote("c", 0) and slots.free == 1
