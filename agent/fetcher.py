@@ -463,7 +463,10 @@ class Fetcher:
                 await self._peer_piece(h, index, addr, flight, relay)
                 return
             except PeerError as exc:
-                log.info("piece %d of %s from peer %s failed: %s", index, flight.entry.path, addr, exc)
+                # A relay parent that is not getting the piece is the normal case outside a scale-up.
+                quiet = relay and type(exc) is PeerRefusedError
+                log.log(logging.DEBUG if quiet else logging.INFO,
+                        "piece %d of %s from peer %s failed: %s", index, flight.entry.path, addr, exc)
         await self._origin_piece(h, index, origin, flight, self._announce(h, index))
 
     async def _peer_piece(self, h: OpenFill, index: int, addr: str, flight: Flight, relay: bool = False) -> None:
@@ -511,7 +514,7 @@ class Fetcher:
                 stream.digest = got
         except BaseException as exc:
             flight.done_bytes -= pos - offset
-            if isinstance(exc, PeerError):
+            if isinstance(exc, PeerError) and not (relay and type(exc) is PeerRefusedError):
                 self.metrics.fetch_error("peer", _PEER_ERROR_KINDS.get(type(exc), "error"))
             if isinstance(exc, PeerLiedError):
                 self.peer_pieces_rejected += 1

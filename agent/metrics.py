@@ -60,8 +60,8 @@ LOOKUP_KINDS = ("model", "artifact")
 # Fetch errors, by source and kind (the label values are a closed set; see docs/OPERATIONS.md).
 FETCH_ERRORS = {
     "origin": ("transient", "failed"),  # a try failed (retried), a piece gave up after every retry
-    # unreachable, hedged away, bytes refused, said no (busy, a relay parent not receiving it),
-    # the answer ended early, other
+    # unreachable, hedged away, bytes refused, said no (busy, another piece size; a relay
+    # parent that is not getting the piece is not counted: that is normal), the answer ended early, other
     "peer": ("down", "slow", "rejected", "refused", "cut", "error"),
 }
 # Seconds to fetch one piece (one range request, the try that succeeded).
