@@ -31,6 +31,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import xxhash
@@ -474,26 +475,18 @@ class Fetcher:
         assert self.peers is not None and self.peer_client is not None and flight.ctx is not None
         fill, entry = h.fill, flight.entry
         offset, length = entry.piece_range(index)
-        hasher = xxhash.xxh3_128()
-        pos = offset
-        stream: PieceStream | None = None
+
+        def landed(n: int) -> None:
+            flight.done_bytes += n
+            self.peer_bytes_received += n
+
+        sink = _PieceSink(self.store, fill, offset, landed)
 
         def answered() -> None:
             # Followable once the peer agreed to send it: not while queued here, nor before a
             # refusal (a follower would wait on nothing, or be cut off by a no that was not its
             # parent's). Its bytes may still be on their way from the origin to the owner.
-            nonlocal stream
-            stream = self._announce(h, index, upstream=addr)
-
-        async def sink(chunks: list[bytes]) -> None:
-            nonlocal pos
-            assert stream is not None
-            n = await self.store.run(_write_and_hash, fill, pos, chunks, hasher)
-            pos += n
-            stream.written = pos - offset
-            stream.wake()
-            flight.done_bytes += n
-            self.peer_bytes_received += n
+            sink.stream = self._announce(h, index, upstream=addr)
 
         req = PieceRequest(
             flight.ctx.ref, flight.ctx.revision, entry.path, entry.fill_key, entry.piece_size, index,
@@ -503,17 +496,17 @@ class Fetcher:
             async with self._peer_slots.hold(self._peer_order(flight, index), name=(entry.fill_key, index)):
                 with self.metrics.piece_fetch("peer"):
                     stated = await self.peer_client.fetch_piece(addr, req, length, sink, answered)
-            got = hasher.hexdigest()
+            got = sink.hasher.hexdigest()
             if got != stated:
                 raise PeerLiedError(f"piece {index} hashed {got}, the peer stated {stated!r}")
             try:
                 await self.store.run(fill.record_piece, index, got)
             except IntegrityError as exc:
                 raise PeerLiedError(str(exc)) from None
-            if stream is not None:
-                stream.digest = got
+            if sink.stream is not None:
+                sink.stream.digest = got
         except BaseException as exc:
-            flight.done_bytes -= pos - offset
+            flight.done_bytes -= sink.written
             if isinstance(exc, PeerError) and not (relay and type(exc) is PeerRefusedError):
                 self.metrics.fetch_error("peer", _PEER_ERROR_KINDS.get(type(exc), "error"))
             if isinstance(exc, PeerLiedError):
@@ -525,8 +518,8 @@ class Fetcher:
                 self.peers.mark_slow(addr, str(exc))
             raise
         finally:
-            if stream is not None:
-                self._unannounce(h, index, stream)
+            if sink.stream is not None:
+                self._unannounce(h, index, sink.stream)
         flight.peer_pieces[index] = addr
         self.peers.mark_up(addr)
 
@@ -571,30 +564,23 @@ class Fetcher:
             stream = self._announce(h, index)
         last: Exception | None = None
         order = -1 if first or flight is None else flight.order  # -1: peers are (or will be) waiting on it
+
+        def landed(n: int) -> None:
+            self.origin_bytes += n
+            if flight is not None:
+                flight.done_bytes += n
+                flight.fetched_bytes += n
         try:
             for attempt in range(self.retries):
                 if attempt:
                     await asyncio.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
-                hasher = xxhash.xxh3_128()
-                pos = offset
-
-                async def sink(chunks: list[bytes]) -> None:
-                    nonlocal pos
-                    n = await self.store.run(_write_and_hash, fill, pos, chunks, hasher)
-                    pos += n
-                    stream.written = pos - offset
-                    stream.wake()
-                    self.origin_bytes += n
-                    if flight is not None:
-                        flight.done_bytes += n
-                        flight.fetched_bytes += n
-
+                sink = _PieceSink(self.store, fill, offset, landed, stream)
                 async with self._slots.hold((order, index)):
                     try:
                         with self.metrics.piece_fetch("origin"):
                             if length:
                                 await origin.read_range(fill.entry, offset, length, sink)
-                            digest = hasher.hexdigest()
+                            digest = sink.hasher.hexdigest()
                             await self.store.run(fill.record_piece, index, digest)
                         stream.digest = digest
                         if flight is not None:
@@ -605,7 +591,7 @@ class Fetcher:
                         last = exc
                         self.metrics.fetch_error("origin", "transient")
                         if flight is not None:
-                            flight.done_bytes -= pos - offset
+                            flight.done_bytes -= sink.written
                         stream.attempt += 1
                         stream.written = 0
                         stream.wake()
@@ -705,6 +691,40 @@ class BusyError(Exception):
 
 class _PeerDataSuspect(Exception):
     """The whole file did not match with peer pieces in it: repair, do not discard."""
+
+
+class _PieceSink:
+    """Where one try of one piece lands, from the origin or a peer: one way for both.
+
+    Each batch is written at its place in the partial file and hashed in the same
+    pass (on the store's threads); then ``stream``'s followers are woken and
+    ``landed`` counts the bytes. ``written`` is what this try put in the file.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        fill: BlobFill,
+        offset: int,
+        landed: Callable[[int], None],
+        stream: PieceStream | None = None,
+    ) -> None:
+        self.store, self.fill, self.offset, self.landed = store, fill, offset, landed
+        self.stream = stream
+        self.hasher = xxhash.xxh3_128()
+        self.pos = offset
+
+    @property
+    def written(self) -> int:
+        return self.pos - self.offset
+
+    async def __call__(self, chunks: list[bytes]) -> None:
+        n = await self.store.run(_write_and_hash, self.fill, self.pos, chunks, self.hasher)
+        self.pos += n
+        if self.stream is not None:
+            self.stream.written = self.written
+            self.stream.wake()
+        self.landed(n)
 
 
 def _write_and_hash(fill: BlobFill, offset: int, chunks: list[bytes], hasher: xxhash.xxh3_128) -> int:
