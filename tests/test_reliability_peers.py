@@ -63,3 +63,47 @@ def test_a_stalled_peer_is_skipped_and_the_fetch_completes(
         print(f"stalled peer ({when}): fetch completed in {took:.1f}s")
     finally:
         relay.close()
+
+
+def test_a_peer_answer_cut_short_moves_on_without_marking_the_peer_down(
+    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, tmp_path: Path
+) -> None:
+    """B has the model; A gets B's pieces through a relay that drops every connection in the middle of
+    the bodies. A moves on (to the origin) and finishes bit-exact, and does not take B out of
+    placement for it: a body that ends early is also what a follower sees when the relay parent
+    it follows loses its own source, which says nothing about that parent (agent/peer_client.py
+    PeerCutShortError). It is counted as kind="cut"."""
+    data = os.urandom(16 * MiB)
+    src = tmp_path / "w.bin"
+    src.write_bytes(data)
+    seaweed.make_bucket("models")
+    seaweed.upload_file(src, "models", "cut/w.bin")
+    ref = "s3://models/cut"
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    pa, pb = free_ports(2)
+    relay = TcpRelay("127.0.0.1", pb)
+    try:
+        common = ("--peer-token-file", str(token), "--piece-size", "1MiB")
+        b = agent_factory("b", port=pb, extra_args=("--peers", f"127.0.0.1:{pa},127.0.0.1:{pb}", *common))
+        assert b.cli("prefetch", ref).returncode == 0
+        a = agent_factory("a", port=pa, extra_args=(
+            "--peers", f"127.0.0.1:{pa},127.0.0.1:{relay.port}", "--advertise", f"127.0.0.1:{pa}", *common))
+        time.sleep(2.5)  # a ping round: A sees B alive
+        relay.set_rate(2 * MiB)
+        cuts = threading.Timer(1.0, relay.drop_connections)
+        cuts.start()
+        done = a.cli("prefetch", ref, timeout=120)
+        cuts.join()
+        assert done.returncode == 0, done.stderr
+        assert blob_digest(data) in check_cache(a.cache_dir)
+        log = a.log_text()
+        assert "body ended before the piece hash" in log or "ClientPayloadError" in log, log[-3000:]
+        assert f"peer 127.0.0.1:{relay.port} is down" not in log, log[-3000:]
+        status, metrics = a.http_get("/metrics")
+        assert status == 200
+        cut = [line for line in metrics.decode().splitlines()
+               if line.startswith("warmstart_fetch_errors_total") and 'kind="cut"' in line]  # fmt: skip
+        assert cut and float(cut[0].rsplit(" ", 1)[1]) >= 1, cut
+    finally:
+        relay.close()
