@@ -420,6 +420,8 @@ class Fetcher:
         if flight.use_peers and self.peers is not None:
             ctx = flight.ctx
             model = (f"{ctx.ref}@{ctx.revision}", ctx.pieces) if ctx is not None and ctx.pieces else None
+            if model is not None:
+                await self.peers.prepare(model)  # off the loop, once per model and member list
             owners = self.peers.candidates(flight.entry.fill_key, index, PEER_TRIES, model)
             if owners:
                 parent = self.peers.relay_parent(flight.entry.fill_key, index, model)

@@ -9,10 +9,12 @@ token file. Models are random bytes in several files (multipart uploads above
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -24,9 +26,10 @@ from typing import Any
 import pytest
 import xxhash
 
+import agent.peers as peers_module
 from agent.fetcher import PeerContext
 from agent.manifest import Manifest
-from agent.peers import RELAY_FANOUT, balanced_owners, relay_orders, rendezvous, tree_parent
+from agent.peers import RELAY_FANOUT, Membership, balanced_owners, relay_orders, rendezvous, tree_parent
 from client._transport import AgentConnection
 from client.errors import WarmstartError
 from tests.servers.agent_proc import AgentProcess, AgentStartError
@@ -111,6 +114,43 @@ def test_relay_trees_are_rooted_at_the_owner_and_share_the_upload_evenly() -> No
     assert max(upload.values()) <= even + 2 * 16 * MiB and min(upload.values()) >= even - 2 * 16 * MiB, upload
     # The same trees whatever order the members are listed in (every node computes them alone).
     assert relay_orders(list(reversed(members)), pieces, owners) == orders
+
+
+async def test_placement_is_computed_off_the_event_loop_once_per_member_list() -> None:
+    """A big model's placement (owners and relay trees) takes seconds for big clusters; the fetcher
+    asks for it with ``prepare`` (a thread, one computation for all callers), never on the loop."""
+    members = [f"10.0.0.{i}:7070" for i in range(1, 9)]
+    m = Membership(members[0], advertise=members[0])
+    await m.set_members(members)
+    for a in members[1:]:
+        m.mark_up(a)
+    pieces = tuple((f"f{k}", i, 16 * MiB) for k in range(20) for i in range(50))
+    model = ("s3://b/m@rev", pieces)
+    loop_thread = threading.get_ident()
+    computed_in: list[int] = []
+    real = peers_module._placement
+
+    def spy(*args: Any) -> Any:
+        computed_in.append(threading.get_ident())
+        return real(*args)
+
+    peers_module._placement = spy
+    try:
+        await asyncio.gather(*(m.prepare(model) for _ in range(5)))
+        assert len(computed_in) == 1 and computed_in[0] != loop_thread
+        owners = balanced_owners(sorted(members), pieces)
+        orders = relay_orders(sorted(members), pieces, owners)
+        for key, index, _ in pieces[:40]:
+            want_owner = owners[(key, index)]
+            assert m.candidates(key, index, 2, model)[:1] == ([] if want_owner == members[0] else [want_owner])
+            parent = tree_parent(orders[(key, index)], members[0])
+            assert m.relay_parent(key, index, model) == (None if parent in (None, want_owner) else parent)
+        assert len(computed_in) == 1  # the accessors used what prepare computed
+        m.mark_down(members[-1], "test")  # another member list: another placement
+        await m.prepare(model)
+        assert len(computed_in) == 2
+    finally:
+        peers_module._placement = real
 
 
 # ---------------------------------------------------------------------- helpers
