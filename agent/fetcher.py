@@ -422,10 +422,7 @@ class Fetcher:
             model = (f"{ctx.ref}@{ctx.revision}", ctx.pieces) if ctx is not None and ctx.pieces else None
             if model is not None:
                 await self.peers.prepare(model)  # off the loop, once per model and member list
-            owners = self.peers.candidates(flight.entry.fill_key, index, PEER_TRIES, model)
-            if owners:
-                parent = self.peers.relay_parent(flight.entry.fill_key, index, model)
-                sources = ([(parent, True)] if parent is not None else []) + [(a, False) for a in owners]
+            sources = self.peers.sources(flight.entry.fill_key, index, PEER_TRIES, model)
         if sources:
             task = asyncio.create_task(self._get_piece(h, index, origin, flight, sources))
         else:
@@ -466,9 +463,7 @@ class Fetcher:
                 await self._peer_piece(h, index, addr, flight, relay)
                 return
             except PeerError as exc:
-                # A relay parent that is not getting the piece is the normal case outside a scale-up.
-                quiet = relay and type(exc) is PeerRefusedError
-                log.log(logging.DEBUG if quiet else logging.INFO,
+                log.log(logging.DEBUG if _relay_said_no(exc, relay) else logging.INFO,
                         "piece %d of %s from peer %s failed: %s", index, flight.entry.path, addr, exc)
         await self._origin_piece(h, index, origin, flight, self._announce(h, index))
 
@@ -509,7 +504,7 @@ class Fetcher:
                 sink.stream.digest = got
         except BaseException as exc:
             flight.done_bytes -= sink.written
-            if isinstance(exc, PeerError) and not (relay and type(exc) is PeerRefusedError):
+            if isinstance(exc, PeerError) and not _relay_said_no(exc, relay):
                 self.metrics.fetch_error("peer", _PEER_ERROR_KINDS.get(type(exc), "error"))
             if isinstance(exc, PeerLiedError):
                 self.peer_pieces_rejected += 1
@@ -685,6 +680,11 @@ _PEER_ERROR_KINDS = {
     PeerRefusedError: "refused",  # busy, another piece size, or a relay parent not receiving the piece
     PeerCutShortError: "cut",  # the body ended early
 }
+
+
+def _relay_said_no(exc: BaseException, relay: bool) -> bool:
+    """A relay parent that is not getting the piece: the normal case outside a scale-up, not an error."""
+    return relay and type(exc) is PeerRefusedError
 
 
 class BusyError(Exception):

@@ -358,10 +358,38 @@ class Membership:
         the rendezvous ranking. Empty when this node owns the piece: then it
         fetches from the origin.
         """
+        ranked, order = self._placed(fill_key, index, model)
+        return self._owners_to_ask(ranked, order, limit)
+
+    def sources(
+        self, fill_key: str, index: int, limit: int, model: tuple[str, Sequence[PieceSpec]] | None = None
+    ) -> list[tuple[str, bool]]:
+        """Whom to ask for a piece, in order, as (peer, as a relay parent): :meth:`relay_parent`,
+        then :meth:`candidates`, from one ranking of the members. Empty when this node owns it."""
+        ranked, order = self._placed(fill_key, index, model)
+        owners = self._owners_to_ask(ranked, order, limit)
+        if not owners:
+            return []
+        parent = self._relay_parent(order)
+        return ([(parent, True)] if parent is not None else []) + [(a, False) for a in owners]
+
+    def _placed(
+        self, fill_key: str, index: int, model: tuple[str, Sequence[PieceSpec]] | None
+    ) -> tuple[list[str], list[str]]:
+        """The piece's rendezvous ranking of the live members, and its relay order (owner first).
+
+        With ``model`` the owner is the balanced one and the order the balanced
+        relay tree (:func:`balanced_owners`, :func:`relay_orders`); without it,
+        both are the plain ranking.
+        """
         ranked = self.owners(fill_key, index)
-        owner = ranked[0]
+        order = None
         if model is not None:
-            owner = self._balanced(model, tuple(sorted(ranked))).owners.get((fill_key, index), owner)
+            order = self._balanced(model, tuple(sorted(ranked))).orders.get((fill_key, index))
+        return ranked, order or ranked
+
+    def _owners_to_ask(self, ranked: list[str], order: list[str], limit: int) -> list[str]:
+        owner = order[0]
         if owner == self.me:
             return []
         out = [owner]
@@ -371,6 +399,10 @@ class Membership:
             if addr != owner:
                 out.append(addr)
         return out[:limit]
+
+    def _relay_parent(self, order: list[str]) -> str | None:
+        parent = tree_parent(order, self.me)
+        return None if parent == order[0] else parent
 
     def relay_parent(
         self, fill_key: str, index: int, model: tuple[str, Sequence[PieceSpec]] | None = None
@@ -391,14 +423,7 @@ class Membership:
         so at once (it never goes to the origin for a relay request); then the
         owner is asked.
         """
-        ranked = self.owners(fill_key, index)
-        order = None
-        if model is not None:
-            order = self._balanced(model, tuple(sorted(ranked))).orders.get((fill_key, index))
-        if order is None:
-            order = ranked
-        parent = tree_parent(order, self.me)
-        return None if parent == order[0] else parent
+        return self._relay_parent(self._placed(fill_key, index, model)[1])
 
     async def prepare(self, model: tuple[str, Sequence[PieceSpec]]) -> None:
         """Compute the model's placement for the current members off the event loop, once.
