@@ -219,8 +219,9 @@ def _wait_peers_up(agents: list[Any], timeout: float = 20.0) -> None:
         time.sleep(0.2)
 
 
-def _prefetch_all_at_once(agents: list[Any], ref: str, timeout: float = 90.0) -> list[subprocess.CompletedProcess[str]]:
-    procs = [
+def _start_prefetches(agents: list[Any], ref: str) -> list[subprocess.Popen[str]]:
+    """``agent prefetch ref`` against every agent, all started at once (output captured)."""
+    return [
         subprocess.Popen(
             [sys.executable, "-m", "agent", "prefetch", ref],
             env={**a.env, "WARMSTART_SOCKET": str(a.socket_path)},
@@ -228,6 +229,10 @@ def _prefetch_all_at_once(agents: list[Any], ref: str, timeout: float = 90.0) ->
         )
         for a in agents
     ]  # fmt: skip
+
+
+def _prefetch_all_at_once(agents: list[Any], ref: str, timeout: float = 90.0) -> list[subprocess.CompletedProcess[str]]:
+    procs = _start_prefetches(agents, ref)
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=timeout)
@@ -293,14 +298,7 @@ def test_kill9_one_agent_mid_transfer_the_others_finish(
     agents = _cluster(agent_factory, agent_env, tmp_path, 3, relay)
     _wait_peers_up(agents)
     victim, *rest = agents
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "agent", "prefetch", "s3://models/peers/kill"],
-            env={**a.env, "WARMSTART_SOCKET": str(a.socket_path)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for a in agents
-    ]  # fmt: skip
+    procs = _start_prefetches(agents, "s3://models/peers/kill")
     deadline = time.monotonic() + 30
     while _stats(victim)["peer_bytes_served"] < 2 * MiB:
         assert time.monotonic() < deadline, "the victim never served a piece"
@@ -586,14 +584,7 @@ def test_a_piece_still_arriving_from_a_slow_origin_is_passed_on_as_it_lands(
     _wait_peers_up(agents)
     relay.reset_counters()
     relay.set_rate(2 * MiB)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "agent", "prefetch", "s3://models/peers/cut"],
-            env={**a.env, "WARMSTART_SOCKET": str(a.socket_path)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )
-        for a in agents
-    ]  # fmt: skip
+    procs = _start_prefetches(agents, "s3://models/peers/cut")
     try:
         # Sample until the origin has sent 3 MiB (under one read block): what has the follower got?
         deadline = time.monotonic() + 10
