@@ -15,7 +15,8 @@ TORCH_VERSION=2.13.0
 # (apt-get runs only when one is missing, so a second install is fast):
 #   prometheus: promtool (alert rule tests) and prometheus (scrapes a real agent)
 #   kubectl:    kubectl kustomize (renders deploy/daemonset)
-APT_PACKAGES=(prometheus:promtool kubectl:kubectl)
+#   iproute2:   ip netns / veth (the --peer-dns test's network namespace; bench: tc)
+APT_PACKAGES=(prometheus:promtool kubectl:kubectl iproute2:ip)
 missing=()
 for entry in "${APT_PACKAGES[@]}"; do
     command -v "${entry#*:}" >/dev/null 2>&1 || missing+=("${entry%%:*}")
