@@ -2,7 +2,15 @@
 
 Contenders, all against the same objects in a real S3 server (SeaweedFS on
 loopback, tests.servers.seaweedfs), each round in a fresh destination on the
-same disk, page cache dropped before each contender when we may:
+same disk. Every contender starts its clock through :func:`start_clock`: the
+page cache is dropped (when we may), then ``--settle`` seconds pass, then the
+clock starts. Whatever a contender prepares outside the clock (the agent's
+start, a boto3 client) happens *before* the drop, so all contenders meet the
+same memory state. That matters on this VM (virtio_balloon loaded): pages freed
+a few seconds earlier make the next writes into the page cache up to 10x more
+expensive than pages freed just before (bench/RESULTS.md "Cold miss: the
+clock started unequally"). ``--settle 0`` is the bare-metal case; ``--settle 4``
+makes every contender write into reclaimed memory.
 
 - ``warmstart-cN``: a fresh ``agent serve`` (fresh cache dir, ``--connections N``)
   started *before* the clock; timed is ``python -m agent prefetch s3://bench/model``
@@ -83,6 +91,19 @@ def drop_caches() -> bool:
         return False
 
 
+def start_clock(ctx: dict) -> float:
+    """Delete the previous contender's output, drop the page cache, wait ``ctx["settle"]`` seconds,
+    return the start time: one way for all, so every contender finds the same free memory."""
+    previous = ctx.pop("previous", None)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+    if not ctx["no_drop"]:
+        ctx["dropped"] = drop_caches()
+    if ctx["settle"]:
+        time.sleep(ctx["settle"])
+    return time.perf_counter()
+
+
 def proc_cpu(pid: int) -> float:
     """User + system CPU seconds a live process has used so far (/proc/PID/stat)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -119,8 +140,8 @@ def run_warmstart(ctx: dict, dest: Path, connections: int) -> tuple[float, dict]
         deadline = time.monotonic() + 30
         while "origin clients ready" not in agent.log_text() and time.monotonic() < deadline:
             time.sleep(0.05)
+        t0 = start_clock(ctx)
         agent_cpu0, cli_cpu0 = proc_cpu(agent.pid), own_cpu()
-        t0 = time.perf_counter()
         done = agent.cli("prefetch", f"s3://{BUCKET}/{PREFIX}", timeout=600)
         secs = time.perf_counter() - t0
         # the agent's CPU while it fetched, plus the CLI's (not the agent's start-up and shutdown)
@@ -156,7 +177,7 @@ def run_boto3(ctx: dict, dest: Path, parallel: bool) -> tuple[float, dict]:
     s3 = _boto3_client(ctx)
     dest.mkdir(parents=True, exist_ok=True)
     keys = ctx["keys"]
-    t0 = time.perf_counter()
+    t0 = start_clock(ctx)
     if parallel:
         errors: list[BaseException] = []
 
@@ -189,7 +210,7 @@ def run_s5cmd(ctx: dict, dest: Path) -> tuple[float, dict]:
     if not os.path.exists(s5):
         s5 = shutil.which("s5cmd") or "s5cmd"
     cmd = [s5, "--endpoint-url", ctx["endpoint"], "cp", f"s3://{BUCKET}/{PREFIX}/*", str(dest) + "/"]
-    t0 = time.perf_counter()
+    t0 = start_clock(ctx)
     done = subprocess.run(cmd, env={**os.environ, **ctx["env"]}, capture_output=True, text=True, timeout=600)
     secs = time.perf_counter() - t0
     if done.returncode != 0:
@@ -203,7 +224,7 @@ def run_s5cmd(ctx: dict, dest: Path) -> tuple[float, dict]:
 def run_curl(ctx: dict, dest: Path, parallel: bool) -> tuple[float, dict]:
     urls = [f"{ctx['endpoint']}/{BUCKET}/{k}" for k in ctx["keys"]]
     base = ["curl", "-s", "-f", "-o", "/dev/null", "-w", "%{size_download}\n"]
-    t0 = time.perf_counter()
+    t0 = start_clock(ctx)
     if parallel:
         procs = [subprocess.Popen([*base, u], stdout=subprocess.PIPE, text=True) for u in urls]
         outs = [p.communicate()[0] for p in procs]
@@ -265,6 +286,8 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "work"))
     ap.add_argument("--no-drop-caches", action="store_true")
+    ap.add_argument("--settle", type=float, default=0.0,
+                    help="seconds between dropping the page cache and starting each contender's clock (default 0)")
     args = ap.parse_args()
 
     names = [n for n in args.only.split(",") if n]
@@ -299,7 +322,8 @@ def main() -> int:
         print(f"uploaded in {time.perf_counter() - t_up:.1f}s to {sw.endpoint_url}", flush=True)
         for p in shards:  # the source copy is not needed any more: keep the disk (and cache) clean
             p.unlink()
-        ctx: dict = {"endpoint": sw.endpoint_url, "env": sw.env, "keys": keys, "total": total}
+        ctx: dict = {"endpoint": sw.endpoint_url, "env": sw.env, "keys": keys, "total": total,
+                     "settle": args.settle, "no_drop": args.no_drop_caches}
 
         results: dict[str, list[float]] = {n: [] for n in names}
         rounds: list[dict] = []
@@ -311,9 +335,8 @@ def main() -> int:
                 dest = work / f"dest-r{r}-{n}"
                 shutil.rmtree(dest, ignore_errors=True)
                 dest.mkdir(parents=True)
-                dropped = False if args.no_drop_caches else drop_caches()
-                dropped_all &= dropped
                 ctx.pop("agent_cpu", None)
+                ctx["dropped"] = False
                 cpu0, server0 = own_cpu(), proc_cpu(sw.proc.pid)
                 try:
                     secs, info = CONTENDERS[n](ctx, dest)
@@ -322,13 +345,16 @@ def main() -> int:
                     err = None
                 except Exception as exc:  # noqa: BLE001
                     secs, info, err = float("nan"), {}, str(exc)[-3000:]
+                dropped = ctx["dropped"]
+                dropped_all &= dropped
                 if err is None:
                     results[n].append(secs)
                 rec = {"round": r, "contender": n, "seconds": secs, "gb_per_s": total / secs / 1e9 if err is None else None,
                        "page_cache_dropped": dropped, "error": err, **info}
                 rounds.append(rec)
                 print(json.dumps({k: v for k, v in rec.items() if k != "cli_stdout"}), flush=True)
-                shutil.rmtree(dest, ignore_errors=True)
+                ctx["previous"] = dest  # deleted by the next start_clock, right before its clock
+        shutil.rmtree(ctx.pop("previous", work / "none"), ignore_errors=True)
         agent_logs = ctx.get("agent_logs", [])
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -340,6 +366,7 @@ def main() -> int:
         "rounds": args.rounds,
         "cpus": os.cpu_count(),
         "page_cache_dropped": dropped_all,
+        "settle_s": args.settle,
         "medians": {k: statistics.median(v) for k, v in results.items() if v},
         "per_round": rounds,
     }
