@@ -31,6 +31,13 @@ from client.errors import CapacityError, IntegrityError
 
 MAP_WINDOW = 64 * 1024 * 1024
 IOV_MAX = 1024  # Linux's limit on buffers per pwritev
+# The most one pwritev writes. The kernel sizes new page-cache folios by the
+# write: 2 MiB writes make 2 MiB folios, and on a VM whose free memory the host
+# takes back (virtio_balloon), every 2 MiB folio is fresh host memory: writes
+# of 2 MiB or more cost 2.6 CPU s/GiB there, writes of 1 MiB 0.33 (measured:
+# bench/RESULTS.md "Cold miss: 1 MiB writes"). Where memory is not taken back,
+# 1 MiB writes cost 0.26 s/GiB against 0.23 for 4 MiB.
+WRITE_MAX = 1024 * 1024
 
 
 def hash_file(fd: int, start: int, end: int, hashers: Iterable[Any]) -> None:
@@ -151,6 +158,37 @@ def file_digests(path: str, size: int, want_sha256: bool = False) -> dict[str, s
         os.close(fd)
 
 
+def write_batches(chunks: Sequence[bytes]) -> list[list[memoryview]]:
+    """Split consecutive chunks into pwritev batches of at most WRITE_MAX bytes and IOV_MAX buffers."""
+    batches: list[list[memoryview]] = []
+    batch: list[memoryview] = []
+    size = 0
+    for chunk in chunks:
+        view = memoryview(chunk)
+        while len(view):
+            if size == WRITE_MAX or len(batch) == IOV_MAX:
+                batches.append(batch)
+                batch, size = [], 0
+            take = view[: WRITE_MAX - size]
+            batch.append(take)
+            size += len(take)
+            view = view[len(take) :]
+    if batch:
+        batches.append(batch)
+    return batches
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """What is left of ``views`` after a short write of ``n`` bytes."""
+    while n:
+        if n >= len(views[0]):
+            n -= len(views.pop(0))
+        else:
+            views[0] = views[0][n:]
+            n = 0
+    return views
+
+
 def write_json_atomic(path: str, data: Any) -> None:
     """Write a small state file so a reader sees the old or the new version, never half."""
     tmp = f"{path}.tmp{os.getpid()}-{threading.get_ident()}"
@@ -235,24 +273,20 @@ class BlobFill:
         The chunks are the HTTP body as the socket delivered it: writing them as
         they are avoids joining them into one buffer (a memory copy per byte).
         One writer per file at a time: parallel writers to one ext4 file spin on
-        its inode lock and burn more CPU than they save.
+        its inode lock and burn more CPU than they save. Each call writes at most
+        WRITE_MAX bytes (see there).
         """
-        views = [memoryview(c) for c in chunks if len(c)]
         with self._write_lock:
-            while views:
-                try:
-                    n = os.pwritev(self.fd, views[:IOV_MAX], offset)
-                except OSError as exc:
-                    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                        raise CapacityError(f"disk full while writing {self.entry.path!r}") from exc
-                    raise
-                offset += n
-                while n:
-                    if n >= len(views[0]):
-                        n -= len(views.pop(0))
-                    else:
-                        views[0] = views[0][n:]
-                        n = 0
+            for batch in write_batches(chunks):
+                while batch:
+                    try:
+                        n = os.pwritev(self.fd, batch, offset)
+                    except OSError as exc:
+                        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                            raise CapacityError(f"disk full while writing {self.entry.path!r}") from exc
+                        raise
+                    offset += n
+                    batch = _advance(batch, n)
 
     def record_piece(self, index: int, digest: str) -> None:
         """Mark a written, hashed piece complete; check it against the manifest if known."""
