@@ -121,7 +121,7 @@ async def serve(config: AgentConfig) -> None:
         auto_decompress=False,
         read_bufsize=4 * 1024 * 1024,
     )
-    origins = Origins(session, pool)
+    origins = Origins(session, pool, config.read_timeout)
     fetcher = Fetcher(store, config.connections, config.retries, metrics)
     metrics.watch(store, fetcher)
     service = ModelService(store, fetcher, origins, config.piece_size)
@@ -177,6 +177,7 @@ async def serve(config: AgentConfig) -> None:
         if peer_session is not None:
             await peer_session.close()
         await store.sync()
+        await origins.close()
         await session.close()
         pool.shutdown(wait=True)
         with contextlib.suppress(FileNotFoundError):

@@ -16,7 +16,8 @@ TORCH_VERSION=2.13.0
 #   prometheus: promtool (alert rule tests) and prometheus (scrapes a real agent)
 #   kubectl:    kubectl kustomize (renders deploy/daemonset)
 #   iproute2:   ip netns / veth (the --peer-dns test's network namespace; bench: tc)
-APT_PACKAGES=(prometheus:promtool kubectl:kubectl iproute2:ip)
+#   openssl:    a self-signed certificate for the range client's TLS test
+APT_PACKAGES=(prometheus:promtool kubectl:kubectl iproute2:ip openssl:openssl)
 missing=()
 for entry in "${APT_PACKAGES[@]}"; do
     command -v "${entry#*:}" >/dev/null 2>&1 || missing+=("${entry%%:*}")

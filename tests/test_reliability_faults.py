@@ -196,8 +196,9 @@ def test_origin_faults_are_retried_and_the_fetch_completes(
     gets = faulty.ranged_gets
     assert sum(g.fault is not None for g in gets) == 2 * len(FAULTS)
     assert len(gets) == 4 + 2 * len(FAULTS)  # each fault cost exactly one more try
-    # aiohttp itself retries a request whose reused connection was reset before any answer,
-    # so a reset may not reach the agent's own count; every other fault does.
+    # The range client sends a request once more by itself when a kept-alive connection is
+    # reset before any answer (agent/origins/range_http.py), so a reset may not reach the
+    # agent's own count; every other fault does.
     assert agent.log_text().count("failed (attempt") >= 2 * (len(FAULTS) - 1)
 
 
@@ -222,8 +223,8 @@ def test_origin_that_keeps_failing_gives_up_bounded_with_a_clear_error(
     per_range: dict[str, list[float]] = {}
     for g in gets:
         per_range.setdefault(g.range, []).append(g.time)
-    # Bounded: exactly --retries tries per piece (aiohttp sends a request again once by itself
-    # when a kept-alive connection is reset before any answer, so a reset may cost 2 each).
+    # Bounded: exactly --retries tries per piece (the range client sends a request again once by
+    # itself when a kept-alive connection is reset before any answer, so a reset may cost 2 each).
     per_try = 2 if fault == "reset" else 1
     assert 4 <= max(len(v) for v in per_range.values()) <= 4 * per_try
     assert len(gets) <= 2 * 4 * per_try  # the piece that gave up and at most one more begun

@@ -55,7 +55,7 @@ class Node:
         self.session = aiohttp.ClientSession()
         self.store = Store(str(self.root), self.capacity, self.pool)
         await self.store.open()
-        self.origins = Origins(self.session, self.pool)
+        self.origins = Origins(self.session, self.pool, read_timeout=30.0)
         self.fetcher = Fetcher(self.store, connections=self.connections, retries=3)
         self.service = ModelService(self.store, self.fetcher, self.origins, MIN_PIECE_SIZE)
         return self.service
@@ -64,6 +64,7 @@ class Node:
         if self.stopped:
             return
         self.stopped = True
+        await self.origins.close()
         await self.session.close()
         self.pool.shutdown(wait=True)
 

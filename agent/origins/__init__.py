@@ -13,6 +13,7 @@ from agent.origins.base import Origin, TransientOriginError
 from agent.origins.hf import HfOrigin
 from agent.origins.http import PlainHttpOrigin
 from agent.origins.local import LocalOrigin
+from agent.origins.range_http import RangeClient
 from agent.origins.s3 import S3Origin
 from agent.refs import ModelRef
 
@@ -22,13 +23,14 @@ log = logging.getLogger(__name__)
 
 
 class Origins:
-    """One origin of each kind, sharing one HTTP session; built once per agent."""
+    """One origin of each kind, sharing one HTTP session and one range client; built once per agent."""
 
-    def __init__(self, session: aiohttp.ClientSession, pool: ThreadPoolExecutor) -> None:
-        http = PlainHttpOrigin(session)
+    def __init__(self, session: aiohttp.ClientSession, pool: ThreadPoolExecutor, read_timeout: float) -> None:
+        self.ranges = RangeClient(read_timeout)
+        http = PlainHttpOrigin(session, self.ranges)
         self._by_scheme: dict[str, Origin] = {
-            "s3": S3Origin(session),
-            "hf": HfOrigin(session),
+            "s3": S3Origin(session, self.ranges),
+            "hf": HfOrigin(session, self.ranges),
             "https": http,
             "http": http,
             "file": LocalOrigin(pool),
@@ -43,6 +45,10 @@ class Origins:
             if isinstance(result, Exception):
                 log.debug("warming up the %s origin failed (retried on first use): %s", origin.scheme, result)
         log.info("origin clients ready (%.2fs)", time.monotonic() - started)
+
+    async def close(self) -> None:
+        """Close the range client's kept-alive connections (the session is its owner's to close)."""
+        await self.ranges.close()
 
     def for_ref(self, ref: ModelRef) -> Origin:
         return self._by_scheme[ref.scheme]

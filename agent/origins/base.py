@@ -12,7 +12,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -20,8 +21,12 @@ from agent.manifest import FileEntry, Manifest
 from agent.refs import ModelRef
 from client.errors import AccessDeniedError, FetchFailedError, ModelNotFoundError
 
-# A sink takes consecutive chunks of a range, in order (written with one pwritev).
-Sink = Callable[[list[bytes]], Awaitable[None]]
+if TYPE_CHECKING:
+    from agent.origins.range_http import RangeClient
+
+# A sink takes consecutive chunks of a range, in order (written with pwritev). The chunks
+# are only valid until the sink returns (the range client reuses its buffers).
+Sink = Callable[[Sequence[bytes | memoryview]], Awaitable[None]]
 READ_BLOCK = 4 * 1024 * 1024  # bytes handed to the sink at once
 MAX_CHUNKS = 512  # ... or this many chunks, whichever comes first (pwritev's IOV_MAX is 1024)
 # ... or what came in this long, whichever comes first. A piece that peers follow as it lands
@@ -56,10 +61,16 @@ class Origin(abc.ABC):
 
 
 class HttpOrigin(Origin):
-    """An origin whose bytes come over HTTP range requests on a shared aiohttp session."""
+    """An origin whose bytes come over HTTP range requests.
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    Metadata (resolving, HEAD) goes through the shared aiohttp session; piece
+    bodies through the shared :class:`~agent.origins.range_http.RangeClient`,
+    which reads them into reused buffers instead of a new ``bytes`` per chunk.
+    """
+
+    def __init__(self, session: aiohttp.ClientSession, ranges: RangeClient) -> None:
         self.session = session
+        self.ranges = ranges
 
     @abc.abstractmethod
     async def request_target(self, entry: FileEntry) -> tuple[str, dict[str, str]]:
@@ -67,24 +78,8 @@ class HttpOrigin(Origin):
 
     async def read_range(self, entry: FileEntry, offset: int, length: int, sink: Sink) -> None:
         url, headers = await self.request_target(entry)
-        headers = {**headers, "Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
-        try:
-            async with self.session.get(url, headers=headers) as resp:
-                check_status(resp.status, entry, await _reason(resp))
-                if resp.status == 200 and not (offset == 0 and resp.content_length == length):
-                    raise FetchFailedError(f"origin ignored the Range header for {entry.path!r}")
-                if resp.status == 206 and not resp.headers.get("Content-Range", "").startswith(
-                    f"bytes {offset}-{offset + length - 1}/"
-                ):
-                    raise TransientOriginError(f"unexpected Content-Range {resp.headers.get('Content-Range')!r}")
-                try:
-                    extra = await pump_body(resp.content, length, sink)
-                except EOFError as exc:
-                    raise TransientOriginError(f"{entry.path!r}: {exc}") from None
-                if extra:
-                    raise TransientOriginError(f"{entry.path!r}: origin sent more bytes than the range holds")
-        except (aiohttp.ClientError, asyncio.TimeoutError, ConnectionError) as exc:
-            raise TransientOriginError(f"{type(exc).__name__}: {exc}") from exc
+        head = await self.ranges.get_range(url, headers, offset, length, sink, what=entry.path)
+        check_status(head.status, entry, head.reason)
 
 
 async def pump_body(content: aiohttp.StreamReader, length: int, sink: Sink) -> bytes:
@@ -119,16 +114,6 @@ async def pump_body(content: aiohttp.StreamReader, length: int, sink: Sink) -> b
             await sink(batch)
             batch, batched = [], 0
     return extra
-
-
-async def _reason(resp: aiohttp.ClientResponse) -> str:
-    if resp.status < 400:
-        return ""
-    try:
-        body = await resp.content.read(2048)
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        body = b""
-    return " ".join(body.decode("utf-8", "replace").split())  # one line: errors and log lines stay one line
 
 
 def check_status(status: int, entry: FileEntry, reason: str = "") -> None:

@@ -26,6 +26,7 @@ from huggingface_hub.utils import build_hf_headers
 
 from agent.manifest import FileEntry, Manifest
 from agent.origins.base import HttpOrigin
+from agent.origins.range_http import RangeClient
 from agent.refs import ModelRef, check_relative_path
 from client.errors import AccessDeniedError, FetchFailedError, ModelNotFoundError
 
@@ -33,8 +34,8 @@ from client.errors import AccessDeniedError, FetchFailedError, ModelNotFoundErro
 class HfOrigin(HttpOrigin):
     scheme = "hf"
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        super().__init__(session)
+    def __init__(self, session: aiohttp.ClientSession, ranges: RangeClient) -> None:
+        super().__init__(session, ranges)
         self.endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
         self.api = HfApi(endpoint=self.endpoint)
 

@@ -24,6 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from agent.manifest import FileEntry, Manifest, listing_revision
 from agent.origins.base import HttpOrigin
+from agent.origins.range_http import RangeClient
 from agent.refs import ModelRef, check_relative_path
 from client.errors import AccessDeniedError, FetchFailedError, ModelNotFoundError
 
@@ -34,8 +35,8 @@ PRESIGN_SECONDS = 3600
 class S3Origin(HttpOrigin):
     scheme = "s3"
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        super().__init__(session)
+    def __init__(self, session: aiohttp.ClientSession, ranges: RangeClient) -> None:
+        super().__init__(session, ranges)
         self._client: Any = None
         self._lock = asyncio.Lock()
         self._urls: dict[tuple[str, str], tuple[float, str]] = {}

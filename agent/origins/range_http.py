@@ -1,0 +1,474 @@
+"""HTTP/1.1 range GETs whose bodies land straight in reused buffers.
+
+Why not aiohttp for these bodies: its parser copies every body byte into a new
+``bytes`` object (``PyBytes_FromStringAndSize`` in ``cb_on_body``), and those
+objects are fresh memory each time. perf put that copy and its page faults at
+about a fifth of the agent's CPU during a cold miss (bench/RESULTS.md "Cold
+miss: a body path without copies"). Here the socket is read with ``recv_into``
+(asyncio's ``BufferedProtocol``) into a few 1 MiB buffers per connection, each
+handed to the sink as it fills and reused once the sink has written and hashed
+it, so a body byte is copied once, kernel to buffer, before the write.
+
+Only what origin range requests need: GET with a ``Range``, keep-alive
+connections per (scheme, host, port), TLS with the system's trust store,
+redirects (at most :data:`MAX_REDIRECTS`, ``Authorization`` dropped when the
+redirect leaves the origin, as the Hugging Face hub's CDN redirects need),
+``Content-Length`` bodies. No proxies (the agent's aiohttp session does not use
+them either), no chunked bodies for 2xx answers (a clear error). Resolving,
+listing and HEAD requests stay on aiohttp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from urllib.parse import urljoin, urlsplit
+
+from agent.origins.base import FLUSH_SECONDS, Sink, TransientOriginError
+from client.errors import FetchFailedError
+
+BUFFER_SIZE = 1024 * 1024  # one write of the fill (agent/fill.py WRITE_MAX)
+BUFFERS_PER_CONNECTION = 6  # read ahead of the sink by at most this many buffers, then pause reading
+MAX_HEAD = 64 * 1024  # status line and headers
+MAX_REASON = 2048  # bytes of an error body kept for the message
+MAX_REDIRECTS = 5
+IDLE_SECONDS = 10.0  # a kept-alive connection unused this long is closed, not reused
+CONNECT_TIMEOUT = 10.0
+REDIRECTS = (301, 302, 303, 307, 308)
+
+
+@dataclass
+class Head:
+    """Status and headers of an answer (header names lower-case)."""
+
+    status: int
+    headers: dict[str, str]
+    url: str
+    reason: str = ""
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.headers.get("content-length")
+        return int(value) if value is not None and value.isdigit() else None
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One HTTP/1.1 connection, one request at a time, reading into the current answer's buffers.
+
+    States: ``head`` (bytes go to a scratch buffer until the blank line),
+    ``hold`` (the head is parsed; reading pauses until the caller decides what
+    to do with the body), ``body`` (bytes go into body buffers, at most
+    ``remaining``), ``idle`` (between requests: any byte is a protocol error).
+    """
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.state = "idle"
+        self.error: BaseException | None = None
+        self.eof = False
+        self.used = 0  # answers read on this connection
+        self.idle_since = time.monotonic()
+        self._scratch = bytearray(MAX_HEAD)
+        self._head = bytearray()
+        self._early = b""  # body bytes that arrived with the head
+        self._remaining = 0
+        self._free: list[bytearray] = []
+        self._allocated = 0  # body buffers this connection made (at most BUFFERS_PER_CONNECTION)
+        self._buf: bytearray | None = None
+        self._fill = 0
+        self._since = 0.0
+        self._ready: collections.deque[tuple[bytearray, int]] = collections.deque()
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self.head: Head | None = None
+
+    # -- asyncio.BufferedProtocol -------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self.state == "body" and self._buf is not None:
+            end = min(len(self._buf), self._fill + self._remaining)
+            return memoryview(self._buf)[self._fill : end]
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.state == "body" and self._buf is not None:
+            self._body_bytes(nbytes)
+        elif self.state == "head":
+            self._head += self._scratch[:nbytes]
+            self._parse_head()
+        else:
+            self._fail(FetchFailedError("origin sent bytes nobody asked for"))
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        self._wake()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.eof = True
+        if exc is not None and self.error is None:
+            self.error = exc
+        self._wake()
+
+    # -- reading the head ----------------------------------------------------
+    def _parse_head(self) -> None:
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._head) > MAX_HEAD:
+                self._fail(FetchFailedError(f"origin's answer head is over {MAX_HEAD} bytes"))
+            return
+        raw, self._early = bytes(self._head[:end]), bytes(self._head[end + 4 :])
+        self._head = bytearray()
+        lines = raw.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            self._fail(TransientOriginError(f"origin answered with a malformed status line {lines[0][:80]!r}"))
+            return
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if not sep:
+                continue
+            key = name.strip().lower()
+            headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
+        if parts[0] == "HTTP/1.0" and "keep-alive" not in headers.get("connection", "").lower():
+            headers["connection"] = "close"
+        self.head = Head(int(parts[1]), headers, "")
+        self.state = "hold"
+        self._pause()
+        self._wake()
+
+    # -- reading the body ----------------------------------------------------
+    def start_body(self, length: int) -> None:
+        """Read the next ``length`` bytes into body buffers (after :attr:`head` was checked)."""
+        self.state = "body"
+        self._remaining = length
+        self._ready.clear()
+        if not self._new_buffer():  # every buffer is free between answers: only a bug gets here
+            raise AssertionError("no free body buffer at the start of an answer")
+        early, self._early = self._early, b""
+        if early:
+            if len(early) > length:
+                self._fail(TransientOriginError("origin sent more bytes than the range holds"))
+                return
+            assert self._buf is not None
+            self._buf[: len(early)] = early
+            self._body_bytes(len(early))
+        self._resume()
+
+    def _new_buffer(self) -> bool:
+        """Take a free body buffer (or make one, up to the limit); False when all are with the sink."""
+        if self._free:
+            self._buf = self._free.pop()
+        elif self._allocated < BUFFERS_PER_CONNECTION:
+            self._buf = bytearray(BUFFER_SIZE)
+            self._allocated += 1
+        else:
+            return False
+        self._fill = 0
+        return True
+
+    def _body_bytes(self, nbytes: int) -> None:
+        assert self._buf is not None
+        if not self._fill:
+            self._since = time.monotonic()
+        self._fill += nbytes
+        self._remaining -= nbytes
+        if (
+            self._fill == len(self._buf)
+            or not self._remaining
+            or time.monotonic() - self._since >= FLUSH_SECONDS
+        ):
+            self._ready.append((self._buf, self._fill))
+            self._buf = None
+            if not self._remaining:
+                self.state = "idle"
+            elif not self._new_buffer():
+                self._pause()  # the sink is behind: let TCP push back on the origin
+            self._wake()
+
+    def release(self, buf: bytearray) -> None:
+        """The sink is done with ``buf``: read into it again."""
+        if self.state == "body" and self._buf is None:
+            self._buf, self._fill = buf, 0
+            self._resume()
+        else:
+            self._free.append(buf)
+
+    async def chunks(self, read_timeout: float) -> AsyncIterator[list[tuple[bytearray, int]]]:
+        """Yield what arrived since the last time (full or flushed buffers), until the body is complete."""
+        while True:
+            if self._ready:
+                batch = list(self._ready)
+                self._ready.clear()
+                yield batch
+                if self.state != "body" and not self._ready:
+                    return
+                continue
+            if self.state != "body":
+                return
+            self._check_broken(f"body ended {self._remaining} bytes short of its content length")
+            await self._wait(read_timeout)
+
+    # -- waiting -------------------------------------------------------------
+    async def wait_head(self, read_timeout: float) -> Head:
+        while self.state == "head":
+            self._check_broken("connection closed before an answer")
+            await self._wait(read_timeout)
+        assert self.head is not None
+        return self.head
+
+    async def _wait(self, read_timeout: float) -> None:
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            async with asyncio.timeout(read_timeout):
+                await self._waiter
+        except TimeoutError:
+            raise TransientOriginError(f"Timeout: no bytes from the origin for {read_timeout:g}s") from None
+        finally:
+            self._waiter = None
+
+    def _check_broken(self, what: str) -> None:
+        if self.error is not None:
+            if isinstance(self.error, (FetchFailedError, TransientOriginError)):
+                raise self.error
+            raise TransientOriginError(f"{what}: {type(self.error).__name__}: {self.error}")
+        if self.eof:
+            raise TransientOriginError(what)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.close()
+        self._wake()
+
+    def _pause(self) -> None:
+        if not self._paused and self.transport is not None and not self.transport.is_closing():
+            self._paused = True
+            self.transport.pause_reading()
+
+    def _resume(self) -> None:
+        if self._paused and self.transport is not None and not self.transport.is_closing():
+            self._paused = False
+            self.transport.resume_reading()
+
+    # -- requests ------------------------------------------------------------
+    def send(self, request: bytes) -> None:
+        assert self.transport is not None
+        self.state, self.head, self.error, self._early = "head", None, None, b""
+        self.transport.write(request)
+
+    @property
+    def reusable(self) -> bool:
+        return (
+            self.state == "idle"
+            and self.error is None
+            and not self.eof
+            and self.transport is not None
+            and not self.transport.is_closing()
+            and time.monotonic() - self.idle_since < IDLE_SECONDS
+        )
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+@dataclass
+class _Pool:
+    idle: list[_Connection] = field(default_factory=list)
+
+
+class RangeClient:
+    """Range GETs over kept-alive HTTP/1.1 connections; one per agent, shared by the HTTP origins."""
+
+    def __init__(self, read_timeout: float, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        self.read_timeout = read_timeout
+        self.connect_timeout = connect_timeout
+        self._pools: dict[tuple[str, str, int], _Pool] = {}
+        self._ssl: ssl.SSLContext | None = None
+        self._closed = False
+
+    async def get_range(
+        self, url: str, headers: dict[str, str], offset: int, length: int, sink: Sink, *, what: str
+    ) -> Head:
+        """GET ``length`` bytes of ``url`` from ``offset`` into ``sink``; return the answer's head.
+
+        A 2xx answer must be exactly the range (206 with the matching
+        Content-Range, or a 200 of exactly ``length`` bytes from offset 0);
+        any other status is returned with its reason and no body read, for the
+        caller to map (agent/origins/base.py check_status). ``what`` names the
+        file in errors.
+        """
+        headers = {**headers, "Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
+        for _ in range(MAX_REDIRECTS + 1):
+            conn, head = await self._request(url, headers)
+            if head.status in REDIRECTS and "location" in head.headers:
+                await self._discard(conn, head)
+                target = urljoin(url, head.headers["location"])
+                if _origin_of(target) != _origin_of(url):
+                    headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+                url = target
+                continue
+            if head.status not in (200, 206):
+                head.reason = await self._reason(conn, head)
+                return head
+            try:
+                self._check_range(head, offset, length, what)
+                await self._pump(conn, length, sink)
+            except BaseException:
+                conn.close()
+                raise
+            self._put_back(url, conn, head)
+            return head
+        raise FetchFailedError(f"{what}: more than {MAX_REDIRECTS} redirects from the origin")
+
+    @staticmethod
+    def _check_range(head: Head, offset: int, length: int, what: str) -> None:
+        if "transfer-encoding" in head.headers or head.content_length is None:
+            raise FetchFailedError(f"origin sent {what!r} without a Content-Length; a range must have one")
+        if head.status == 200 and not (offset == 0 and head.content_length == length):
+            raise FetchFailedError(f"origin ignored the Range header for {what!r}")
+        if head.status == 206:
+            if not head.headers.get("content-range", "").startswith(f"bytes {offset}-{offset + length - 1}/"):
+                raise TransientOriginError(f"unexpected Content-Range {head.headers.get('content-range')!r}")
+            if head.content_length != length:
+                raise TransientOriginError(f"{what!r}: a {length}-byte range came with Content-Length {head.content_length}")
+
+    async def _pump(self, conn: _Connection, length: int, sink: Sink) -> None:
+        conn.start_body(length)
+        async for batch in conn.chunks(self.read_timeout):
+            try:
+                await sink([memoryview(buf)[:n] for buf, n in batch])
+            finally:
+                for buf, _ in batch:
+                    conn.release(buf)
+
+    # -- connections ---------------------------------------------------------
+    async def _request(self, url: str, headers: dict[str, str]) -> tuple[_Connection, Head]:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise FetchFailedError(f"cannot fetch {url!r}: only http:// and https:// URLs")
+        target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        host = parts.netloc.rsplit("@", 1)[-1]
+        given = {name.lower() for name in headers}
+        lines = [f"GET {target} HTTP/1.1", f"Host: {host}"]
+        if "user-agent" not in given:
+            lines.append("User-Agent: warmstart")
+        for name, value in headers.items():
+            if any(c in f"{name}{value}" for c in "\r\n\0") or ":" in name or name.lower() == "host":
+                raise FetchFailedError(f"refusing to send header {name!r}: a Host, a line break or a colon")
+            lines.append(f"{name}: {value}")
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "strict")
+        key = _origin_of(url)
+        # A kept-alive connection the server closed meanwhile fails before any answer:
+        # send once more on a new connection (only then; any answer is the answer).
+        for reused in (True, False):
+            conn = self._idle(key) if reused else await self._connect(key)
+            if conn is None:
+                continue
+            conn.send(request)
+            try:
+                head = await conn.wait_head(self.read_timeout)
+            except TransientOriginError:
+                conn.close()
+                if reused and (conn.eof or conn.error is not None):
+                    continue  # closed before answering: the server had dropped the idle connection
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            head.url = url
+            return conn, head
+        raise AssertionError("unreachable")
+
+    def _idle(self, key: tuple[str, str, int]) -> _Connection | None:
+        pool = self._pools.get(key)
+        while pool and pool.idle:
+            conn = pool.idle.pop()
+            if conn.reusable:
+                return conn
+            conn.close()
+        return None
+
+    async def _connect(self, key: tuple[str, str, int]) -> _Connection:
+        if self._closed:
+            raise FetchFailedError("the agent is shutting down")
+        scheme, host, port = key
+        tls = self._tls() if scheme == "https" else None
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                _, conn = await loop.create_connection(
+                    _Connection, host, port, ssl=tls, server_hostname=host if tls else None
+                )
+        except ssl.SSLCertVerificationError as exc:
+            raise FetchFailedError(f"TLS certificate of {host} is not trusted: {exc.verify_message}") from None
+        except TimeoutError:
+            raise TransientOriginError(f"Timeout connecting to {host}:{port} after {self.connect_timeout:g}s") from None
+        except OSError as exc:
+            raise TransientOriginError(f"cannot connect to {host}:{port}: {exc}") from None
+        return conn
+
+    def _tls(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = ssl.create_default_context()  # system trust store; SSL_CERT_FILE/SSL_CERT_DIR honoured
+        return self._ssl
+
+    def _put_back(self, url: str, conn: _Connection, head: Head) -> None:
+        conn.used += 1
+        conn.idle_since = time.monotonic()
+        if "close" in head.headers.get("connection", "").lower() or not conn.reusable or self._closed:
+            conn.close()
+            return
+        self._pools.setdefault(_origin_of(url), _Pool()).idle.append(conn)
+
+    async def _reason(self, conn: _Connection, head: Head) -> str:
+        """Up to MAX_REASON bytes of an error body, as one line; the connection is not reused."""
+        try:
+            size = head.content_length
+            if size is None or "transfer-encoding" in head.headers:
+                return ""
+            size = min(size, MAX_REASON)
+            if not size:
+                return ""
+            conn.start_body(size)
+            body = bytearray()
+            with contextlib.suppress(TransientOriginError, FetchFailedError):
+                async with asyncio.timeout(min(self.read_timeout, 5.0)):
+                    async for batch in conn.chunks(self.read_timeout):
+                        for buf, n in batch:
+                            body += buf[:n]
+            return " ".join(body.decode("utf-8", "replace").split())
+        except TimeoutError:
+            return ""
+        finally:
+            conn.close()
+
+    async def _discard(self, conn: _Connection, head: Head) -> None:
+        conn.close()  # a redirect's body is never needed; a new connection is cheaper than reading it
+
+    async def close(self) -> None:
+        self._closed = True
+        for pool in self._pools.values():
+            for conn in pool.idle:
+                conn.close()
+        self._pools.clear()
+
+
+def _origin_of(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    port = parts.port or (443 if scheme == "https" else 80)
+    return scheme, (parts.hostname or "").lower(), port
