@@ -10,9 +10,7 @@ stderr), 2 usage.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import logging
 import os
 import sys
 import time
@@ -150,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    import logging  # here: the other commands are short-lived clients and log nothing
+
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
@@ -350,7 +350,7 @@ def _ls(conn: AgentConnection, as_json: bool) -> int:
         return 0
     rows = [("MODEL", "REVISION", "SIZE", "CACHED", "PINNED", "LAST USE")]
     for m in data["models"]:
-        last = datetime.datetime.fromtimestamp(m["last_used"]).strftime("%Y-%m-%d %H:%M") if m["last_used"] else "-"
+        last = time.strftime("%Y-%m-%d %H:%M", time.localtime(m["last_used"])) if m["last_used"] else "-"
         pct = 100 * m["cached_bytes"] / m["total_size"] if m["total_size"] else 100
         rows.append((m["ref"], m["revision"][:12], format_size(m["total_size"]), f"{pct:.0f}%",
                      "yes" if m["pinned"] else "no", last))

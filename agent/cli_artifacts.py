@@ -20,9 +20,10 @@ import time
 from typing import Any
 
 from agent.units import format_size
-from client.artifacts import list_artifacts, pull_dir, push_dir
 from client.errors import WarmstartError
-from client.fingerprint import current_fingerprint, describe_diff, fingerprint_diff, fingerprint_id
+
+# client.artifacts and client.fingerprint are imported where used: every `agent`
+# command builds this parser, and a cold `agent prefetch` should not read them.
 
 KIND = "dir"
 
@@ -66,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
         out = AgentConnection(args.socket).request_json("POST", "/v1/artifacts/remove", body)
         print(f"removed {len(out['removed'])} bundle(s) of {args.key}")
         return 0
+    from client.artifacts import pull_dir, push_dir
+    from client.fingerprint import current_fingerprint
+
     fp = current_fingerprint(args.kind or KIND, args.fingerprint_extra)
     if verb == "push":
         try:
@@ -85,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _ls(args: argparse.Namespace, fp: dict[str, str]) -> int:
+    from client.artifacts import list_artifacts
+    from client.fingerprint import describe_diff, fingerprint_diff, fingerprint_id
+
     data = list_artifacts(args.key, socket=args.socket)
     mine = fingerprint_id(fp)
     for a in data["artifacts"]:
