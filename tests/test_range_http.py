@@ -180,14 +180,19 @@ async def test_bodies_that_are_not_the_range_are_refused(http: Server) -> None:
 
 
 async def test_a_slow_sink_holds_the_connection_to_a_few_buffers(http: Server) -> None:
-    """The socket is read only as fast as the sink takes buffers: memory stays bounded."""
+    """The socket is read only as fast as the sink takes buffers: memory stays bounded, and the
+    buffers are reused by the next answer (new ones would be fresh memory, page-faulting)."""
     client = RangeClient(read_timeout=5)
     try:
         sink = Collect(delay=0.02)
         head = await client.get_range(f"{http.url}/blob", {}, 0, len(DATA), sink, what="w.bin")
         assert head.status == 206 and sink.data == DATA
         (conn,) = [c for pool in client._pools.values() for c in pool.idle]
-        assert conn._allocated <= BUFFERS_PER_CONNECTION
+        assert conn.held == 0  # an idle connection holds no buffers: they went back to the pool
+        assert 1 < len(client.buffers._spare) <= BUFFERS_PER_CONNECTION  # read ahead, but only so far
+        spare = list(client.buffers._spare)
+        await client.get_range(f"{http.url}/blob", {}, 0, len(DATA), Collect(), what="w.bin")
+        assert {id(b) for b in client.buffers._spare} <= {id(b) for b in spare}  # reused, none new
     finally:
         await client.close()
 

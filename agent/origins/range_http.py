@@ -34,12 +34,32 @@ from client.errors import FetchFailedError
 
 BUFFER_SIZE = 1024 * 1024  # one write of the fill (agent/fill.py WRITE_MAX)
 BUFFERS_PER_CONNECTION = 6  # read ahead of the sink by at most this many buffers, then pause reading
+SPARE_BUFFERS = 64  # buffers kept between answers for the next ones, shared by all connections
 MAX_HEAD = 64 * 1024  # status line and headers
 MAX_REASON = 2048  # bytes of an error body kept for the message
 MAX_REDIRECTS = 5
 IDLE_SECONDS = 10.0  # a kept-alive connection unused this long is closed, not reused
 CONNECT_TIMEOUT = 10.0
 REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class BufferPool:
+    """Body buffers kept for reuse, shared by every connection of a client (at most SPARE_BUFFERS).
+
+    Reusing them is the point: a new 1 MiB buffer is fresh memory, and writing into
+    it page-faults 256 times. Connections hold buffers only while reading an answer,
+    so idle connections hold none.
+    """
+
+    def __init__(self) -> None:
+        self._spare: list[bytearray] = []
+
+    def take(self) -> bytearray:
+        return self._spare.pop() if self._spare else bytearray(BUFFER_SIZE)
+
+    def give(self, buf: bytearray) -> None:
+        if len(self._spare) < SPARE_BUFFERS:
+            self._spare.append(buf)
 
 
 @dataclass
@@ -66,19 +86,19 @@ class _Connection(asyncio.BufferedProtocol):
     ``remaining``), ``idle`` (between requests: any byte is a protocol error).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, buffers: BufferPool) -> None:
+        self.buffers = buffers
         self.transport: asyncio.Transport | None = None
         self.state = "idle"
         self.error: BaseException | None = None
         self.eof = False
         self.used = 0  # answers read on this connection
         self.idle_since = time.monotonic()
-        self._scratch = bytearray(MAX_HEAD)
+        self._scratch = bytearray(MAX_HEAD)  # the head's bytes land here, not in a body buffer
         self._head = bytearray()
         self._early = b""  # body bytes that arrived with the head
         self._remaining = 0
-        self._free: list[bytearray] = []
-        self._allocated = 0  # body buffers this connection made (at most BUFFERS_PER_CONNECTION)
+        self.held = 0  # body buffers taken from the pool and not given back (at most BUFFERS_PER_CONNECTION)
         self._buf: bytearray | None = None
         self._fill = 0
         self._since = 0.0
@@ -165,14 +185,11 @@ class _Connection(asyncio.BufferedProtocol):
         self._resume()
 
     def _new_buffer(self) -> bool:
-        """Take a free body buffer (or make one, up to the limit); False when all are with the sink."""
-        if self._free:
-            self._buf = self._free.pop()
-        elif self._allocated < BUFFERS_PER_CONNECTION:
-            self._buf = bytearray(BUFFER_SIZE)
-            self._allocated += 1
-        else:
+        """Take a body buffer from the pool; False when this connection's share is all with the sink."""
+        if self.held >= BUFFERS_PER_CONNECTION:
             return False
+        self._buf = self.buffers.take()
+        self.held += 1
         self._fill = 0
         return True
 
@@ -196,12 +213,13 @@ class _Connection(asyncio.BufferedProtocol):
             self._wake()
 
     def release(self, buf: bytearray) -> None:
-        """The sink is done with ``buf``: read into it again."""
-        if self.state == "body" and self._buf is None:
+        """The sink is done with ``buf``: read into it again, or give it back to the pool."""
+        if self.state == "body" and self._buf is None and self.error is None:
             self._buf, self._fill = buf, 0
             self._resume()
         else:
-            self._free.append(buf)
+            self.held -= 1
+            self.buffers.give(buf)
 
     async def chunks(self, read_timeout: float) -> AsyncIterator[list[tuple[bytearray, int]]]:
         """Yield what arrived since the last time (full or flushed buffers), until the body is complete."""
@@ -299,6 +317,7 @@ class RangeClient:
         self._pools: dict[tuple[str, str, int], _Pool] = {}
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
+        self.buffers = BufferPool()
 
     async def get_range(
         self, url: str, headers: dict[str, str], offset: int, length: int, sink: Sink, *, what: str
@@ -411,7 +430,7 @@ class RangeClient:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(
-                    _Connection, host, port, ssl=tls, server_hostname=host if tls else None
+                    lambda: _Connection(self.buffers), host, port, ssl=tls, server_hostname=host if tls else None
                 )
         except ssl.SSLCertVerificationError as exc:
             raise FetchFailedError(f"TLS certificate of {host} is not trusted: {exc.verify_message}") from None
@@ -429,10 +448,23 @@ class RangeClient:
     def _put_back(self, url: str, conn: _Connection, head: Head) -> None:
         conn.used += 1
         conn.idle_since = time.monotonic()
+        self._sweep()
         if "close" in head.headers.get("connection", "").lower() or not conn.reusable or self._closed:
             conn.close()
             return
         self._pools.setdefault(_origin_of(url), _Pool()).idle.append(conn)
+
+    def _sweep(self) -> None:
+        """Close kept-alive connections idle too long, to every origin (a file's CDN host is used once)."""
+        for key, pool in list(self._pools.items()):
+            keep = [c for c in pool.idle if c.reusable]
+            for conn in pool.idle:
+                if not conn.reusable:
+                    conn.close()
+            if keep:
+                pool.idle = keep
+            else:
+                del self._pools[key]
 
     async def _reason(self, conn: _Connection, head: Head) -> str:
         """Up to MAX_REASON bytes of an error body, as one line; the connection is not reused."""
