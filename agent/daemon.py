@@ -115,11 +115,11 @@ async def serve(config: AgentConfig) -> None:
 
     store = Store(config.cache_dir, config.capacity, pool)
     await store.open()
-    session = aiohttp.ClientSession(
+    session = aiohttp.ClientSession(  # origins' metadata; their range bodies go through Origins.ranges
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=config.read_timeout),
         auto_decompress=False,
-        read_bufsize=4 * 1024 * 1024,
+        trust_env=True,  # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as boto3, huggingface_hub and the range client
     )
     origins = Origins(session, pool, config.read_timeout)
     fetcher = Fetcher(store, config.connections, config.retries, metrics)

@@ -4,7 +4,8 @@ The agent's end-to-end tests fetch through it from SeaweedFS and the Hugging Fac
 endpoint (tests/test_agent_e2e.py, tests/test_reliability_faults.py); these cover
 what those servers never do: redirects (the hub's CDN), TLS, an idle connection
 closed by the server, bodies that are not a plain Content-Length range, a sink
-slower than the network, and header injection.
+slower than the network, header injection, and proxies (HTTPS_PROXY's CONNECT
+tunnel, HTTP_PROXY's absolute form, credentials, NO_PROXY).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import subprocess
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from aiohttp import web
@@ -23,6 +25,7 @@ from aiohttp import web
 from agent.origins.base import TransientOriginError
 from agent.origins.range_http import BUFFERS_PER_CONNECTION, MAX_REDIRECTS, RangeClient
 from client.errors import FetchFailedError
+from tests.servers.http_proxy import HttpProxy
 
 DATA = os.urandom(5 * 1024 * 1024 + 123)
 
@@ -242,3 +245,68 @@ async def test_tls_uses_the_trust_store_and_refuses_an_unknown_certificate(
             await client.close()
     finally:
         await runner.cleanup()
+
+
+@pytest.fixture
+async def proxy() -> AsyncIterator[tuple[HttpProxy, str]]:
+    p = HttpProxy(user="ws", password="s3cret:/")
+    url = await p.start()
+    yield p, url
+    await p.close()
+
+
+def _with_credentials(url: str, user: str, password: str) -> str:
+    return url.replace("http://", f"http://{quote(user, safe='')}:{quote(password, safe='')}@")
+
+
+async def test_https_goes_through_a_connect_tunnel_of_https_proxy(
+    certificate: tuple[Path, Path], proxy: tuple[HttpProxy, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cert, key = certificate
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    runner, server = await _serve(tls)
+    p, url = proxy
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    try:
+        monkeypatch.setenv("HTTPS_PROXY", _with_credentials(url, "ws", "wrong"))
+        client = RangeClient(read_timeout=5)
+        with pytest.raises(FetchFailedError, match="refused a tunnel .* check the proxy's credentials"):
+            await _get(client, f"{server.url}/blob", 0, 10)
+        await client.close()
+        assert p.refused == 1 and not p.tunnels
+
+        monkeypatch.setenv("HTTPS_PROXY", _with_credentials(url, "ws", "s3cret:/"))
+        client = RangeClient(read_timeout=5)
+        try:
+            for offset in (0, 1 << 20, 2 << 20):  # one tunnel, kept alive
+                assert (await _get(client, f"{server.url}/blob", offset, 1 << 20)).data == DATA[offset : offset + (1 << 20)]
+        finally:
+            await client.close()
+        assert p.tunnels == [server.url.removeprefix("https://")]
+    finally:
+        await runner.cleanup()
+
+
+async def test_http_goes_through_http_proxy_unless_no_proxy_names_the_host(
+    http: Server, proxy: tuple[HttpProxy, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p, url = proxy
+    monkeypatch.setenv("HTTP_PROXY", _with_credentials(url, "ws", "s3cret:/"))
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = RangeClient(read_timeout=5)
+    try:
+        assert (await _get(client, f"{http.url}/blob", 5, 100)).data == DATA[5:105]
+        assert p.forwarded == [f"{http.url}/blob"]
+    finally:
+        await client.close()
+    monkeypatch.setenv("NO_PROXY", "example.org,127.0.0.1")
+    client = RangeClient(read_timeout=5)
+    try:
+        assert (await _get(client, f"{http.url}/blob", 5, 100)).data == DATA[5:105]
+        assert len(p.forwarded) == 1  # straight to the server
+    finally:
+        await client.close()

@@ -13,21 +13,24 @@ Only what origin range requests need: GET with a ``Range``, keep-alive
 connections per (scheme, host, port), TLS with the system's trust store,
 redirects (at most :data:`MAX_REDIRECTS`, ``Authorization`` dropped when the
 redirect leaves the origin, as the Hugging Face hub's CDN redirects need),
-``Content-Length`` bodies. No proxies (the agent's aiohttp session does not use
-them either), no chunked bodies for 2xx answers (a clear error). Resolving,
-listing and HEAD requests stay on aiohttp.
+``Content-Length`` bodies, and the standard proxy environment (``HTTPS_PROXY``,
+``HTTP_PROXY``, ``NO_PROXY``, as boto3 and huggingface_hub read it): https
+through a ``CONNECT`` tunnel, http in absolute form. No chunked bodies for 2xx
+answers (a clear error). Resolving, listing and HEAD requests stay on aiohttp.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import contextlib
 import ssl
 import time
+import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
 from agent.origins.base import FLUSH_SECONDS, Sink, TransientOriginError
 from client.errors import FetchFailedError
@@ -303,6 +306,28 @@ class _Connection(asyncio.BufferedProtocol):
             self.transport.abort()
 
 
+@dataclass(frozen=True)
+class Proxy:
+    """An HTTP proxy from ``HTTPS_PROXY``/``HTTP_PROXY``; ``auth`` is the Proxy-Authorization value."""
+
+    host: str
+    port: int
+    auth: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> Proxy | None:
+        if not url:
+            return None
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        if parts.scheme != "http" or not parts.hostname:
+            raise FetchFailedError(f"unsupported proxy {url!r}: only http:// proxies")
+        auth = None
+        if parts.username is not None:
+            raw = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+            auth = "Basic " + base64.b64encode(raw).decode()
+        return cls(parts.hostname, parts.port or 80, auth)
+
+
 @dataclass
 class _Pool:
     idle: list[_Connection] = field(default_factory=list)
@@ -318,6 +343,7 @@ class RangeClient:
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
         self.buffers = BufferPool()
+        self._proxies: dict[str, Proxy | None] = {}
 
     async def get_range(
         self, url: str, headers: dict[str, str], offset: int, length: int, sink: Sink, *, what: str
@@ -381,8 +407,14 @@ class RangeClient:
             raise FetchFailedError(f"cannot fetch {url!r}: only http:// and https:// URLs")
         target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         host = parts.netloc.rsplit("@", 1)[-1]
+        key = _origin_of(url)
+        proxy = self._proxy(key)
+        if proxy is not None and key[0] == "http":
+            target = f"http://{host}{target}"  # absolute form: the proxy forwards it
         given = {name.lower() for name in headers}
         lines = [f"GET {target} HTTP/1.1", f"Host: {host}"]
+        if proxy is not None and key[0] == "http" and proxy.auth:
+            lines.append(f"Proxy-Authorization: {proxy.auth}")
         if "user-agent" not in given:
             lines.append("User-Agent: warmstart")
         for name, value in headers.items():
@@ -390,7 +422,6 @@ class RangeClient:
                 raise FetchFailedError(f"refusing to send header {name!r}: a Host, a line break or a colon")
             lines.append(f"{name}: {value}")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "strict")
-        key = _origin_of(url)
         # A kept-alive connection the server closed meanwhile fails before any answer:
         # send once more on a new connection (only then; any answer is the answer).
         for reused in (True, False):
@@ -426,19 +457,61 @@ class RangeClient:
             raise FetchFailedError("the agent is shutting down")
         scheme, host, port = key
         tls = self._tls() if scheme == "https" else None
+        proxy = self._proxy(key)
+        via = f" through the proxy {proxy.host}:{proxy.port}" if proxy else ""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await loop.create_connection(
-                    lambda: _Connection(self.buffers), host, port, ssl=tls, server_hostname=host if tls else None
-                )
+                if proxy is None:
+                    _, conn = await loop.create_connection(
+                        lambda: _Connection(self.buffers), host, port, ssl=tls, server_hostname=host if tls else None
+                    )
+                else:
+                    _, conn = await loop.create_connection(lambda: _Connection(self.buffers), proxy.host, proxy.port)
+                    if tls is not None:
+                        await self._tunnel(conn, proxy, host, port, tls)
         except ssl.SSLCertVerificationError as exc:
             raise FetchFailedError(f"TLS certificate of {host} is not trusted: {exc.verify_message}") from None
         except TimeoutError:
-            raise TransientOriginError(f"Timeout connecting to {host}:{port} after {self.connect_timeout:g}s") from None
+            raise TransientOriginError(
+                f"Timeout connecting to {host}:{port}{via} after {self.connect_timeout:g}s"
+            ) from None
         except OSError as exc:
-            raise TransientOriginError(f"cannot connect to {host}:{port}: {exc}") from None
+            raise TransientOriginError(f"cannot connect to {host}:{port}{via}: {exc}") from None
         return conn
+
+    async def _tunnel(self, conn: _Connection, proxy: Proxy, host: str, port: int, tls: ssl.SSLContext) -> None:
+        """CONNECT through ``proxy`` to host:port, then TLS with the origin inside the tunnel."""
+        lines = [f"CONNECT {host}:{port} HTTP/1.1", f"Host: {host}:{port}"]
+        if proxy.auth:
+            lines.append(f"Proxy-Authorization: {proxy.auth}")
+        conn.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        try:
+            head = await conn.wait_head(self.connect_timeout)
+        except BaseException:
+            conn.close()
+            raise
+        if head.status != 200:
+            conn.close()
+            what = f"the proxy {proxy.host}:{proxy.port} refused a tunnel to {host}:{port} ({head.status})"
+            if head.status in (407, 403):
+                raise FetchFailedError(f"{what}: check the proxy's credentials in HTTPS_PROXY")
+            raise TransientOriginError(what)
+        assert conn.transport is not None
+        conn.transport = await asyncio.get_running_loop().start_tls(
+            conn.transport, conn, tls, server_hostname=host
+        )  # type: ignore[assignment]
+        conn.state, conn._paused, conn._early = "idle", False, b""  # start_tls resumed reading
+
+    def _proxy(self, key: tuple[str, str, int]) -> Proxy | None:
+        """The proxy for an origin, from the environment (read once), or None (none set, or NO_PROXY)."""
+        scheme, host, port = key
+        if scheme not in self._proxies:
+            self._proxies[scheme] = Proxy.parse(urllib.request.getproxies().get(scheme, ""))
+        proxy = self._proxies[scheme]
+        if proxy is None or urllib.request.proxy_bypass(f"{host}:{port}") or urllib.request.proxy_bypass(host):
+            return None
+        return proxy
 
     def _tls(self) -> ssl.SSLContext:
         if self._ssl is None:
