@@ -190,7 +190,7 @@ async def test_a_slow_sink_holds_the_connection_to_a_few_buffers(http: Server) -
         sink = Collect(delay=0.02)
         head = await client.get_range(f"{http.url}/blob", {}, 0, len(DATA), sink, what="w.bin")
         assert head.status == 206 and sink.data == DATA
-        (conn,) = [c for pool in client._pools.values() for c in pool.idle]
+        (conn,) = [c for idle in client._idle.values() for c in idle]
         assert conn.held == 0  # an idle connection holds no buffers: they went back to the pool
         assert 1 < len(client.buffers._spare) <= BUFFERS_PER_CONNECTION  # read ahead, but only so far
         spare = list(client.buffers._spare)

@@ -10,7 +10,6 @@ client/errors.py with a message a user can act on.
 from __future__ import annotations
 
 import abc
-import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING

@@ -29,7 +29,7 @@ import ssl
 import time
 import urllib.request
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from urllib.parse import unquote, urljoin, urlsplit
 
 from agent.origins.base import FLUSH_SECONDS, Sink, TransientOriginError
@@ -328,18 +328,13 @@ class Proxy:
         return cls(parts.hostname, parts.port or 80, auth)
 
 
-@dataclass
-class _Pool:
-    idle: list[_Connection] = field(default_factory=list)
-
-
 class RangeClient:
     """Range GETs over kept-alive HTTP/1.1 connections; one per agent, shared by the HTTP origins."""
 
     def __init__(self, read_timeout: float, connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.read_timeout = read_timeout
         self.connect_timeout = connect_timeout
-        self._pools: dict[tuple[str, str, int], _Pool] = {}
+        self._idle: dict[tuple[str, str, int], list[_Connection]] = {}  # kept-alive, per origin
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
         self.buffers = BufferPool()
@@ -360,7 +355,7 @@ class RangeClient:
         for _ in range(MAX_REDIRECTS + 1):
             conn, head = await self._request(url, headers)
             if head.status in REDIRECTS and "location" in head.headers:
-                await self._discard(conn, head)
+                conn.close()  # a redirect's body is never needed; a new connection is cheaper than reading it
                 target = urljoin(url, head.headers["location"])
                 if _origin_of(target) != _origin_of(url):
                     headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
@@ -425,7 +420,7 @@ class RangeClient:
         # A kept-alive connection the server closed meanwhile fails before any answer:
         # send once more on a new connection (only then; any answer is the answer).
         for reused in (True, False):
-            conn = self._idle(key) if reused else await self._connect(key)
+            conn = self._take_idle(key) if reused else await self._connect(key)
             if conn is None:
                 continue
             conn.send(request)
@@ -443,10 +438,10 @@ class RangeClient:
             return conn, head
         raise AssertionError("unreachable")
 
-    def _idle(self, key: tuple[str, str, int]) -> _Connection | None:
-        pool = self._pools.get(key)
-        while pool and pool.idle:
-            conn = pool.idle.pop()
+    def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
+        idle = self._idle.get(key, [])
+        while idle:
+            conn = idle.pop()
             if conn.reusable:
                 return conn
             conn.close()
@@ -525,19 +520,19 @@ class RangeClient:
         if "close" in head.headers.get("connection", "").lower() or not conn.reusable or self._closed:
             conn.close()
             return
-        self._pools.setdefault(_origin_of(url), _Pool()).idle.append(conn)
+        self._idle.setdefault(_origin_of(url), []).append(conn)
 
     def _sweep(self) -> None:
         """Close kept-alive connections idle too long, to every origin (a file's CDN host is used once)."""
-        for key, pool in list(self._pools.items()):
-            keep = [c for c in pool.idle if c.reusable]
-            for conn in pool.idle:
+        for key, idle in list(self._idle.items()):
+            keep = [c for c in idle if c.reusable]
+            for conn in idle:
                 if not conn.reusable:
                     conn.close()
             if keep:
-                pool.idle = keep
+                self._idle[key] = keep
             else:
-                del self._pools[key]
+                del self._idle[key]
 
     async def _reason(self, conn: _Connection, head: Head) -> str:
         """Up to MAX_REASON bytes of an error body, as one line; the connection is not reused."""
@@ -561,15 +556,12 @@ class RangeClient:
         finally:
             conn.close()
 
-    async def _discard(self, conn: _Connection, head: Head) -> None:
-        conn.close()  # a redirect's body is never needed; a new connection is cheaper than reading it
-
     async def close(self) -> None:
         self._closed = True
-        for pool in self._pools.values():
-            for conn in pool.idle:
+        for idle in self._idle.values():
+            for conn in idle:
                 conn.close()
-        self._pools.clear()
+        self._idle.clear()
 
 
 def _origin_of(url: str) -> tuple[str, str, int]:
