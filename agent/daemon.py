@@ -82,9 +82,10 @@ def _start_peers(
         dns_interval=config.peer_dns_interval,
         advertise=config.advertise,
     )
-    session = aiohttp.ClientSession(  # pings and prefetch requests; piece bodies go through PeerClient.bodies
+    session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=0, limit_per_host=64, ttl_dns_cache=10),
         auto_decompress=False,
+        read_bufsize=4 * 1024 * 1024,
     )
     client = PeerClient(session, peer_state.token.decode(), config.peer_hedge_timeout, config.read_timeout)
     fetcher.peers = membership
@@ -174,8 +175,6 @@ async def serve(config: AgentConfig) -> None:
         if membership_task is not None:
             membership_task.cancel()
         if peer_session is not None:
-            if fetcher.peer_client is not None:
-                await fetcher.peer_client.close()
             await peer_session.close()
         await store.sync()
         await origins.close()

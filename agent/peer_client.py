@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-from urllib.parse import urlencode
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
 
-from agent.origins.base import Sink, TransientOriginError
-from agent.origins.range_http import RangeClient, StalledError
-from client.errors import FetchFailedError
+from agent.origins.base import Sink, pump_body
 
 HASH_LEN = 32  # xxh3-128 hex
 PING_TIMEOUT = 1.5
@@ -90,14 +87,10 @@ class PieceRequest:
 
 class PeerClient:
     def __init__(self, session: aiohttp.ClientSession, token: str, hedge_timeout: float, read_timeout: float) -> None:
-        self.session = session  # pings and prefetch requests
-        self.bodies = RangeClient(read_timeout, connect_timeout=hedge_timeout, proxies=False)  # pieces
+        self.session = session
         self.headers = {"Authorization": f"Bearer {token}"}
         self.hedge_timeout = hedge_timeout
         self.read_timeout = read_timeout
-
-    async def close(self) -> None:
-        await self.bodies.close()
 
     async def ping(self, addr: str) -> None:
         timeout = aiohttp.ClientTimeout(total=PING_TIMEOUT)
@@ -112,31 +105,37 @@ class PeerClient:
         """Stream piece ``req.index`` (``length`` bytes) from ``addr`` into ``sink``; return the stated hash.
 
         ``on_answer`` is called once the peer has agreed to send the piece (200, the right length).
-        The body goes through the range client's reused buffers, like an origin's.
         """
-        url = f"http://{addr}/peer/v1/piece?{urlencode(req.params())}"
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.hedge_timeout, sock_read=self.read_timeout)
+        url = f"http://{addr}/peer/v1/piece"
         try:
-            async with asyncio.timeout(self.hedge_timeout):
-                conn, head = await self.bodies.open(url, self.headers)
-        except (TimeoutError, StalledError):
+            async with asyncio.timeout(self.hedge_timeout) as deadline:
+                resp = await self.session.get(url, params=req.params(), headers=self.headers, timeout=timeout)
+                deadline.reschedule(None)
+        except TimeoutError:
             raise PeerSlowError(f"no answer within {self.hedge_timeout}s") from None
-        except (TransientOriginError, FetchFailedError, OSError) as exc:
+        except (aiohttp.ClientError, ConnectionError, OSError) as exc:
             raise PeerDownError(f"{type(exc).__name__}: {exc}") from None
-        if head.status != 200:
-            body = (await self.bodies.read_reason(conn, head))[:200]
-            raise PeerRefusedError(f"answered {head.status}: {body}")
-        if head.content_length != length + HASH_LEN or "transfer-encoding" in head.headers:
-            conn.close()
-            raise PeerRefusedError(f"answered {head.content_length} bytes for a {length}-byte piece")
-        if on_answer is not None:
-            on_answer()
-        try:
-            tail = await self.bodies.read_body(conn, head, length, sink, trailer=HASH_LEN)
-        except StalledError:
-            raise PeerSlowError(f"body stalled for {self.read_timeout}s") from None
-        except (TransientOriginError, FetchFailedError) as exc:
-            raise PeerCutShortError(f"body ended before the piece hash: {exc}") from None
-        return tail.decode("ascii", "replace")
+        async with resp:
+            if resp.status != 200:
+                body = (await _safe_read(resp))[:200]
+                raise PeerRefusedError(f"answered {resp.status}: {body}")
+            if resp.content_length != length + HASH_LEN:
+                raise PeerRefusedError(f"answered {resp.content_length} bytes for a {length}-byte piece")
+            if on_answer is not None:
+                on_answer()
+            try:
+                tail = await pump_body(resp.content, length, sink)
+                if len(tail) < HASH_LEN:
+                    tail += await resp.content.readexactly(HASH_LEN - len(tail))
+                stated = tail[:HASH_LEN].decode("ascii", "replace")
+            except TimeoutError:
+                raise PeerSlowError(f"body stalled for {self.read_timeout}s") from None
+            except (EOFError, asyncio.IncompleteReadError):
+                raise PeerCutShortError("body ended before the piece hash") from None
+            except (aiohttp.ClientError, ConnectionError, OSError) as exc:
+                raise PeerCutShortError(f"{type(exc).__name__}: {exc}") from None
+        return stated
 
     async def prefetch(self, addr: str, ref: str, pin: bool | None) -> AsyncIterator[dict[str, object]]:
         """Ask ``addr`` to prefetch ``ref``; yield its NDJSON lines (progress, then complete or error)."""

@@ -10,6 +10,7 @@ client/errors.py with a message a user can act on.
 from __future__ import annotations
 
 import abc
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -25,9 +26,9 @@ if TYPE_CHECKING:
 # A sink takes consecutive chunks of a range, in order (written with pwritev). The chunks
 # are only valid until the sink returns (the range client reuses its buffers).
 Sink = Callable[[Sequence[bytes | memoryview]], Awaitable[None]]
-READ_BLOCK = 4 * 1024 * 1024  # bytes a local origin reads and hands to the sink at once
-# Bytes received over HTTP reach the sink when a buffer is full or after this long, whichever
-# comes first (agent/origins/range_http.py). A piece that peers follow as it lands
+READ_BLOCK = 4 * 1024 * 1024  # bytes handed to the sink at once
+MAX_CHUNKS = 512  # ... or this many chunks, whichever comes first (pwritev's IOV_MAX is 1024)
+# ... or what came in this long, whichever comes first. A piece that peers follow as it lands
 # (cut-through, agent/peer_api.py) is passed on only as fast as it is handed to the sink; on
 # a slow flow (one of 16 sharing a 200 Mbit/s link gets 1.5 MB/s) a 4 MiB block would hold
 # its first bytes back for 2.7 s (measured: bench/RESULTS.md "Peers").
@@ -78,6 +79,40 @@ class HttpOrigin(Origin):
         url, headers = await self.request_target(entry)
         head = await self.ranges.get_range(url, headers, offset, length, sink, what=entry.path)
         check_status(head.status, entry, head.reason)
+
+
+async def pump_body(content: aiohttp.StreamReader, length: int, sink: Sink) -> bytes:
+    """Hand the next ``length`` bytes of a body to ``sink`` in batches; return what came past them.
+
+    readchunk() hands over the parser's buffers as they are (readexactly would
+    join them: one more copy of every byte). EOFError when the body ends early.
+    """
+    remaining = length
+    extra = b""
+    batch: list[bytes] = []
+    batched = 0
+    since = 0.0
+    while remaining:
+        chunk, _ = await content.readchunk()
+        if not chunk:
+            raise EOFError(f"body ended {remaining} bytes early")
+        if len(chunk) > remaining:
+            extra = chunk[remaining:]
+            chunk = chunk[:remaining]
+        if not batch:
+            since = time.monotonic()
+        batch.append(chunk)
+        batched += len(chunk)
+        remaining -= len(chunk)
+        if (
+            batched >= READ_BLOCK
+            or len(batch) >= MAX_CHUNKS
+            or not remaining
+            or time.monotonic() - since >= FLUSH_SECONDS
+        ):
+            await sink(batch)
+            batch, batched = [], 0
+    return extra
 
 
 def check_status(status: int, entry: FileEntry, reason: str = "") -> None:

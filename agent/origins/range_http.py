@@ -24,10 +24,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import ssl
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import unquote, urljoin, urlsplit
 
@@ -43,14 +44,6 @@ MAX_REDIRECTS = 5
 IDLE_SECONDS = 10.0  # a kept-alive connection unused this long is closed, not reused
 CONNECT_TIMEOUT = 10.0
 REDIRECTS = (301, 302, 303, 307, 308)
-
-
-class StalledError(TransientOriginError):
-    """No bytes for the read timeout (the message starts with "Timeout")."""
-
-
-class CutShortError(TransientOriginError):
-    """The connection ended before the answer did."""
 
 
 class BufferPool:
@@ -116,7 +109,6 @@ class _Connection(asyncio.BufferedProtocol):
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self.head: Head | None = None
-        self.origin: tuple[str, str, int] = ("", "", 0)  # (scheme, host, port) of the request's URL
 
     # -- asyncio.BufferedProtocol -------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -261,7 +253,7 @@ class _Connection(asyncio.BufferedProtocol):
             async with asyncio.timeout(read_timeout):
                 await self._waiter
         except TimeoutError:
-            raise StalledError(f"Timeout: no bytes for {read_timeout:g}s") from None
+            raise TransientOriginError(f"Timeout: no bytes from the origin for {read_timeout:g}s") from None
         finally:
             self._waiter = None
 
@@ -269,9 +261,9 @@ class _Connection(asyncio.BufferedProtocol):
         if self.error is not None:
             if isinstance(self.error, (FetchFailedError, TransientOriginError)):
                 raise self.error
-            raise CutShortError(f"{what}: {type(self.error).__name__}: {self.error}")
+            raise TransientOriginError(f"{what}: {type(self.error).__name__}: {self.error}")
         if self.eof:
-            raise CutShortError(what)
+            raise TransientOriginError(what)
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
@@ -339,11 +331,9 @@ class Proxy:
 class RangeClient:
     """Range GETs over kept-alive HTTP/1.1 connections; one per agent, shared by the HTTP origins."""
 
-    def __init__(self, read_timeout: float, connect_timeout: float = CONNECT_TIMEOUT, *, proxies: bool = True) -> None:
-        """``proxies``: follow the proxy environment (origins); False for traffic that never leaves the cluster (peers)."""
+    def __init__(self, read_timeout: float, connect_timeout: float = CONNECT_TIMEOUT) -> None:
         self.read_timeout = read_timeout
         self.connect_timeout = connect_timeout
-        self.proxies = proxies
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}  # kept-alive, per origin
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
@@ -363,7 +353,7 @@ class RangeClient:
         """
         headers = {**headers, "Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
         for _ in range(MAX_REDIRECTS + 1):
-            conn, head = await self.open(url, headers)
+            conn, head = await self._request(url, headers)
             if head.status in REDIRECTS and "location" in head.headers:
                 conn.close()  # a redirect's body is never needed; a new connection is cheaper than reading it
                 target = urljoin(url, head.headers["location"])
@@ -372,14 +362,15 @@ class RangeClient:
                 url = target
                 continue
             if head.status not in (200, 206):
-                head.reason = await self.read_reason(conn, head)
+                head.reason = await self._reason(conn, head)
                 return head
             try:
                 self._check_range(head, offset, length, what)
+                await self._pump(conn, length, sink)
             except BaseException:
                 conn.close()
                 raise
-            await self.read_body(conn, head, length, sink)
+            self._put_back(url, conn, head)
             return head
         raise FetchFailedError(f"{what}: more than {MAX_REDIRECTS} redirects from the origin")
 
@@ -395,44 +386,17 @@ class RangeClient:
             if head.content_length != length:
                 raise TransientOriginError(f"{what!r}: a {length}-byte range came with Content-Length {head.content_length}")
 
-    async def read_body(self, conn: _Connection, head: Head, length: int, sink: Sink, trailer: int = 0) -> bytes:
-        """Hand the next ``length`` body bytes to ``sink`` as they arrive; return the ``trailer`` bytes after them.
-
-        The body must be exactly ``length + trailer`` bytes (the caller checked
-        Content-Length). The connection goes back to the pool when the whole
-        body was read, and is closed on any failure or cancellation.
-        """
-        tail = bytearray()
-        left = length
-        try:
-            conn.start_body(length + trailer)
-            async for batch in conn.chunks(self.read_timeout):
-                try:
-                    views = []
-                    for buf, n in batch:
-                        take = min(n, left)
-                        if take:
-                            views.append(memoryview(buf)[:take])
-                            left -= take
-                        tail += buf[take:n]
-                    if views:
-                        await sink(views)
-                finally:
-                    for buf, _ in batch:
-                        conn.release(buf)
-        except BaseException:
-            conn.close()
-            raise
-        self._put_back(conn, head)
-        return bytes(tail)
+    async def _pump(self, conn: _Connection, length: int, sink: Sink) -> None:
+        conn.start_body(length)
+        async for batch in conn.chunks(self.read_timeout):
+            try:
+                await sink([memoryview(buf)[:n] for buf, n in batch])
+            finally:
+                for buf, _ in batch:
+                    conn.release(buf)
 
     # -- connections ---------------------------------------------------------
-    async def open(self, url: str, headers: dict[str, str]) -> tuple[_Connection, Head]:
-        """Send a GET of ``url`` (on a kept-alive connection if there is one) and wait for the answer's head.
-
-        The caller reads the body (:meth:`read_body`), its reason
-        (:meth:`read_reason`), or closes the connection.
-        """
+    async def _request(self, url: str, headers: dict[str, str]) -> tuple[_Connection, Head]:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise FetchFailedError(f"cannot fetch {url!r}: only http:// and https:// URLs")
@@ -471,7 +435,6 @@ class RangeClient:
                 conn.close()
                 raise
             head.url = url
-            conn.origin = key
             return conn, head
         raise AssertionError("unreachable")
 
@@ -538,8 +501,6 @@ class RangeClient:
     def _proxy(self, key: tuple[str, str, int]) -> Proxy | None:
         """The proxy for an origin, from the environment (read once), or None (none set, or NO_PROXY)."""
         scheme, host, port = key
-        if not self.proxies:
-            return None
         if scheme not in self._proxies:
             self._proxies[scheme] = Proxy.parse(urllib.request.getproxies().get(scheme, ""))
         proxy = self._proxies[scheme]
@@ -552,14 +513,14 @@ class RangeClient:
             self._ssl = ssl.create_default_context()  # system trust store; SSL_CERT_FILE/SSL_CERT_DIR honoured
         return self._ssl
 
-    def _put_back(self, conn: _Connection, head: Head) -> None:
+    def _put_back(self, url: str, conn: _Connection, head: Head) -> None:
         conn.used += 1
         conn.idle_since = time.monotonic()
         self._sweep()
         if "close" in head.headers.get("connection", "").lower() or not conn.reusable or self._closed:
             conn.close()
             return
-        self._idle.setdefault(conn.origin, []).append(conn)
+        self._idle.setdefault(_origin_of(url), []).append(conn)
 
     def _sweep(self) -> None:
         """Close kept-alive connections idle too long, to every origin (a file's CDN host is used once)."""
@@ -573,37 +534,27 @@ class RangeClient:
             else:
                 del self._idle[key]
 
-    async def read_reason(self, conn: _Connection, head: Head) -> str:
-        """An error answer's body as one line (at most MAX_REASON bytes).
-
-        A body that fits is read whole and the connection kept (a peer's 503
-        refusals are frequent); a longer or chunked one is cut and the
-        connection closed.
-        """
-        size = head.content_length
-        if size is None or "transfer-encoding" in head.headers:
-            conn.close()
-            return ""
-        body = bytearray()
-
-        async def keep(chunks: Sequence[bytes | memoryview]) -> None:
-            for c in chunks:
-                body.extend(c)
-
+    async def _reason(self, conn: _Connection, head: Head) -> str:
+        """Up to MAX_REASON bytes of an error body, as one line; the connection is not reused."""
         try:
-            async with asyncio.timeout(min(self.read_timeout, 5.0)):
-                if size <= MAX_REASON:
-                    await self.read_body(conn, head, size, keep)
-                else:
-                    conn.start_body(MAX_REASON)  # the first bytes only; the rest is never read
+            size = head.content_length
+            if size is None or "transfer-encoding" in head.headers:
+                return ""
+            size = min(size, MAX_REASON)
+            if not size:
+                return ""
+            conn.start_body(size)
+            body = bytearray()
+            with contextlib.suppress(TransientOriginError, FetchFailedError):
+                async with asyncio.timeout(min(self.read_timeout, 5.0)):
                     async for batch in conn.chunks(self.read_timeout):
-                        await keep([memoryview(buf)[:n] for buf, n in batch])
-                        for buf, _ in batch:
-                            conn.release(buf)
-                    conn.close()
-        except (TimeoutError, TransientOriginError, FetchFailedError):
+                        for buf, n in batch:
+                            body += buf[:n]
+            return " ".join(body.decode("utf-8", "replace").split())
+        except TimeoutError:
+            return ""
+        finally:
             conn.close()
-        return " ".join(body.decode("utf-8", "replace").split())
 
     async def close(self) -> None:
         self._closed = True
