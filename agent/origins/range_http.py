@@ -30,6 +30,7 @@ import time
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import cast
 from urllib.parse import unquote, urljoin, urlsplit
 
 from agent.origins.base import FLUSH_SECONDS, Sink, TransientOriginError
@@ -112,8 +113,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     # -- asyncio.BufferedProtocol -------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
 
     def get_buffer(self, sizehint: int) -> memoryview:
         if self.state == "body" and self._buf is not None:
