@@ -572,6 +572,10 @@ class Fetcher:
                 if attempt:
                     await asyncio.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
                 sink = _PieceSink(self.store, fill, offset, landed, stream)
+                # Every origin request, for tracing where origin bytes go (a cluster should fetch
+                # each piece from the origin about once): whose fill it is, which try.
+                log.debug("origin range %d-%d of %s (piece %d, try %d, %s)", offset, offset + length - 1,
+                          fill.entry.path, index, attempt + 1, "own fill" if flight is not None else "for a peer or a repair")
                 async with self._slots.hold((order, index)):
                     try:
                         with self.metrics.piece_fetch("origin"):
