@@ -30,7 +30,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -724,7 +724,7 @@ class _PieceSink:
     def written(self) -> int:
         return self.pos - self.offset
 
-    async def __call__(self, chunks: list[bytes]) -> None:
+    async def __call__(self, chunks: Sequence[bytes | memoryview]) -> None:
         n = await self.store.run(_write_and_hash, self.fill, self.pos, chunks, self.hasher)
         self.pos += n
         if self.stream is not None:
@@ -733,7 +733,9 @@ class _PieceSink:
         self.landed(n)
 
 
-def _write_and_hash(fill: BlobFill, offset: int, chunks: list[bytes], hasher: xxhash.xxh3_128) -> int:
+def _write_and_hash(
+    fill: BlobFill, offset: int, chunks: Sequence[bytes | memoryview], hasher: xxhash.xxh3_128
+) -> int:
     fill.write(offset, chunks)
     for chunk in chunks:
         hasher.update(chunk)

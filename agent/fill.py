@@ -158,7 +158,7 @@ def file_digests(path: str, size: int, want_sha256: bool = False) -> dict[str, s
         os.close(fd)
 
 
-def write_batches(chunks: Sequence[bytes]) -> list[list[memoryview]]:
+def write_batches(chunks: Sequence[bytes | memoryview]) -> list[list[memoryview]]:
     """Split consecutive chunks into pwritev batches of at most WRITE_MAX bytes and IOV_MAX buffers."""
     batches: list[list[memoryview]] = []
     batch: list[memoryview] = []
@@ -267,7 +267,7 @@ class BlobFill:
         return [i for i in range(self.entry.piece_count) if i not in self.done]
 
     # -- writing -------------------------------------------------------------
-    def write(self, offset: int, chunks: Sequence[bytes]) -> None:
+    def write(self, offset: int, chunks: Sequence[bytes | memoryview]) -> None:
         """Write ``chunks`` back to back at ``offset`` with vectored positional writes.
 
         The chunks are the HTTP body as the socket delivered it: writing them as

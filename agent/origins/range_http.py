@@ -33,10 +33,11 @@ from dataclasses import dataclass
 from typing import cast
 from urllib.parse import unquote, urljoin, urlsplit
 
+from agent.fill import WRITE_MAX
 from agent.origins.base import FLUSH_SECONDS, Sink, TransientOriginError
 from client.errors import FetchFailedError
 
-BUFFER_SIZE = 1024 * 1024  # one write of the fill (agent/fill.py WRITE_MAX)
+BUFFER_SIZE = WRITE_MAX  # a full buffer is one write of the fill
 BUFFERS_PER_CONNECTION = 6  # read ahead of the sink by at most this many buffers, then pause reading
 SPARE_BUFFERS = 64  # buffers kept between answers for the next ones, shared by all connections
 MAX_HEAD = 64 * 1024  # status line and headers
@@ -72,7 +73,6 @@ class Head:
 
     status: int
     headers: dict[str, str]
-    url: str
     reason: str = ""
 
     @property
@@ -96,7 +96,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.state = "idle"
         self.error: BaseException | None = None
         self.eof = False
-        self.used = 0  # answers read on this connection
+        self.origin: tuple[str, str, int] = ("", "", 0)  # (scheme, host, port) it was opened for
         self.idle_since = time.monotonic()
         self._scratch = bytearray(MAX_HEAD)  # the head's bytes land here, not in a body buffer
         self._head = bytearray()
@@ -164,7 +164,7 @@ class _Connection(asyncio.BufferedProtocol):
             headers[key] = f"{headers[key]}, {value.strip()}" if key in headers else value.strip()
         if parts[0] == "HTTP/1.0" and "keep-alive" not in headers.get("connection", "").lower():
             headers["connection"] = "close"
-        self.head = Head(int(parts[1]), headers, "")
+        self.head = Head(int(parts[1]), headers)
         self.state = "hold"
         self._pause()
         self._wake()
@@ -284,6 +284,11 @@ class _Connection(asyncio.BufferedProtocol):
             self._paused = False
             self.transport.resume_reading()
 
+    def tls_started(self, transport: asyncio.BaseTransport) -> None:
+        """Go on over ``transport`` (TLS inside a proxy's tunnel); start_tls resumed reading."""
+        self.transport = cast(asyncio.Transport, transport)
+        self.state, self._paused, self._early = "idle", False, b""
+
     # -- requests ------------------------------------------------------------
     def send(self, request: bytes) -> None:
         assert self.transport is not None
@@ -338,7 +343,7 @@ class RangeClient:
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
         self.buffers = BufferPool()
-        self._proxies: dict[str, Proxy | None] = {}
+        self._proxies: dict[tuple[str, str, int], Proxy | None] = {}  # the proxy decision, per origin
 
     async def get_range(
         self, url: str, headers: dict[str, str], offset: int, length: int, sink: Sink, *, what: str
@@ -370,7 +375,7 @@ class RangeClient:
             except BaseException:
                 conn.close()
                 raise
-            self._put_back(url, conn, head)
+            self._put_back(conn, head)
             return head
         raise FetchFailedError(f"{what}: more than {MAX_REDIRECTS} redirects from the origin")
 
@@ -416,7 +421,7 @@ class RangeClient:
             if any(c in f"{name}{value}" for c in "\r\n\0") or ":" in name or name.lower() == "host":
                 raise FetchFailedError(f"refusing to send header {name!r}: a Host, a line break or a colon")
             lines.append(f"{name}: {value}")
-        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "strict")
+        request = _encode_head(lines)
         # A kept-alive connection the server closed meanwhile fails before any answer:
         # send once more on a new connection (only then; any answer is the answer).
         for reused in (True, False):
@@ -434,7 +439,6 @@ class RangeClient:
             except BaseException:
                 conn.close()
                 raise
-            head.url = url
             return conn, head
         raise AssertionError("unreachable")
 
@@ -473,6 +477,7 @@ class RangeClient:
             ) from None
         except OSError as exc:
             raise TransientOriginError(f"cannot connect to {host}:{port}{via}: {exc}") from None
+        conn.origin = key
         return conn
 
     async def _tunnel(self, conn: _Connection, proxy: Proxy, host: str, port: int, tls: ssl.SSLContext) -> None:
@@ -480,7 +485,7 @@ class RangeClient:
         lines = [f"CONNECT {host}:{port} HTTP/1.1", f"Host: {host}:{port}"]
         if proxy.auth:
             lines.append(f"Proxy-Authorization: {proxy.auth}")
-        conn.send(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        conn.send(_encode_head(lines))
         try:
             head = await conn.wait_head(self.connect_timeout)
         except BaseException:
@@ -493,41 +498,38 @@ class RangeClient:
                 raise FetchFailedError(f"{what}: check the proxy's credentials in HTTPS_PROXY")
             raise TransientOriginError(what)
         assert conn.transport is not None
-        conn.transport = await asyncio.get_running_loop().start_tls(
-            conn.transport, conn, tls, server_hostname=host
-        )  # type: ignore[assignment]
-        conn.state, conn._paused, conn._early = "idle", False, b""  # start_tls resumed reading
+        conn.tls_started(await asyncio.get_running_loop().start_tls(conn.transport, conn, tls, server_hostname=host))
 
     def _proxy(self, key: tuple[str, str, int]) -> Proxy | None:
-        """The proxy for an origin, from the environment (read once), or None (none set, or NO_PROXY)."""
-        scheme, host, port = key
-        if scheme not in self._proxies:
-            self._proxies[scheme] = Proxy.parse(urllib.request.getproxies().get(scheme, ""))
-        proxy = self._proxies[scheme]
-        if proxy is None or urllib.request.proxy_bypass(f"{host}:{port}") or urllib.request.proxy_bypass(host):
-            return None
-        return proxy
+        """The proxy for an origin, or None (none set, or NO_PROXY names it): read from the
+        environment once per origin, not on every request (proxy_bypass scans os.environ)."""
+        if key not in self._proxies:
+            scheme, host, port = key
+            bypass = urllib.request.proxy_bypass(f"{host}:{port}") or urllib.request.proxy_bypass(host)
+            self._proxies[key] = None if bypass else Proxy.parse(urllib.request.getproxies().get(scheme, ""))
+        return self._proxies[key]
 
     def _tls(self) -> ssl.SSLContext:
         if self._ssl is None:
             self._ssl = ssl.create_default_context()  # system trust store; SSL_CERT_FILE/SSL_CERT_DIR honoured
         return self._ssl
 
-    def _put_back(self, url: str, conn: _Connection, head: Head) -> None:
-        conn.used += 1
+    def _put_back(self, conn: _Connection, head: Head) -> None:
         conn.idle_since = time.monotonic()
         self._sweep()
         if "close" in head.headers.get("connection", "").lower() or not conn.reusable or self._closed:
             conn.close()
             return
-        self._idle.setdefault(_origin_of(url), []).append(conn)
+        self._idle.setdefault(conn.origin, []).append(conn)
 
     def _sweep(self) -> None:
         """Close kept-alive connections idle too long, to every origin (a file's CDN host is used once)."""
         for key, idle in list(self._idle.items()):
-            keep = [c for c in idle if c.reusable]
+            keep = []
             for conn in idle:
-                if not conn.reusable:
+                if conn.reusable:
+                    keep.append(conn)
+                else:
                     conn.close()
             if keep:
                 self._idle[key] = keep
@@ -562,6 +564,11 @@ class RangeClient:
             for conn in idle:
                 conn.close()
         self._idle.clear()
+
+
+def _encode_head(lines: list[str]) -> bytes:
+    """A request line and headers, as sent."""
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "strict")
 
 
 def _origin_of(url: str) -> tuple[str, str, int]:
