@@ -9,7 +9,9 @@ are in docs/RELIABILITY.md.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import subprocess
 import sys
@@ -256,6 +258,28 @@ def small_tmpfs(tmp_path: Path) -> Any:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
+def _fill_up(path: Path) -> None:
+    """Write zeros to *path* until the filesystem is full.
+
+    Unbuffered on purpose: a buffered file keeps the bytes of a short write and raises
+    ENOSPC again when it is closed, which made this test fail at random depending on how
+    the free space lined up with the write size.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        chunk = b"\0" * 65536
+        while True:
+            try:
+                if os.write(fd, chunk) == 0:
+                    return
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    return
+                raise
+    finally:
+        os.close(fd)
+
+
 def test_disk_full_mid_fetch_is_a_clear_error_and_the_agent_serves_on(
     agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, small_tmpfs: Path,
     tmp_path: Path,
@@ -287,13 +311,7 @@ def test_disk_full_mid_fetch_is_a_clear_error_and_the_agent_serves_on(
     while not list((agent.cache_dir / "partial").glob("*.part")) and time.monotonic() < deadline:
         time.sleep(0.02)
     filler = small_tmpfs / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
+    _fill_up(filler)
     out, errs = proc.communicate(timeout=120)
     print(f"disk filled mid-fetch: exit {proc.returncode}: {errs.strip().splitlines()[-1:]}")
     if proc.returncode != 0:
