@@ -33,6 +33,8 @@ class AgentConfig:
     connections: int = DEFAULT_CONNECTIONS
     retries: int = DEFAULT_RETRIES
     read_timeout: float = DEFAULT_READ_TIMEOUT
+    # Leave what a fill writes in the page cache instead of dropping it behind (agent/fill.py).
+    keep_page_cache: bool = False
     socket_mode: int = 0o660
     socket_gid: int | None = None  # chgrp the socket to this group (the pods allowed to use it)
     # Peers (agent/peers.py): off unless a token file is given.

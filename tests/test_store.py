@@ -44,16 +44,17 @@ def write_random(path: Path, size: int, seed: int) -> bytes:
 class Node:
     """An agent's in-process core around one cache directory."""
 
-    def __init__(self, root: Path, capacity: int, connections: int = 4) -> None:
+    def __init__(self, root: Path, capacity: int, connections: int = 4, keep_page_cache: bool = False) -> None:
         self.pool = ThreadPoolExecutor(8)
         self.root = root
         self.capacity = capacity
         self.connections = connections
+        self.keep_page_cache = keep_page_cache
         self.stopped = False
 
     async def start(self) -> ModelService:
         self.session = aiohttp.ClientSession()
-        self.store = Store(str(self.root), self.capacity, self.pool)
+        self.store = Store(str(self.root), self.capacity, self.pool, self.keep_page_cache)
         await self.store.open()
         self.origins = Origins(self.session, self.pool, read_timeout=30.0)
         self.fetcher = Fetcher(self.store, connections=self.connections, retries=3)
@@ -428,3 +429,54 @@ def test_fill_writes_in_bounded_calls_and_survives_short_writes(tmp_path: Path, 
         fill.close()
     assert max(sizes) < 2 << 20
     assert Path(fill.path).read_bytes()[100:] == data
+
+
+def resident_bytes(path: Path) -> int:
+    """How much of ``path`` is in the page cache now: mincore(2) over a mapping of it."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        address = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert address not in (None, ctypes.c_void_p(-1).value), os.strerror(ctypes.get_errno())
+        try:
+            vec = ctypes.create_string_buffer(pages)
+            assert libc.mincore(address, size, vec) == 0, os.strerror(ctypes.get_errno())
+            return sum(b & 1 for b in vec.raw[:pages]) * mmap.PAGESIZE
+        finally:
+            libc.munmap(address, size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["drop-behind", "keep-page-cache"])
+async def test_fill_drops_its_pages_behind_unless_told_to_keep_them(tmp_path: Path, keep: bool) -> None:
+    """A fill does not leave the blob in RAM: what the whole-file hash passed is written back and
+    dropped DROP_LAG behind it (so the fill reuses its own pages instead of fresh memory), and
+    ``--keep-page-cache`` keeps it all. The bytes are the same either way."""
+    from agent.fill import DROP_LAG
+
+    size = 3 * DROP_LAG
+    data = write_random(tmp_path / "m" / "model.safetensors", size, seed=7)
+    node = Node(tmp_path / "cache", 1 << 40, keep_page_cache=keep)
+    await node.start()
+    try:
+        await node.prefetch(str(tmp_path / "m"))
+    finally:
+        await node.stop()
+    blob = node.root / "blobs" / xxhash.xxh3_128_hexdigest(data)
+    resident = resident_bytes(blob)
+    print(f"keep={keep}: {resident / MiB:.0f} MiB of {size / MiB:.0f} MiB in the page cache after the fill")
+    if keep:
+        assert resident >= size - 8 * MiB
+    else:
+        assert resident <= DROP_LAG + 32 * MiB  # the tail the hash passed last, and pages still being written
+    assert xxhash.xxh3_128_hexdigest(blob.read_bytes()) == blob.name
