@@ -32,12 +32,17 @@ from client.errors import CapacityError, IntegrityError
 MAP_WINDOW = 64 * 1024 * 1024
 IOV_MAX = 1024  # Linux's limit on buffers per pwritev
 # The most one pwritev writes. The kernel sizes new page-cache folios by the
-# write: 2 MiB writes make 2 MiB folios, and on a VM whose free memory the host
-# takes back (virtio_balloon), every 2 MiB folio is fresh host memory: writes
-# of 2 MiB or more cost 2.6 CPU s/GiB there, writes of 1 MiB 0.33 (measured:
-# bench/RESULTS.md "Cold miss: 1 MiB writes"). Where memory is not taken back,
-# 1 MiB writes cost 0.26 s/GiB against 0.23 for 4 MiB.
+# write, and on a VM whose free memory the host takes back (virtio_balloon), a
+# large folio is fresh host memory that costs several times the copy: measured
+# here (bench/write_size.py), 2 MiB writes cost 2.6 CPU s/GiB against 0.33 for
+# 1 MiB on one day, and on another 1 MiB writes cost 1.7-2.1 against 0.25 for
+# 256 KiB. A fill that drops behind (the default) writes into its own recycled
+# pages, where larger folios are cheaper: 1 MiB. A fill that keeps its pages
+# writes into fresh memory every time: 256 KiB (bench/RESULTS.md "Cold miss:
+# dropping behind"). Where memory is not taken back, 1 MiB writes cost 0.26
+# s/GiB against 0.23 for 4 MiB.
 WRITE_MAX = 1024 * 1024
+KEEP_WRITE_MAX = 256 * 1024
 # How far behind the whole-file hash a fill drops its pages from the page cache
 # (see BlobFill._drop_behind): far enough that their writeback, started when the
 # hash passed them, is done, so they are clean and can be dropped.
@@ -162,18 +167,18 @@ def file_digests(path: str, size: int, want_sha256: bool = False) -> dict[str, s
         os.close(fd)
 
 
-def write_batches(chunks: Sequence[bytes | memoryview]) -> list[list[memoryview]]:
-    """Split consecutive chunks into pwritev batches of at most WRITE_MAX bytes and IOV_MAX buffers."""
+def write_batches(chunks: Sequence[bytes | memoryview], limit: int = WRITE_MAX) -> list[list[memoryview]]:
+    """Split consecutive chunks into pwritev batches of at most ``limit`` bytes and IOV_MAX buffers."""
     batches: list[list[memoryview]] = []
     batch: list[memoryview] = []
     size = 0
     for chunk in chunks:
         view = memoryview(chunk)
         while len(view):
-            if size == WRITE_MAX or len(batch) == IOV_MAX:
+            if size == limit or len(batch) == IOV_MAX:
                 batches.append(batch)
                 batch, size = [], 0
-            take = view[: WRITE_MAX - size]
+            take = view[: limit - size]
             batch.append(take)
             size += len(take)
             view = view[len(take) :]
@@ -207,6 +212,7 @@ class BlobFill:
     def __init__(self, directory: str, entry: FileEntry, keep_page_cache: bool = False) -> None:
         self.entry = entry
         self.keep_page_cache = keep_page_cache
+        self.write_max = KEEP_WRITE_MAX if keep_page_cache else WRITE_MAX
         self._dropped = 0  # [0, _dropped) was dropped from the page cache (while it stays clean)
         self.key = entry.fill_key
         self.path = os.path.join(directory, f"{self.key}.part")
@@ -280,10 +286,10 @@ class BlobFill:
         they are avoids joining them into one buffer (a memory copy per byte).
         One writer per file at a time: parallel writers to one ext4 file spin on
         its inode lock and burn more CPU than they save. Each call writes at most
-        WRITE_MAX bytes (see there).
+        ``write_max`` bytes (see WRITE_MAX).
         """
         with self._write_lock:
-            for batch in write_batches(chunks):
+            for batch in write_batches(chunks, self.write_max):
                 while batch:
                     try:
                         n = os.pwritev(self.fd, batch, offset)

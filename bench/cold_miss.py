@@ -14,7 +14,8 @@ makes every contender write into reclaimed memory.
 
 - ``warmstart-cN``: a fresh ``agent serve`` (fresh cache dir, ``--connections N``)
   started *before* the clock; timed is ``python -m agent prefetch s3://bench/model``
-  (the CLI, interpreter start included) until it exits;
+  (the CLI, interpreter start included) until it exits; ``warmstart-c8-keep`` the same
+  with ``--keep-page-cache`` (the fill leaves the blobs in RAM instead of dropping them behind);
 - ``boto3-par``: ``client.download_file`` (s3transfer, default TransferConfig) per
   shard, one thread per shard; ``boto3-seq``: the same, one shard after another
   (client made before the clock: interpreter start and client creation are not timed);
@@ -124,13 +125,13 @@ def dir_bytes(d: Path) -> int:
 # Each takes (ctx, dest) and returns (seconds, extra-info dict); setup is outside the clock.
 
 
-def run_warmstart(ctx: dict, dest: Path, connections: int) -> tuple[float, dict]:
+def run_warmstart(ctx: dict, dest: Path, connections: int, *extra: str) -> tuple[float, dict]:
     agent = AgentProcess(
         dest / "agentwork",
         env={**os.environ, **ctx["env"]},
         capacity="20GiB",
         cache_dir=dest / "cache",
-        extra_args=("--connections", str(connections)),
+        extra_args=("--connections", str(connections), *extra),
     )
     agent.start()
     try:
@@ -245,6 +246,7 @@ def run_curl(ctx: dict, dest: Path, parallel: bool) -> tuple[float, dict]:
 CONTENDERS = {
     "warmstart-c8": lambda c, d: run_warmstart(c, d, 8),
     "warmstart-c16": lambda c, d: run_warmstart(c, d, 16),
+    "warmstart-c8-keep": lambda c, d: run_warmstart(c, d, 8, "--keep-page-cache"),
     "boto3-par": lambda c, d: run_boto3(c, d, True),
     "boto3-seq": lambda c, d: run_boto3(c, d, False),
     "s5cmd": run_s5cmd,
