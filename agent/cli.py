@@ -71,10 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML file of models to keep warm (a mounted ConfigMap; edits apply without a restart)")
     s.add_argument("--warm-set-poll", type=float, default=float(_env("WARMSTART_WARM_SET_POLL", "0.5")),
                    help="seconds between looks at the warm-set file")
-    s.add_argument("--keep-page-cache", action=argparse.BooleanOptionalAction,
-                   default=_env_flag("WARMSTART_KEEP_PAGE_CACHE"),
-                   help="leave fetched blobs in the page cache (default: drop them behind the fill, so a "
-                        "prefetch does not fill RAM with a second copy of the model)")
+    s.add_argument("--drop-behind", action=argparse.BooleanOptionalAction,
+                   default=_env_flag("WARMSTART_DROP_BEHIND"),
+                   help="write back and drop fetched blobs from the page cache as they are verified, so a "
+                        "prefetch does not fill RAM (or the agent's memory limit) with a second copy of the model")
     s.add_argument("--peers", default=_env("WARMSTART_PEERS", ""),
                    help="static peer list HOST:PORT,... (this node's own address is ignored)")
     s.add_argument("--peer-dns", default=_env("WARMSTART_PEER_DNS", "") or None,
@@ -205,7 +205,7 @@ def _serve(args: argparse.Namespace) -> int:
             socket_gid=socket_gid,
             warm_set=os.path.abspath(args.warm_set) if args.warm_set else None,
             warm_set_poll=args.warm_set_poll,
-            keep_page_cache=args.keep_page_cache,
+            drop_behind=args.drop_behind,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -33,8 +33,8 @@ class AgentConfig:
     connections: int = DEFAULT_CONNECTIONS
     retries: int = DEFAULT_RETRIES
     read_timeout: float = DEFAULT_READ_TIMEOUT
-    # Leave what a fill writes in the page cache instead of dropping it behind (agent/fill.py).
-    keep_page_cache: bool = False
+    # Write back and drop what a fill has verified from the page cache (agent/fill.py).
+    drop_behind: bool = False
     socket_mode: int = 0o660
     socket_gid: int | None = None  # chgrp the socket to this group (the pods allowed to use it)
     # Peers (agent/peers.py): off unless a token file is given.

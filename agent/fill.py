@@ -36,13 +36,13 @@ IOV_MAX = 1024  # Linux's limit on buffers per pwritev
 # large folio is fresh host memory that costs several times the copy: measured
 # here (bench/write_size.py), 2 MiB writes cost 2.6 CPU s/GiB against 0.33 for
 # 1 MiB on one day, and on another 1 MiB writes cost 1.7-2.1 against 0.25 for
-# 256 KiB. A fill that drops behind (the default) writes into its own recycled
-# pages, where larger folios are cheaper: 1 MiB. A fill that keeps its pages
-# writes into fresh memory every time: 256 KiB (bench/RESULTS.md "Cold miss:
-# dropping behind"). Where memory is not taken back, 1 MiB writes cost 0.26
-# s/GiB against 0.23 for 4 MiB.
-WRITE_MAX = 1024 * 1024
-KEEP_WRITE_MAX = 256 * 1024
+# 256 KiB. A fill writes into fresh memory: 256 KiB. A fill that drops behind
+# (--drop-behind) writes into its own recycled pages, where larger folios are
+# cheaper: 1 MiB (bench/RESULTS.md "Cold miss: write size and dropping
+# behind"). Where memory is not taken back, 1 MiB writes cost 0.26 s/GiB
+# against 0.23 for 4 MiB.
+WRITE_MAX = 256 * 1024
+DROP_BEHIND_WRITE_MAX = 1024 * 1024
 # How far behind the whole-file hash a fill drops its pages from the page cache
 # (see BlobFill._drop_behind): far enough that their writeback, started when the
 # hash passed them, is done, so they are clean and can be dropped.
@@ -209,10 +209,10 @@ def write_json_atomic(path: str, data: Any) -> None:
 class BlobFill:
     """Thread-side half of a fill: every method here blocks and runs in the I/O pool."""
 
-    def __init__(self, directory: str, entry: FileEntry, keep_page_cache: bool = False) -> None:
+    def __init__(self, directory: str, entry: FileEntry, drop_behind: bool = False) -> None:
         self.entry = entry
-        self.keep_page_cache = keep_page_cache
-        self.write_max = KEEP_WRITE_MAX if keep_page_cache else WRITE_MAX
+        self.drop_behind = drop_behind
+        self.write_max = DROP_BEHIND_WRITE_MAX if drop_behind else WRITE_MAX
         self._dropped = 0  # [0, _dropped) was dropped from the page cache (while it stays clean)
         self.key = entry.fill_key
         self.path = os.path.join(directory, f"{self.key}.part")
@@ -359,24 +359,22 @@ class BlobFill:
                 self._whole_lock.release()
 
     def _drop_behind(self, start: int, end: int) -> None:
-        """Write back what the whole-file hash just passed; drop what it passed DROP_LAG ago.
+        """With ``drop_behind``: write back what the whole-file hash just passed; drop what it passed DROP_LAG ago.
 
-        The cache is a disk cache: a fill should not leave a second copy of every
-        fetched model in RAM, pushing out what the node's pods use, with gigabytes
-        of dirty pages queued for writeback. Dropping behind also makes the fill
-        cheaper: the pages it frees are reused by its next writes at once, while
-        a fill that keeps its pages writes every byte into fresh memory. On this
-        project's VM, whose host takes back freed memory, that is the difference
-        between 1.5 and 0.95 agent CPU s/GiB on a cold miss (bench/RESULTS.md
-        "Cold miss: dropping behind"). Pages a reader touches again come back as
-        usual. ``--keep-page-cache`` turns it off (nodes with RAM to spare whose
-        pods start right after a prefetch).
+        For nodes short of memory: page cache a process writes is charged to its
+        cgroup, and a fill that keeps its pages leaves a second copy of the model
+        in RAM (and gigabytes of dirty pages) until reclaim and writeback catch
+        up. Dropping behind keeps the fill's footprint at about DROP_LAG per
+        blob; pods that open the blob read it back from disk. It is off by
+        default because on this project's bench the writeback inside the fetch
+        cost more than it saved: cold miss 1 GiB, 7 rounds, 2.24 s against 1.59 s
+        (bench/RESULTS.md "Cold miss: write size and dropping behind").
 
         POSIX_FADV_DONTNEED starts writeback of dirty pages and drops the clean
         ones, so the first call starts writing [start, end) and the second drops
         what was started DROP_LAG bytes of hashing earlier and is clean by now.
         """
-        if self.keep_page_cache:
+        if not self.drop_behind:
             return
         try:
             os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
@@ -385,7 +383,7 @@ class BlobFill:
                 os.posix_fadvise(self.fd, self._dropped, upto - self._dropped, os.POSIX_FADV_DONTNEED)
                 self._dropped = upto
         except OSError:
-            self.keep_page_cache = True  # a hint the filesystem does not take: keep the default behaviour
+            self.drop_behind = False  # a hint the filesystem does not take: keep the pages
 
     # -- finishing -----------------------------------------------------------
     def finish(self, blob_dir: str, verify: Callable[[dict[str, str]], None]) -> tuple[str, list[str]]:

@@ -44,17 +44,17 @@ def write_random(path: Path, size: int, seed: int) -> bytes:
 class Node:
     """An agent's in-process core around one cache directory."""
 
-    def __init__(self, root: Path, capacity: int, connections: int = 4, keep_page_cache: bool = False) -> None:
+    def __init__(self, root: Path, capacity: int, connections: int = 4, drop_behind: bool = False) -> None:
         self.pool = ThreadPoolExecutor(8)
         self.root = root
         self.capacity = capacity
         self.connections = connections
-        self.keep_page_cache = keep_page_cache
+        self.drop_behind = drop_behind
         self.stopped = False
 
     async def start(self) -> ModelService:
         self.session = aiohttp.ClientSession()
-        self.store = Store(str(self.root), self.capacity, self.pool, self.keep_page_cache)
+        self.store = Store(str(self.root), self.capacity, self.pool, self.drop_behind)
         await self.store.open()
         self.origins = Origins(self.session, self.pool, read_timeout=30.0)
         self.fetcher = Fetcher(self.store, connections=self.connections, retries=3)
@@ -401,11 +401,11 @@ async def test_ordered_slots_admit_lowest_key_and_survive_cancellation() -> None
     assert not slots.promote("c", 0) and slots.free == 1
 
 
-@pytest.mark.parametrize("keep", [False, True], ids=["drop-behind", "keep-page-cache"])
+@pytest.mark.parametrize("drop", [False, True], ids=["keep", "drop-behind"])
 def test_fill_writes_in_bounded_calls_and_survives_short_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, keep: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, drop: bool
 ) -> None:
-    """Every pwritev of a fill is at most 1 MiB, 256 KiB when it keeps its pages (the kernel sizes
+    """Every pwritev of a fill is at most 256 KiB, 1 MiB when it drops behind (the kernel sizes
     page-cache folios by the write, and large fresh folios cost several times the copy on a VM
     whose free memory the host takes back), and a short write carries on where it stopped: the
     file holds exactly the chunks, in order."""
@@ -425,13 +425,13 @@ def test_fill_writes_in_bounded_calls_and_survives_short_writes(
         return real(fd, buffers, offset)
 
     monkeypatch.setattr(fill_mod.os, "pwritev", short_pwritev)
-    fill = fill_mod.BlobFill(str(tmp_path), entry, keep_page_cache=keep)
+    fill = fill_mod.BlobFill(str(tmp_path), entry, drop_behind=drop)
     fill.open()
     try:
         fill.write(100, chunks)
     finally:
         fill.close()
-    assert max(sizes) == (256 << 10 if keep else 1 << 20)
+    assert max(sizes) == (1 << 20 if drop else 256 << 10)
     assert Path(fill.path).read_bytes()[100:] == data
 
 
@@ -461,16 +461,16 @@ def resident_bytes(path: Path) -> int:
         os.close(fd)
 
 
-@pytest.mark.parametrize("keep", [False, True], ids=["drop-behind", "keep-page-cache"])
-async def test_fill_drops_its_pages_behind_unless_told_to_keep_them(tmp_path: Path, keep: bool) -> None:
-    """A fill does not leave the blob in RAM: what the whole-file hash passed is written back and
-    dropped DROP_LAG behind it (so the fill reuses its own pages instead of fresh memory), and
-    ``--keep-page-cache`` keeps it all. The bytes are the same either way."""
+@pytest.mark.parametrize("drop", [False, True], ids=["keep", "drop-behind"])
+async def test_fill_keeps_its_pages_unless_told_to_drop_behind(tmp_path: Path, drop: bool) -> None:
+    """A fill leaves the blob in the page cache; with ``--drop-behind`` what the whole-file hash
+    passed is written back and dropped DROP_LAG behind it, so the fill's footprint stays near
+    DROP_LAG. The bytes are the same either way."""
     from agent.fill import DROP_LAG
 
     size = 3 * DROP_LAG
     data = write_random(tmp_path / "m" / "model.safetensors", size, seed=7)
-    node = Node(tmp_path / "cache", 1 << 40, keep_page_cache=keep)
+    node = Node(tmp_path / "cache", 1 << 40, drop_behind=drop)
     await node.start()
     try:
         await node.prefetch(str(tmp_path / "m"))
@@ -478,9 +478,9 @@ async def test_fill_drops_its_pages_behind_unless_told_to_keep_them(tmp_path: Pa
         await node.stop()
     blob = node.root / "blobs" / xxhash.xxh3_128_hexdigest(data)
     resident = resident_bytes(blob)
-    print(f"keep={keep}: {resident / MiB:.0f} MiB of {size / MiB:.0f} MiB in the page cache after the fill")
-    if keep:
-        assert resident >= size - 8 * MiB
-    else:
+    print(f"drop={drop}: {resident / MiB:.0f} MiB of {size / MiB:.0f} MiB in the page cache after the fill")
+    if drop:
         assert resident <= DROP_LAG + 32 * MiB  # the tail the hash passed last, and pages still being written
+    else:
+        assert resident >= size - 8 * MiB
     assert xxhash.xxh3_128_hexdigest(blob.read_bytes()) == blob.name
