@@ -32,17 +32,16 @@ from client.errors import CapacityError, IntegrityError
 MAP_WINDOW = 64 * 1024 * 1024
 IOV_MAX = 1024  # Linux's limit on buffers per pwritev
 # The most one pwritev writes. The kernel sizes new page-cache folios by the
-# write, and on a VM whose free memory the host takes back (virtio_balloon), a
-# large folio is fresh host memory that costs several times the copy: measured
-# here (bench/write_size.py), 2 MiB writes cost 2.6 CPU s/GiB against 0.33 for
-# 1 MiB on one day, and on another 1 MiB writes cost 1.7-2.1 against 0.25 for
-# 256 KiB. A fill writes into fresh memory: 256 KiB. A fill that drops behind
-# (--drop-behind) writes into its own recycled pages, where larger folios are
-# cheaper: 1 MiB (bench/RESULTS.md "Cold miss: write size and dropping
-# behind"). Where memory is not taken back, 1 MiB writes cost 0.26 s/GiB
-# against 0.23 for 4 MiB.
-WRITE_MAX = 256 * 1024
-DROP_BEHIND_WRITE_MAX = 1024 * 1024
+# write, and on a VM whose free memory the host takes back (virtio_balloon) a
+# large folio is fresh host memory that costs several times the copy. Folios of
+# up to 32 KiB (order 3) come from the per-CPU free lists, pages just freed and
+# still backed, and stay cheap whatever the host did. Measured here with
+# bench/write_size.py, CPU s/GiB right after a page-cache drop / 4 s later:
+# 32 KiB 0.32 / 0.35, 64 KiB 0.48 / 0.71, 256 KiB 0.73 / 1.05, 1 MiB 1.36 / 1.79
+# (an earlier day: 1 MiB 0.24 / 0.30 and 2 MiB 2.2 / 2.7, so the threshold
+# moves, and only order 3 stayed cheap). s5cmd writes 32 KiB too. Where memory
+# is not taken back, 32 KiB writes cost about 0.1 s/GiB more than 1 MiB ones.
+WRITE_MAX = 32 * 1024
 # How far behind the whole-file hash a fill drops its pages from the page cache
 # (see BlobFill._drop_behind): far enough that their writeback, started when the
 # hash passed them, is done, so they are clean and can be dropped.
@@ -167,18 +166,18 @@ def file_digests(path: str, size: int, want_sha256: bool = False) -> dict[str, s
         os.close(fd)
 
 
-def write_batches(chunks: Sequence[bytes | memoryview], limit: int = WRITE_MAX) -> list[list[memoryview]]:
-    """Split consecutive chunks into pwritev batches of at most ``limit`` bytes and IOV_MAX buffers."""
+def write_batches(chunks: Sequence[bytes | memoryview]) -> list[list[memoryview]]:
+    """Split consecutive chunks into pwritev batches of at most WRITE_MAX bytes and IOV_MAX buffers."""
     batches: list[list[memoryview]] = []
     batch: list[memoryview] = []
     size = 0
     for chunk in chunks:
         view = memoryview(chunk)
         while len(view):
-            if size == limit or len(batch) == IOV_MAX:
+            if size == WRITE_MAX or len(batch) == IOV_MAX:
                 batches.append(batch)
                 batch, size = [], 0
-            take = view[: limit - size]
+            take = view[: WRITE_MAX - size]
             batch.append(take)
             size += len(take)
             view = view[len(take) :]
@@ -212,7 +211,6 @@ class BlobFill:
     def __init__(self, directory: str, entry: FileEntry, drop_behind: bool = False) -> None:
         self.entry = entry
         self.drop_behind = drop_behind
-        self.write_max = DROP_BEHIND_WRITE_MAX if drop_behind else WRITE_MAX
         self._dropped = 0  # [0, _dropped) was dropped from the page cache (while it stays clean)
         self.key = entry.fill_key
         self.path = os.path.join(directory, f"{self.key}.part")
@@ -286,10 +284,10 @@ class BlobFill:
         they are avoids joining them into one buffer (a memory copy per byte).
         One writer per file at a time: parallel writers to one ext4 file spin on
         its inode lock and burn more CPU than they save. Each call writes at most
-        ``write_max`` bytes (see WRITE_MAX).
+        WRITE_MAX bytes (see there).
         """
         with self._write_lock:
-            for batch in write_batches(chunks, self.write_max):
+            for batch in write_batches(chunks):
                 while batch:
                     try:
                         n = os.pwritev(self.fd, batch, offset)

@@ -33,11 +33,12 @@ from dataclasses import dataclass
 from typing import cast
 from urllib.parse import unquote, urljoin, urlsplit
 
-from agent.fill import WRITE_MAX
 from agent.origins.base import FLUSH_SECONDS, Sink, TransientOriginError
 from client.errors import FetchFailedError
 
-BUFFER_SIZE = WRITE_MAX  # a full buffer is one write of a fill that drops behind (the default)
+# Body buffers: large enough that the sink (a thread hop per call) runs about
+# once per MiB; the fill splits them into its own smaller writes.
+BUFFER_SIZE = 1024 * 1024
 BUFFERS_PER_CONNECTION = 6  # read ahead of the sink by at most this many buffers, then pause reading
 SPARE_BUFFERS = 64  # buffers kept between answers for the next ones, shared by all connections
 MAX_HEAD = 64 * 1024  # status line and headers
