@@ -364,9 +364,9 @@ class BlobFill:
         in RAM (and gigabytes of dirty pages) until reclaim and writeback catch
         up. Dropping behind keeps the fill's footprint at about DROP_LAG per
         blob; pods that open the blob read it back from disk. It is off by
-        default because on this project's bench the writeback inside the fetch
-        cost more than it saved: cold miss 1 GiB, 7 rounds, 2.24 s against 1.59 s
-        (bench/RESULTS.md "Cold miss: write size and dropping behind").
+        default because it does not make a fetch faster: on this project's bench
+        the two are even (1.02x), and its writeback runs inside the fetch
+        (bench/RESULTS.md, cold miss "Current figures").
 
         POSIX_FADV_DONTNEED starts writeback of dirty pages and drops the clean
         ones, so the first call starts writing [start, end) and the second drops
