@@ -202,7 +202,7 @@ def test_concurrent_opens_of_a_cold_model_fetch_it_once(
         assert not isinstance(r, BaseException), r
         assert_bit_exact(r, want)
     model_bytes = sum(p.stat().st_size for p in s3_model.local_dir.rglob("*") if p.is_file())
-    assert relay.bytes_down < 1.1 * model_bytes, (relay.bytes_down, model_bytes)
+    assert relay.bytes_down < 1.1 * model_bytes, f"{(relay.bytes_down, model_bytes)}\n{relay.traffic()}"
 
 
 def test_verify_repairs_and_evict_frees(agent_factory: Any, s3_model: Any) -> None:

@@ -270,8 +270,13 @@ def test_relay_counts_throttles_pauses(hf_endpoint: HfEndpoint, tmp_path: Path) 
         assert http.get(url).content == data
         assert len(data) < relay.bytes_down < len(data) + 4096  # body plus response headers
         assert relay.connections == 1 and relay.bytes_up > 0
+        assert http.get(url, headers={"Range": "bytes=0-99"}).content == data[:100]
+        traffic = relay.traffic()  # what an origin-once assertion prints when it fails
+        assert traffic.startswith("2 requests, repeated: none"), traffic
+        assert "GET /acme/relay/resolve/main/w.bin; GET /acme/relay/resolve/main/w.bin bytes=0-99" in traffic, traffic
 
         relay.reset_counters()
+        assert relay.traffic() == "0 requests, repeated: none"
         relay.set_rate(8 * MiB)
         t0 = time.monotonic()
         assert http.get(url).content == data

@@ -16,6 +16,8 @@ all connections (the origin's link, not each connection, is what is slow).
 from __future__ import annotations
 
 import asyncio
+import collections
+import re
 import socket
 import threading
 import time
@@ -23,6 +25,9 @@ import time
 from tests.servers.threaded import ThreadedServer
 
 READ_SIZE = 256 * 1024
+# A request head as a client writes it (one write per head): its line and its Range, if any.
+_REQUEST = re.compile(rb"(GET|HEAD|PUT|POST|DELETE) (\S+) HTTP/1\.[01]\r\n(.*?)\r\n\r\n", re.S)
+_RANGE = re.compile(rb"^range: *(bytes=[0-9,-]+)", re.I | re.M)
 
 
 class TokenBucket:
@@ -88,6 +93,8 @@ class TcpRelay(ThreadedServer):
         self._bytes_down = 0
         self._bytes_up = 0
         self._connections = 0
+        self._requests: list[tuple[int, str]] = []  # (connection number, "GET /path bytes=a-b")
+        self._down_by_connection: collections.Counter[int] = collections.Counter()
         self._active: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self._flowing: asyncio.Event | None = None
@@ -130,6 +137,22 @@ class TcpRelay(ThreadedServer):
     def reset_counters(self) -> None:
         with self._lock:
             self._bytes_down = self._bytes_up = self._connections = 0
+            self._requests.clear()
+            self._down_by_connection.clear()
+
+    def traffic(self) -> str:
+        """What went through since the last reset, for an assertion message: requests made more
+        than once, and per connection the bytes sent down and the requests it carried."""
+        with self._lock:
+            requests, down = list(self._requests), dict(self._down_by_connection)
+        repeated = {r: n for r, n in collections.Counter(r for _, r in requests).items() if n > 1}
+        per_conn: dict[int, list[str]] = collections.defaultdict(list)
+        for conn, r in requests:
+            per_conn[conn].append(r)
+        lines = [f"{len(requests)} requests, repeated: {repeated or 'none'}"]
+        for conn in sorted(set(per_conn) | set(down)):
+            lines.append(f"  connection {conn}: {down.get(conn, 0)} bytes down; {'; '.join(per_conn.get(conn, []))}")
+        return "\n".join(lines)
 
     def set_rate(self, rate: float | None) -> None:
         """Change the shared limit (bytes/s; None = unlimited); applies to open connections at once."""
@@ -183,6 +206,7 @@ class TcpRelay(ThreadedServer):
         self._writers.add(client_w)
         with self._lock:
             self._connections += 1
+            number = self._connections
         upstream_w: asyncio.StreamWriter | None = None
         try:
             try:
@@ -191,8 +215,8 @@ class TcpRelay(ThreadedServer):
                 return  # the client sees the connection close, as if the origin refused it
             upstream_w = upstream
             self._writers.add(upstream)
-            up = asyncio.create_task(self._pump(client_r, upstream, client_w, down=False))
-            down = asyncio.create_task(self._pump(upstream_r, client_w, upstream, down=True))
+            up = asyncio.create_task(self._pump(client_r, upstream, client_w, down=False, number=number))
+            down = asyncio.create_task(self._pump(upstream_r, client_w, upstream, down=True, number=number))
             try:
                 await asyncio.gather(up, down)
             finally:
@@ -209,7 +233,8 @@ class TcpRelay(ThreadedServer):
             self._active.discard(task)
 
     async def _pump(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: asyncio.StreamWriter, *, down: bool
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: asyncio.StreamWriter, *, down: bool,
+        number: int = 0,
     ) -> None:
         """Copy one direction until EOF, then half-close the other side (HTTP keeps working).
 
@@ -234,8 +259,13 @@ class TcpRelay(ThreadedServer):
                 with self._lock:
                     if down:
                         self._bytes_down += len(data)
+                        self._down_by_connection[number] += len(data)
                     else:
                         self._bytes_up += len(data)
+                        for m in _REQUEST.finditer(data):
+                            r = _RANGE.search(m.group(3))
+                            line = f"{m.group(1).decode()} {m.group(2).decode('latin-1').split('?')[0]}"
+                            self._requests.append((number, f"{line} {r.group(1).decode()}" if r else line))
                     if self.captured is not None:
                         self.captured += data
                 writer.write(data)
