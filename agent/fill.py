@@ -211,7 +211,6 @@ class BlobFill:
     def __init__(self, directory: str, entry: FileEntry, drop_behind: bool = False) -> None:
         self.entry = entry
         self.drop_behind = drop_behind
-        self._dropped = 0  # [0, _dropped) was dropped from the page cache (while it stays clean)
         self.key = entry.fill_key
         self.path = os.path.join(directory, f"{self.key}.part")
         self.state_path = os.path.join(directory, f"{self.key}.json")
@@ -371,15 +370,16 @@ class BlobFill:
         POSIX_FADV_DONTNEED starts writeback of dirty pages and drops the clean
         ones, so the first call starts writing [start, end) and the second drops
         what was started DROP_LAG bytes of hashing earlier and is clean by now.
+        The hash moves on from where the last call ended, so the second range
+        picks up where the last one stopped.
         """
         if not self.drop_behind:
             return
         try:
             os.posix_fadvise(self.fd, start, end - start, os.POSIX_FADV_DONTNEED)
-            upto = end - DROP_LAG
-            if upto > self._dropped:
-                os.posix_fadvise(self.fd, self._dropped, upto - self._dropped, os.POSIX_FADV_DONTNEED)
-                self._dropped = upto
+            behind = max(0, start - DROP_LAG)
+            if end - DROP_LAG > behind:
+                os.posix_fadvise(self.fd, behind, end - DROP_LAG - behind, os.POSIX_FADV_DONTNEED)
         except OSError:
             self.drop_behind = False  # a hint the filesystem does not take: keep the pages
 
