@@ -384,13 +384,20 @@ class BlobFill:
             self.drop_behind = False  # a hint the filesystem does not take: keep the pages
 
     # -- finishing -----------------------------------------------------------
-    def finish(self, blob_dir: str, verify: Callable[[dict[str, str]], None]) -> tuple[str, list[str]]:
+    def finish(
+        self, blob_dir: str, verify: Callable[[dict[str, str]], None], index: Callable[[str, list[str]], None]
+    ) -> tuple[str, list[str]]:
         """Check whole-file digests, make the file read-only, move it into place.
 
         Returns (content digest, piece hashes). ``verify`` raises if the origin's
         digests disagree; then the partial file is discarded, never published.
-        Durability is the store's background sync (see Store.sync_loop), not an
-        fsync here: that would put a full device write on every cold start.
+        ``index(digest, pieces)`` records where the blob will be (the store's
+        source and meta records) before the blob appears: killed after the
+        rename, the next process still finds the blob by the origin object's
+        key; killed before it, the record names a blob that is not there yet
+        and the complete partial file is published again. Durability is the
+        store's background sync (see Store.sync_loop), not an fsync here: that
+        would put a full device write on every cold start.
         """
         self._follow(blocking=True)
         digests = self._whole.digests()
@@ -401,13 +408,14 @@ class BlobFill:
             raise
         os.fchmod(self.fd, 0o444)
         digest = digests["xxh128"]
+        pieces = [self.done[i] for i in range(self.entry.piece_count)]
+        index(digest, pieces)
         final = os.path.join(blob_dir, digest)
         if os.path.exists(final):
             os.unlink(self.path)  # same content already stored: keep one copy
         else:
             os.rename(self.path, final)
         self.close()
-        pieces = [self.done[i] for i in range(self.entry.piece_count)]
         try:
             os.unlink(self.state_path)
         except FileNotFoundError:

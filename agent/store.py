@@ -144,6 +144,8 @@ class Store:
                 self.partial_sizes[entry.name[:-5]] = entry.stat().st_blocks * 512
             elif ".tmp" in entry.name:
                 os.unlink(entry.path)  # a state file half-written when we were killed
+            elif entry.name.endswith(".json") and not os.path.exists(entry.path[:-5] + ".part"):
+                os.unlink(entry.path)  # killed between publishing a blob and removing its fill state
         for entry in os.scandir(self.path("sources")):
             try:
                 with open(entry.path, encoding="utf-8") as f:
@@ -334,8 +336,13 @@ class Store:
 
     async def finish_fill(self, fill: BlobFill, verify: Any) -> str:
         """Publish a complete fill as a blob; returns its digest."""
+        def write_index(digest: str, pieces: list[str]) -> None:
+            meta = {"size": fill.entry.size, "piece_size": fill.entry.piece_size, "pieces": pieces}
+            write_json_atomic(self.path("meta", f"{digest}.json"), meta)
+            write_json_atomic(self.path("sources", fill.key), digest)
+
         try:
-            digest, pieces = await self.run(fill.finish, self.path("blobs"), verify)
+            digest, pieces = await self.run(fill.finish, self.path("blobs"), verify, write_index)
         except IntegrityError:
             self.partial_sizes.pop(fill.key, None)  # finish() discarded the partial file
             raise
@@ -344,13 +351,6 @@ class Store:
         self._dirty = True
         self.sources[fill.key] = digest
         self._pinned_cache = None
-        meta = {"size": fill.entry.size, "piece_size": fill.entry.piece_size, "pieces": pieces}
-
-        def write_index() -> None:
-            write_json_atomic(self.path("meta", f"{digest}.json"), meta)
-            write_json_atomic(self.path("sources", fill.key), digest)
-
-        await self.run(write_index)
         fill.entry.digest = digest
         fill.entry.pieces = pieces
         return digest

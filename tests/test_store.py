@@ -143,6 +143,47 @@ async def test_interrupted_fill_resumes_with_only_missing_pieces(node: Node, tmp
     await again.stop()
 
 
+class _Killed(Exception):
+    """Stands in for a kill -9 at one point of the publish: nothing after it runs."""
+
+
+@pytest.mark.parametrize("moment", ["before-rename", "after-rename"])
+async def test_a_kill_on_either_side_of_publishing_keeps_the_complete_file(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
+) -> None:
+    """A fill that was complete is never fetched again, wherever a crash cut its publish short.
+
+    Before the rename the partial file is whole and is published by the next process; after
+    it, the next process must find the blob by the origin object's key (its source record)."""
+    data = write_random(tmp_path / "m" / "w.bin", 3 * MiB, seed=4)
+    real_rename = os.rename
+
+    def rename(src: str, dst: str) -> None:
+        if moment == "after-rename":
+            real_rename(src, dst)
+        raise _Killed(moment)
+
+    monkeypatch.setattr("agent.fill.os.rename", rename)
+    ref, manifest = await node.service.resolve(str(tmp_path / "m"))
+    with pytest.raises(_Killed):
+        await node.service.ensure(ref, manifest)
+    await node.stop()
+    monkeypatch.setattr("agent.fill.os.rename", real_rename)
+
+    again = Node(node.root, 1 << 40)
+    await again.start()
+    try:
+        counting = FlakyLocal(again.pool, budget=1 << 40)
+        again.origins._by_scheme["file"] = counting
+        ref, manifest = await again.service.resolve(str(tmp_path / "m"))
+        await again.service.ensure(ref, manifest)
+        assert counting.delivered == 0
+        assert (again.root / "blobs" / xxhash.xxh3_128_hexdigest(data)).read_bytes() == data
+        assert list((again.root / "partial").iterdir()) == []
+    finally:
+        await again.stop()
+
+
 async def test_torn_piece_is_refetched_on_resume(node: Node, tmp_path: Path) -> None:
     data = write_random(tmp_path / "m" / "w.bin", 4 * MiB, seed=3)
     n = Node(tmp_path / "cache1", 1 << 40, connections=1)  # one piece at a time: deterministic
