@@ -191,6 +191,8 @@ def agent_env(seaweed: SeaweedS3, hf_endpoint: HfEndpoint, tmp_path: Path) -> di
     before passing it to ``agent_factory``.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("WARMSTART_") and k not in _AGENT_ENV_DROP}
+    if level := os.environ.get("WARMSTART_TEST_LOG_LEVEL"):  # e.g. DEBUG: every origin range a test agent asks for
+        env["WARMSTART_LOG_LEVEL"] = level
     env.update(seaweed.env)
     env.update(
         {

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -209,6 +210,39 @@ def _stats(agent: Any) -> dict[str, Any]:
     return AgentConnection(str(agent.socket_path), timeout=10).request_json("GET", "/v1/stats")
 
 
+_PEER_STORY = re.compile(r"from peer|for a peer|no answer within|origin range|relay parent|answered \d{3}")
+
+
+def _peer_story(agents: list[Any], lines: int = 40) -> str:
+    """What each agent logged about where its pieces came from: printed when an origin-once check fails.
+
+    A piece fetched twice from the origin shows up as a peer request that failed (and why) on
+    the node that then went to the origin itself.
+    """
+    out = []
+    for a in agents:
+        hits = [ln for ln in a.log_text().splitlines() if _PEER_STORY.search(ln)]
+        out.append(f"  {a.name}: {len(hits)} lines" + "".join(f"\n    {ln}" for ln in hits[-lines:]))
+    return "\n".join(out)
+
+
+def _assert_origin_once(relay: Any, agents: list[Any], model_bytes: int, context: Any = "", piece: int = MiB) -> int:
+    """The cluster took the model from the origin about once; returns how many peer requests hedged.
+
+    At most 10% over the model's size, plus one piece per request that got no answer
+    within the hedge timeout: those go to the origin by design (a slow owner must not hold
+    a node back), and a loaded 2-core CI machine can be that slow. Any other second fetch
+    fails, with the relay's request list and what the agents logged about their pieces.
+    """
+    hedged = sum(a.log_text().count("no answer within") for a in agents)
+    allowed = 1.1 * model_bytes + hedged * piece
+    assert relay.bytes_down <= allowed, (
+        f"{relay.bytes_down} bytes from the origin for a {model_bytes}-byte model, {hedged} hedged requests; "
+        f"{context}\n{relay.traffic()}\n{_peer_story(agents)}"
+    )
+    return hedged
+
+
 def _wait_peers_up(agents: list[Any], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -279,12 +313,12 @@ def test_concurrent_prefetch_sends_the_model_once_from_the_origin(
     stats = [_stats(a) for a in agents]
     received = sum(s["peer_bytes_received"] for s in stats)
     served = sum(s["peer_bytes_served"] for s in stats)
+    hedged = _assert_origin_once(relay, agents, model_bytes, stats)
     print(f"origin {relay.bytes_down / model_bytes:.2f}x the model, peers moved {received / model_bytes:.2f}x, "
-          f"{elapsed:.1f}s for 4 nodes")
-    assert relay.bytes_down <= 1.1 * model_bytes, f"{(relay.bytes_down, model_bytes, stats)}\n{relay.traffic()}"
+          f"{elapsed:.1f}s for 4 nodes, {hedged} hedged requests")
     assert all(s["peer_bytes_received"] > 0 for s in stats), stats
     assert received > 2 * model_bytes and served > 2 * model_bytes, stats
-    assert sum(s["origin_bytes"] for s in stats) <= 1.1 * model_bytes, stats
+    assert sum(s["origin_bytes"] for s in stats) <= 1.1 * model_bytes + hedged * MiB, stats
     assert all(s["peer_pieces_rejected"] == 0 for s in stats), stats
     # With 4 nodes the last place of every piece's tree asks the node at place 1, not the owner.
     assert sum(s["peer_bytes_relayed"] for s in stats) > 0, stats
@@ -424,7 +458,7 @@ def test_prefetch_all_nodes_fills_every_node(
     assert done.stdout.count(": complete") == 3, done.stdout
     for a in agents:
         _assert_bit_exact(a, files)
-    assert relay.bytes_down <= 1.1 * sum(len(d) for d in files.values()), f"{(relay.bytes_down)}\n{relay.traffic()}"
+    _assert_origin_once(relay, agents, sum(len(d) for d in files.values()))
 
 
 def _fill_key_of(agent: Any, data: bytes) -> str:
@@ -504,7 +538,9 @@ def test_consistent_liar_is_caught_by_the_whole_file_check_and_repaired_from_the
     # The origin sent the model about once plus the repaired pieces, and nothing more.
     assert repaired <= 2 * len(bad)
     assert relay.bytes_down >= repaired
-    assert relay.bytes_down <= 1.1 * (model_bytes + repaired), f"{(relay.bytes_down, model_bytes, repaired, views)}\n{relay.traffic()}"
+    assert relay.bytes_down <= 1.1 * (model_bytes + repaired), (
+        f"{(relay.bytes_down, model_bytes, repaired, views)}\n{relay.traffic()}\n{_peer_story(agents)}"
+    )
     assert sum(v["origin_bytes"] for v in views) - repaired <= 1.05 * model_bytes, views
 
 
@@ -534,7 +570,9 @@ def test_owner_with_another_piece_size_answers_409_and_requesters_go_elsewhere(
         assert o["alive"] and o["strikes"] == 0, o  # a refusal is no lie, and no sign of a dead node
     assert all(v["peer_bytes_received"] > 0 for v in views), views  # the two 1 MiB nodes still shared
     # The odd node's third of the pieces may come from the origin twice (both asked it, then went there).
-    assert relay.bytes_down <= 1.45 * model_bytes, f"{(relay.bytes_down, model_bytes, views)}\n{relay.traffic()}"
+    assert relay.bytes_down <= 1.45 * model_bytes, (
+        f"{(relay.bytes_down, model_bytes, views)}\n{relay.traffic()}\n{_peer_story(agents)}"
+    )
 
 
 def test_an_owner_with_busy_origin_connections_answers_at_once_and_nobody_hedges_to_the_origin(
@@ -568,7 +606,9 @@ def test_an_owner_with_busy_origin_connections_answers_at_once_and_nobody_hedges
     for v in views:
         (o,) = [p for p in v["peers"] if p["addr"] == owner.listen]
         assert o["alive"], o
-    assert relay.bytes_down <= 1.1 * model_bytes, f"{(relay.bytes_down, model_bytes, views)}\n{relay.traffic()}"
+    assert relay.bytes_down <= 1.1 * model_bytes, (
+        f"{(relay.bytes_down, model_bytes, views)}\n{relay.traffic()}\n{_peer_story(agents)}"
+    )
 
 
 def test_a_piece_still_arriving_from_a_slow_origin_is_passed_on_as_it_lands(
@@ -689,8 +729,8 @@ def test_peer_dns_in_a_network_namespace(
             for a in agents:
                 _assert_bit_exact(a, files)
             stats = [_stats(a) for a in agents]
-            print(f"origin {relay.bytes_down / model_bytes:.2f}x the model over --peer-dns")
-            assert relay.bytes_down <= 1.1 * model_bytes, f"{(relay.bytes_down, model_bytes, stats)}\n{relay.traffic()}"
+            hedged = _assert_origin_once(relay, agents, model_bytes, stats)
+            print(f"origin {relay.bytes_down / model_bytes:.2f}x the model over --peer-dns, {hedged} hedged requests")
             assert all(s["peer_bytes_received"] > 0 for s in stats), stats
 
             gone = agents[2]
