@@ -63,6 +63,7 @@ log = logging.getLogger(__name__)
 BACKOFF_BASE = 0.2
 BACKOFF_CAP = 8.0
 PEER_TRIES = 2  # owners asked for a piece before the origin
+JOIN_TRIES = 3  # fetches of a piece started by others (for peers) that a flight waits out before failing
 # Pieces asked of peers at once. Many more than origin connections: a piece that its owner
 # is itself still getting from the origin arrives only at the owner's share of the origin's
 # rate, so a node must follow many such pieces at once to fill its own link (measured: with
@@ -113,6 +114,7 @@ class Flight:
     ctx: PeerContext | None = None
     use_peers: bool = False
     peer_pieces: dict[int, str] = field(default_factory=dict)  # index -> the peer that sent it
+    joined_pieces: int = 0  # pieces another fetch here got first (one started for a peer that asked)
 
 
 class Signal:
@@ -321,8 +323,9 @@ class Fetcher:
         self._release(h)
         self._notify()
         log.info(
-            "filled %s (%d bytes, %d from origin, %d pieces from peers) in %.2fs",
-            entry.path, entry.size, flight.fetched_bytes, len(flight.peer_pieces), time.monotonic() - flight.started,
+            "filled %s (%d bytes, %d from origin, %d pieces from peers, %d fetched here first for peers) in %.2fs",
+            entry.path, entry.size, flight.fetched_bytes, len(flight.peer_pieces), flight.joined_pieces,
+            time.monotonic() - flight.started,
         )
         return digest
 
@@ -399,8 +402,20 @@ class Fetcher:
 
     # -- one piece -----------------------------------------------------------
     async def _piece(self, h: OpenFill, index: int, origin: Origin, flight: Flight) -> None:
-        """Get piece ``index`` into the file: join a fetch already running for it, or start one."""
-        for _ in range(2):
+        """Get piece ``index`` into the file: join a fetch already running for it, or start one.
+
+        The placement is prepared first: it awaits a thread, and a peer asking for
+        this piece meanwhile starts an origin fetch of it here (``serve_piece``).
+        From the last look for such a fetch to tracking our own there is no await,
+        so a piece is never fetched twice in one process.
+        """
+        ctx = flight.ctx
+        model = (f"{ctx.ref}@{ctx.revision}", ctx.pieces) if ctx is not None and ctx.pieces else None
+        use_peers = flight.use_peers and self.peers is not None
+        if use_peers and model is not None:
+            assert self.peers is not None
+            await self.peers.prepare(model)  # off the loop, once per model and member list
+        for _ in range(JOIN_TRIES):
             if index in h.fill.done:
                 break
             running = h.tasks.get(index)
@@ -410,18 +425,21 @@ class Fetcher:
                 await asyncio.shield(running)
             except Exception:
                 pass  # whoever started it failed; try it ourselves
+        else:
+            if index not in h.fill.done and h.tasks.get(index) is not None:
+                raise FetchFailedError(
+                    f"{flight.entry.path!r}: piece {index} failed in {JOIN_TRIES} fetches started for peers"
+                )
         if index in h.fill.done:  # fetched from the origin for a peer that asked first
             if index not in flight.done_pieces:
                 flight.done_pieces.add(index)
                 flight.done_bytes += flight.entry.piece_range(index)[1]
+                flight.joined_pieces += 1
             self._notify()
             return
         sources: list[tuple[str, bool]] = []  # (peer, ask it as a relay parent)
-        if flight.use_peers and self.peers is not None:
-            ctx = flight.ctx
-            model = (f"{ctx.ref}@{ctx.revision}", ctx.pieces) if ctx is not None and ctx.pieces else None
-            if model is not None:
-                await self.peers.prepare(model)  # off the loop, once per model and member list
+        if use_peers:
+            assert self.peers is not None
             sources = self.peers.sources(flight.entry.fill_key, index, PEER_TRIES, model)
         if sources:
             task = asyncio.create_task(self._get_piece(h, index, origin, flight, sources))
@@ -653,6 +671,9 @@ class Fetcher:
                     raise BusyError(f"piece {index} of {entry.path!r} is between two tries here")
                 h.users += 1  # the fetch keeps the file open until it ends
                 stream = self._announce(h, index)
+                # An origin fetch on a peer's behalf: the one kind not in any "filled" line's count.
+                log.info("piece %d of %s: fetching it from the origin for %s (%s here)", index, entry.path,
+                         requester or "a peer", "being filled" if entry.fill_key in self.flights else "not being filled")
                 task = asyncio.create_task(self._serve_fetch(h, index, origin, stream), name=f"serve {entry.path}")
                 self._track(h, index, task)
             return ServedPiece(h.fill.path, offset, length, None, stream)

@@ -210,7 +210,7 @@ def _stats(agent: Any) -> dict[str, Any]:
     return AgentConnection(str(agent.socket_path), timeout=10).request_json("GET", "/v1/stats")
 
 
-_PEER_STORY = re.compile(r"from peer|for a peer|no answer within|origin range|relay parent|answered \d{3}")
+_PEER_STORY = re.compile(r"from peer|for a peer|from the origin for|no answer within|origin range|answered \d{3}|filled ")
 
 
 def _peer_story(agents: list[Any], lines: int = 40) -> str:
@@ -458,7 +458,7 @@ def test_prefetch_all_nodes_fills_every_node(
     assert done.stdout.count(": complete") == 3, done.stdout
     for a in agents:
         _assert_bit_exact(a, files)
-    _assert_origin_once(relay, agents, sum(len(d) for d in files.values()))
+    _assert_origin_once(relay, agents, sum(len(d) for d in files.values()), [_stats(a) for a in agents])
 
 
 def _fill_key_of(agent: Any, data: bytes) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -21,12 +22,13 @@ import aiohttp
 import pytest
 import xxhash
 
-from agent.fetcher import Fetcher
+from agent.fetcher import Fetcher, PeerContext
 from agent.manifest import MIN_PIECE_SIZE, FileEntry
 from agent.models import ModelService
 from agent.origins import Origins
 from agent.origins.base import Sink
 from agent.origins.local import LocalOrigin
+from agent.peers import Membership
 from agent.store import Store
 from client.errors import CapacityError, FetchFailedError, IntegrityError, ModelNotFoundError
 
@@ -182,6 +184,51 @@ async def test_a_kill_on_either_side_of_publishing_keeps_the_complete_file(
         assert list((again.root / "partial").iterdir()) == []
     finally:
         await again.stop()
+
+
+class CountingLocal(LocalOrigin):
+    """A local origin that records the offset of every range it is asked for."""
+
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        super().__init__(pool)
+        self.offsets: list[int] = []
+
+    async def read_range(self, entry, offset, length, sink: Sink) -> None:  # type: ignore[no-untyped-def]
+        self.offsets.append(offset)
+        await super().read_range(entry, offset, length, sink)
+
+
+async def test_a_peer_asking_while_the_placement_is_prepared_does_not_get_a_piece_fetched_twice(
+    node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer's request for a piece this node owns, arriving while the node's own fill waits for
+    the model's placement (computed in a thread), starts an origin fetch of the piece here; the
+    fill must join that fetch, not start a second one (CI saw every piece of one owner twice)."""
+    data = write_random(tmp_path / "m" / "w.bin", 4 * MiB, seed=5)
+    _, manifest = await node.service.resolve(str(tmp_path / "m"))
+    (entry,) = manifest.files
+    entry.sha256 = hashlib.sha256(data).hexdigest()  # what lets a fill take pieces from peers
+    members = Membership("127.0.0.1:1", static=["127.0.0.1:2"])
+    await members.refresh()  # the other member is not up: this node owns every piece
+    node.fetcher.peers = members
+    origin = CountingLocal(node.pool)
+    preparing = asyncio.Event()
+    real_prepare = members.prepare
+
+    async def slow_prepare(model):  # type: ignore[no-untyped-def]
+        preparing.set()
+        await asyncio.sleep(0.3)  # a busy thread pool, as on a loaded machine
+        await real_prepare(model)
+
+    monkeypatch.setattr(members, "prepare", slow_prepare)
+    ctx = PeerContext.of("s3://bucket/m", "s3", manifest)
+    fill = asyncio.create_task(node.fetcher.ensure_blob(entry, origin, set(), ctx))
+    await asyncio.wait_for(preparing.wait(), 10)
+    served = await node.fetcher.serve_piece(entry, 2, origin, requester="127.0.0.1:2")
+    assert served.stream is not None  # an origin fetch for the peer, started here
+    digest = await asyncio.wait_for(fill, 30)
+    assert digest == xxhash.xxh3_128_hexdigest(data)
+    assert sorted(origin.offsets) == [i * MiB for i in range(4)]  # each piece once
 
 
 async def test_torn_piece_is_refetched_on_resume(node: Node, tmp_path: Path) -> None:
