@@ -411,10 +411,9 @@ class Fetcher:
         """
         ctx = flight.ctx
         model = (f"{ctx.ref}@{ctx.revision}", ctx.pieces) if ctx is not None and ctx.pieces else None
-        use_peers = flight.use_peers and self.peers is not None
-        if use_peers and model is not None:
-            assert self.peers is not None
-            await self.peers.prepare(model)  # off the loop, once per model and member list
+        peers = self.peers if flight.use_peers else None
+        if peers is not None and model is not None:
+            await peers.prepare(model)  # off the loop, once per model and member list
         for _ in range(JOIN_TRIES):
             if index in h.fill.done:
                 break
@@ -437,10 +436,8 @@ class Fetcher:
                 flight.joined_pieces += 1
             self._notify()
             return
-        sources: list[tuple[str, bool]] = []  # (peer, ask it as a relay parent)
-        if use_peers:
-            assert self.peers is not None
-            sources = self.peers.sources(flight.entry.fill_key, index, PEER_TRIES, model)
+        # (peer, ask it as a relay parent)
+        sources = peers.sources(flight.entry.fill_key, index, PEER_TRIES, model) if peers is not None else []
         if sources:
             task = asyncio.create_task(self._get_piece(h, index, origin, flight, sources))
         else:
@@ -448,7 +445,7 @@ class Fetcher:
             # piece in between must follow this fetch, not start a second one.
             stream = self._announce(h, index)
             # This node owns the piece: the other nodes will ask for it, so it goes first.
-            owned = flight.use_peers and self.peers is not None and bool(self.peers.peers)
+            owned = peers is not None and bool(peers.peers)
             task = asyncio.create_task(self._origin_piece(h, index, origin, flight, stream, first=owned))
         self._track(h, index, task)
         await task
