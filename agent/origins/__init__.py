@@ -33,7 +33,7 @@ class Origins:
             "hf": HfOrigin(session, self.ranges),
             "https": http,
             "http": http,
-            "file": LocalOrigin(pool),
+            "file": LocalOrigin(pool, self.ranges.buffers),
         }
 
     async def warm_up(self) -> None:
