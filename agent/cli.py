@@ -41,12 +41,9 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
-def _env_flag(name: str, default: bool = False) -> bool:
-    """A yes/no setting from the environment: 1, true, yes or on (any case) is yes; 0, false, no or off is no."""
-    value = os.environ.get(name, "").strip().lower()
-    if value in ("0", "false", "no", "off"):
-        return False
-    return value in ("1", "true", "yes", "on") or (default and not value)
+def _env_flag(name: str) -> bool:
+    """A yes/no setting from the environment: 1, true, yes or on (any case) is yes."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,10 +75,6 @@ def build_parser() -> argparse.ArgumentParser:
                    default=_env_flag("WARMSTART_DROP_BEHIND"),
                    help="write back and drop fetched blobs from the page cache as they are verified, so a "
                         "prefetch does not fill RAM (or the agent's memory limit) with a second copy of the model")
-    s.add_argument("--direct-io", action=argparse.BooleanOptionalAction,
-                   default=_env_flag("WARMSTART_DIRECT_IO", True),
-                   help="write fetched pieces to the disk with O_DIRECT, past the page cache (the default; "
-                        "--no-direct-io writes through the page cache, leaving the blobs in RAM after a fetch)")
     s.add_argument("--peers", default=_env("WARMSTART_PEERS", ""),
                    help="static peer list HOST:PORT,... (this node's own address is ignored)")
     s.add_argument("--peer-dns", default=_env("WARMSTART_PEER_DNS", "") or None,
@@ -213,7 +206,6 @@ def _serve(args: argparse.Namespace) -> int:
             warm_set=os.path.abspath(args.warm_set) if args.warm_set else None,
             warm_set_poll=args.warm_set_poll,
             drop_behind=args.drop_behind,
-            direct_io=args.direct_io,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -35,8 +35,6 @@ class AgentConfig:
     read_timeout: float = DEFAULT_READ_TIMEOUT
     # Write back and drop what a fill has verified from the page cache (agent/fill.py).
     drop_behind: bool = False
-    # Write fetched pieces with O_DIRECT where the filesystem takes it (agent/fill.py).
-    direct_io: bool = True
     socket_mode: int = 0o660
     socket_gid: int | None = None  # chgrp the socket to this group (the pods allowed to use it)
     # Peers (agent/peers.py): off unless a token file is given.

@@ -113,7 +113,7 @@ async def serve(config: AgentConfig) -> None:
     await web.TCPSite(node_runner, host, port).start()
     log.info("health and metrics on http://%s:%d (/livez, /readyz, /metrics)", host, port)
 
-    store = Store(config.cache_dir, config.capacity, pool, config.drop_behind, config.direct_io)
+    store = Store(config.cache_dir, config.capacity, pool, config.drop_behind)
     await store.open()
     session = aiohttp.ClientSession(  # origins' metadata; their range bodies go through Origins.ranges
         connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),

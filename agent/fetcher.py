@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from agent.fill import BlobFill, Kept
+from agent.fill import BlobFill
 from agent.manifest import FileEntry, Manifest
 from agent.metrics import Metrics
 from agent.origins import Origin, TransientOriginError
@@ -575,7 +575,6 @@ class Fetcher:
         if stream is None:
             stream = self._announce(h, index)
         last: Exception | None = None
-        sink: _PieceSink | None = None
         order = -1 if first or flight is None else flight.order  # -1: peers are (or will be) waiting on it
 
         def landed(n: int) -> None:
@@ -598,14 +597,13 @@ class Fetcher:
                             if length:
                                 await origin.read_range(fill.entry, offset, length, sink)
                             digest = sink.hasher.hexdigest()
-                            await self.store.run(fill.record_piece, index, digest, sink.take_kept())
+                            await self.store.run(fill.record_piece, index, digest)
                         stream.digest = digest
                         if flight is not None:
                             flight.done_pieces.add(index)
                         self._notify()
                         return
                     except (TransientOriginError, IntegrityError) as exc:
-                        sink.drop_kept()
                         last = exc
                         self.metrics.fetch_error("origin", "transient")
                         if flight is not None:
@@ -622,8 +620,6 @@ class Fetcher:
                 f"{fill.entry.path!r}: piece {index} failed {self.retries} times, last: {last}"
             )
         finally:
-            if sink is not None:
-                sink.drop_kept()  # a try cut short (cancelled, disk full): its chunks are no use
             self._unannounce(h, index, stream)
 
     # -- serving peers -------------------------------------------------------
@@ -727,9 +723,6 @@ class _PieceSink:
     Each batch is written at its place in the partial file and hashed in the same
     pass (on the store's threads); then ``stream``'s followers are woken and
     ``landed`` counts the bytes. ``written`` is what this try put in the file.
-    Chunks that went to the disk past the page cache are kept (``kept``) for the
-    whole-file hash: :meth:`take_kept` hands them to ``record_piece`` when the
-    piece is complete, :meth:`drop_kept` gives them back when this try failed.
     """
 
     def __init__(
@@ -744,22 +737,13 @@ class _PieceSink:
         self.stream = stream
         self.hasher = xxhash.xxh3_128()
         self.pos = offset
-        self.kept: list[Kept] = []
 
     @property
     def written(self) -> int:
         return self.pos - self.offset
 
-    def take_kept(self) -> list[Kept]:
-        kept, self.kept = self.kept, []
-        return kept
-
-    def drop_kept(self) -> None:
-        for _, _, lease in self.take_kept():
-            lease.release()
-
     async def __call__(self, chunks: Sequence[bytes | memoryview]) -> None:
-        n = await self.store.run(_write_and_hash, self.fill, self.pos, chunks, self.hasher, self.kept)
+        n = await self.store.run(_write_and_hash, self.fill, self.pos, chunks, self.hasher)
         self.pos += n
         if self.stream is not None:
             self.stream.written = self.written
@@ -768,22 +752,12 @@ class _PieceSink:
 
 
 def _write_and_hash(
-    fill: BlobFill, offset: int, chunks: Sequence[bytes | memoryview], hasher: xxhash.xxh3_128, kept: list[Kept]
+    fill: BlobFill, offset: int, chunks: Sequence[bytes | memoryview], hasher: xxhash.xxh3_128
 ) -> int:
-    """Write and hash one batch; keep what bypassed the page cache, while its source lends it."""
-    direct = fill.write(offset, chunks)
-    keep = getattr(chunks, "keep", None) if direct else None
-    pos = offset
-    for i, chunk in enumerate(chunks):
+    fill.write(offset, chunks)
+    for chunk in chunks:
         hasher.update(chunk)
-        if keep is not None:  # past the lender's limit the rest is hashed from the file
-            lease = keep(i)
-            if lease is None:
-                keep = None
-            else:
-                kept.append((pos, memoryview(chunk), lease))
-        pos += len(chunk)
-    return pos - offset
+    return sum(len(c) for c in chunks)
 
 
 def _check_whole(entry: FileEntry, digests: dict[str, str], error: Any = IntegrityError) -> None:

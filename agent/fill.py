@@ -11,16 +11,6 @@ the recorded pieces are exactly the ones whose bytes reached the file. On
 resume each recorded piece is hashed again against its record (catches a torn
 write after a power loss) and only missing or damaged pieces are fetched.
 The file only moves to ``blobs/`` once the whole-file digests check out.
-
-Writes bypass the page cache (``O_DIRECT``) where the chunks allow it: whole
-pages from buffers aligned like their file offsets (agent/origins/buffers.py).
-Copying a cold miss into the page cache costs more CPU than the rest of the
-fill on the machines measured (fresh page-cache memory page-faults, and on a VM
-whose host takes back free memory each of those faults is dearer still); a
-direct write is a DMA from a buffer that is reused. The whole-file hash then
-cannot read the page cache behind the writes, so the sink keeps the chunks it
-wrote (:meth:`BlobFill.record_piece`) until the hash, which goes in file order,
-has taken them. What was not kept is hashed from the file.
 """
 
 from __future__ import annotations
@@ -32,7 +22,7 @@ import mmap
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from typing import Any
 
 import xxhash
 
@@ -56,20 +46,6 @@ WRITE_MAX = 32 * 1024
 # (see BlobFill._drop_behind): far enough that their writeback, started when the
 # hash passed them, is done, so they are clean and can be dropped.
 DROP_LAG = 64 * 1024 * 1024
-# O_DIRECT writes whole pages of this size (offset, length and buffer address aligned);
-# 4096 covers disks with 4 KiB logical blocks. Linux only: elsewhere every write is buffered.
-DIRECT_ALIGN = 4096
-O_DIRECT = getattr(os, "O_DIRECT", 0)
-
-
-class Lease(Protocol):
-    """A chunk its source lent past the sink's call (agent/origins/buffers.py Lease)."""
-
-    def release(self) -> None: ...
-
-
-# A chunk kept for the whole-file hash: (file offset, bytes, the lease to release after).
-Kept = tuple[int, memoryview, Lease]
 
 
 def hash_file(fd: int, start: int, end: int, hashers: Iterable[Any]) -> None:
@@ -158,12 +134,6 @@ class WholeFileHasher:
         if etag_part_size is not None:
             self.hashers["s3_etag"] = S3EtagHasher(etag_part_size)
 
-    def update(self, data: memoryview) -> None:
-        """Hash the next bytes of the file from memory (a chunk kept since it was written)."""
-        for h in self.hashers.values():
-            h.update(data)
-        self.offset += len(data)
-
     def advance(self, fd: int, end: int) -> None:
         """Hash the file from where we stopped up to ``end``."""
         if end > self.offset:
@@ -216,51 +186,6 @@ def write_batches(chunks: Sequence[bytes | memoryview]) -> list[list[memoryview]
     return batches
 
 
-def plan_writes(offset: int, chunks: Sequence[bytes | memoryview], direct: bool) -> list[tuple[int, list[memoryview], bool]]:
-    """Split consecutive chunks at ``offset`` into (offset, views, direct) writes.
-
-    With ``direct``, each chunk's whole DIRECT_ALIGN pages go in direct writes
-    (consecutive ones together, at most IOV_MAX buffers) and the partial pages at
-    its ends in buffered writes of at most WRITE_MAX. The caller vouches that
-    each chunk's address is aligned like its file offset.
-    """
-    parts: list[tuple[int, memoryview, bool]] = []
-    pos = offset
-    for chunk in chunks:
-        view = memoryview(chunk).cast("B")
-        if direct:
-            head = min(len(view), -pos % DIRECT_ALIGN)
-            body = (len(view) - head) // DIRECT_ALIGN * DIRECT_ALIGN
-            cuts = [(view[:head], False), (view[head : head + body], True), (view[head + body :], False)]
-        else:
-            cuts = [(view, False)]
-        for part, is_direct in cuts:
-            if len(part):
-                parts.append((pos, part, is_direct))
-                pos += len(part)
-    writes: list[tuple[int, list[memoryview], bool]] = []
-    for pos, part, is_direct in parts:
-        last = writes[-1] if writes else None
-        if last is not None and last[2] == is_direct and (not is_direct or len(last[1]) < IOV_MAX):
-            last[1].append(part)  # consecutive parts of one kind: one run
-        else:
-            writes.append((pos, [part], is_direct))
-    out: list[tuple[int, list[memoryview], bool]] = []
-    for pos, views, is_direct in writes:
-        if is_direct:
-            out.append((pos, views, True))
-            continue
-        for batch in write_batches(views):
-            out.append((pos, batch, False))
-            pos += sum(len(v) for v in batch)
-    return out
-
-
-def _release(kept: Iterable[Kept]) -> None:
-    for _, _, lease in kept:
-        lease.release()
-
-
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     """What is left of ``views`` after a short write of ``n`` bytes."""
     while n:
@@ -283,25 +208,20 @@ def write_json_atomic(path: str, data: Any) -> None:
 class BlobFill:
     """Thread-side half of a fill: every method here blocks and runs in the I/O pool."""
 
-    def __init__(self, directory: str, entry: FileEntry, drop_behind: bool = False, direct: bool = True) -> None:
+    def __init__(self, directory: str, entry: FileEntry, drop_behind: bool = False) -> None:
         self.entry = entry
         self.drop_behind = drop_behind
-        self.direct = direct and bool(O_DIRECT)
         self.key = entry.fill_key
         self.path = os.path.join(directory, f"{self.key}.part")
         self.state_path = os.path.join(directory, f"{self.key}.json")
         self.done: dict[int, str] = {}
         self.fd = -1
-        self.dfd = -1  # the same file opened O_DIRECT, when direct writes are on and the filesystem takes them
         self._state_lock = threading.Lock()  # pieces finish on several I/O threads at once
         self._write_lock = threading.Lock()
         # The whole-file digests follow the contiguous completed prefix while the
         # rest is still arriving, so finishing a blob costs only the last pieces.
         self._whole = WholeFileHasher(entry.size, bool(entry.sha256), bool(entry.git_sha1))
         self._whole_lock = threading.Lock()
-        # Chunks of recorded pieces kept for the whole-file hash, by file offset (see record_piece).
-        self._kept: dict[int, tuple[memoryview, Lease]] = {}
-        self._kept_lock = threading.Lock()
 
     # -- opening -------------------------------------------------------------
     def open(self) -> int:
@@ -316,13 +236,6 @@ class BlobFill:
                 self._preallocate()
             elif not exists:
                 self._preallocate()
-            if self.direct:
-                try:
-                    self.dfd = os.open(self.path, os.O_RDWR | O_DIRECT)
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                    self.direct = False  # a filesystem without O_DIRECT: buffered writes
         except BaseException:
             self.close()
             raise
@@ -363,59 +276,34 @@ class BlobFill:
         return [i for i in range(self.entry.piece_count) if i not in self.done]
 
     # -- writing -------------------------------------------------------------
-    def write(self, offset: int, chunks: Sequence[bytes | memoryview]) -> bool:
+    def write(self, offset: int, chunks: Sequence[bytes | memoryview]) -> None:
         """Write ``chunks`` back to back at ``offset`` with vectored positional writes.
 
         The chunks are the HTTP body as the socket delivered it: writing them as
         they are avoids joining them into one buffer (a memory copy per byte).
-        Chunks whose source aligned them (``chunks.aligned``, the range client's
-        batches) go to the disk directly, page by page (module docstring); the
-        rest through the page cache, at most WRITE_MAX bytes a call (see there).
         One writer per file at a time: parallel writers to one ext4 file spin on
-        its inode lock and burn more CPU than they save. Returns whether any of
-        it bypassed the page cache.
+        its inode lock and burn more CPU than they save. Each call writes at most
+        WRITE_MAX bytes (see there).
         """
-        direct = self.dfd >= 0 and bool(getattr(chunks, "aligned", False))
         with self._write_lock:
-            for pos, views, is_direct in plan_writes(offset, chunks, direct):
-                self._pwrite(pos, views, is_direct)
-        return direct and self.dfd >= 0
+            for batch in write_batches(chunks):
+                while batch:
+                    try:
+                        n = os.pwritev(self.fd, batch, offset)
+                    except OSError as exc:
+                        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                            raise CapacityError(f"disk full while writing {self.entry.path!r}") from exc
+                        raise
+                    offset += n
+                    batch = _advance(batch, n)
 
-    def _pwrite(self, offset: int, views: list[memoryview], direct: bool) -> None:
-        fd = self.dfd if direct and self.dfd >= 0 else self.fd
-        while views:
-            try:
-                n = os.pwritev(fd, views, offset)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise CapacityError(f"disk full while writing {self.entry.path!r}") from exc
-                if exc.errno == errno.EINVAL and fd == self.dfd:
-                    # The filesystem wants a coarser alignment than DIRECT_ALIGN: buffered from now on.
-                    os.close(self.dfd)
-                    self.dfd, fd = -1, self.fd
-                    continue
-                raise
-            offset += n
-            views = _advance(views, n)
-
-    def record_piece(self, index: int, digest: str, kept: Sequence[Kept] = ()) -> None:
-        """Mark a written, hashed piece complete; check it against the manifest if known.
-
-        ``kept``: chunks of this piece, as written, that the whole-file hash may
-        take instead of reading the file; they are released once hashed (or if
-        the piece is refused here).
-        """
+    def record_piece(self, index: int, digest: str) -> None:
+        """Mark a written, hashed piece complete; check it against the manifest if known."""
         expected = self.entry.pieces[index] if self.entry.pieces else None
         if expected is not None and expected != digest:
-            _release(kept)
             raise IntegrityError(
                 f"piece {index} of {self.entry.path!r} hashed {digest}, manifest says {expected}"
             )
-        start, length = self.entry.piece_range(index)
-        self._release_kept(start, start + length)  # an earlier recording's, if any
-        with self._kept_lock:
-            for offset, view, lease in kept:
-                self._kept[offset] = (view, lease)
         with self._state_lock:
             self.done[index] = digest
             write_json_atomic(
@@ -441,8 +329,6 @@ class BlobFill:
 
     def forget_piece(self, index: int) -> None:
         """Drop a recorded piece (it will be fetched again); the whole-file hash must be reset after."""
-        offset, length = self.entry.piece_range(index)
-        self._release_kept(offset, offset + length)
         with self._state_lock:
             self.done.pop(index, None)
             write_json_atomic(
@@ -464,34 +350,10 @@ class BlobFill:
                 start = self._whole.offset
                 if end <= start:
                     return
-                self._hash_whole(end)
+                self._whole.advance(self.fd, end)
                 self._drop_behind(start, end)
             finally:
                 self._whole_lock.release()
-
-    def _hash_whole(self, end: int) -> None:
-        """Advance the whole-file hash to ``end``: from kept chunks where there are some, else the file."""
-        whole = self._whole
-        while whole.offset < end:
-            with self._kept_lock:
-                got = self._kept.pop(whole.offset, None)
-                upto = end if got else min((o for o in self._kept if whole.offset < o < end), default=end)
-            if got is None:
-                whole.advance(self.fd, upto)
-                continue
-            view, lease = got
-            try:
-                whole.update(view)
-            finally:
-                lease.release()
-
-    def _release_kept(self, start: int = 0, end: int | None = None) -> None:
-        """Give back kept chunks in [start, end) (all of them by default)."""
-        with self._kept_lock:
-            drop = [o for o in self._kept if start <= o and (end is None or o < end)]
-            leases = [self._kept.pop(o)[1] for o in drop]
-        for lease in leases:
-            lease.release()
 
     def _drop_behind(self, start: int, end: int) -> None:
         """With ``drop_behind``: write back what the whole-file hash just passed; drop what it passed DROP_LAG ago.
@@ -569,8 +431,6 @@ class BlobFill:
                 pass
 
     def close(self) -> None:
-        self._release_kept()
-        for fd in (self.fd, self.dfd):
-            if fd >= 0:
-                os.close(fd)
-        self.fd = self.dfd = -1
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -75,13 +75,10 @@ class ModelRecord:
 class Store:
     """The cache root and its accounting."""
 
-    def __init__(
-        self, root: str, capacity: int, pool: ThreadPoolExecutor, drop_behind: bool = False, direct_io: bool = True
-    ) -> None:
+    def __init__(self, root: str, capacity: int, pool: ThreadPoolExecutor, drop_behind: bool = False) -> None:
         self.root = os.path.abspath(root)
         self.capacity = capacity
         self.drop_behind = drop_behind  # see BlobFill._drop_behind
-        self.direct_io = direct_io  # see agent/fill.py
         self.pool = pool
         self.blob_sizes: dict[str, int] = {}
         self.partial_sizes: dict[str, int] = {}
@@ -325,7 +322,7 @@ class Store:
     # -- fills ---------------------------------------------------------------
     async def begin_fill(self, entry: FileEntry, protect: set[str]) -> tuple[BlobFill, int]:
         """Open (or resume) the partial file for ``entry``, making room for it first."""
-        fill = BlobFill(self.path("partial"), entry, self.drop_behind, self.direct_io)
+        fill = BlobFill(self.path("partial"), entry, self.drop_behind)
         if fill.key not in self.partial_sizes:
             await self.reserve(entry.size, protect)
             self.partial_sizes[fill.key] = entry.size

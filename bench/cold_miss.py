@@ -15,8 +15,7 @@ makes every contender write into reclaimed memory.
 - ``warmstart-cN``: a fresh ``agent serve`` (fresh cache dir, ``--connections N``)
   started *before* the clock; timed is ``python -m agent prefetch s3://bench/model``
   (the CLI, interpreter start included) until it exits; ``warmstart-c8-drop`` the same
-  with ``--drop-behind`` (the fill writes back and drops the blobs from RAM as it verifies them),
-  ``warmstart-c8-buffered`` with ``--no-direct-io`` (writes through the page cache);
+  with ``--drop-behind`` (the fill writes back and drops the blobs from RAM as it verifies them);
 - ``boto3-par``: ``client.download_file`` (s3transfer, default TransferConfig) per
   shard, one thread per shard; ``boto3-seq``: the same, one shard after another
   (client made before the clock: interpreter start and client creation are not timed);
@@ -248,8 +247,6 @@ CONTENDERS = {
     "warmstart-c8": lambda c, d: run_warmstart(c, d, 8),
     "warmstart-c16": lambda c, d: run_warmstart(c, d, 16),
     "warmstart-c8-drop": lambda c, d: run_warmstart(c, d, 8, "--drop-behind"),
-    "warmstart-c8-buffered": lambda c, d: run_warmstart(c, d, 8, "--no-direct-io"),
-    "warmstart-c16-buffered": lambda c, d: run_warmstart(c, d, 16, "--no-direct-io"),
     "boto3-par": lambda c, d: run_boto3(c, d, True),
     "boto3-seq": lambda c, d: run_boto3(c, d, False),
     "s5cmd": run_s5cmd,

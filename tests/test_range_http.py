@@ -11,7 +11,6 @@ tunnel, HTTP_PROXY's absolute form, credentials, NO_PROXY).
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import ssl
 import subprocess
@@ -24,7 +23,6 @@ import pytest
 from aiohttp import web
 
 from agent.origins.base import TransientOriginError
-from agent.origins.buffers import ALIGN, BUFFER_SIZE, Batch, Lease
 from agent.origins.range_http import BUFFERS_PER_CONNECTION, MAX_REDIRECTS, RangeClient
 from client.errors import FetchFailedError
 from tests.servers.http_proxy import HttpProxy
@@ -310,57 +308,5 @@ async def test_http_goes_through_http_proxy_unless_no_proxy_names_the_host(
     try:
         assert (await _get(client, f"{http.url}/blob", 5, 100)).data == DATA[5:105]
         assert len(p.forwarded) == 1  # straight to the server
-    finally:
-        await client.close()
-
-
-class Keep:
-    """A sink that checks each chunk's alignment and keeps every chunk the pool lends it."""
-
-    def __init__(self, offset: int) -> None:
-        self.pos = offset
-        self.kept: list[tuple[int, memoryview, Lease]] = []
-        self.refused = 0
-
-    async def __call__(self, chunks: Sequence[bytes | memoryview]) -> None:
-        assert isinstance(chunks, Batch)
-        for i, chunk in enumerate(chunks):
-            address = ctypes.addressof(ctypes.c_char.from_buffer(chunk))
-            assert address % ALIGN == self.pos % ALIGN  # whole pages can go to the disk with O_DIRECT
-            lease = chunks.keep(i)
-            if lease is None:
-                self.refused += 1
-            else:
-                self.kept.append((self.pos, chunk, lease))
-            self.pos += len(chunk)
-
-
-@pytest.mark.parametrize("offset", [0, 1000, 4096 + 7])
-async def test_chunks_are_aligned_like_their_offsets_and_kept_ones_outlive_the_call(
-    http: Server, offset: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Every body byte sits at a buffer address congruent with its file offset (mod ALIGN). A kept
-    chunk is not read into again: after the whole range its bytes are still the right ones, the
-    connection read on into other buffers, and a released one goes back to the pool. Past
-    KEEP_MAX the pool refuses to lend, and the connection reuses its buffers as before."""
-    monkeypatch.setattr("agent.origins.buffers.KEEP_MAX", 3 * BUFFER_SIZE)
-    client = RangeClient(read_timeout=5)
-    try:
-        length = len(DATA) - offset
-        sink = Keep(offset)
-        head = await client.get_range(f"{http.url}/blob", {}, offset, length, sink, what="w.bin")
-        assert head.status == 206 and sink.pos == offset + length
-        assert len(sink.kept) == 3 and sink.refused > 0  # 5 MiB: more buffers than the limit lends
-        for pos, chunk, _ in sink.kept:  # nothing was read into a kept buffer after it was handed over
-            assert bytes(chunk) == DATA[pos : pos + len(chunk)]
-        assert client.buffers.kept == 3 * BUFFER_SIZE
-        (conn,) = [c for idle in client._idle.values() for c in idle]
-        assert conn.held == 0
-        spare = len(client.buffers._spare)
-        for _, _, lease in sink.kept:
-            lease.release()
-            lease.release()  # once only
-        await asyncio.sleep(0)  # returns arrive on the loop
-        assert client.buffers.kept == 0 and len(client.buffers._spare) == spare + 3
     finally:
         await client.close()

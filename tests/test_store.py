@@ -11,7 +11,6 @@ import asyncio
 import fcntl
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import subprocess
@@ -28,7 +27,6 @@ from agent.manifest import MIN_PIECE_SIZE, FileEntry
 from agent.models import ModelService
 from agent.origins import Origins
 from agent.origins.base import Sink
-from agent.origins.buffers import BufferPool
 from agent.origins.local import LocalOrigin
 from agent.peers import Membership
 from agent.store import Store
@@ -48,20 +46,17 @@ def write_random(path: Path, size: int, seed: int) -> bytes:
 class Node:
     """An agent's in-process core around one cache directory."""
 
-    def __init__(
-        self, root: Path, capacity: int, connections: int = 4, drop_behind: bool = False, direct_io: bool = True
-    ) -> None:
+    def __init__(self, root: Path, capacity: int, connections: int = 4, drop_behind: bool = False) -> None:
         self.pool = ThreadPoolExecutor(8)
         self.root = root
         self.capacity = capacity
         self.connections = connections
         self.drop_behind = drop_behind
-        self.direct_io = direct_io
         self.stopped = False
 
     async def start(self) -> ModelService:
         self.session = aiohttp.ClientSession()
-        self.store = Store(str(self.root), self.capacity, self.pool, self.drop_behind, self.direct_io)
+        self.store = Store(str(self.root), self.capacity, self.pool, self.drop_behind)
         await self.store.open()
         self.origins = Origins(self.session, self.pool, read_timeout=30.0)
         self.fetcher = Fetcher(self.store, connections=self.connections, retries=3)
@@ -111,7 +106,7 @@ class FlakyLocal(LocalOrigin):
     """A local origin that dies after delivering ``budget`` bytes (a crash stand-in)."""
 
     def __init__(self, pool: ThreadPoolExecutor, budget: int) -> None:
-        super().__init__(pool, BufferPool())
+        super().__init__(pool)
         self.budget = budget
         self.delivered = 0
 
@@ -409,7 +404,7 @@ class RecordingLocal(LocalOrigin):
     """A local origin that logs which (file, piece offset) starts when, and is a little slow."""
 
     def __init__(self, pool: ThreadPoolExecutor) -> None:
-        super().__init__(pool, BufferPool())
+        super().__init__(pool)
         self.starts: list[tuple[str, int]] = []
 
     async def read_range(self, entry, offset, length, sink: Sink) -> None:  # type: ignore[no-untyped-def]
@@ -513,73 +508,6 @@ def test_fill_writes_in_bounded_calls_and_survives_short_writes(tmp_path: Path, 
     assert Path(fill.path).read_bytes()[100:] == data
 
 
-@pytest.mark.parametrize("refuse", [False, True], ids=["direct", "filesystem-refuses"])
-async def test_aligned_chunks_go_to_the_disk_in_whole_pages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse: bool) -> None:
-    """Chunks an origin aligned (a Batch) are written page by page with O_DIRECT and their partial
-    pages at the ends through the page cache, at most WRITE_MAX a call; a filesystem that refuses
-    O_DIRECT mid-fill (EINVAL) gets the rest through the page cache. The bytes are exact."""
-    import errno
-
-    import agent.fill as fill_mod
-    from agent.origins.buffers import Batch
-
-    offset, sizes = 1000, [3 * MiB + 5, 1234, 2 * MiB]
-    data = os.urandom(sum(sizes))
-    pool, ready, pos = BufferPool(), [], offset
-    for n in sizes:  # each chunk at a buffer position aligned like its file offset, as origins place them
-        buf = pool.take()
-        start = pos % 4096
-        while start + n > len(buf):
-            buf = mmap.mmap(-1, start + n)
-        buf[start : start + n] = data[pos - offset : pos - offset + n]
-        ready.append((buf, start, start + n))
-        pos += n
-    entry = FileEntry(path="w.bin", size=offset + len(data), source={})
-    fill = fill_mod.BlobFill(str(tmp_path), entry)
-    fill.open()
-    real, calls = os.pwritev, []
-
-    def pwritev(fd: int, buffers: list[memoryview], at: int) -> int:
-        direct = fd == fill.dfd
-        if direct and refuse:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        calls.append((direct, at, sum(len(b) for b in buffers)))
-        return real(fd, buffers, at)
-
-    monkeypatch.setattr(fill_mod.os, "pwritev", pwritev)
-    try:
-        assert fill.write(offset, Batch(ready, pool)) is not refuse
-        assert fill.dfd == (-1 if refuse else fill.dfd)
-    finally:
-        fill.close()
-    assert Path(fill.path).read_bytes()[offset:] == data
-    direct = [(at, n) for d, at, n in calls if d]
-    buffered = [n for d, _, n in calls if not d]
-    if refuse:
-        assert not direct
-    else:
-        assert direct and all(at % 4096 == 0 and n % 4096 == 0 for at, n in direct)
-        assert sum(n for _, n in direct) > len(data) - 4 * 4096  # all but the partial pages
-    assert max(buffered) <= fill_mod.WRITE_MAX or refuse
-
-
-async def test_a_fill_past_the_keep_limit_hashes_the_rest_from_the_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """When the body buffers the fills keep reach KEEP_MAX, the whole-file hash reads the rest from
-    the file: the blob is still named by its bytes, and every kept buffer comes back."""
-    monkeypatch.setattr("agent.origins.buffers.KEEP_MAX", 2 * MiB)
-    data = write_random(tmp_path / "m" / "w.bin", 12 * MiB + 5, seed=11)
-    node = Node(tmp_path / "cache", 1 << 40)
-    await node.start()
-    try:
-        await node.prefetch(str(tmp_path / "m"))
-        assert node.origins.ranges.buffers.kept == 0
-    finally:
-        await node.stop()
-    assert (node.root / "blobs" / xxhash.xxh3_128_hexdigest(data)).read_bytes() == data
-
-
 def resident_bytes(path: Path) -> int:
     """How much of ``path`` is in the page cache now: mincore(2) over a mapping of it."""
     import ctypes
@@ -606,33 +534,28 @@ def resident_bytes(path: Path) -> int:
         os.close(fd)
 
 
-@pytest.mark.parametrize("mode", ["direct", "buffered", "drop-behind"])
-async def test_where_a_fill_leaves_its_pages(tmp_path: Path, mode: str) -> None:
-    """By default a fill writes past the page cache (O_DIRECT) and its whole-file hash takes the
-    chunks it kept in memory, so neither the writes nor the hash leave the blob in RAM, and every
-    kept buffer goes back. With ``--no-direct-io`` the blob stays in the page cache; adding
-    ``--drop-behind`` writes back and drops what the hash passed, DROP_LAG behind it. The bytes
-    are the same every way."""
+@pytest.mark.parametrize("drop", [False, True], ids=["keep", "drop-behind"])
+async def test_fill_keeps_its_pages_unless_told_to_drop_behind(tmp_path: Path, drop: bool) -> None:
+    """A fill leaves the blob in the page cache; with ``--drop-behind`` what the whole-file hash
+    passed is written back and dropped DROP_LAG behind it, so the fill's footprint stays near
+    DROP_LAG. The bytes are the same either way."""
     from agent.fill import DROP_LAG
 
     fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()
-    if mode != "buffered" and fs == "tmpfs":
-        pytest.skip("on tmpfs the page cache is the storage: nothing bypasses or leaves it (set --basetemp on a disk)")
+    if drop and fs == "tmpfs":
+        pytest.skip("on tmpfs the page cache is the storage: nothing can be dropped (set --basetemp on a disk)")
     size = 3 * DROP_LAG
     data = write_random(tmp_path / "m" / "model.safetensors", size, seed=7)
-    node = Node(tmp_path / "cache", 1 << 40, drop_behind=mode == "drop-behind", direct_io=mode == "direct")
+    node = Node(tmp_path / "cache", 1 << 40, drop_behind=drop)
     await node.start()
     try:
         await node.prefetch(str(tmp_path / "m"))
-        assert node.origins.ranges.buffers.kept == 0  # every chunk kept for the hash was given back
     finally:
         await node.stop()
     blob = node.root / "blobs" / xxhash.xxh3_128_hexdigest(data)
     resident = resident_bytes(blob)
-    print(f"{mode}: {resident / MiB:.0f} MiB of {size / MiB:.0f} MiB in the page cache after the fill")
-    if mode == "direct":
-        assert resident <= 1 * MiB  # at most partial pages at piece ends
-    elif mode == "drop-behind":
+    print(f"drop={drop}: {resident / MiB:.0f} MiB of {size / MiB:.0f} MiB in the page cache after the fill")
+    if drop:
         assert resident <= DROP_LAG + 32 * MiB  # the tail the hash passed last, and pages still being written
     else:
         assert resident >= size - 8 * MiB

@@ -33,7 +33,7 @@ class Origins:
             "hf": HfOrigin(session, self.ranges),
             "https": http,
             "http": http,
-            "file": LocalOrigin(pool, self.ranges.buffers),
+            "file": LocalOrigin(pool),
         }
 
     async def warm_up(self) -> None:

@@ -1,9 +1,7 @@
 """A local or NFS directory (or one file): ``/models/llama`` or ``file:///models/llama``.
 
 Files are copied into the cache with large positional reads off the event loop,
-so an NFS mount is read in parallel pieces like any other origin. The reads land
-in the range client's body buffers (agent/origins/buffers.py), aligned for the
-fill's O_DIRECT writes and reused instead of new memory per read. Symlinked
+so an NFS mount is read in parallel pieces like any other origin. Symlinked
 files are followed (a Hugging Face cache snapshot is links into ``blobs/``);
 dot-directories (``.git``, ``.cache``) are skipped.
 """
@@ -11,7 +9,6 @@ dot-directories (``.git``, ``.cache``) are skipped.
 from __future__ import annotations
 
 import asyncio
-import mmap
 import os
 import stat
 import time
@@ -19,7 +16,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 from agent.manifest import FileEntry, Manifest, listing_revision
 from agent.origins.base import READ_BLOCK, Origin, Sink, TransientOriginError
-from agent.origins.buffers import ALIGN, BUFFER_SIZE, Batch, BufferPool
 from agent.refs import ModelRef, check_relative_path
 from client.errors import FetchFailedError, ModelNotFoundError
 
@@ -29,9 +25,8 @@ MAX_FILES = 100_000
 class LocalOrigin(Origin):
     scheme = "file"
 
-    def __init__(self, pool: ThreadPoolExecutor, buffers: BufferPool) -> None:
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
         self.pool = pool
-        self.buffers = buffers
 
     async def resolve(self, ref: ModelRef) -> Manifest:
         files = await asyncio.get_running_loop().run_in_executor(self.pool, _walk, ref.location)
@@ -55,33 +50,13 @@ class LocalOrigin(Origin):
                 raise FetchFailedError(f"{path} changed since it was resolved; prefetch again")
             end = offset + length
             while offset < end:
-                ready = self._take(offset, min(READ_BLOCK, end - offset))
-                kept = [False] * len(ready)
-                try:
-                    got = await loop.run_in_executor(self.pool, os.preadv, fd, [memoryview(b)[s:e] for b, s, e in ready], offset)
-                    if got < sum(e - s for _, s, e in ready):
-                        raise TransientOriginError(f"{path} ended early at {offset + got}")
-                    batch = Batch(ready, self.buffers)
-                    kept = batch.kept
-                    await sink(batch)
-                finally:
-                    for (buf, _, _), was_kept in zip(ready, kept):
-                        if not was_kept:  # a kept one comes back when the fill releases it
-                            self.buffers.give(buf)
-                offset += sum(e - s for _, s, e in ready)
+                block = await loop.run_in_executor(self.pool, os.pread, fd, min(READ_BLOCK, end - offset), offset)
+                if not block:
+                    raise TransientOriginError(f"{path} ended early at {offset}")
+                offset += len(block)
+                await sink([block])
         finally:
             os.close(fd)
-
-    def _take(self, offset: int, length: int) -> list[tuple[mmap.mmap, int, int]]:
-        """Buffers for ``length`` bytes at ``offset``, each byte at a position aligned like its offset."""
-        ready = []
-        while length:
-            start = offset % ALIGN
-            n = min(length, BUFFER_SIZE - start)
-            ready.append((self.buffers.take(), start, start + n))
-            offset += n
-            length -= n
-        return ready
 
 
 def _walk(root: str) -> list[FileEntry]:

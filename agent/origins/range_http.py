@@ -9,11 +9,6 @@ miss: a body path without copies"). Here the socket is read with ``recv_into``
 handed to the sink as it fills and reused once the sink has written and hashed
 it, so a body byte is copied once, kernel to buffer, before the write.
 
-The buffers come from agent/origins/buffers.py: page-aligned, each body byte at a
-position aligned like its file offset (for O_DIRECT writes), and a chunk the
-sink keeps past its call (:meth:`Batch.keep`) makes the connection read on into
-another buffer.
-
 Only what origin range requests need: GET with a ``Range``, keep-alive
 connections per (scheme, host, port), TLS with the system's trust store,
 redirects (at most :data:`MAX_REDIRECTS`, ``Authorization`` dropped when the
@@ -30,7 +25,6 @@ import asyncio
 import base64
 import collections
 import contextlib
-import mmap
 import ssl
 import time
 import urllib.request
@@ -40,16 +34,38 @@ from typing import cast
 from urllib.parse import unquote, urljoin, urlsplit
 
 from agent.origins.base import FLUSH_SECONDS, Sink, TransientOriginError
-from agent.origins.buffers import ALIGN, Batch, BufferPool
 from client.errors import FetchFailedError
 
+# Body buffers: large enough that the sink (a thread hop per call) runs about
+# once per MiB; the fill splits them into its own smaller writes.
+BUFFER_SIZE = 1024 * 1024
 BUFFERS_PER_CONNECTION = 6  # read ahead of the sink by at most this many buffers, then pause reading
+SPARE_BUFFERS = 64  # buffers kept between answers for the next ones, shared by all connections
 MAX_HEAD = 64 * 1024  # status line and headers
 MAX_REASON = 2048  # bytes of an error body kept for the message
 MAX_REDIRECTS = 5
 IDLE_SECONDS = 10.0  # a kept-alive connection unused this long is closed, not reused
 CONNECT_TIMEOUT = 10.0
 REDIRECTS = (301, 302, 303, 307, 308)
+
+
+class BufferPool:
+    """Body buffers kept for reuse, shared by every connection of a client (at most SPARE_BUFFERS).
+
+    Reusing them is the point: a new 1 MiB buffer is fresh memory, and writing into
+    it page-faults 256 times. Connections hold buffers only while reading an answer,
+    so idle connections hold none.
+    """
+
+    def __init__(self) -> None:
+        self._spare: list[bytearray] = []
+
+    def take(self) -> bytearray:
+        return self._spare.pop() if self._spare else bytearray(BUFFER_SIZE)
+
+    def give(self, buf: bytearray) -> None:
+        if len(self._spare) < SPARE_BUFFERS:
+            self._spare.append(buf)
 
 
 @dataclass
@@ -87,14 +103,11 @@ class _Connection(asyncio.BufferedProtocol):
         self._head = bytearray()
         self._early = b""  # body bytes that arrived with the head
         self._remaining = 0
-        self._base = 0  # the body's first byte's offset in its file, modulo ALIGN
-        self._received = 0  # body bytes so far
         self.held = 0  # body buffers taken from the pool and not given back (at most BUFFERS_PER_CONNECTION)
-        self._buf: mmap.mmap | None = None
-        self._start = 0  # where in _buf this stretch of the body began
-        self._fill = 0  # where in _buf the next byte goes
+        self._buf: bytearray | None = None
+        self._fill = 0
         self._since = 0.0
-        self._ready: collections.deque[tuple[mmap.mmap, int, int]] = collections.deque()
+        self._ready: collections.deque[tuple[bytearray, int]] = collections.deque()
         self._paused = False
         self._waiter: asyncio.Future[None] | None = None
         self.head: Head | None = None
@@ -158,16 +171,10 @@ class _Connection(asyncio.BufferedProtocol):
         self._wake()
 
     # -- reading the body ----------------------------------------------------
-    def start_body(self, length: int, offset: int = 0) -> None:
-        """Read the next ``length`` bytes, which are at ``offset`` in their file, into body buffers.
-
-        Called after :attr:`head` was checked. Each byte lands at a buffer position
-        congruent with its file offset modulo ALIGN.
-        """
+    def start_body(self, length: int) -> None:
+        """Read the next ``length`` bytes into body buffers (after :attr:`head` was checked)."""
         self.state = "body"
         self._remaining = length
-        self._base = offset % ALIGN
-        self._received = 0
         self._ready.clear()
         if not self._new_buffer():  # every buffer is free between answers: only a bug gets here
             raise AssertionError("no free body buffer at the start of an answer")
@@ -177,7 +184,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self._fail(TransientOriginError("origin sent more bytes than the range holds"))
                 return
             assert self._buf is not None
-            self._buf[self._fill : self._fill + len(early)] = early
+            self._buf[: len(early)] = early
             self._body_bytes(len(early))
         self._resume()
 
@@ -185,27 +192,23 @@ class _Connection(asyncio.BufferedProtocol):
         """Take a body buffer from the pool; False when this connection's share is all with the sink."""
         if self.held >= BUFFERS_PER_CONNECTION:
             return False
+        self._buf = self.buffers.take()
         self.held += 1
-        self._use(self.buffers.take())
+        self._fill = 0
         return True
-
-    def _use(self, buf: mmap.mmap) -> None:
-        self._buf = buf
-        self._start = self._fill = (self._base + self._received) % ALIGN
 
     def _body_bytes(self, nbytes: int) -> None:
         assert self._buf is not None
-        if self._fill == self._start:
+        if not self._fill:
             self._since = time.monotonic()
         self._fill += nbytes
-        self._received += nbytes
         self._remaining -= nbytes
         if (
             self._fill == len(self._buf)
             or not self._remaining
             or time.monotonic() - self._since >= FLUSH_SECONDS
         ):
-            self._ready.append((self._buf, self._start, self._fill))
+            self._ready.append((self._buf, self._fill))
             self._buf = None
             if not self._remaining:
                 self.state = "idle"
@@ -213,22 +216,16 @@ class _Connection(asyncio.BufferedProtocol):
                 self._pause()  # the sink is behind: let TCP push back on the origin
             self._wake()
 
-    def release(self, buf: mmap.mmap) -> None:
+    def release(self, buf: bytearray) -> None:
         """The sink is done with ``buf``: read into it again, or give it back to the pool."""
         if self.state == "body" and self._buf is None and self.error is None:
-            self._use(buf)
+            self._buf, self._fill = buf, 0
             self._resume()
         else:
             self.held -= 1
             self.buffers.give(buf)
 
-    def disown(self) -> None:
-        """The sink kept one of this connection's buffers: read on into a new one."""
-        self.held -= 1
-        if self.state == "body" and self._buf is None and self.error is None and self._new_buffer():
-            self._resume()
-
-    async def chunks(self, read_timeout: float) -> AsyncIterator[list[tuple[mmap.mmap, int, int]]]:
+    async def chunks(self, read_timeout: float) -> AsyncIterator[list[tuple[bytearray, int]]]:
         """Yield what arrived since the last time (full or flushed buffers), until the body is complete."""
         while True:
             if self._ready:
@@ -375,7 +372,7 @@ class RangeClient:
                 return head
             try:
                 self._check_range(head, offset, length, what)
-                await self._pump(conn, offset, length, sink)
+                await self._pump(conn, length, sink)
             except BaseException:
                 conn.close()
                 raise
@@ -395,18 +392,14 @@ class RangeClient:
             if head.content_length != length:
                 raise TransientOriginError(f"{what!r}: a {length}-byte range came with Content-Length {head.content_length}")
 
-    async def _pump(self, conn: _Connection, offset: int, length: int, sink: Sink) -> None:
-        conn.start_body(length, offset)
-        async for ready in conn.chunks(self.read_timeout):
-            batch = Batch(ready, self.buffers)
+    async def _pump(self, conn: _Connection, length: int, sink: Sink) -> None:
+        conn.start_body(length)
+        async for batch in conn.chunks(self.read_timeout):
             try:
-                await sink(batch)
+                await sink([memoryview(buf)[:n] for buf, n in batch])
             finally:
-                for (buf, _, _), kept in zip(ready, batch.kept):
-                    if kept:
-                        conn.disown()
-                    else:
-                        conn.release(buf)
+                for buf, _ in batch:
+                    conn.release(buf)
 
     # -- connections ---------------------------------------------------------
     async def _request(self, url: str, headers: dict[str, str]) -> tuple[_Connection, Head]:
@@ -558,9 +551,8 @@ class RangeClient:
             with contextlib.suppress(TransientOriginError, FetchFailedError):
                 async with asyncio.timeout(min(self.read_timeout, 5.0)):
                     async for batch in conn.chunks(self.read_timeout):
-                        for buf, start, end in batch:
-                            body += buf[start:end]
-                            conn.release(buf)
+                        for buf, n in batch:
+                            body += buf[:n]
             return " ".join(body.decode("utf-8", "replace").split())
         except TimeoutError:
             return ""
