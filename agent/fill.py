@@ -18,9 +18,11 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import mmap
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -29,19 +31,29 @@ import xxhash
 from agent.manifest import FileEntry
 from client.errors import CapacityError, IntegrityError
 
+log = logging.getLogger(__name__)
+
 MAP_WINDOW = 64 * 1024 * 1024
 IOV_MAX = 1024  # Linux's limit on buffers per pwritev
-# The most one pwritev writes. The kernel sizes new page-cache folios by the
-# write, and on a VM whose free memory the host takes back (virtio_balloon) a
-# large folio is fresh host memory that costs several times the copy. Folios of
-# up to 32 KiB (order 3) come from the per-CPU free lists, pages just freed and
-# still backed, and stay cheap whatever the host did. Measured here with
-# bench/write_size.py, CPU s/GiB right after a page-cache drop / 4 s later:
-# 32 KiB 0.32 / 0.35, 64 KiB 0.48 / 0.71, 256 KiB 0.73 / 1.05, 1 MiB 1.36 / 1.79
-# (an earlier day: 1 MiB 0.24 / 0.30 and 2 MiB 2.2 / 2.7, so the threshold
-# moves, and only order 3 stayed cheap). s5cmd writes 32 KiB too. Where memory
-# is not taken back, 32 KiB writes cost about 0.1 s/GiB more than 1 MiB ones.
-WRITE_MAX = 32 * 1024
+# What one pwritev may write: the fill measures which costs least here (WriteSizer).
+# The kernel sizes new page-cache folios by the write, and what a folio size costs
+# depends on the machine and moves with its state: on a VM whose free memory the
+# host takes back (virtio_balloon) a large folio can be fresh host memory that
+# costs several times the copy, while small writes cost a syscall and a GIL
+# hand-off per 32 KiB. Measured here (bench/write_size.py and bench/RESULTS.md),
+# CPU s/GiB: one hour 32 KiB 0.32, 256 KiB 0.73, 1 MiB 1.36; an hour later 32 KiB
+# 0.31, 256 KiB 0.23, 1 MiB 0.84; another day 1 MiB 0.24 and 2 MiB 2.2. Where
+# memory is not taken back, 1 MiB writes cost about 0.1 s/GiB less than 32 KiB.
+WRITE_SIZES = (32 * 1024, 128 * 1024, 1024 * 1024)
+# Each size that is not the chosen one is tried again once this much has been written
+# with the others (times how much dearer it was), so the choice follows the machine
+# when its state changes, and a size that costs 6x is tried only every 192 MiB.
+PROBE_EVERY = 32 * 1024 * 1024
+# A larger size wins unless a smaller one is this much cheaper per byte: each call
+# also costs a GIL hand-off to the other threads, which the writer's own time misses.
+LARGER_MARGIN = 0.25
+COST_WEIGHT = 0.3  # weight of the newest measurement in the chosen size's running cost
+MIN_MEASURED = 256 * 1024  # a call writing less says too little about a size's cost
 # How far behind the whole-file hash a fill drops its pages from the page cache
 # (see BlobFill._drop_behind): far enough that their writeback, started when the
 # hash passed them, is done, so they are clean and can be dropped.
@@ -166,18 +178,73 @@ def file_digests(path: str, size: int, want_sha256: bool = False) -> dict[str, s
         os.close(fd)
 
 
-def write_batches(chunks: Sequence[bytes | memoryview]) -> list[list[memoryview]]:
-    """Split consecutive chunks into pwritev batches of at most WRITE_MAX bytes and IOV_MAX buffers."""
+class WriteSizer:
+    """Chooses the pwritev size (from WRITE_SIZES) that costs the fills the least CPU per byte here.
+
+    Why measure: which page-cache write size is cheap depends on the machine and
+    changes with its state (see WRITE_SIZES), so no fixed size stays right. Each
+    write call is timed in thread CPU time (user and system, which is where the
+    page-cache allocation and copy are charged); the chosen size keeps a running
+    cost per byte, the others their last probe's. Calls use the largest size
+    within LARGER_MARGIN of the cheapest, and each other size is tried again
+    after PROBE_EVERY bytes (scaled by how much dearer it was). One per store,
+    shared by its fills and I/O threads.
+    """
+
+    def __init__(self, sizes: Sequence[int] = WRITE_SIZES) -> None:
+        self.sizes = tuple(sizes)
+        self.cost: dict[int, float] = {}  # running CPU ns per byte, per size
+        self._since = dict.fromkeys(self.sizes, 0)  # bytes written with other sizes since each was tried
+        self._lock = threading.Lock()
+        self.best = self.sizes[0]
+
+    def pick(self) -> int:
+        """The size for the next write call: an untried size, one due for a probe, else the chosen one."""
+        with self._lock:
+            for size in self.sizes:
+                if size not in self.cost:
+                    return size
+                due = PROBE_EVERY * max(1.0, self.cost[size] / max(self.cost[self.best], 1e-9))
+                if size != self.best and self._since[size] >= due:
+                    self._since[size] = 0  # one probe at a time
+                    return size
+            return self.best
+
+    def record(self, size: int, nbytes: int, cpu_ns: int) -> None:
+        """What a call writing ``nbytes`` in pieces of ``size`` cost (thread CPU ns)."""
+        if nbytes < MIN_MEASURED:
+            return
+        with self._lock:
+            per_byte = cpu_ns / nbytes
+            old = self.cost.get(size)
+            # The size in use is measured on every call and averaged; a probe of another one
+            # is a fresh look at it and replaces what it cost before.
+            self.cost[size] = old + COST_WEIGHT * (per_byte - old) if size == self.best and old else per_byte
+            for other in self.sizes:
+                if other != size:
+                    self._since[other] += nbytes
+            cheapest = min(self.cost.values())
+            best = max(s for s, c in self.cost.items() if c <= cheapest * (1 + LARGER_MARGIN))
+            if best != self.best:
+                log.debug(
+                    "page-cache writes of %d KiB from now (CPU ns per byte: %s)", best // 1024,
+                    ", ".join(f"{s // 1024} KiB {c:.2f}" for s, c in sorted(self.cost.items())),
+                )
+                self.best = best
+
+
+def write_batches(chunks: Sequence[bytes | memoryview], limit: int) -> list[list[memoryview]]:
+    """Split consecutive chunks into pwritev batches of at most ``limit`` bytes and IOV_MAX buffers."""
     batches: list[list[memoryview]] = []
     batch: list[memoryview] = []
     size = 0
     for chunk in chunks:
         view = memoryview(chunk)
         while len(view):
-            if size == WRITE_MAX or len(batch) == IOV_MAX:
+            if size == limit or len(batch) == IOV_MAX:
                 batches.append(batch)
                 batch, size = [], 0
-            take = view[: WRITE_MAX - size]
+            take = view[: limit - size]
             batch.append(take)
             size += len(take)
             view = view[len(take) :]
@@ -208,9 +275,12 @@ def write_json_atomic(path: str, data: Any) -> None:
 class BlobFill:
     """Thread-side half of a fill: every method here blocks and runs in the I/O pool."""
 
-    def __init__(self, directory: str, entry: FileEntry, drop_behind: bool = False) -> None:
+    def __init__(
+        self, directory: str, entry: FileEntry, drop_behind: bool = False, sizer: WriteSizer | None = None
+    ) -> None:
         self.entry = entry
         self.drop_behind = drop_behind
+        self.sizer = sizer if sizer is not None else WriteSizer()  # the store shares one among its fills
         self.key = entry.fill_key
         self.path = os.path.join(directory, f"{self.key}.part")
         self.state_path = os.path.join(directory, f"{self.key}.json")
@@ -282,11 +352,14 @@ class BlobFill:
         The chunks are the HTTP body as the socket delivered it: writing them as
         they are avoids joining them into one buffer (a memory copy per byte).
         One writer per file at a time: parallel writers to one ext4 file spin on
-        its inode lock and burn more CPU than they save. Each call writes at most
-        WRITE_MAX bytes (see there).
+        its inode lock and burn more CPU than they save. Each pwritev writes at
+        most the size the store's WriteSizer picks for this call, and what the
+        call cost is reported back to it.
         """
         with self._write_lock:
-            for batch in write_batches(chunks):
+            limit = self.sizer.pick()
+            started, begin = time.thread_time_ns(), offset
+            for batch in write_batches(chunks, limit):
                 while batch:
                     try:
                         n = os.pwritev(self.fd, batch, offset)
@@ -296,6 +369,7 @@ class BlobFill:
                         raise
                     offset += n
                     batch = _advance(batch, n)
+            self.sizer.record(limit, offset - begin, time.thread_time_ns() - started)
 
     def record_piece(self, index: int, digest: str) -> None:
         """Mark a written, hashed piece complete; check it against the manifest if known."""

@@ -43,7 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from agent.fill import BlobFill, file_digests, write_json_atomic
+from agent.fill import BlobFill, WriteSizer, file_digests, write_json_atomic
 from agent.manifest import FileEntry, Manifest
 from agent.refs import ModelRef, parse_ref
 from agent.snapshots import link_snapshot, remove_snapshots, sweep_unfinished
@@ -79,6 +79,7 @@ class Store:
         self.root = os.path.abspath(root)
         self.capacity = capacity
         self.drop_behind = drop_behind  # see BlobFill._drop_behind
+        self.write_sizer = WriteSizer()  # the page-cache write size every fill uses, measured
         self.pool = pool
         self.blob_sizes: dict[str, int] = {}
         self.partial_sizes: dict[str, int] = {}
@@ -322,7 +323,7 @@ class Store:
     # -- fills ---------------------------------------------------------------
     async def begin_fill(self, entry: FileEntry, protect: set[str]) -> tuple[BlobFill, int]:
         """Open (or resume) the partial file for ``entry``, making room for it first."""
-        fill = BlobFill(self.path("partial"), entry, self.drop_behind)
+        fill = BlobFill(self.path("partial"), entry, self.drop_behind, self.write_sizer)
         if fill.key not in self.partial_sizes:
             await self.reserve(entry.size, protect)
             self.partial_sizes[fill.key] = entry.size

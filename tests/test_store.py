@@ -498,7 +498,8 @@ def test_fill_writes_in_bounded_calls_and_survives_short_writes(tmp_path: Path, 
         return real(fd, buffers, offset)
 
     monkeypatch.setattr(fill_mod.os, "pwritev", short_pwritev)
-    fill = fill_mod.BlobFill(str(tmp_path), entry)
+    sizer = fill_mod.WriteSizer(sizes=(32 << 10,))
+    fill = fill_mod.BlobFill(str(tmp_path), entry, sizer=sizer)
     fill.open()
     try:
         fill.write(100, chunks)
@@ -506,6 +507,41 @@ def test_fill_writes_in_bounded_calls_and_survives_short_writes(tmp_path: Path, 
         fill.close()
     assert max(sizes) == 32 << 10
     assert Path(fill.path).read_bytes()[100:] == data
+    assert sizer.cost[32 << 10] > 0  # the call's CPU time was measured
+
+
+def test_the_write_size_follows_what_writes_cost() -> None:
+    """The fills' write size is the largest one within LARGER_MARGIN of the cheapest measured cost;
+    a size that was dearer is tried again after PROBE_EVERY bytes (more for a much dearer one),
+    and when the machine changes so that it is cheap, the choice moves to it."""
+    from agent.fill import LARGER_MARGIN, MIN_MEASURED, PROBE_EVERY, WriteSizer
+
+    small, mid, large = 32 << 10, 128 << 10, 1 << 20
+    cost = {small: 0.5, mid: 0.5 * (1 + LARGER_MARGIN / 2), large: 3.0}  # ns per byte on this "machine"
+    sizer = WriteSizer(sizes=(small, mid, large))
+    picks: list[int] = []
+
+    def write(nbytes: int = MiB) -> None:
+        size = sizer.pick()
+        picks.append(size)
+        sizer.record(size, nbytes, int(cost[size] * nbytes))
+
+    for _ in range(3):
+        write()
+    assert sorted(picks) == [small, mid, large]  # each size measured once first
+    assert sizer.best == mid  # a little dearer than 32 KiB, but within the margin: fewer calls
+    sizer.record(large, MIN_MEASURED - 1, 10**12)  # too small a call to say anything
+    assert sizer.cost[large] == 3.0
+    picks.clear()
+    for _ in range(int(6 * PROBE_EVERY / MiB) + 1):
+        write()
+    # 32 KiB about every 32 MiB, 1 MiB (5.3x dearer than the choice) once in 192 MiB; the rest 128 KiB
+    assert picks.count(small) in (5, 6) and picks.count(large) == 1
+    assert picks.count(mid) == len(picks) - picks.count(small) - 1
+    cost[large] = 0.2  # the machine changed: large folios are cheap now (bare metal does this)
+    for _ in range(int(6 * PROBE_EVERY / MiB) + 1):
+        write()
+    assert sizer.best == large
 
 
 def resident_bytes(path: Path) -> int:
