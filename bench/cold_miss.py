@@ -15,7 +15,8 @@ makes every contender write into reclaimed memory.
 - ``warmstart-cN``: a fresh ``agent serve`` (fresh cache dir, ``--connections N``)
   started *before* the clock; timed is ``python -m agent prefetch s3://bench/model``
   (the CLI, interpreter start included) until it exits; ``warmstart-c8-drop`` the same
-  with ``--drop-behind`` (the fill writes back and drops the blobs from RAM as it verifies them);
+  with ``--drop-behind`` (the fill writes back and drops the blobs from RAM as it verifies them),
+  ``warmstart-c8-p32`` / ``-p64`` with 32 / 64 MiB pieces instead of 16 (fewer, longer requests);
 - ``boto3-par``: ``client.download_file`` (s3transfer, default TransferConfig) per
   shard, one thread per shard; ``boto3-seq``: the same, one shard after another
   (client made before the clock: interpreter start and client creation are not timed);
@@ -247,6 +248,8 @@ CONTENDERS = {
     "warmstart-c8": lambda c, d: run_warmstart(c, d, 8),
     "warmstart-c16": lambda c, d: run_warmstart(c, d, 16),
     "warmstart-c8-drop": lambda c, d: run_warmstart(c, d, 8, "--drop-behind"),
+    "warmstart-c8-p32": lambda c, d: run_warmstart(c, d, 8, "--piece-size", "32MiB"),
+    "warmstart-c8-p64": lambda c, d: run_warmstart(c, d, 8, "--piece-size", "64MiB"),
     "boto3-par": lambda c, d: run_boto3(c, d, True),
     "boto3-seq": lambda c, d: run_boto3(c, d, False),
     "s5cmd": run_s5cmd,
