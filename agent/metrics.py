@@ -152,14 +152,24 @@ class Metrics:
     @contextmanager
     def piece_fetch(self, source: str) -> Iterator[None]:
         """Around one try of one piece: in flight while it runs, its duration recorded if it succeeds."""
+        started = time.monotonic()
+        with self.fetch_running(source):
+            yield
+        self.piece_fetched(source, time.monotonic() - started)
+
+    @contextmanager
+    def fetch_running(self, source: str) -> Iterator[None]:
+        """Around one try of a range request for pieces (one, or a span of consecutive ones)."""
         gauge = self.in_flight.labels(source)
         gauge.inc()
-        started = time.monotonic()
         try:
             yield
         finally:
             gauge.dec()
-        self.piece_seconds.labels(source).observe(time.monotonic() - started)
+
+    def piece_fetched(self, source: str, seconds: float) -> None:
+        """One piece arrived whole, ``seconds`` after its first byte was asked for (or the piece before it ended)."""
+        self.piece_seconds.labels(source).observe(seconds)
 
     def fetch_error(self, source: str, kind: str) -> None:
         self.fetch_errors.labels(source, kind).inc()

@@ -197,7 +197,9 @@ def test_origin_faults_are_retried_and_the_fetch_completes(
     assert blob_digest(data) in check_cache(agent.cache_dir)
     gets = faulty.ranged_gets
     assert sum(g.fault is not None for g in gets) == 2 * len(FAULTS)
-    assert len(gets) == 4 + 2 * len(FAULTS)  # each fault cost exactly one more try
+    # Each fault cost one more try and nothing else: the 4 pieces go in runs of consecutive
+    # pieces (agent/fetcher.py ORIGIN_RANGE_MAX), so at most 4 clean requests besides.
+    assert 1 <= len(gets) - 2 * len(FAULTS) <= 4
     # The range client sends a request once more by itself when a kept-alive connection is
     # reset before any answer (agent/origins/range_http.py), so a reset may not reach the
     # agent's own count; every other fault does.
@@ -222,15 +224,13 @@ def test_origin_that_keeps_failing_gives_up_bounded_with_a_clear_error(
     cause = {"500": "500", "503": "503 for 'w.bin' (<?xml", "reset": "", "stall": "Timeout", "short": "content length"}[fault]
     assert cause in err and ("SlowDown" in err) == (fault == "503"), err
     gets = faulty.ranged_gets
-    per_range: dict[str, list[float]] = {}
-    for g in gets:
-        per_range.setdefault(g.range, []).append(g.time)
-    # Bounded: exactly --retries tries per piece (the range client sends a request again once by
-    # itself when a kept-alive connection is reset before any answer, so a reset may cost 2 each).
+    # Bounded: exactly --retries tries (the range client sends a request again once by itself
+    # when a kept-alive connection is reset before any answer, so a reset may cost 2 each). The
+    # file's 2 pieces go in one request, and a try that got a piece whole before failing makes
+    # the next one ask for the rest only, so the tries are counted for the file, not per range.
     per_try = 2 if fault == "reset" else 1
-    assert 4 <= max(len(v) for v in per_range.values()) <= 4 * per_try
-    assert len(gets) <= 2 * 4 * per_try  # the piece that gave up and at most one more begun
-    times = max(per_range.values(), key=len)
+    assert 4 <= len(gets) <= 4 * per_try
+    times = [g.time for g in gets]
     # Full-jitter backoff between tries: uniform(0, 0.2 * 2**n) s, so > 0 and below the caps' sum.
     spent = times[-1] - times[0]
     assert 0.02 < spent < 0.4 + 0.8 + 1.6 + 4 * per_try * (1.5 if fault == "stall" else 0.5), spent

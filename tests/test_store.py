@@ -113,7 +113,11 @@ class FlakyLocal(LocalOrigin):
     async def read_range(self, entry, offset, length, sink: Sink) -> None:  # type: ignore[no-untyped-def]
         async def counted(chunks: list[bytes]) -> None:
             n = sum(len(c) for c in chunks)
-            if self.delivered + n > self.budget:
+            if self.delivered + n > self.budget:  # deliver up to the budget, then die
+                rest = self.budget - self.delivered
+                self.delivered = self.budget
+                if rest > 0:
+                    await sink([b"".join(chunks)[:rest]])
                 raise FetchFailedError("simulated permanent origin failure")
             self.delivered += n
             await sink(chunks)
@@ -413,7 +417,8 @@ class RecordingLocal(LocalOrigin):
         await super().read_range(entry, offset, length, sink)
 
 
-async def test_pieces_are_fetched_front_of_the_model_first(tmp_path: Path) -> None:
+async def test_pieces_are_fetched_front_of_the_model_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("agent.fetcher.ORIGIN_RANGE_MAX", MiB)  # one piece a request: the order shows
     for i in range(3):
         write_random(tmp_path / "m" / f"shard-{i}.bin", 4 * MiB, seed=10 + i)
     n = Node(tmp_path / "cache", 1 << 40, connections=2)
@@ -430,6 +435,28 @@ async def test_pieces_are_fetched_front_of_the_model_first(tmp_path: Path) -> No
     # free connection takes the lowest (file, piece) still waiting.
     assert recording.starts[2:] == sorted(recording.starts[2:]), recording.starts
     assert recording.starts[-1] == ("shard-2.bin", 3)
+
+
+async def test_consecutive_missing_pieces_go_in_one_origin_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without peers a fill asks the origin for up to ORIGIN_RANGE_MAX of consecutive missing pieces
+    at once (a long range costs the origin less), and still records and checks every piece on its
+    own: after a resume only the missing pieces are asked for, in runs."""
+    monkeypatch.setattr("agent.fetcher.ORIGIN_RANGE_MAX", 2 * MiB)
+    data = write_random(tmp_path / "m" / "w.bin", 7 * MiB + 5, seed=21)
+    n = Node(tmp_path / "cache", 1 << 40, connections=1)
+    await n.start()
+    try:
+        ref, manifest = await n.service.resolve(str(tmp_path / "m"))
+        recording = RecordingLocal(n.pool)
+        n.origins._by_scheme["file"] = recording
+        await n.service.ensure(ref, manifest)
+    finally:
+        await n.stop()
+    assert recording.starts == [("w.bin", 0), ("w.bin", 2), ("w.bin", 4), ("w.bin", 6)]  # 8 pieces, 4 requests
+    digest = xxhash.xxh3_128_hexdigest(data)
+    assert (n.root / "blobs" / digest).read_bytes() == data
+    meta = json.loads((n.root / "meta" / f"{digest}.json").read_text())
+    assert meta["pieces"] == [xxhash.xxh3_128_hexdigest(data[i : i + MiB]) for i in range(0, len(data), MiB)]
 
 
 async def test_ordered_slots_admit_lowest_key_and_survive_cancellation() -> None:
@@ -571,11 +598,15 @@ def resident_bytes(path: Path) -> int:
 
 
 @pytest.mark.parametrize("drop", [False, True], ids=["keep", "drop-behind"])
-async def test_fill_keeps_its_pages_unless_told_to_drop_behind(tmp_path: Path, drop: bool) -> None:
+async def test_fill_keeps_its_pages_unless_told_to_drop_behind(
+    tmp_path: Path, drop: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A fill leaves the blob in the page cache; with ``--drop-behind`` what the whole-file hash
     passed is written back and dropped DROP_LAG behind it, so the fill's footprint stays near
-    DROP_LAG. The bytes are the same either way."""
+    DROP_LAG plus what is in flight (here one piece a request). The bytes are the same either way."""
     from agent.fill import DROP_LAG
+
+    monkeypatch.setattr("agent.fetcher.ORIGIN_RANGE_MAX", MIN_PIECE_SIZE)
 
     fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()
     if drop and fs == "tmpfs":
