@@ -417,11 +417,9 @@ class RecordingLocal(LocalOrigin):
         await super().read_range(entry, offset, length, sink)
 
 
-async def test_pieces_are_fetched_front_of_the_model_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("agent.fetcher.ORIGIN_RANGE_MAX", MiB)  # one piece a request: the order shows
-    for i in range(3):
-        write_random(tmp_path / "m" / f"shard-{i}.bin", 4 * MiB, seed=10 + i)
-    n = Node(tmp_path / "cache", 1 << 40, connections=2)
+async def _prefetch_recording(tmp_path: Path, connections: int) -> RecordingLocal:
+    """Prefetch the model in ``tmp_path/m`` into ``tmp_path/cache``; return what the origin was asked."""
+    n = Node(tmp_path / "cache", 1 << 40, connections=connections)
     await n.start()
     try:
         ref, manifest = await n.service.resolve(str(tmp_path / "m"))
@@ -430,6 +428,14 @@ async def test_pieces_are_fetched_front_of_the_model_first(tmp_path: Path, monke
         await n.service.ensure(ref, manifest)
     finally:
         await n.stop()
+    return recording
+
+
+async def test_pieces_are_fetched_front_of_the_model_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("agent.fetcher.ORIGIN_RANGE_MAX", MiB)  # one piece a request: the order shows
+    for i in range(3):
+        write_random(tmp_path / "m" / f"shard-{i}.bin", 4 * MiB, seed=10 + i)
+    recording = await _prefetch_recording(tmp_path, connections=2)
     assert len(recording.starts) == 12
     # The first two connections go to whichever fills were ready first; from then on every
     # free connection takes the lowest (file, piece) still waiting.
@@ -439,23 +445,14 @@ async def test_pieces_are_fetched_front_of_the_model_first(tmp_path: Path, monke
 
 async def test_consecutive_missing_pieces_go_in_one_origin_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without peers a fill asks the origin for up to ORIGIN_RANGE_MAX of consecutive missing pieces
-    at once (a long range costs the origin less), and still records and checks every piece on its
-    own: after a resume only the missing pieces are asked for, in runs."""
+    at once (a long range costs the origin less), and still hashes and records every piece on its own."""
     monkeypatch.setattr("agent.fetcher.ORIGIN_RANGE_MAX", 2 * MiB)
     data = write_random(tmp_path / "m" / "w.bin", 7 * MiB + 5, seed=21)
-    n = Node(tmp_path / "cache", 1 << 40, connections=1)
-    await n.start()
-    try:
-        ref, manifest = await n.service.resolve(str(tmp_path / "m"))
-        recording = RecordingLocal(n.pool)
-        n.origins._by_scheme["file"] = recording
-        await n.service.ensure(ref, manifest)
-    finally:
-        await n.stop()
+    recording = await _prefetch_recording(tmp_path, connections=1)
     assert recording.starts == [("w.bin", 0), ("w.bin", 2), ("w.bin", 4), ("w.bin", 6)]  # 8 pieces, 4 requests
     digest = xxhash.xxh3_128_hexdigest(data)
-    assert (n.root / "blobs" / digest).read_bytes() == data
-    meta = json.loads((n.root / "meta" / f"{digest}.json").read_text())
+    assert (tmp_path / "cache" / "blobs" / digest).read_bytes() == data
+    meta = json.loads((tmp_path / "cache" / "meta" / f"{digest}.json").read_text())
     assert meta["pieces"] == [xxhash.xxh3_128_hexdigest(data[i : i + MiB]) for i in range(0, len(data), MiB)]
 
 
