@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import Any, TextIO
 
-from agent.config import (
+from agent.defaults import (
     DEFAULT_CACHE_DIR,
     DEFAULT_CAPACITY,
     DEFAULT_CONNECTIONS,
@@ -26,10 +26,11 @@ from agent.config import (
     DEFAULT_PEER_HEDGE_TIMEOUT,
     DEFAULT_READ_TIMEOUT,
     DEFAULT_RETRIES,
+    DEFAULT_PIECE_SIZE,
     DEFAULT_SOCKET,
-    AgentConfig,
+    MAX_PIECE_SIZE,
+    MIN_PIECE_SIZE,
 )
-from agent.manifest import DEFAULT_PIECE_SIZE, MAX_PIECE_SIZE, MIN_PIECE_SIZE
 from agent.units import format_size, parse_size
 from client._transport import AgentConnection
 from client.errors import WarmstartError
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     import logging  # here: the other commands are short-lived clients and log nothing
+
+    from agent.config import AgentConfig
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

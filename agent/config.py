@@ -8,17 +8,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from agent.manifest import DEFAULT_PIECE_SIZE
-
-DEFAULT_CACHE_DIR = "/var/lib/warmstart"
-DEFAULT_SOCKET = "/run/warmstart/agent.sock"
-DEFAULT_LISTEN = "0.0.0.0:7070"
-DEFAULT_CAPACITY = "100GiB"
-DEFAULT_CONNECTIONS = 8
-DEFAULT_RETRIES = 6
-DEFAULT_READ_TIMEOUT = 30.0
-DEFAULT_PEER_DNS_INTERVAL = 10.0
-DEFAULT_PEER_HEDGE_TIMEOUT = 2.0
+from agent.defaults import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_CONNECTIONS,
+    DEFAULT_LISTEN,
+    DEFAULT_PEER_DNS_INTERVAL,
+    DEFAULT_PEER_HEDGE_TIMEOUT,
+    DEFAULT_PIECE_SIZE,
+    DEFAULT_READ_TIMEOUT,
+    DEFAULT_RETRIES,
+    DEFAULT_SOCKET,
+)
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,7 @@ async def serve(config: AgentConfig) -> None:
         auto_decompress=False,
         trust_env=True,  # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as boto3, huggingface_hub and the range client
     )
-    origins = Origins(session, pool, config.read_timeout)
+    origins = Origins(session, pool, config.read_timeout, config.connections)
     fetcher = Fetcher(store, config.connections, config.retries, metrics)
     metrics.watch(store, fetcher)
     service = ModelService(store, fetcher, origins, config.piece_size)

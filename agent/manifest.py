@@ -15,9 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_PIECE_SIZE = 16 * 1024 * 1024
-MIN_PIECE_SIZE = 1024 * 1024
-MAX_PIECE_SIZE = 256 * 1024 * 1024
+from agent.defaults import DEFAULT_PIECE_SIZE, MAX_PIECE_SIZE, MIN_PIECE_SIZE  # noqa: F401 - used by the store and tests
 
 
 @dataclass

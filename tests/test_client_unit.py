@@ -389,6 +389,19 @@ def test_import_client_pulls_in_no_agent_dependencies() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
 
 
+def test_the_agent_cli_verbs_start_without_the_daemon_modules() -> None:
+    """`agent prefetch` / `agent ls` are short-lived clients, often started on a cold page cache:
+    they import the parser's defaults and the client's transport, not the daemon's modules."""
+    code = (
+        "import sys\n"
+        "import agent.cli\n"
+        "daemon = {'agent.config', 'agent.manifest', 'agent.store', 'agent.daemon', 'aiohttp', 'botocore', 'hashlib'}\n"
+        "bad = sorted(daemon & set(sys.modules))\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+
+
 # ---------------------------------------------------------------------- transport
 
 

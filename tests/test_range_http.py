@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 
 from agent.origins.base import TransientOriginError
-from agent.origins.range_http import BUFFERS_PER_CONNECTION, MAX_REDIRECTS, RangeClient
+from agent.origins.range_http import BUFFERS_PER_CONNECTION, MAX_REDIRECTS, SPARE_BUFFERS, RangeClient
 from client.errors import FetchFailedError
 from tests.servers.http_proxy import HttpProxy
 
@@ -196,6 +196,26 @@ async def test_a_slow_sink_holds_the_connection_to_a_few_buffers(http: Server) -
         spare = list(client.buffers._spare)
         await client.get_range(f"{http.url}/blob", {}, 0, len(DATA), Collect(), what="w.bin")
         assert {id(b) for b in client.buffers._spare} <= {id(b) for b in spare}  # reused, none new
+    finally:
+        await client.close()
+
+
+async def test_buffers_reserved_at_start_serve_the_first_answers(http: Server) -> None:
+    """The agent reserves body buffers while it starts: the first cold miss allocates none."""
+    client = RangeClient(read_timeout=5)
+    try:
+        client.buffers.reserve(2 * BUFFERS_PER_CONNECTION)
+        reserved = {id(b) for b in client.buffers._spare}
+        assert len(reserved) == 2 * BUFFERS_PER_CONNECTION
+        client.buffers.reserve(SPARE_BUFFERS + 10)
+        assert len(client.buffers._spare) == SPARE_BUFFERS  # never more than the pool keeps
+        reserved = {id(b) for b in client.buffers._spare}
+        sinks = [Collect(delay=0.01), Collect(delay=0.01)]
+        await asyncio.gather(
+            *(client.get_range(f"{http.url}/blob", {}, 0, len(DATA), s, what="w.bin") for s in sinks)
+        )
+        assert all(s.data == DATA for s in sinks)
+        assert {id(b) for b in client.buffers._spare} == reserved  # the same buffers, back in the pool
     finally:
         await client.close()
 

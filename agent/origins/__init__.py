@@ -13,7 +13,7 @@ from agent.origins.base import Origin, TransientOriginError
 from agent.origins.hf import HfOrigin
 from agent.origins.http import PlainHttpOrigin
 from agent.origins.local import LocalOrigin
-from agent.origins.range_http import RangeClient
+from agent.origins.range_http import BUFFERS_PER_CONNECTION, RangeClient
 from agent.origins.s3 import S3Origin
 from agent.refs import ModelRef
 
@@ -25,8 +25,11 @@ log = logging.getLogger(__name__)
 class Origins:
     """One origin of each kind, sharing one HTTP session and one range client; built once per agent."""
 
-    def __init__(self, session: aiohttp.ClientSession, pool: ThreadPoolExecutor, read_timeout: float) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, pool: ThreadPoolExecutor, read_timeout: float, connections: int = 1
+    ) -> None:
         self.ranges = RangeClient(read_timeout)
+        self.connections = connections  # the fetcher's concurrent origin requests: how many body buffers to reserve
         http = PlainHttpOrigin(session, self.ranges)
         self._by_scheme: dict[str, Origin] = {
             "s3": S3Origin(session, self.ranges),
@@ -37,10 +40,14 @@ class Origins:
         }
 
     async def warm_up(self) -> None:
-        """Build every origin's clients now; a failure here only means the first request builds them."""
+        """Build every origin's clients and the range client's body buffers now; a failure here only means the first request builds them."""
         started = time.monotonic()
         origins = set(self._by_scheme.values())
-        results = await asyncio.gather(*(o.warm_up() for o in origins), return_exceptions=True)
+        results = await asyncio.gather(
+            *(o.warm_up() for o in origins),
+            asyncio.to_thread(self.ranges.buffers.reserve, self.connections * BUFFERS_PER_CONNECTION),
+            return_exceptions=True,
+        )
         for origin, result in zip(origins, results):
             if isinstance(result, Exception):
                 log.debug("warming up the %s origin failed (retried on first use): %s", origin.scheme, result)
