@@ -22,7 +22,13 @@ makes every contender write into reclaimed memory.
   (client made before the clock: interpreter start and client creation are not timed);
 - ``s5cmd``: ``s5cmd --endpoint-url URL cp 's3://bench/model/*' DEST/``;
 - ``curl-seq``: one ``curl -s -o /dev/null`` per shard, one after another (the raw
-  single-stream ceiling: nothing is written to disk); ``curl-par``: all shards at once.
+  single-stream ceiling: nothing is written to disk); ``curl-par``: all shards at once;
+  ``curl-par-files``: all shards at once into files in DEST, the machine's raw copy speed (no
+  hashing, no verification, nothing but the transfer and the page-cache writes).
+
+``--server-cpus 0`` pins the S3 server to CPU 0 and every contender to the other CPUs, as
+if S3 were another machine (by default all share every CPU, and the server's CPU is most of
+the work: bench/RESULTS.md).
 
 Usage::
 
@@ -116,6 +122,18 @@ def own_cpu() -> float:
     """CPU seconds of this process plus its waited-for children (boto3 threads, CLIs, s5cmd, curl)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def pin_apart(server_pid: int, server_cpus: set[int]) -> None:
+    """Every thread of the S3 server on ``server_cpus``; this process (and so every contender it
+    starts from now on) on the other CPUs. Threads the server makes later inherit their maker's."""
+    rest = set(os.sched_getaffinity(0)) - server_cpus
+    if not rest or not server_cpus <= set(os.sched_getaffinity(0)):
+        raise SystemExit(f"--server-cpus {sorted(server_cpus)} must leave CPUs for the contenders")
+    for task in Path(f"/proc/{server_pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), server_cpus)
+    os.sched_setaffinity(0, rest)
+    print(f"S3 server on CPUs {sorted(server_cpus)}, contenders on {sorted(rest)}", flush=True)
 
 
 def dir_bytes(d: Path) -> int:
@@ -223,23 +241,24 @@ def run_s5cmd(ctx: dict, dest: Path) -> tuple[float, dict]:
     return secs, {}
 
 
-def run_curl(ctx: dict, dest: Path, parallel: bool) -> tuple[float, dict]:
+def run_curl(ctx: dict, dest: Path, parallel: bool, to_files: bool = False) -> tuple[float, dict]:
     urls = [f"{ctx['endpoint']}/{BUCKET}/{k}" for k in ctx["keys"]]
-    base = ["curl", "-s", "-f", "-o", "/dev/null", "-w", "%{size_download}\n"]
+    base = ["curl", "-s", "-f", "-w", "%{size_download}\n"]
+    outs_to = [str(dest / Path(k).name) if to_files else "/dev/null" for k in ctx["keys"]]
     t0 = start_clock(ctx)
     if parallel:
-        procs = [subprocess.Popen([*base, u], stdout=subprocess.PIPE, text=True) for u in urls]
+        procs = [subprocess.Popen([*base, "-o", o, u], stdout=subprocess.PIPE, text=True) for o, u in zip(outs_to, urls)]
         outs = [p.communicate()[0] for p in procs]
         rcs = [p.returncode for p in procs]
     else:
         outs, rcs = [], []
-        for u in urls:
-            d = subprocess.run([*base, u], capture_output=True, text=True)
+        for o, u in zip(outs_to, urls):
+            d = subprocess.run([*base, "-o", o, u], capture_output=True, text=True)
             outs.append(d.stdout)
             rcs.append(d.returncode)
     secs = time.perf_counter() - t0
     got = sum(int(o.strip() or 0) for o in outs)
-    if any(rcs) or got != ctx["total"]:
+    if any(rcs) or got != ctx["total"] or (to_files and dir_bytes(dest) != ctx["total"]):
         raise RuntimeError(f"curl rcs={rcs} got {got} bytes, want {ctx['total']}")
     return secs, {}
 
@@ -255,6 +274,7 @@ CONTENDERS = {
     "s5cmd": run_s5cmd,
     "curl-seq": lambda c, d: run_curl(c, d, False),
     "curl-par": lambda c, d: run_curl(c, d, True),
+    "curl-par-files": lambda c, d: run_curl(c, d, True, to_files=True),
 }
 
 
@@ -291,6 +311,9 @@ def main() -> int:
     ap.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "work"))
     ap.add_argument("--no-drop-caches", action="store_true")
+    ap.add_argument("--server-cpus", default="",
+                    help="pin the S3 server to these CPUs (e.g. 0) and every contender to the others, "
+                         "as if S3 were another machine; default: all share every CPU")
     ap.add_argument("--settle", type=float, default=0.0,
                     help="seconds between dropping the page cache and starting each contender's clock (default 0)")
     args = ap.parse_args()
@@ -317,6 +340,8 @@ def main() -> int:
     out_dir = ROOT / "bench" / "out"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with SeaweedS3(work / "seaweed") as sw:
+        if args.server_cpus:
+            pin_apart(sw.proc.pid, {int(c) for c in args.server_cpus.split(",")})
         sw.make_bucket(BUCKET)
         t_up = time.perf_counter()
         keys = []
@@ -372,6 +397,7 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "page_cache_dropped": dropped_all,
         "settle_s": args.settle,
+        "server_cpus": args.server_cpus,
         "medians": {k: statistics.median(v) for k, v in results.items() if v},
         "per_round": rounds,
     }
