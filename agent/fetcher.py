@@ -535,6 +535,7 @@ class Fetcher:
                 await self.store.run(fill.record_piece, index, got)
             except IntegrityError as exc:
                 raise PeerLiedError(str(exc)) from None
+            self.store.run_later(fill.follow)
             if sink.stream is not None:
                 sink.stream.digest = got
         except BaseException as exc:
@@ -841,6 +842,7 @@ class _SpanSink:
         index = self.indices[self.recorded]
         digest = self.piece.hasher.hexdigest()
         await self.fetcher.store.run(self.h.fill.record_piece, index, digest)
+        self.fetcher.store.run_later(self.h.fill.follow)  # the whole-file hash, without holding this connection
         self.streams[index].digest = digest
         if self.flight is not None:
             self.flight.done_pieces.add(index)

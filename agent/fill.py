@@ -372,7 +372,13 @@ class BlobFill:
             self.sizer.record(limit, offset - begin, time.thread_time_ns() - started)
 
     def record_piece(self, index: int, digest: str) -> None:
-        """Mark a written, hashed piece complete; check it against the manifest if known."""
+        """Mark a written, hashed piece complete; check it against the manifest if known.
+
+        The whole-file hash does not follow here: a piece that completes a long prefix
+        would hash it (up to the whole file) while its connection waits. The fetcher
+        runs :meth:`follow` in the pool without waiting for it, and :meth:`finish`
+        catches up on whatever is left.
+        """
         expected = self.entry.pieces[index] if self.entry.pieces else None
         if expected is not None and expected != digest:
             raise IntegrityError(
@@ -384,6 +390,9 @@ class BlobFill:
                 self.state_path,
                 {"size": self.entry.size, "piece_size": self.entry.piece_size, "done": self.done},
             )
+
+    def follow(self) -> None:
+        """Advance the whole-file hash over the completed prefix, unless another thread is at it."""
         self._follow(blocking=False)
 
     def reset_whole(self, etag_part_size: int | None = None) -> None:
@@ -420,6 +429,8 @@ class BlobFill:
         """Advance the whole-file hash over completed pieces; one thread at a time does it."""
         while self._whole_lock.acquire(blocking=blocking):
             try:
+                if self.fd < 0:  # closed (finished or discarded) before a late follow ran
+                    return
                 end = self._contiguous_end()
                 start = self._whole.offset
                 if end <= start:
@@ -505,6 +516,9 @@ class BlobFill:
                 pass
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        # Under the whole-file lock: a follow still hashing in the pool must not map a
+        # closed descriptor, or one the process has since reused for another file.
+        with self._whole_lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1

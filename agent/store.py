@@ -39,7 +39,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -107,6 +107,16 @@ class Store:
     async def run(self, fn: Any, *args: Any) -> Any:
         """Run blocking file work in the I/O pool."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def run_later(self, fn: Any, *args: Any) -> None:
+        """Start blocking file work in the I/O pool that nobody waits for (its failure is logged).
+
+        Only for work that may also never happen: once the pool is shut down it is skipped.
+        """
+        try:
+            self.pool.submit(fn, *args).add_done_callback(_log_failure)
+        except RuntimeError:  # the agent is stopping
+            log.debug("not started, the I/O pool is shut down: %s", getattr(fn, "__qualname__", fn))
 
     # -- startup -------------------------------------------------------------
     async def open(self) -> None:
@@ -456,6 +466,12 @@ class Store:
                 f"disk full: need {format_size(nbytes)} but only {format_size(nbytes - short)} free "
                 f"on the filesystem of {self.root}, and nothing more can be evicted"
             )
+
+
+def _log_failure(done: Future[Any]) -> None:
+    """Done-callback of :meth:`Store.run_later`: say what failed, since nobody awaits it."""
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("background file work failed: %s", done.exception())
 
 
 def _syncfs(path: str) -> None:

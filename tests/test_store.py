@@ -501,6 +501,37 @@ async def test_ordered_slots_admit_lowest_key_and_survive_cancellation() -> None
     assert not slots.promote("c", 0) and slots.free == 1
 
 
+def test_recording_a_piece_leaves_the_whole_file_hash_to_a_follow_that_close_waits_for(tmp_path: Path) -> None:
+    """A piece that completes a long prefix must not hash it on the caller's thread (its origin
+    connection would wait): follow() does, in the pool. close() waits for a running follow, and a
+    follow that comes after close() does nothing (it must not map a closed or reused descriptor)."""
+    import threading
+
+    from agent.fill import BlobFill
+
+    entry = FileEntry(path="w.bin", size=3 * MIN_PIECE_SIZE + 5, source={}, piece_size=MIN_PIECE_SIZE)
+    data = os.urandom(entry.size)
+    fill = BlobFill(str(tmp_path), entry)
+    fill.open()
+    fill.write(0, [data])
+    for i in reversed(range(entry.piece_count)):  # the last to complete is piece 0: the whole file is contiguous
+        offset, length = entry.piece_range(i)
+        fill.record_piece(i, xxhash.xxh3_128(data[offset : offset + length]).hexdigest())
+    assert fill._whole.offset == 0
+    fill.follow()
+    assert fill._whole.offset == entry.size
+    assert fill._whole.digests()["xxh128"] == xxhash.xxh3_128(data).hexdigest()
+
+    with fill._whole_lock:  # a follow in the middle of hashing
+        closer = threading.Thread(target=fill.close)
+        closer.start()
+        closer.join(0.2)
+        assert closer.is_alive() and fill.fd >= 0
+    closer.join(5)
+    assert fill.fd == -1
+    fill.follow()  # late: nothing to do, no error
+
+
 def test_fill_writes_in_bounded_calls_and_survives_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every pwritev of a fill is at most 32 KiB (the kernel sizes page-cache folios by the write,
     and larger fresh folios cost several times the copy on a VM whose free memory the host takes
