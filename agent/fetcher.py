@@ -470,6 +470,11 @@ class Fetcher:
             span.append(nxt)
         return span
 
+    async def _record_piece(self, fill: BlobFill, index: int, digest: str) -> None:
+        """Record a written, hashed piece; the whole-file hash follows in the pool, without holding the caller."""
+        await self.store.run(fill.record_piece, index, digest)
+        self.store.run_later(fill.follow)
+
     def _track(self, h: OpenFill, index: int, task: asyncio.Task[None]) -> None:
         h.tasks[index] = task
         task.add_done_callback(lambda t: h.tasks.pop(index, None) if h.tasks.get(index) is t else None)
@@ -532,10 +537,9 @@ class Fetcher:
             if got != stated:
                 raise PeerLiedError(f"piece {index} hashed {got}, the peer stated {stated!r}")
             try:
-                await self.store.run(fill.record_piece, index, got)
+                await self._record_piece(fill, index, got)
             except IntegrityError as exc:
                 raise PeerLiedError(str(exc)) from None
-            self.store.run_later(fill.follow)
             if sink.stream is not None:
                 sink.stream.digest = got
         except BaseException as exc:
@@ -841,8 +845,7 @@ class _SpanSink:
     async def _record(self) -> None:
         index = self.indices[self.recorded]
         digest = self.piece.hasher.hexdigest()
-        await self.fetcher.store.run(self.h.fill.record_piece, index, digest)
-        self.fetcher.store.run_later(self.h.fill.follow)  # the whole-file hash, without holding this connection
+        await self.fetcher._record_piece(self.h.fill, index, digest)
         self.streams[index].digest = digest
         if self.flight is not None:
             self.flight.done_pieces.add(index)

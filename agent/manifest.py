@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.defaults import DEFAULT_PIECE_SIZE, MAX_PIECE_SIZE, MIN_PIECE_SIZE  # noqa: F401 - used by the store and tests
+from agent.defaults import DEFAULT_PIECE_SIZE
 
 
 @dataclass

@@ -23,7 +23,8 @@ import pytest
 import xxhash
 
 from agent.fetcher import Fetcher, PeerContext
-from agent.manifest import MIN_PIECE_SIZE, FileEntry
+from agent.defaults import MIN_PIECE_SIZE
+from agent.manifest import FileEntry
 from agent.models import ModelService
 from agent.origins import Origins
 from agent.origins.base import Sink

@@ -43,12 +43,12 @@ class Origins:
         """Build every origin's clients and the range client's body buffers now; a failure here only means the first request builds them."""
         started = time.monotonic()
         origins = set(self._by_scheme.values())
-        results = await asyncio.gather(
+        *results, _ = await asyncio.gather(
             *(o.warm_up() for o in origins),
             asyncio.to_thread(self.ranges.buffers.reserve, self.connections * BUFFERS_PER_CONNECTION),
             return_exceptions=True,
-        )
-        for origin, result in zip(origins, results):
+        )  # the buffers' result is dropped: an allocation that failed is retried by the first answer
+        for origin, result in zip(origins, results, strict=True):
             if isinstance(result, Exception):
                 log.debug("warming up the %s origin failed (retried on first use): %s", origin.scheme, result)
         log.info("origin clients ready (%.2fs)", time.monotonic() - started)
