@@ -33,17 +33,17 @@ class AgentConfig:
     connections: int = DEFAULT_CONNECTIONS
     retries: int = DEFAULT_RETRIES
     read_timeout: float = DEFAULT_READ_TIMEOUT
-    # Write back and drop what a fill has verified from the page cache (agent/fill.py).
+    # Write back and drop what a fill has verified from the page cache (agent/store/fill.py).
     drop_behind: bool = False
     socket_mode: int = 0o660
     socket_gid: int | None = None  # chgrp the socket to this group (the pods allowed to use it)
-    # Peers (agent/peers.py): off unless a token file is given.
+    # Peers (agent/peers/membership.py): off unless a token file is given.
     peers: tuple[str, ...] = ()
     peer_dns: str | None = None
     peer_dns_interval: float = DEFAULT_PEER_DNS_INTERVAL
     peer_token_file: str | None = None
     advertise: str | None = None
     peer_hedge_timeout: float = DEFAULT_PEER_HEDGE_TIMEOUT
-    # The declarative warm set (agent/warm_set.py): a YAML file, watched every warm_set_poll seconds.
+    # The declarative warm set (agent/warmset/reconciler.py): a YAML file, watched every warm_set_poll seconds.
     warm_set: str | None = None
     warm_set_poll: float = 0.5

@@ -14,18 +14,18 @@ from concurrent.futures import ThreadPoolExecutor
 import aiohttp
 from aiohttp import web
 
-from agent.api import local_app, node_app
+from agent.api.local import local_app, node_app
 from agent.config import AgentConfig
-from agent.fetcher import Fetcher
+from agent.fetch.fetcher import Fetcher
 from agent.metrics import Metrics
-from agent.models import ModelService
+from agent.service import ModelService
 from agent.origins import Origins
-from agent.peer_api import PeerState
-from agent.peer_client import PeerClient
-from agent.peers import Membership, read_token
-from agent.store import Store
+from agent.api.peer import PeerState
+from agent.peers.client import PeerClient
+from agent.peers.membership import Membership, read_token
+from agent.store.store import Store
 from agent.units import format_size
-from agent.warm_set import WarmSet, add_warm_set_routes
+from agent.warmset.reconciler import WarmSet, add_warm_set_routes
 
 log = logging.getLogger(__name__)
 IO_THREADS = 16

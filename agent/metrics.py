@@ -45,9 +45,9 @@ from prometheus_client.exposition import generate_latest
 from client.errors import HTTP_STATUS
 
 if TYPE_CHECKING:
-    from agent.fetcher import Fetcher
+    from agent.fetch.fetcher import Fetcher
     from agent.manifest import Manifest
-    from agent.store import Store
+    from agent.store.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,8 @@ class Metrics:
         self.state.store, self.state.fetcher = store, fetcher
 
     def watch_warm_set(self, warm_set: Any) -> None:
-        """Export the warm set's series (agent/warm_set.py ``WarmSetCollector``; ``None``: no warm set)."""
-        from agent.warm_set import WarmSetCollector
+        """Export the warm set's series (agent/warmset/reconciler.py ``WarmSetCollector``; ``None``: no warm set)."""
+        from agent.warmset.reconciler import WarmSetCollector
 
         self.registry.register(WarmSetCollector(warm_set))
 

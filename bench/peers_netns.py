@@ -453,7 +453,7 @@ def prefetch(sock: Path, ref: str, out: dict[str, Any], barrier: threading.Barri
     """One node's prefetch: what ``agent prefetch REF`` sends, from a thread released with the others."""
     import io
 
-    from agent.cli import _follow
+    from agent.cli.main import _follow
     from client._transport import AgentConnection
 
     conn = AgentConnection(str(sock))

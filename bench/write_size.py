@@ -1,4 +1,4 @@
-"""What one write's size costs in the page cache (why agent/fill.py measures its write size, WriteSizer).
+"""What one write's size costs in the page cache (why agent/store/fill.py measures its write size, WriteSizer).
 
 Writes 1 GiB (default) of random bytes into a new file with ``os.pwrite`` calls
 of each size, after dropping the page cache and waiting ``--settle`` seconds,

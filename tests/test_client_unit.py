@@ -395,7 +395,7 @@ def test_the_agent_cli_verbs_start_without_the_daemon_modules() -> None:
     code = (
         "import sys\n"
         "import agent.cli\n"
-        "daemon = {'agent.config', 'agent.manifest', 'agent.store', 'agent.daemon', 'aiohttp', 'botocore', 'hashlib'}\n"
+        "daemon = {'agent.config', 'agent.manifest', 'agent.store.store', 'agent.daemon', 'aiohttp', 'botocore', 'hashlib'}\n"
         "bad = sorted(daemon & set(sys.modules))\n"
         "assert not bad, bad\n"
     )

@@ -27,10 +27,10 @@ from typing import Any
 import pytest
 import xxhash
 
-import agent.peers as peers_module
-from agent.fetcher import PeerContext
+import agent.peers.membership as peers_module
+from agent.fetch.fetcher import PeerContext
 from agent.manifest import Manifest
-from agent.peers import RELAY_FANOUT, Membership, balanced_owners, relay_orders, rendezvous, tree_parent
+from agent.peers.membership import RELAY_FANOUT, Membership, balanced_owners, relay_orders, rendezvous, tree_parent
 from client._transport import AgentConnection
 from client.errors import WarmstartError
 from tests.servers.agent_proc import AgentProcess, AgentStartError

@@ -198,7 +198,7 @@ def test_origin_faults_are_retried_and_the_fetch_completes(
     gets = faulty.ranged_gets
     assert sum(g.fault is not None for g in gets) == 2 * len(FAULTS)
     # Each fault cost exactly one more try: the file's 4 pieces are one run of consecutive
-    # pieces (agent/fetcher.py ORIGIN_RANGE_MAX), so after the faults one request gets the rest.
+    # pieces (agent/fetch/fetcher.py ORIGIN_RANGE_MAX), so after the faults one request gets the rest.
     assert len(gets) == 1 + 2 * len(FAULTS)
     # The range client sends a request once more by itself when a kept-alive connection is
     # reset before any answer (agent/origins/range_http.py), so a reset may not reach the

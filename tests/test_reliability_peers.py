@@ -71,7 +71,7 @@ def test_a_peer_answer_cut_short_moves_on_without_marking_the_peer_down(
     """B has the model; A gets B's pieces through a relay that drops every connection in the middle of
     the bodies. A moves on (to the origin) and finishes bit-exact, and does not take B out of
     placement for it: a body that ends early is also what a follower sees when the relay parent
-    it follows loses its own source, which says nothing about that parent (agent/peer_client.py
+    it follows loses its own source, which says nothing about that parent (agent/peers/client.py
     PeerCutShortError). It is counted as kind="cut"."""
     data = os.urandom(16 * MiB)
     src = tmp_path / "w.bin"

@@ -22,15 +22,15 @@ import aiohttp
 import pytest
 import xxhash
 
-from agent.fetcher import Fetcher, PeerContext
+from agent.fetch.fetcher import Fetcher, PeerContext
 from agent.defaults import MIN_PIECE_SIZE
 from agent.manifest import FileEntry
-from agent.models import ModelService
+from agent.service import ModelService
 from agent.origins import Origins
 from agent.origins.base import Sink
 from agent.origins.local import LocalOrigin
-from agent.peers import Membership
-from agent.store import Store
+from agent.peers.membership import Membership
+from agent.store.store import Store
 from client.errors import CapacityError, FetchFailedError, IntegrityError, ModelNotFoundError
 
 MiB = 1024 * 1024
@@ -170,12 +170,12 @@ async def test_a_kill_on_either_side_of_publishing_keeps_the_complete_file(
             real_rename(src, dst)
         raise _Killed(moment)
 
-    monkeypatch.setattr("agent.fill.os.rename", rename)
+    monkeypatch.setattr("agent.store.fill.os.rename", rename)
     ref, manifest = await node.service.resolve(str(tmp_path / "m"))
     with pytest.raises(_Killed):
         await node.service.ensure(ref, manifest)
     await node.stop()
-    monkeypatch.setattr("agent.fill.os.rename", real_rename)
+    monkeypatch.setattr("agent.store.fill.os.rename", real_rename)
 
     again = Node(node.root, 1 << 40)
     await again.start()
@@ -384,7 +384,7 @@ async def test_missing_path_and_changed_file(node: Node, tmp_path: Path) -> None
 
 
 def test_snapshot_links_are_atomic_relative_and_swept(tmp_path: Path) -> None:
-    from agent.snapshots import link_snapshot, sweep_unfinished
+    from agent.store.snapshots import link_snapshot, sweep_unfinished
 
     root = tmp_path / "cache"
     (root / "blobs").mkdir(parents=True)
@@ -433,7 +433,7 @@ async def _prefetch_recording(tmp_path: Path, connections: int) -> RecordingLoca
 
 
 async def test_pieces_are_fetched_front_of_the_model_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("agent.fetcher.ORIGIN_RANGE_MAX", MiB)  # one piece a request: the order shows
+    monkeypatch.setattr("agent.fetch.fetcher.ORIGIN_RANGE_MAX", MiB)  # one piece a request: the order shows
     for i in range(3):
         write_random(tmp_path / "m" / f"shard-{i}.bin", 4 * MiB, seed=10 + i)
     recording = await _prefetch_recording(tmp_path, connections=2)
@@ -447,7 +447,7 @@ async def test_pieces_are_fetched_front_of_the_model_first(tmp_path: Path, monke
 async def test_consecutive_missing_pieces_go_in_one_origin_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without peers a fill asks the origin for up to ORIGIN_RANGE_MAX of consecutive missing pieces
     at once (a long range costs the origin less), and still hashes and records every piece on its own."""
-    monkeypatch.setattr("agent.fetcher.ORIGIN_RANGE_MAX", 2 * MiB)
+    monkeypatch.setattr("agent.fetch.fetcher.ORIGIN_RANGE_MAX", 2 * MiB)
     data = write_random(tmp_path / "m" / "w.bin", 7 * MiB + 5, seed=21)
     recording = await _prefetch_recording(tmp_path, connections=1)
     assert recording.starts == [("w.bin", 0), ("w.bin", 2), ("w.bin", 4), ("w.bin", 6)]  # 8 pieces, 4 requests
@@ -458,7 +458,7 @@ async def test_consecutive_missing_pieces_go_in_one_origin_request(tmp_path: Pat
 
 
 async def test_ordered_slots_admit_lowest_key_and_survive_cancellation() -> None:
-    from agent.slots import OrderedSlots
+    from agent.fetch.slots import OrderedSlots
 
     slots = OrderedSlots(1)
     order: list[str] = []
@@ -508,7 +508,7 @@ def test_recording_a_piece_leaves_the_whole_file_hash_to_a_follow_that_close_wai
     follow that comes after close() does nothing (it must not map a closed or reused descriptor)."""
     import threading
 
-    from agent.fill import BlobFill
+    from agent.store.fill import BlobFill
 
     entry = FileEntry(path="w.bin", size=3 * MIN_PIECE_SIZE + 5, source={}, piece_size=MIN_PIECE_SIZE)
     data = os.urandom(entry.size)
@@ -538,7 +538,7 @@ def test_fill_writes_in_bounded_calls_and_survives_short_writes(tmp_path: Path, 
     and larger fresh folios cost several times the copy on a VM whose free memory the host takes
     back), and a short write carries on where it stopped: the file holds exactly the chunks, in
     order."""
-    import agent.fill as fill_mod
+    import agent.store.fill as fill_mod
 
     chunks = [os.urandom(n) for n in (5, (3 << 20) + 17, 0, 256 << 10, 2 << 20)]
     data = b"".join(chunks)
@@ -570,7 +570,7 @@ def test_the_write_size_follows_what_writes_cost() -> None:
     """The fills' write size is the largest one within LARGER_MARGIN of the cheapest measured cost;
     a size that was dearer is tried again after PROBE_EVERY bytes (more for a much dearer one),
     and when the machine changes so that it is cheap, the choice moves to it."""
-    from agent.fill import LARGER_MARGIN, MIN_MEASURED, PROBE_EVERY, WriteSizer
+    from agent.store.fill import LARGER_MARGIN, MIN_MEASURED, PROBE_EVERY, WriteSizer
 
     small, mid, large = 32 << 10, 128 << 10, 1 << 20
     cost = {small: 0.5, mid: 0.5 * (1 + LARGER_MARGIN / 2), large: 3.0}  # ns per byte on this "machine"
@@ -633,9 +633,9 @@ async def test_fill_keeps_its_pages_unless_told_to_drop_behind(
     """A fill leaves the blob in the page cache; with ``--drop-behind`` what the whole-file hash
     passed is written back and dropped DROP_LAG behind it, so the fill's footprint stays near
     DROP_LAG plus what is in flight (here one piece a request). The bytes are the same either way."""
-    from agent.fill import DROP_LAG
+    from agent.store.fill import DROP_LAG
 
-    monkeypatch.setattr("agent.fetcher.ORIGIN_RANGE_MAX", MIN_PIECE_SIZE)
+    monkeypatch.setattr("agent.fetch.fetcher.ORIGIN_RANGE_MAX", MIN_PIECE_SIZE)
 
     fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()
     if drop and fs == "tmpfs":

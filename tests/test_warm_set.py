@@ -1,4 +1,4 @@
-"""The declarative warm set (agent/warm_set.py) on real agents, a real file, SeaweedFS and the HF endpoint.
+"""The declarative warm set (agent/warmset/reconciler.py) on real agents, a real file, SeaweedFS and the HF endpoint.
 
 The file is laid out the way a mounted ConfigMap is (``warm-set.yaml ->
 ..data/warm-set.yaml``, ``..data -> ..<timestamp>``) and changed the way the
@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import xxhash
 
-from agent.warm_set import WarmSetError, parse_duration, parse_warm_set
+from agent.warmset.reconciler import WarmSetError, parse_duration, parse_warm_set
 from client._transport import AgentConnection
 from tests.servers.configmap import ConfigMapDir
 from tests.servers.hf_endpoint import HfEndpoint

@@ -1,6 +1,6 @@
 """What every origin does: resolve a reference to a manifest, and read byte ranges.
 
-The fetcher (agent/fetcher.py) owns concurrency, retries and verification; an
+The fetcher (agent/fetch/fetcher.py) owns concurrency, retries and verification; an
 origin only translates between its protocol and two calls. Failures worth
 retrying (5xx, SlowDown, resets, stalls, short bodies) raise
 :class:`TransientOriginError`; the rest raise the typed errors of
@@ -29,7 +29,7 @@ Sink = Callable[[Sequence[bytes | memoryview]], Awaitable[None]]
 READ_BLOCK = 4 * 1024 * 1024  # bytes handed to the sink at once
 MAX_CHUNKS = 512  # ... or this many chunks, whichever comes first (pwritev's IOV_MAX is 1024)
 # ... or what came in this long, whichever comes first. A piece that peers follow as it lands
-# (cut-through, agent/peer_api.py) is passed on only as fast as it is handed to the sink; on
+# (cut-through, agent/api/peer.py) is passed on only as fast as it is handed to the sink; on
 # a slow flow (one of 16 sharing a 200 Mbit/s link gets 1.5 MB/s) a 4 MiB block would hold
 # its first bytes back for 2.7 s (measured: bench/RESULTS.md "Peers").
 FLUSH_SECONDS = 0.1

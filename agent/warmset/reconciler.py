@@ -55,9 +55,9 @@ from typing import Any
 
 import yaml
 
-from agent.fill import write_json_atomic
+from agent.store.fill import write_json_atomic
 from agent.manifest import Manifest
-from agent.models import ModelService, Progress
+from agent.service import ModelService, Progress
 from agent.refs import ModelRef, parse_ref
 from agent.units import format_size
 from client.errors import CapacityError, WarmstartError

@@ -63,7 +63,7 @@ class PieceRequest:
     fill_key: str
     piece_size: int
     index: int
-    # Ask a relay parent (agent/peers.py): serve only what you hold or are receiving, never
+    # Ask a relay parent (agent/peers/membership.py): serve only what you hold or are receiving, never
     # fetch it from the origin for me. ``requester`` names the asking member, so that a node
     # never follows a piece back to where its own copy comes from.
     relay: bool = False

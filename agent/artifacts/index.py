@@ -1,6 +1,6 @@
 """Compile artifacts in the node store: bundles as blobs, an index of (key, fingerprint) -> blob.
 
-Layout under the cache root (beside the store's own, see agent/store.py):
+Layout under the cache root (beside the store's own, see agent/store/store.py):
 
     artifacts/<quoted key>/<fingerprint id>.json   {"key", "fingerprint", "fingerprint_id", "digest",
                                                     "size", "created", "publisher"}
@@ -23,7 +23,7 @@ later bundle is normally a superset of the earlier one.
 Artifacts have no origin, so a node missing one asks its peers: the
 rendezvous owner of the (key, fingerprint) first, then the others, for their
 index entry, and then for the blob by digest, which is hashed as it arrives and
-must match before it is stored (agent/artifacts_peer.py).
+must match before it is stored (agent/api/artifacts_peer.py).
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from typing import Any
 
 import xxhash
 
-from agent.fill import write_json_atomic
-from agent.store import Store
+from agent.store.fill import write_json_atomic
+from agent.store.store import Store
 from client.errors import BadRequestError, CapacityError, IntegrityError
 from client.fingerprint import check_fingerprint, fingerprint_id
 

@@ -2,7 +2,7 @@
 
 Every piece is one range request. Up to ``connections`` origin requests run at
 once across the whole agent; waiting pieces are admitted in the order their
-files were asked for, then piece order (agent/slots.py), so the front of a
+files were asked for, then piece order (agent/fetch/slots.py), so the front of a
 model lands first. A piece streams into its place in the partial file with
 positional writes while it is hashed (xxh3-128); it is recorded only when all
 of it arrived and, if the manifest already knows its hash, matched. Transient
@@ -11,9 +11,9 @@ times; what was verified stays for the next attempt or the next process.
 
 Concurrent requests for the same blob (same fill key) share one flight, and
 every piece has one fetch at a time however many ask for it: this node's own
-flight and peers asking for the piece (agent/peer_api.py) wait on the same one.
+flight and peers asking for the piece (agent/api/peer.py) wait on the same one.
 
-Piece sources (with peers configured, agent/peers.py): a piece that another
+Piece sources (with peers configured, agent/peers/membership.py): a piece that another
 live member owns by rendezvous order is asked of that owner first, then the
 next, finally fetched from the origin; a piece this node owns comes from the
 origin. Trust: a peer's piece must match the hash the peer states for it, and
@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
-from agent.fill import BlobFill
+from agent.store.fill import BlobFill
 from agent.manifest import FileEntry, Manifest
 from agent.metrics import Metrics
 from agent.origins import Origin, TransientOriginError
-from agent.peer_client import (
+from agent.peers.client import (
     PeerCutShortError,
     PeerDownError,
     PeerError,
@@ -49,14 +49,14 @@ from agent.peer_client import (
     PeerSlowError,
     PieceRequest,
 )
-from agent.peers import PieceSpec
-from agent.slots import OrderedSlots
-from agent.store import Store
+from agent.peers.membership import PieceSpec
+from agent.fetch.slots import OrderedSlots
+from agent.store.store import Store
 from client.errors import FetchFailedError, IntegrityError
 
 if TYPE_CHECKING:
-    from agent.peer_client import PeerClient
-    from agent.peers import Membership
+    from agent.peers.client import PeerClient
+    from agent.peers.membership import Membership
 
 log = logging.getLogger(__name__)
 
@@ -672,7 +672,7 @@ class Fetcher:
         running here (from the origin or from a peer), followed as it lands,
         else from an origin fetch started here. Refused (BusyError, the
         requester goes on to its next candidate): a ``relay`` request (from a
-        child in the piece's relay tree, agent/peers.py) for a piece this node
+        child in the piece's relay tree, agent/peers/membership.py) for a piece this node
         is not receiving, which must not cost an origin fetch; a piece that
         this node is receiving from ``requester`` itself (no loops); a piece
         between two tries here.

@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("ref")
     c = with_socket("verify", "re-hash a cached model; re-fetch what is corrupt")
     c.add_argument("ref")
-    from agent import cli_artifacts
+    from agent.cli import artifacts as cli_artifacts
 
     cli_artifacts.add_parser(sub)
     return p
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command == "artifacts":
-            from agent import cli_artifacts
+            from agent.cli import artifacts as cli_artifacts
 
             return cli_artifacts.run(args)
         conn = AgentConnection(args.socket)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "ls":
             return _ls(conn, args.json)
         if args.command == "warm-set":
-            from agent.cli_warm_set import show_warm_set
+            from agent.cli.warm_set import show_warm_set
 
             return show_warm_set(conn, args.json)
         if args.command == "evict":
@@ -176,7 +176,7 @@ def _serve(args: argparse.Namespace) -> int:
         if (peers or args.peer_dns) and not args.peer_token_file:
             raise ValueError("--peers/--peer-dns need --peer-token-file (the shared token peers authenticate with)")
         if args.peer_token_file:
-            from agent.peers import read_token, split_hostport
+            from agent.peers.membership import read_token, split_hostport
 
             read_token(args.peer_token_file)
             for addr in peers + ((args.advertise,) if args.advertise else ()):
@@ -354,7 +354,7 @@ def _progress_text(line: dict[str, Any]) -> str:
 
 
 def _ls(conn: AgentConnection, as_json: bool) -> int:
-    from agent.cli_warm_set import show_warm_set, warm_set_status
+    from agent.cli.warm_set import show_warm_set, warm_set_status
 
     data = conn.request_json("GET", "/v1/models")
     warm = warm_set_status(conn)

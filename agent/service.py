@@ -16,12 +16,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from agent.fetcher import Fetcher, PeerContext, first_error
-from agent.fill import file_digests
+from agent.fetch.fetcher import Fetcher, PeerContext, first_error
+from agent.store.fill import file_digests
 from agent.manifest import Manifest
 from agent.origins import Origins
 from agent.refs import ModelRef, parse_ref
-from agent.store import Store
+from agent.store.store import Store
 from client.errors import CapacityError, FetchFailedError, ModelNotFoundError, WarmstartError
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class ModelService:
         missing_before = [f for f in manifest.files if self.store.digest_of(f) is None]
         try:
             async with asyncio.TaskGroup() as tg:
-                # Connections go to files in this order (agent/slots.py): the small ones
+                # Connections go to files in this order (agent/fetch/slots.py): the small ones
                 # first (config, tokenizer, the shard index: what a loader reads before
                 # any weight), then the rest in manifest order.
                 for entry in sorted(manifest.files, key=lambda f: f.size > f.piece_size):

@@ -1,7 +1,7 @@
 """Artifacts between nodes: the peer routes that serve them and the requests that fetch them.
 
 Routes (on the TCP ``--listen`` app, under ``/peer/v1/`` so the peer token
-check of agent/peer_api.py applies; registered from agent/api.py)::
+check of agent/api/peer.py applies; registered from agent/api/local.py)::
 
     GET /peer/v1/artifacts/entry?key=KEY&fp=FINGERPRINT_ID   200 the index entry (JSON), 404 none here
     GET /peer/v1/artifacts/blob?digest=XXH128                200 the bundle's bytes, 404 not an artifact here
@@ -10,7 +10,7 @@ A peer is only ever given index entries and the blobs they name, by digest;
 never a path, never a model's blob (a digest must belong to an artifact entry).
 The requester checks the entry it gets is for what it asked, then streams the
 blob into its store while hashing it, and keeps it only if the xxh128 matches
-the digest (agent/artifacts.py ``adopt``).
+the digest (agent/artifacts/index.py ``adopt``).
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from agent.artifacts import DIGEST_RE, FPID_RE, ArtifactIndex, Entry, check_key
-from agent.peer_api import PEER
+from agent.artifacts.index import DIGEST_RE, FPID_RE, ArtifactIndex, Entry, check_key
+from agent.api.peer import PEER
 from client.errors import BadRequestError, CapacityError, IntegrityError
 
 log = logging.getLogger(__name__)
 
 
 def _index(request: web.Request) -> ArtifactIndex:
-    from agent.artifacts_api import artifact_index
+    from agent.api.artifacts import artifact_index
 
     service = request.app[PEER].service
     assert service is not None  # peer_auth answers 503 until the store is open

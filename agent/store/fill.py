@@ -1,6 +1,6 @@
 """A blob being filled: a preallocated file plus a durable record of verified pieces.
 
-Layout under the cache root (see agent/store.py):
+Layout under the cache root (see agent/store/store.py):
 
     partial/<fill key>.part   the preallocated file, written with positional writes
     partial/<fill key>.json   {"size", "piece_size", "done": {index: xxh3-128 hex}}

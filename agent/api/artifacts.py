@@ -22,10 +22,10 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.artifacts import FPID_RE, ArtifactIndex, Entry, check_key
-from agent.artifacts_peer import ArtifactPeerError, fetch_blob, fetch_entry
-from agent.models import ModelService
-from agent.peers import rendezvous
+from agent.artifacts.index import FPID_RE, ArtifactIndex, Entry, check_key
+from agent.api.artifacts_peer import ArtifactPeerError, fetch_blob, fetch_entry
+from agent.service import ModelService
+from agent.peers.membership import rendezvous
 from client.artifacts import HEADER
 from client.errors import ArtifactNotFoundError, BadRequestError
 from client.fingerprint import check_fingerprint, describe_diff, fingerprint_id
@@ -177,7 +177,7 @@ async def remove(request: web.Request) -> web.Response:
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    from agent.api import read_body
+    from agent.api.local import read_body
 
     return await read_body(request)
 

@@ -4,11 +4,11 @@ Layout under the cache root, readable with ``ls``:
 
     blobs/<xxh128 hex>             complete, verified, read-only file contents
     meta/<xxh128 hex>.json         {"size", "piece_size", "pieces"} for `agent verify`
-    partial/<fill key>.part|.json  blobs being filled (agent/fill.py)
+    partial/<fill key>.part|.json  blobs being filled (agent/store/fill.py)
     sources/<fill key>             the digest an origin object turned out to have
     manifests/<model key>/<rev>.json  resolved file lists (agent/manifest.py)
     models/<model key>.json        {"ref", "revision", "pinned", "last_used"}
-    snapshots/<model key>/<rev>/   the revision's files as relative links to blobs (agent/snapshots.py)
+    snapshots/<model key>/<rev>/   the revision's files as relative links to blobs (agent/store/snapshots.py)
     synced-at                      {"time": T}: every blob written before T is on the device
 
 Durability without an fsync per blob: a background task syncs the cache's
@@ -43,10 +43,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from agent.fill import BlobFill, WriteSizer, file_digests, write_json_atomic
+from agent.store.fill import BlobFill, WriteSizer, file_digests, write_json_atomic
 from agent.manifest import FileEntry, Manifest
 from agent.refs import ModelRef, parse_ref
-from agent.snapshots import link_snapshot, remove_snapshots, sweep_unfinished
+from agent.store.snapshots import link_snapshot, remove_snapshots, sweep_unfinished
 from agent.units import format_size
 from client.errors import CapacityError, IntegrityError
 

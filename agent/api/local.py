@@ -17,14 +17,14 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.artifacts_api import add_artifact_routes
-from agent.artifacts_peer import add_artifact_peer_routes
+from agent.api.artifacts import add_artifact_routes
+from agent.api.artifacts_peer import add_artifact_peer_routes
 from agent.manifest import Manifest
 from agent.metrics import METRICS, Metrics, add_metrics_route
 from agent.metrics import of as metrics_of
-from agent.models import ModelService, Progress
-from agent.peer_api import PeerState, add_peer_routes, peer_auth
-from agent.store import Store
+from agent.service import ModelService, Progress
+from agent.api.peer import PeerState, add_peer_routes, peer_auth
+from agent.store.store import Store
 from client.errors import HTTP_STATUS, BadRequestError, WarmstartError
 
 log = logging.getLogger(__name__)
@@ -375,7 +375,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 def node_app(ready: dict[str, bool], peer: PeerState | None = None, metrics: Metrics | None = None) -> web.Application:
-    """The TCP face: health, metrics, and the peer API (agent/peer_api.py; 404 unless a peer token is set)."""
+    """The TCP face: health, metrics, and the peer API (agent/api/peer.py; 404 unless a peer token is set)."""
     app = web.Application(middlewares=[errors_middleware, peer_auth], client_max_size=MAX_BODY)
     app[READY] = ready
     app.router.add_get("/livez", livez)

@@ -25,9 +25,9 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.fetcher import PEER_SCHEMES, BusyError, ServedPiece
+from agent.fetch.fetcher import PEER_SCHEMES, BusyError, ServedPiece
 from agent.manifest import Manifest
-from agent.models import ModelService
+from agent.service import ModelService
 from agent.refs import check_relative_path, parse_ref
 from client.errors import BadReferenceError, BadRequestError, CapacityError, WarmstartError
 
@@ -205,7 +205,7 @@ async def _copy(resp: web.StreamResponse, served: ServedPiece, fd: int, fetcher:
 
 async def prefetch(request: web.Request) -> web.StreamResponse:
     """Prefetch on this node for a peer (``agent prefetch --all-nodes``): the local API's NDJSON stream."""
-    from agent.api import ensure_job, read_body
+    from agent.api.local import ensure_job, read_body
 
     service = request.app[PEER].service
     assert service is not None

@@ -1,0 +1,1 @@
+"""Filling missing blobs: pieces from the origin or from peers, one flight per blob."""
