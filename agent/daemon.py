@@ -1,4 +1,17 @@
-"""`agent serve`: open the store, start the sites, run until SIGTERM, shut down in order."""
+"""`agent serve`: build the agent's parts, start its sites, run until SIGTERM, shut down in reverse order.
+
+:func:`running` is the agent as an async context manager: every part is built
+with what it needs (constructor injection) and every resource is entered on one
+``AsyncExitStack``, so shutdown is the stack unwinding, in reverse order of
+start, with no part reaching into another's state. :func:`serve` is the
+daemon: :func:`running` plus signal handling. Tests and benches that do not
+need a separate process (kill -9, RSS, the environment a process reads at
+start) run :func:`running` in their own event loop.
+
+Start order: the TCP node app first (``/livez`` answers at once, ``/readyz``
+503), then the store (opened, blobs written after the last sync re-hashed),
+the origins, the fetcher and peers, the local socket, and last readiness.
+"""
 
 from __future__ import annotations
 
@@ -9,23 +22,31 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 
-from agent.api.local import local_app, node_app
+from agent.api.local import local_app
+from agent.api.node import Readiness, node_app
+from agent.api.peer import PeerState
+from agent.artifacts.index import ArtifactIndex
+from agent.artifacts.lookup import Artifacts
 from agent.config import AgentConfig
 from agent.fetch.fetcher import Fetcher
+from agent.fetch.peer_reader import PeerReader
 from agent.metrics import Metrics
-from agent.service import ModelService
 from agent.origins import Origins
-from agent.api.peer import PeerState
 from agent.peers.client import PeerClient
 from agent.peers.membership import Membership, read_token
+from agent.service import ModelService
 from agent.store.store import Store
 from agent.units import format_size
-from agent.warmset.reconciler import WarmSet, add_warm_set_routes
+from agent.warmset.collector import WarmSetCollector
+from agent.warmset.reconciler import WarmSet
 
 log = logging.getLogger(__name__)
 IO_THREADS = 16
@@ -36,6 +57,17 @@ def split_listen(listen: str) -> tuple[str, int]:
     if not sep or not port.isdigit():
         raise ValueError(f"--listen must be HOST:PORT, got {listen!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+@dataclass(frozen=True)
+class Agent:
+    """The parts of a running agent, for whoever started it in-process (tests, benches)."""
+
+    config: AgentConfig
+    store: Store
+    service: ModelService
+    metrics: Metrics
+    membership: Membership | None
 
 
 async def _warm_up(origins: Origins) -> None:
@@ -70,11 +102,30 @@ def _prepare_socket_path(path: str) -> None:
         probe.close()
 
 
-def _start_peers(
-    config: AgentConfig, fetcher: Fetcher, peer_state: PeerState
-) -> tuple[aiohttp.ClientSession, asyncio.Task[None] | None]:
-    """Membership, its probe task and the peer client; the fetcher asks peers from now on."""
-    assert peer_state.token is not None
+async def _site(stack: AsyncExitStack, app: web.Application, make_site: type[web.BaseSite], *args: object) -> None:
+    """Serve ``app`` on a site; its runner is cleaned up when the stack unwinds."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    stack.push_async_callback(runner.cleanup)
+    await make_site(runner, *args).start()  # type: ignore[call-arg]
+
+
+def _background(stack: AsyncExitStack, coro: object, name: str) -> None:
+    """A task that lives as long as the agent: cancelled and awaited when the stack unwinds."""
+    task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+
+    stack.push_async_callback(stop)
+
+
+def _peers(
+    stack: AsyncExitStack, config: AgentConfig, token: str
+) -> tuple[Membership, PeerClient]:
+    """Membership and the peer client (its session closed with the stack)."""
     membership = Membership(
         config.listen,
         static=config.peers,
@@ -87,98 +138,93 @@ def _start_peers(
         auto_decompress=False,
         read_bufsize=4 * 1024 * 1024,
     )
-    client = PeerClient(session, peer_state.token.decode(), config.peer_hedge_timeout, config.read_timeout)
-    fetcher.peers = membership
-    fetcher.peer_client = client
-    peer_state.membership = membership
-    task = None
-    if config.peers or config.peer_dns:
-        task = asyncio.create_task(membership.run(client.ping), name="peers")
-        log.info("peers: %s%s; this node is %s", ",".join(config.peers) or "-",
-                 f" + DNS {config.peer_dns}" if config.peer_dns else "", membership.me)
-    else:
-        log.info("peer API on (token set) but no --peers/--peer-dns: serving peers only")
-    return session, task
+    stack.push_async_callback(session.close)
+    return membership, PeerClient(session, token, config.peer_hedge_timeout, config.read_timeout)
+
+
+@contextlib.asynccontextmanager
+async def running(config: AgentConfig) -> AsyncIterator[Agent]:
+    """The agent, serving on its socket and port until the block exits; then everything is closed in order."""
+    host, port = split_listen(config.listen)
+    loop = asyncio.get_running_loop()
+    async with AsyncExitStack() as stack:
+        pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="warmstart-io")
+        stack.callback(pool.shutdown, wait=True)
+        default_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="warmstart")
+        loop.set_default_executor(default_pool)
+        token = read_token(config.peer_token_file) if config.peer_token_file else None
+        metrics = Metrics()
+        ready = Readiness()
+        peer_state = PeerState(token, metrics)
+        await _site(stack, node_app(ready, peer_state, metrics), web.TCPSite, host, port)
+        log.info("health and metrics on http://%s:%d (/livez, /readyz, /metrics)", host, port)
+
+        store = Store(config.cache_dir, config.capacity, pool, config.drop_behind)
+        await store.open()
+        stack.push_async_callback(store.sync)  # last thing before the pool goes: what was published is durable
+        session = aiohttp.ClientSession(  # origins' metadata; their range bodies go through Origins.ranges
+            connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=config.read_timeout),
+            auto_decompress=False,
+            trust_env=True,  # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as boto3, huggingface_hub and the range client
+        )
+        stack.push_async_callback(session.close)
+        origins = Origins(session, pool, config.read_timeout, config.connections)
+        stack.push_async_callback(origins.close)
+
+        peers = _peers(stack, config, token) if token is not None else None
+        peer_reader = PeerReader(store, metrics, *peers, config.connections) if peers is not None else None
+        fetcher = Fetcher(store, metrics, config.connections, config.retries, peer_reader)
+        stack.push_async_callback(fetcher.close)
+        service = ModelService(store, fetcher, origins, config.piece_size)
+        artifacts = Artifacts(ArtifactIndex(store, node=peers[0].me) if peers else ArtifactIndex(store), metrics, peers)
+        metrics.watch(store, fetcher.in_flight, peers[0] if peers is not None else None)
+        if peers is not None:
+            membership, client = peers
+            if config.peers or config.peer_dns:
+                _background(stack, membership.run(client.ping), "peers")
+                log.info("peers: %s%s; this node is %s", ",".join(config.peers) or "-",
+                         f" + DNS {config.peer_dns}" if config.peer_dns else "", membership.me)
+            else:
+                log.info("peer API on (token set) but no --peers/--peer-dns: serving peers only")
+        peer_state.open(service, artifacts, peers[0].me if peers is not None else None)
+
+        warm_set = WarmSet(config.warm_set, service, poll=config.warm_set_poll) if config.warm_set else None
+        metrics.register(WarmSetCollector(warm_set))  # set-wide series even without one (alert rules read them)
+        if warm_set is not None:
+            stack.push_async_callback(warm_set.close)
+        _prepare_socket_path(config.socket)
+        stack.callback(_remove_socket, config.socket)
+        await _site(stack, local_app(service, metrics, artifacts, warm_set, peers), web.UnixSite, config.socket)
+        if config.socket_gid is not None:
+            os.chown(config.socket, -1, config.socket_gid)
+        os.chmod(config.socket, config.socket_mode)
+
+        _background(stack, store.sync_loop(), "sync")
+        _background(stack, _warm_up(origins), "warm-up origins")
+        if warm_set is not None:
+            _background(stack, warm_set.run(), "warm set")
+        ready.ready = True
+        stack.callback(setattr, ready, "ready", False)
+        log.info(
+            "serving %s on %s; cache %s (capacity %s, pieces %s, %d connections)",
+            "local API", config.socket, config.cache_dir, format_size(config.capacity),
+            format_size(config.piece_size), config.connections,
+        )
+        yield Agent(config, store, service, metrics, peers[0] if peers is not None else None)
+        log.info("shutting down")
+
+
+def _remove_socket(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 async def serve(config: AgentConfig) -> None:
-    host, port = split_listen(config.listen)
-    pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="warmstart-io")
-    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=8, thread_name_prefix="warmstart"))
-    ready = {"store": False}
-    peer_state = PeerState(read_token(config.peer_token_file) if config.peer_token_file else None)
-    metrics = Metrics()
-    node_runner = web.AppRunner(node_app(ready, peer_state, metrics), access_log=None)
-    await node_runner.setup()
-    await web.TCPSite(node_runner, host, port).start()
-    log.info("health and metrics on http://%s:%d (/livez, /readyz, /metrics)", host, port)
-
-    store = Store(config.cache_dir, config.capacity, pool, config.drop_behind)
-    await store.open()
-    session = aiohttp.ClientSession(  # origins' metadata; their range bodies go through Origins.ranges
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=config.read_timeout),
-        auto_decompress=False,
-        trust_env=True,  # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as boto3, huggingface_hub and the range client
-    )
-    origins = Origins(session, pool, config.read_timeout, config.connections)
-    fetcher = Fetcher(store, config.connections, config.retries, metrics)
-    metrics.watch(store, fetcher)
-    service = ModelService(store, fetcher, origins, config.piece_size)
-    peer_session, membership_task = None, None
-    if peer_state.token is not None:
-        peer_session, membership_task = _start_peers(config, fetcher, peer_state)
-        peer_state.service = service
-
-    _prepare_socket_path(config.socket)
-    warm_set = WarmSet(config.warm_set, service, poll=config.warm_set_poll) if config.warm_set else None
-    metrics.watch_warm_set(warm_set)  # set-wide series even without one (the alert rules read them)
-    app = local_app(service)
-    add_warm_set_routes(app, warm_set)
-    local_runner = web.AppRunner(app, access_log=None)
-    await local_runner.setup()
-    await web.UnixSite(local_runner, config.socket).start()
-    if config.socket_gid is not None:
-        os.chown(config.socket, -1, config.socket_gid)
-    os.chmod(config.socket, config.socket_mode)
-    ready["store"] = True
-    log.info(
-        "serving %s on %s; cache %s (capacity %s, pieces %s, %d connections)",
-        "local API", config.socket, config.cache_dir, format_size(config.capacity),
-        format_size(config.piece_size), config.connections,
-    )
-
-    syncer = asyncio.create_task(store.sync_loop(), name="sync")
-    warm_up = asyncio.create_task(_warm_up(origins), name="warm-up origins")
-    warm_task = asyncio.create_task(warm_set.run(), name="warm set") if warm_set is not None else None
+    """The daemon: the agent until SIGTERM or SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    try:
+    async with running(config):
         await stop.wait()
-    finally:
-        log.info("shutting down")
-        ready["store"] = False
-        if warm_task is not None and warm_set is not None:
-            warm_task.cancel()
-            await warm_set.close()
-        await local_runner.cleanup()
-        await node_runner.cleanup()
-        for flight in list(fetcher.flights.values()):
-            if flight.task:
-                flight.task.cancel()
-        with contextlib.suppress(Exception):
-            await asyncio.gather(*(f.task for f in fetcher.flights.values() if f.task), return_exceptions=True)
-        syncer.cancel()
-        warm_up.cancel()
-        if membership_task is not None:
-            membership_task.cancel()
-        if peer_session is not None:
-            await peer_session.close()
-        await store.sync()
-        await origins.close()
-        await session.close()
-        pool.shutdown(wait=True)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(config.socket)

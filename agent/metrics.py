@@ -35,9 +35,10 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
@@ -45,8 +46,7 @@ from prometheus_client.exposition import generate_latest
 from client.errors import HTTP_STATUS
 
 if TYPE_CHECKING:
-    from agent.fetch.fetcher import Fetcher
-    from agent.manifest import Manifest
+    from agent.manifest import FileEntry, Manifest
     from agent.store.store import Store
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,32 @@ def _version() -> str:
         return metadata.version("warmstart")
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+@dataclass
+class Transfers:
+    """Bytes and pieces moved, by source: the counters ``agent stats`` shows and /metrics exports.
+
+    Bumped by the parts that move the bytes (agent/fetch/, agent/api/peer.py,
+    agent/artifacts/); read here at scrape time and by ``GET /v1/stats``.
+    """
+
+    origin_bytes: int = 0
+    peer_bytes_received: int = 0
+    peer_bytes_served: int = 0
+    peer_bytes_relayed: int = 0  # of those, to relay requests (as a parent in a piece's relay tree)
+    peer_pieces_rejected: int = 0
+    peer_files_repaired: int = 0
+    peer_bytes_repaired: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class PeerStates(Protocol):
+    """What the collector reads of the membership: how many peers are in each state."""
+
+    def state_counts(self) -> dict[str, int]: ...
 
 
 class Metrics:
@@ -102,6 +128,7 @@ class Metrics:
             ["kind"], registry=r,
         )
         self.served_client_bytes = 0  # exported as warmstart_served_bytes_total{to="client"}
+        self.transfers = Transfers()
         self.build_info = Gauge("warmstart_build_info", "Always 1; the agent's version", ["version"], registry=r)
         self.build_info.labels(_version()).set(1)
         for kind in LOOKUP_KINDS:
@@ -118,27 +145,32 @@ class Metrics:
         self.state = _StateCollector(self)
         r.register(self.state)
 
-    def watch(self, store: Store, fetcher: Fetcher) -> None:
-        """From now on, scrapes read the state of ``store`` and ``fetcher`` (and its peers)."""
-        self.state.store, self.state.fetcher = store, fetcher
+    def watch(
+        self, store: Store, fills_in_flight: Callable[[], int], peers: PeerStates | None = None
+    ) -> None:
+        """From now on, scrapes read the state of ``store``, the fills running and the peers (if any)."""
+        self.state.store, self.state.fills_in_flight, self.state.peers = store, fills_in_flight, peers
 
-    def watch_warm_set(self, warm_set: Any) -> None:
-        """Export the warm set's series (agent/warmset/reconciler.py ``WarmSetCollector``; ``None``: no warm set)."""
-        from agent.warmset.reconciler import WarmSetCollector
+    def register(self, collector: Any) -> None:
+        """Export another part's series (the warm set's collector) on this agent's /metrics."""
+        self.registry.register(collector)
 
-        self.registry.register(WarmSetCollector(warm_set))
+    async def refresh(self) -> None:
+        """Before a scrape: bring what is computed lazily up to date (a scrape never fails for this)."""
+        store = self.state.store
+        if store is not None:
+            try:
+                await store.pinned_digests()  # cached; recomputed after a pin or an eviction changed it
+            except Exception:
+                log.exception("pinned bytes for /metrics")
 
     # -- events --------------------------------------------------------------
-    def count_lookup(self, store: Store, fetcher: Fetcher, manifest: Manifest) -> None:
-        """A request to make ``manifest`` whole arrived: count its pieces as hits or misses."""
+    def count_lookup(self, manifest: Manifest, verified_pieces: Callable[[FileEntry], int]) -> None:
+        """A request to make ``manifest`` whole arrived: count its pieces as hits (held verified) or misses."""
         hits = total = 0
         for entry in manifest.files:
-            count = entry.piece_count
-            total += count
-            if store.digest_of(entry) is not None:
-                hits += count
-            elif (flight := fetcher.flights.get(entry.fill_key)) is not None:
-                hits += len(flight.done_pieces)
+            total += entry.piece_count
+            hits += verified_pieces(entry)
         self.hits.labels("model").inc(hits)
         self.misses.labels("model").inc(total - hits)
 
@@ -182,7 +214,6 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-METRICS: web.AppKey[Metrics] = web.AppKey("metrics", Metrics)
 # The classic text format generate_latest writes (every Prometheus reads it; our names are plain ASCII).
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -193,32 +224,32 @@ class _StateCollector:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.store: Store | None = None
-        self.fetcher: Fetcher | None = None
+        self.fills_in_flight: Callable[[], int] | None = None
+        self.peers: PeerStates | None = None
 
     def collect(self) -> Iterator[Metric]:
+        transfers = self.metrics.transfers
         served = CounterMetricFamily(
             "warmstart_served_bytes", "Bytes handed out: to local clients (blobs they then read) and to peers",
             labels=["to"],
         )
         served.add_metric(["client"], self.metrics.served_client_bytes)
-        fetcher, store = self.fetcher, self.store
-        served.add_metric(["peer"], fetcher.peer_bytes_served if fetcher is not None else 0)
+        served.add_metric(["peer"], transfers.peer_bytes_served)
         yield served
-        if store is not None:
-            yield from self._store(store)
-        if fetcher is not None:
-            yield from self._fetcher(fetcher)
+        if self.store is not None:
+            yield from self._store(self.store)
+        if self.fills_in_flight is not None:
+            yield from self._fetch(transfers, self.fills_in_flight())
 
     def _store(self, store: Store) -> Iterator[Metric]:
         yield GaugeMetricFamily("warmstart_cache_used_bytes", "Bytes of blobs and partial files in the cache",
                                 value=store.used_bytes)
         yield GaugeMetricFamily("warmstart_cache_capacity_bytes", "The cache's --capacity", value=store.capacity)
-        yield GaugeMetricFamily("warmstart_cache_blobs", "Complete blobs in the cache", value=len(store.blob_sizes))
-        pinned = store._pinned_cache  # refreshed by the /metrics handler before each scrape
+        yield GaugeMetricFamily("warmstart_cache_blobs", "Complete blobs in the cache", value=store.blob_count)
+        pinned = store.pinned_bytes()  # refreshed by Metrics.refresh before each scrape
         if pinned is not None:
             yield GaugeMetricFamily(
-                "warmstart_cache_pinned_bytes", "Bytes of blobs of pinned models (never evicted)",
-                value=sum(store.blob_sizes.get(d, 0) for d in pinned),
+                "warmstart_cache_pinned_bytes", "Bytes of blobs of pinned models (never evicted)", value=pinned,
             )
         yield CounterMetricFamily("warmstart_evictions", "Blobs evicted (least recently used) to make room",
                                   value=store.evictions)
@@ -232,53 +263,23 @@ class _StateCollector:
                                 "Bytes free for the agent on the filesystem holding the cache",
                                 value=st.f_bavail * st.f_frsize)
 
-    def _fetcher(self, fetcher: Fetcher) -> Iterator[Metric]:
+    def _fetch(self, transfers: Transfers, fills_in_flight: int) -> Iterator[Metric]:
         fetched = CounterMetricFamily("warmstart_fetched_bytes", "Bytes received into the cache, by source",
                                       labels=["source"])
-        fetched.add_metric(["origin"], fetcher.origin_bytes)
-        fetched.add_metric(["peer"], fetcher.peer_bytes_received)
+        fetched.add_metric(["origin"], transfers.origin_bytes)
+        fetched.add_metric(["peer"], transfers.peer_bytes_received)
         yield fetched
-        yield GaugeMetricFamily("warmstart_fills_in_flight", "Files being filled now", value=len(fetcher.flights))
+        yield GaugeMetricFamily("warmstart_fills_in_flight", "Files being filled now", value=fills_in_flight)
         yield CounterMetricFamily("warmstart_peer_pieces_rejected", "Pieces from peers refused (hash mismatch)",
-                                  value=fetcher.peer_pieces_rejected)
+                                  value=transfers.peer_pieces_rejected)
         yield CounterMetricFamily("warmstart_peer_files_repaired",
                                   "Files whose peer pieces failed the origin's digest and were fetched again",
-                                  value=fetcher.peer_files_repaired)
+                                  value=transfers.peer_files_repaired)
         peers = GaugeMetricFamily(
             "warmstart_peers", "Other agents this node knows, by state: live (used for pieces), "
             "penalised (answering but sent bad bytes), down (not answering)", labels=["state"],
         )
-        counts = {"live": 0, "penalised": 0, "down": 0}
-        membership = fetcher.peers
-        if membership is not None:
-            now = time.monotonic()
-            for peer in list(membership.peers.values()):
-                counts["live" if peer.usable(now) else "penalised" if peer.alive else "down"] += 1
+        counts = self.peers.state_counts() if self.peers is not None else {"live": 0, "penalised": 0, "down": 0}
         for state, n in counts.items():
             peers.add_metric([state], n)
         yield peers
-
-
-async def _metrics_handler(request: web.Request) -> web.Response:
-    metrics = request.app[METRICS]
-    store = metrics.state.store
-    if store is not None:
-        try:
-            await store.pinned_digests()  # cached; recomputed after a pin or an eviction changed it
-        except Exception:  # a scrape never fails for this
-            log.exception("pinned bytes for /metrics")
-    return web.Response(body=metrics.render(), headers={"Content-Type": CONTENT_TYPE})
-
-
-def add_metrics_route(app: web.Application, metrics: Metrics) -> None:
-    """``GET /metrics`` (no authentication, like /livez) on the TCP app."""
-    app[METRICS] = metrics
-    app.router.add_get("/metrics", _metrics_handler)
-
-
-def of(app: Any) -> Metrics | None:
-    """The metrics of an aiohttp app, if it has them (for the small hooks in the API modules)."""
-    try:
-        return app.get(METRICS)
-    except Exception:
-        return None

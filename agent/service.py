@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from agent.fetch.fetcher import Fetcher, PeerContext, first_error
+from agent.fetch.fetcher import Fetcher, PeerContext, ServedPiece, first_error
+from agent.manifest import FileEntry, Manifest
 from agent.store.fill import file_digests
-from agent.manifest import Manifest
 from agent.origins import Origins
 from agent.refs import ModelRef, parse_ref
 from agent.store.store import Store
@@ -43,13 +43,10 @@ class Progress:
 
     @property
     def done_bytes(self) -> int:
-        done = 0
-        for entry in self.manifest.files:
-            if self.store.digest_of(entry) is not None:
-                done += entry.size
-            elif (flight := self.fetcher.flights.get(entry.fill_key)) is not None:
-                done += flight.done_bytes
-        return done
+        return sum(
+            entry.size if self.store.digest_of(entry) is not None else self.fetcher.done_bytes(entry.fill_key)
+            for entry in self.manifest.files
+        )
 
     def snapshot(self) -> dict[str, Any]:
         done = self.done_bytes
@@ -74,6 +71,27 @@ class ModelService:
 
     def is_complete(self, manifest: Manifest) -> bool:
         return all(self.store.digest_of(f) is not None for f in manifest.files)
+
+    # -- what the API reads of fills in progress ---------------------------
+    def verified_pieces(self, entry: FileEntry) -> int:
+        """Pieces of ``entry`` this node holds verified now (all of a complete blob's)."""
+        if self.store.digest_of(entry) is not None:
+            return entry.piece_count
+        return self.fetcher.verified_pieces(entry.fill_key)
+
+    def filling(self, entry: FileEntry) -> tuple[str, frozenset[int]] | None:
+        """(partial file under the cache root, its verified pieces) while ``entry`` fills, else None."""
+        return self.fetcher.filling(entry.fill_key)
+
+    async def wait_change(self, timeout: float) -> None:
+        """Return when a piece or a blob completes anywhere, or after ``timeout`` seconds."""
+        await self.fetcher.wait_change(timeout)
+
+    async def serve_piece(
+        self, ref: ModelRef, entry: FileEntry, index: int, *, relay: bool, requester: str
+    ) -> ServedPiece:
+        """Where a peer can read piece ``index`` of ``entry`` (see :meth:`Fetcher.serve_piece`)."""
+        return await self.fetcher.serve_piece(entry, index, self.origins.for_ref(ref), relay=relay, requester=requester)
 
     async def resolve(self, text: str, fresh: bool = False) -> tuple[ModelRef, Manifest]:
         """The manifest ``text`` names now; raises BadReferenceError, ModelNotFoundError, ...

@@ -28,9 +28,10 @@ import pytest
 import xxhash
 
 import agent.peers.membership as peers_module
-from agent.fetch.fetcher import PeerContext
+from agent.fetch.flight import PeerContext
 from agent.manifest import Manifest
-from agent.peers.membership import RELAY_FANOUT, Membership, balanced_owners, relay_orders, rendezvous, tree_parent
+from agent.peers.membership import Membership
+from agent.peers.placement import RELAY_FANOUT, balanced_owners, relay_orders, rendezvous, tree_parent
 from client._transport import AgentConnection
 from client.errors import WarmstartError
 from tests.servers.agent_proc import AgentProcess, AgentStartError
@@ -129,13 +130,13 @@ async def test_placement_is_computed_off_the_event_loop_once_per_member_list() -
     model = ("s3://b/m@rev", pieces)
     loop_thread = threading.get_ident()
     computed_in: list[int] = []
-    real = peers_module._placement
+    real = peers_module.compute_placement
 
     def spy(*args: Any) -> Any:
         computed_in.append(threading.get_ident())
         return real(*args)
 
-    peers_module._placement = spy
+    peers_module.compute_placement = spy  # type: ignore[assignment]
     try:
         await asyncio.gather(*(m.prepare(model) for _ in range(5)))
         assert len(computed_in) == 1 and computed_in[0] != loop_thread
@@ -143,15 +144,18 @@ async def test_placement_is_computed_off_the_event_loop_once_per_member_list() -
         orders = relay_orders(sorted(members), pieces, owners)
         for key, index, _ in pieces[:40]:
             want_owner = owners[(key, index)]
-            assert m.candidates(key, index, 2, model)[:1] == ([] if want_owner == members[0] else [want_owner])
+            sources = m.sources(key, index, 2, model)
+            owners_asked = [a for a, relay in sources if not relay]
+            relay_parents = [a for a, relay in sources if relay]
+            assert owners_asked[:1] == ([] if want_owner == members[0] else [want_owner])
             parent = tree_parent(orders[(key, index)], members[0])
-            assert m.relay_parent(key, index, model) == (None if parent in (None, want_owner) else parent)
+            assert relay_parents[:1] == ([] if parent in (None, want_owner) else [parent])
         assert len(computed_in) == 1  # the accessors used what prepare computed
         m.mark_down(members[-1], "test")  # another member list: another placement
         await m.prepare(model)
         assert len(computed_in) == 2
     finally:
-        peers_module._placement = real
+        peers_module.compute_placement = real  # type: ignore[assignment]
 
 
 # ---------------------------------------------------------------------- helpers

@@ -22,7 +22,11 @@ import aiohttp
 import pytest
 import xxhash
 
-from agent.fetch.fetcher import Fetcher, PeerContext
+from agent.fetch.fetcher import Fetcher
+from agent.fetch.flight import PeerContext
+from agent.fetch.peer_reader import PeerReader
+from agent.metrics import Metrics
+from agent.peers.client import PeerClient
 from agent.defaults import MIN_PIECE_SIZE
 from agent.manifest import FileEntry
 from agent.service import ModelService
@@ -60,7 +64,7 @@ class Node:
         self.store = Store(str(self.root), self.capacity, self.pool, self.drop_behind)
         await self.store.open()
         self.origins = Origins(self.session, self.pool, read_timeout=30.0)
-        self.fetcher = Fetcher(self.store, connections=self.connections, retries=3)
+        self.fetcher = Fetcher(self.store, Metrics(), connections=self.connections, retries=3)
         self.service = ModelService(self.store, self.fetcher, self.origins, MIN_PIECE_SIZE)
         return self.service
 
@@ -203,7 +207,10 @@ async def test_a_peer_asking_while_the_placement_is_prepared_does_not_get_a_piec
     entry.sha256 = hashlib.sha256(data).hexdigest()  # what lets a fill take pieces from peers
     members = Membership("127.0.0.1:1", static=["127.0.0.1:2"])
     await members.refresh()  # the other member is not up: this node owns every piece
-    node.fetcher.peers = members
+    client = PeerClient(node.session, "t" * 16, hedge_timeout=1.0, read_timeout=5.0)
+    node.fetcher = Fetcher(
+        node.store, Metrics(), 4, 3, PeerReader(node.store, node.fetcher.metrics, members, client, 4)
+    )
     origin = FlakyLocal(node.pool, budget=1 << 40)  # here only counting what the origin sent
     preparing = asyncio.Event()
     real_prepare = members.prepare
@@ -433,7 +440,7 @@ async def _prefetch_recording(tmp_path: Path, connections: int) -> RecordingLoca
 
 
 async def test_pieces_are_fetched_front_of_the_model_first(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("agent.fetch.fetcher.ORIGIN_RANGE_MAX", MiB)  # one piece a request: the order shows
+    monkeypatch.setattr("agent.fetch.origin_reader.ORIGIN_RANGE_MAX", MiB)  # one piece a request: the order shows
     for i in range(3):
         write_random(tmp_path / "m" / f"shard-{i}.bin", 4 * MiB, seed=10 + i)
     recording = await _prefetch_recording(tmp_path, connections=2)
@@ -447,7 +454,7 @@ async def test_pieces_are_fetched_front_of_the_model_first(tmp_path: Path, monke
 async def test_consecutive_missing_pieces_go_in_one_origin_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without peers a fill asks the origin for up to ORIGIN_RANGE_MAX of consecutive missing pieces
     at once (a long range costs the origin less), and still hashes and records every piece on its own."""
-    monkeypatch.setattr("agent.fetch.fetcher.ORIGIN_RANGE_MAX", 2 * MiB)
+    monkeypatch.setattr("agent.fetch.origin_reader.ORIGIN_RANGE_MAX", 2 * MiB)
     data = write_random(tmp_path / "m" / "w.bin", 7 * MiB + 5, seed=21)
     recording = await _prefetch_recording(tmp_path, connections=1)
     assert recording.starts == [("w.bin", 0), ("w.bin", 2), ("w.bin", 4), ("w.bin", 6)]  # 8 pieces, 4 requests
@@ -635,7 +642,7 @@ async def test_fill_keeps_its_pages_unless_told_to_drop_behind(
     DROP_LAG plus what is in flight (here one piece a request). The bytes are the same either way."""
     from agent.store.fill import DROP_LAG
 
-    monkeypatch.setattr("agent.fetch.fetcher.ORIGIN_RANGE_MAX", MIN_PIECE_SIZE)
+    monkeypatch.setattr("agent.fetch.origin_reader.ORIGIN_RANGE_MAX", MIN_PIECE_SIZE)
 
     fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()
     if drop and fs == "tmpfs":

@@ -19,7 +19,8 @@ from typing import Any
 import pytest
 import xxhash
 
-from agent.warmset.reconciler import WarmSetError, parse_duration, parse_warm_set
+from agent.warmset.spec import parse_duration, parse_warm_set
+from agent.errors import WarmSetError
 from client._transport import AgentConnection
 from tests.servers.configmap import ConfigMapDir
 from tests.servers.hf_endpoint import HfEndpoint

@@ -1,4 +1,4 @@
-"""Artifacts between nodes: the peer routes that serve them and the requests that fetch them.
+"""Artifacts between nodes: the peer routes that serve them (the requests are agent/artifacts/peer_fetch.py).
 
 Routes (on the TCP ``--listen`` app, under ``/peer/v1/`` so the peer token
 check of agent/api/peer.py applies; registered from agent/api/local.py)::
@@ -10,31 +10,26 @@ A peer is only ever given index entries and the blobs they name, by digest;
 never a path, never a model's blob (a digest must belong to an artifact entry).
 The requester checks the entry it gets is for what it asked, then streams the
 blob into its store while hashing it, and keeps it only if the xxh128 matches
-the digest (agent/artifacts/index.py ``adopt``).
+the digest (agent/artifacts/peer_fetch.py).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from typing import Any
 
-import aiohttp
 from aiohttp import web
 
-from agent.artifacts.index import DIGEST_RE, FPID_RE, ArtifactIndex, Entry, check_key
+from agent.artifacts.index import DIGEST_RE, FPID_RE, ArtifactIndex, check_key
 from agent.api.peer import PEER
-from client.errors import BadRequestError, CapacityError, IntegrityError
+from client.errors import BadRequestError
 
 log = logging.getLogger(__name__)
 
 
 def _index(request: web.Request) -> ArtifactIndex:
-    from agent.api.artifacts import artifact_index
-
-    service = request.app[PEER].service
-    assert service is not None  # peer_auth answers 503 until the store is open
-    return artifact_index(service)
+    artifacts = request.app[PEER].artifacts
+    assert artifacts is not None  # peer_auth answers 503 until the store is open
+    return artifacts.index
 
 
 async def entry(request: web.Request) -> web.Response:
@@ -59,62 +54,10 @@ async def blob(request: web.Request) -> web.StreamResponse:
     if not index.store.has_blob(digest) or not any(e.digest == digest for e in index.entries.values()):
         raise web.HTTPNotFound(text="no such artifact blob here\n")
     # sendfile from the blob; an eviction meanwhile unlinks the name, the open file stays readable.
-    request.app[PEER].service.fetcher.peer_bytes_served += index.store.blob_sizes.get(digest, 0)  # type: ignore[union-attr]
+    request.app[PEER].metrics.transfers.peer_bytes_served += index.store.blob_size(digest)
     return web.FileResponse(index.store.blob_path(digest), headers={"Content-Type": "application/octet-stream"})
 
 
 def add_artifact_peer_routes(app: web.Application) -> None:
     app.router.add_get("/peer/v1/artifacts/entry", entry)
     app.router.add_get("/peer/v1/artifacts/blob", blob)
-
-
-# ---------------------------------------------------------------------- requester side
-
-
-class ArtifactPeerError(Exception):
-    """This peer could not provide the artifact; try the next."""
-
-
-async def fetch_entry(client: Any, addr: str, key: str, fpid: str) -> Entry | None:
-    """The peer's entry for (key, fingerprint id), None when it has none; ArtifactPeerError when it failed."""
-    timeout = aiohttp.ClientTimeout(total=client.hedge_timeout + 5, sock_connect=client.hedge_timeout)
-    try:
-        async with client.session.get(
-            f"http://{addr}/peer/v1/artifacts/entry", params={"key": key, "fp": fpid},
-            headers=client.headers, timeout=timeout,
-        ) as resp:
-            if resp.status == 404:
-                return None
-            if resp.status != 200:
-                raise ArtifactPeerError(f"entry answered {resp.status}")
-            data = await resp.json(content_type=None)
-    except (aiohttp.ClientError, ConnectionError, OSError, TimeoutError, ValueError) as exc:
-        raise ArtifactPeerError(f"{type(exc).__name__}: {exc}") from None
-    try:
-        found = Entry.from_json(data)
-    except ValueError as exc:
-        raise ArtifactPeerError(str(exc)) from None
-    if found.key != key or found.fingerprint_id != fpid:
-        raise ArtifactPeerError("answered an entry for another key or fingerprint")
-    return found
-
-
-async def fetch_blob(client: Any, addr: str, index: ArtifactIndex, found: Entry) -> str:
-    """Stream the bundle of ``found`` from ``addr`` into the store; verified against its digest."""
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=client.hedge_timeout, sock_read=client.read_timeout)
-    try:
-        async with client.session.get(
-            f"http://{addr}/peer/v1/artifacts/blob", params={"digest": found.digest},
-            headers=client.headers, timeout=timeout,
-        ) as resp:
-            if resp.status != 200:
-                raise ArtifactPeerError(f"blob answered {resp.status}")
-            if resp.content_length != found.size:
-                raise ArtifactPeerError(f"blob is {resp.content_length} bytes, the entry says {found.size}")
-            return await index.adopt(resp.content.read, found.size, expect=found.digest)
-    except CapacityError:
-        raise  # this node is full: no other peer changes that
-    except IntegrityError as exc:
-        raise ArtifactPeerError(str(exc)) from None
-    except (aiohttp.ClientError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
-        raise ArtifactPeerError(f"{type(exc).__name__}: {exc}") from None

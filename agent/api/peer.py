@@ -25,10 +25,15 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.fetch.fetcher import PEER_SCHEMES, BusyError, ServedPiece
+from agent.api.common import ensure_job, flag, read_body, ref_field
+from agent.artifacts.lookup import Artifacts
+from agent.errors import BusyError
+from agent.fetch.fetcher import PEER_SCHEMES, ServedPiece
 from agent.manifest import Manifest
+from agent.metrics import Metrics, Transfers
+from agent.refs import ModelRef, check_relative_path, parse_ref
 from agent.service import ModelService
-from agent.refs import check_relative_path, parse_ref
+from agent.singleflight import SingleFlight
 from client.errors import BadReferenceError, BadRequestError, CapacityError, WarmstartError
 
 log = logging.getLogger(__name__)
@@ -38,29 +43,30 @@ STALL_SECONDS = 30.0
 
 
 class PeerState:
-    """What the peer routes need; filled in by the daemon once the store is open."""
+    """What the peer routes need: the token from the start, the node's parts once its store is open."""
 
-    def __init__(self, token: str | None) -> None:
+    def __init__(self, token: str | None, metrics: Metrics) -> None:
         self.token = token.encode() if token else None
+        self.metrics = metrics
         self.service: ModelService | None = None
-        self.membership: Any = None  # agent.peers.Membership once peers are on
-        self._resolving: dict[str, asyncio.Task[Manifest]] = {}
+        self.artifacts: Artifacts | None = None
+        self.me: str | None = None  # this node's name among its peers
+        self._resolving: SingleFlight[str, Manifest] = SingleFlight()
+
+    def open(self, service: ModelService, artifacts: Artifacts, me: str | None) -> None:
+        """The store is open: serve pieces, prefetches and artifacts from now on (503 before)."""
+        self.service, self.artifacts, self.me = service, artifacts, me
 
     async def manifest(self, ref_base: str, revision: str) -> Manifest:
         """The manifest of ``ref_base@revision`` as this node resolves it (one resolve at a time per name)."""
-        assert self.service is not None
-        name = f"{ref_base}@{revision}"
-        task = self._resolving.get(name)
-        if task is None:
-            task = asyncio.create_task(self._resolve(name))
-            self._resolving[name] = task
-            task.add_done_callback(lambda _t: self._resolving.pop(name, None))
-        return await asyncio.shield(task)
+        service = self.service
+        assert service is not None  # peer_auth answers 503 until open()
 
-    async def _resolve(self, name: str) -> Manifest:
-        assert self.service is not None
-        _, manifest = await self.service.resolve(name)
-        return manifest
+        async def resolve() -> Manifest:
+            return (await service.resolve(name))[1]
+
+        name = f"{ref_base}@{revision}"
+        return await self._resolving.run(name, resolve)
 
 
 PEER: web.AppKey[PeerState] = web.AppKey("peer", PeerState)
@@ -86,7 +92,7 @@ async def peer_auth(
     return await handler(request)
 
 
-def _peer_ref(text: object, allow_revision: bool = False) -> Any:
+def _peer_ref(text: object, allow_revision: bool = False) -> ModelRef:
     ref = parse_ref(text)
     if ref.scheme not in PEER_SCHEMES:
         raise BadReferenceError(f"peers may only name {', '.join(PEER_SCHEMES)} references, not {ref.scheme}")
@@ -103,8 +109,7 @@ def _int(query: Any, name: str) -> int:
 
 
 async def ping(request: web.Request) -> web.Response:
-    membership = request.app[PEER].membership
-    return web.json_response({"ok": True, "node": membership.me if membership is not None else None})
+    return web.json_response({"ok": True, "node": request.app[PEER].me})
 
 
 async def piece(request: web.Request) -> web.StreamResponse:
@@ -125,10 +130,9 @@ async def piece(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound(text=f"{path!r} is not a file of {ref.base}@{revision}\n")
     if entry.fill_key != key or entry.piece_size != piece_size or not 0 <= index < entry.piece_count:
         raise web.HTTPConflict(text="fill key, piece size or index differ from this node's manifest\n")
-    origin = service.origins.for_ref(ref)
     for attempt in range(2):
         try:
-            served = await service.fetcher.serve_piece(entry, index, origin, relay=relay, requester=requester)
+            served = await service.serve_piece(ref, entry, index, relay=relay, requester=requester)
         except BusyError as exc:
             raise web.HTTPServiceUnavailable(text=f"{exc}\n") from None
         except CapacityError as exc:
@@ -147,14 +151,14 @@ async def piece(request: web.Request) -> web.StreamResponse:
 
 
 async def _send(request: web.Request, served: ServedPiece, fd: int, relay: bool) -> web.StreamResponse:
-    fetcher = request.app[PEER].service.fetcher  # type: ignore[union-attr]
+    transfers = request.app[PEER].metrics.transfers
     resp = web.StreamResponse(
         headers={"Content-Type": "application/octet-stream", "X-Warmstart-Piece-Length": str(served.length)}
     )
     resp.content_length = served.length + 32
     await resp.prepare(request)
     try:
-        await _copy(resp, served, fd, fetcher, relay)
+        await _copy(resp, served, fd, transfers, relay)
     except _Abort as exc:
         log.info("piece for %s cut short: %s", request.remote, exc)
         if request.transport is not None:
@@ -168,7 +172,7 @@ class _Abort(Exception):
     """The piece cannot be completed; the response is cut off."""
 
 
-async def _copy(resp: web.StreamResponse, served: ServedPiece, fd: int, fetcher: Any, relay: bool) -> None:
+async def _copy(resp: web.StreamResponse, served: ServedPiece, fd: int, transfers: Transfers, relay: bool) -> None:
     sent = 0
     stream = served.stream
     attempt = stream.attempt if stream is not None else 0
@@ -188,9 +192,9 @@ async def _copy(resp: web.StreamResponse, served: ServedPiece, fd: int, fetcher:
             raise _Abort("short read from the cache")
         await resp.write(data)
         sent += n
-        fetcher.peer_bytes_served += n
+        transfers.peer_bytes_served += n
         if relay:
-            fetcher.peer_bytes_relayed += n
+            transfers.peer_bytes_relayed += n
     digest = served.digest
     if stream is not None:
         while stream.digest is None and not stream.failed:
@@ -205,16 +209,12 @@ async def _copy(resp: web.StreamResponse, served: ServedPiece, fd: int, fetcher:
 
 async def prefetch(request: web.Request) -> web.StreamResponse:
     """Prefetch on this node for a peer (``agent prefetch --all-nodes``): the local API's NDJSON stream."""
-    from agent.api.local import ensure_job, read_body
-
-    service = request.app[PEER].service
-    assert service is not None
+    state = request.app[PEER]
+    assert state.service is not None
     body = await read_body(request)
-    _peer_ref(body.get("ref"), allow_revision=True)
-    pin = body.get("pin")
-    if pin is not None and not isinstance(pin, bool):
-        raise BadRequestError('"pin" must be true or false')
-    return await ensure_job(request, pin, with_files=False, service=service)
+    ref = ref_field(body)
+    _peer_ref(ref, allow_revision=True)
+    return await ensure_job(request, state.service, state.metrics, ref, flag(body, "pin"), with_files=False)
 
 
 def add_peer_routes(app: web.Application, state: PeerState) -> None:

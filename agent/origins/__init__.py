@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
 
-from agent.origins.base import Origin, TransientOriginError
+from agent.origins.base import Origin
 from agent.origins.hf import HfOrigin
 from agent.origins.http import PlainHttpOrigin
 from agent.origins.local import LocalOrigin
@@ -17,7 +17,7 @@ from agent.origins.range_http import BUFFERS_PER_CONNECTION, RangeClient
 from agent.origins.s3 import S3Origin
 from agent.refs import ModelRef
 
-__all__ = ["Origin", "Origins", "TransientOriginError"]
+__all__ = ["Origin", "Origins"]
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ import aiohttp
 
 from agent.manifest import FileEntry, Manifest
 from agent.refs import ModelRef
+from agent.errors import TransientOriginError
 from client.errors import AccessDeniedError, FetchFailedError, ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -35,9 +36,6 @@ MAX_CHUNKS = 512  # ... or this many chunks, whichever comes first (pwritev's IO
 FLUSH_SECONDS = 0.1
 
 
-class TransientOriginError(Exception):
-    """A failure that another attempt may not see (the fetcher retries these)."""
-
 
 class Origin(abc.ABC):
     """One kind of model source (s3, hf, http, file)."""
@@ -51,6 +49,14 @@ class Origin(abc.ABC):
     @abc.abstractmethod
     async def read_range(self, entry: FileEntry, offset: int, length: int, sink: Sink) -> None:
         """Deliver exactly ``length`` bytes of ``entry`` from ``offset`` to ``sink``, in order."""
+
+    async def etag_part_size(self, entry: FileEntry) -> int | None:
+        """How to recompute the origin's ETag of ``entry`` (0: a plain MD5; else the multipart part size).
+
+        None when the origin offers no such digest (the default): then only a
+        sha256 or git blob id can check bytes taken from peers.
+        """
+        return None
 
     async def warm_up(self) -> None:
         """One-time set-up a first request would otherwise wait for (building SDK clients)."""

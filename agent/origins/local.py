@@ -15,8 +15,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from agent.manifest import FileEntry, Manifest, listing_revision
-from agent.origins.base import READ_BLOCK, Origin, Sink, TransientOriginError
+from agent.origins.base import READ_BLOCK, Origin, Sink
 from agent.refs import ModelRef, check_relative_path
+from agent.errors import TransientOriginError
 from client.errors import FetchFailedError, ModelNotFoundError
 
 MAX_FILES = 100_000

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 from typing import cast
 from urllib.parse import unquote, urljoin, urlsplit
 
-from agent.origins.base import FLUSH_SECONDS, Sink, TransientOriginError
+from agent.origins.base import FLUSH_SECONDS, Sink
+from agent.errors import TransientOriginError
 from client.errors import FetchFailedError
 
 # Body buffers: large enough that the sink (a thread hop per call) runs about

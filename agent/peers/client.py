@@ -19,38 +19,16 @@ from dataclasses import dataclass
 import aiohttp
 
 from agent.origins.base import Sink, pump_body
+from agent.errors import PeerCutShortError, PeerDownError, PeerRefusedError, PeerSlowError
 
 HASH_LEN = 32  # xxh3-128 hex
 PING_TIMEOUT = 1.5
 
 
-class PeerError(Exception):
-    """A peer did not deliver: try the next owner, finally the origin."""
 
 
-class PeerDownError(PeerError):
-    """Nothing answered (refused, reset, closed early): the peer leaves placement until a ping works."""
 
 
-class PeerSlowError(PeerError):
-    """No answer within the hedge timeout, or the body stalled."""
-
-
-class PeerRefusedError(PeerError):
-    """The peer answered, but not with the piece (it does not know the model, is busy, ...)."""
-
-
-class PeerCutShortError(PeerError):
-    """The answer ended early: the peer, or the fetch it was passing on as it landed, stopped.
-
-    Not a reason to take the peer out of placement: a relay parent whose own
-    source failed cuts its followers off too. If the peer itself died, the
-    next request or ping finds it down.
-    """
-
-
-class PeerLiedError(PeerError):
-    """The bytes did not match the hash the peer stated, or the piece's known hash."""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-import xxhash
+from agent.peers.placement import PieceSpec, Placement, compute_placement, rendezvous, tree_parent
+from agent.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
@@ -39,99 +40,6 @@ PENALTY_CAP = 600.0
 SUSPECT_LIMIT = 2  # consecutive slow answers before a peer is taken out of placement
 MAX_PEERS = 1024
 PLACEMENTS_KEPT = 16  # balanced placements remembered (model revision x member list)
-# Children per node in a piece's relay tree (see Membership.relay_parent).
-RELAY_FANOUT = 2
-
-
-def rendezvous(members: Iterable[str], fill_key: str, index: int) -> list[str]:
-    """``members`` ordered by their score for piece ``index`` of ``fill_key``, owner first."""
-    return sorted(members, key=lambda m: (xxhash.xxh3_64_intdigest(f"{m}|{fill_key}|{index}".encode()), m), reverse=True)
-
-
-# One piece of a model, for placement: (fill key, piece index, length in bytes).
-PieceSpec = tuple[str, int, int]
-
-
-def balanced_owners(members: Sequence[str], pieces: Sequence[PieceSpec]) -> dict[tuple[str, int], str]:
-    """The owner of every piece of a model: rendezvous order, with each member's share of the bytes bounded.
-
-    Plain rendezvous gives each piece to its top-ranked member. Over the few dozen
-    pieces of one model that is uneven (measured, bench/RESULTS.md "Peers": 16
-    pieces over 8 nodes gave owners 0 to 3 pieces each), and the busiest owner's
-    upload sets when the last node is ready. So pieces are taken in model order and
-    each goes to its highest-ranked member that still has room under an even share
-    of the bytes (total / members, at least the largest piece): consistent hashing
-    with bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2018) over rendezvous
-    ranks. Every node computes the same owners from the same manifest and member
-    list; when a member leaves, its pieces move, and a few others may shift to keep
-    the shares even.
-    """
-    if not members or not pieces:
-        return {}
-    share = max(-(-sum(n for _, _, n in pieces) // len(members)), max(n for _, _, n in pieces))
-    load = dict.fromkeys(members, 0)
-    owners: dict[tuple[str, int], str] = {}
-    for key, index, n in pieces:
-        ranked = rendezvous(members, key, index)
-        owner = next((m for m in ranked if load[m] + n <= share), None)
-        if owner is None:  # pieces of unequal sizes can leave no room anywhere: the least loaded takes it
-            owner = min(ranked, key=lambda m: load[m])
-        load[owner] += n
-        owners[(key, index)] = owner
-    return owners
-
-
-def relay_orders(
-    members: Sequence[str],
-    pieces: Sequence[PieceSpec],
-    owners: dict[tuple[str, int], str],
-    fanout: int = RELAY_FANOUT,
-) -> dict[tuple[str, int], list[str]]:
-    """Every piece's relay tree, as the order of its members: the owner, then the rest.
-
-    The member at place k gets the piece from the one at place (k - 1) // fanout
-    (see :meth:`Membership.relay_parent`); the inner places upload, the last ones
-    do not. Plain rendezvous order for the rest would give some members far more
-    inner places than others over a model's few dozen pieces (measured at N=8:
-    one node uploaded 2x the model, another 0.6x). So, as for the owners, pieces
-    are taken in model order, and the inner places go to the members that so far
-    upload the fewest bytes, rendezvous rank breaking ties. Deterministic: every
-    node computes the same trees from the same manifest and member list.
-    """
-    n = len(members)
-    sends = [max(0, min(n, fanout * k + fanout + 1) - (fanout * k + 1)) for k in range(n)]  # children of place k
-    load = dict.fromkeys(members, 0)
-    orders: dict[tuple[str, int], list[str]] = {}
-    for key, index, length in pieces:
-        owner = owners.get((key, index))
-        ranked = rendezvous(members, key, index)
-        if owner is None:
-            owner = ranked[0]
-        rest = sorted((m for m in ranked if m != owner), key=lambda m: load[m])  # stable: rank breaks ties
-        order = [owner, *rest]
-        for place, m in enumerate(order):
-            load[m] += sends[place] * length
-        orders[(key, index)] = order
-    return orders
-
-
-def tree_parent(order: Sequence[str], member: str, fanout: int = RELAY_FANOUT) -> str | None:
-    """``member``'s parent in the relay tree ``order`` (the root, the owner, has none)."""
-    place = order.index(member)
-    return order[(place - 1) // fanout] if place else None
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Who owns each piece of one model, and each piece's relay tree, for one member list."""
-
-    owners: dict[tuple[str, int], str]
-    orders: dict[tuple[str, int], list[str]]
-
-
-def _placement(members: Sequence[str], pieces: Sequence[PieceSpec]) -> Placement:
-    owners = balanced_owners(members, pieces)
-    return Placement(owners, relay_orders(members, pieces, owners))
 
 
 def split_hostport(addr: str) -> tuple[str, int]:
@@ -219,7 +127,7 @@ class Membership:
         self.dns_interval = dns_interval
         self.probe_interval = probe_interval
         self._placements: dict[tuple[str, tuple[str, ...]], Placement] = {}
-        self._computing: dict[tuple[str, tuple[str, ...]], asyncio.Future[Placement]] = {}
+        self._computing: SingleFlight[tuple[str, tuple[str, ...]], Placement] = SingleFlight()
         self.peers: dict[str, Peer] = {}
         self._dns_at = 0.0
 
@@ -348,24 +256,26 @@ class Membership:
         """Live members (this node included) ranked for the piece, owner first."""
         return rendezvous([self.me, *self.live()], fill_key, index)
 
-    def candidates(
-        self, fill_key: str, index: int, limit: int, model: tuple[str, Sequence[PieceSpec]] | None = None
-    ) -> list[str]:
-        """The peers to ask for a piece, in order: its owner, then those ranked above this node, at most ``limit``.
-
-        ``model`` (a name for the model's revision, and all its pieces) makes the
-        owner the balanced one (:func:`balanced_owners`); without it, the top of
-        the rendezvous ranking. Empty when this node owns the piece: then it
-        fetches from the origin.
-        """
-        ranked, order = self._placed(fill_key, index, model)
-        return self._owners_to_ask(ranked, order, limit)
 
     def sources(
         self, fill_key: str, index: int, limit: int, model: tuple[str, Sequence[PieceSpec]] | None = None
     ) -> list[tuple[str, bool]]:
-        """Whom to ask for a piece, in order, as (peer, as a relay parent): :meth:`relay_parent`,
-        then :meth:`candidates`, from one ranking of the members. Empty when this node owns it."""
+        """Whom to ask for a piece, in order, as (peer, ask it as a relay parent). Empty when this node owns it.
+
+        First the piece's relay parent (unless that is the owner). If every node
+        asked the owner, the owner would upload each of its pieces N-1 times, as
+        fast as the origin sends it; the origin's link is not shared evenly among
+        the owners' flows, so the owners it favours upload at their link's rate
+        while the others idle, and then those are the tail (measured:
+        bench/RESULTS.md "Peers"). Instead the members form a tree per piece: the
+        owner first, then the rest (:func:`~agent.peers.placement.relay_orders`);
+        the member at place k asks the one at place (k - 1) // RELAY_FANOUT,
+        which passes the piece on as it lands. A parent that neither holds nor is
+        receiving the piece says so at once (it never goes to the origin for a
+        relay request); then the owners are asked: the piece's owner (the
+        balanced one with ``model``, else the top of the rendezvous ranking),
+        then those ranked above this node, at most ``limit``.
+        """
         ranked, order = self._placed(fill_key, index, model)
         owners = self._owners_to_ask(ranked, order, limit)
         if not owners:
@@ -404,44 +314,18 @@ class Membership:
         parent = tree_parent(order, self.me)
         return None if parent == order[0] else parent
 
-    def relay_parent(
-        self, fill_key: str, index: int, model: tuple[str, Sequence[PieceSpec]] | None = None
-    ) -> str | None:
-        """The member to ask first for a piece it is itself receiving, or None (ask the owner).
-
-        If every node asked the owner, the owner would upload each of its pieces
-        N-1 times, as fast as the origin sends it. The origin's link is not shared
-        evenly among the owners' flows, so the owners it favours upload at their
-        link's rate while the others idle, and then those are the tail (measured:
-        bench/RESULTS.md "Peers"). Instead the members form a tree per piece:
-        the owner first, then the rest in rendezvous order; the member at place
-        k asks the one at place (k - 1) // RELAY_FANOUT, which passes the piece
-        on as it lands. Each member uploads a piece at most RELAY_FANOUT times,
-        and is an inner node of about as many trees as any other, so every
-        node's upload follows the origin's total rate, however the origin
-        splits it. A parent that neither holds nor is receiving the piece says
-        so at once (it never goes to the origin for a relay request); then the
-        owner is asked.
-        """
-        return self._relay_parent(self._placed(fill_key, index, model)[1])
 
     async def prepare(self, model: tuple[str, Sequence[PieceSpec]]) -> None:
         """Compute the model's placement for the current members off the event loop, once.
 
         It takes a while for big models and clusters (measured: 25,000 pieces over 64
-        members, 1.9 s), and :meth:`candidates` and :meth:`relay_parent` would
-        otherwise compute it on the loop. Concurrent callers share one computation.
+        members, 1.9 s), and :meth:`sources` would otherwise compute it on the loop. Concurrent callers share one computation.
         """
         members = tuple(sorted([self.me, *self.live()]))
         key = (model[0], members)
         if key in self._placements:
             return
-        task = self._computing.get(key)
-        if task is None:
-            task = asyncio.ensure_future(asyncio.to_thread(_placement, members, model[1]))
-            self._computing[key] = task
-            task.add_done_callback(lambda _t: self._computing.pop(key, None))
-        placement = await asyncio.shield(task)
+        placement = await self._computing.run(key, lambda: asyncio.to_thread(compute_placement, members, model[1]))
         self._remember(key, placement)
 
     def _balanced(self, model: tuple[str, Sequence[PieceSpec]], members: tuple[str, ...]) -> Placement:
@@ -449,7 +333,7 @@ class Membership:
         key = (model[0], members)
         placement = self._placements.get(key)
         if placement is None:
-            placement = _placement(members, model[1])
+            placement = compute_placement(members, model[1])
             self._remember(key, placement)
         return placement
 
@@ -457,6 +341,14 @@ class Membership:
         if key not in self._placements and len(self._placements) >= PLACEMENTS_KEPT:
             self._placements.pop(next(iter(self._placements)))
         self._placements[key] = placement
+
+    def state_counts(self) -> dict[str, int]:
+        """How many peers are live (used for pieces), penalised (answering, sent bad bytes) or down."""
+        now = time.monotonic()
+        counts = {"live": 0, "penalised": 0, "down": 0}
+        for peer in self.peers.values():
+            counts["live" if peer.usable(now) else "penalised" if peer.alive else "down"] += 1
+        return counts
 
     def snapshot(self) -> dict[str, object]:
         now = time.monotonic()

@@ -218,6 +218,20 @@ class Store:
     def used_bytes(self) -> int:
         return sum(self.blob_sizes.values()) + sum(self.partial_sizes.values())
 
+    @property
+    def blob_count(self) -> int:
+        return len(self.blob_sizes)
+
+    def blob_size(self, digest: str) -> int:
+        """The size of a complete blob (0 when the node does not hold it)."""
+        return self.blob_sizes.get(digest, 0)
+
+    def pinned_bytes(self) -> int | None:
+        """Bytes of the blobs of pinned models, as of the last :meth:`pinned_digests` (None before one)."""
+        if self._pinned_cache is None:
+            return None
+        return sum(self.blob_sizes.get(d, 0) for d in self._pinned_cache)
+
     def has_blob(self, digest: str | None) -> bool:
         return digest is not None and digest in self.blob_sizes
 

@@ -43,146 +43,45 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import time
-from dataclasses import dataclass
 from typing import Any
 
-import yaml
-
-from agent.store.fill import write_json_atomic
-from agent.manifest import Manifest
-from agent.service import ModelService, Progress
+from agent.errors import WarmSetError
+from agent.manifest import FileEntry, Manifest
 from agent.refs import ModelRef, parse_ref
+from agent.service import ModelService, Progress
+from agent.store.fill import write_json_atomic
+from agent.store.store import Store
 from agent.units import format_size
+from agent.warmset.spec import EntrySpec, FileStamp, WarmSetSpec, parse_warm_set, stamp
 from client.errors import CapacityError, WarmstartError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REFRESH = 600.0
 DEFAULT_POLL = 0.5
-MIN_REFRESH = 1.0
-MAX_ENTRIES = 1000
 CONCURRENCY = 4
 MAX_ATTEMPTS = 5
 BACKOFF_BASE = 2.0
 BACKOFF_CAP = 120.0
-STATES = ("pending", "fetching", "ready", "failed")
 _OWNED_FILE = "warm-set-owned.json"  # model keys whose pin this warm set set (so a later file can drop them)
 
-_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+class EntryState(enum.StrEnum):
+    """Where one entry stands: pending -> fetching -> ready, or failed (with a reason and maybe a retry)."""
+
+    PENDING = "pending"
+    FETCHING = "fetching"
+    READY = "ready"
+    FAILED = "failed"
 
 
-class WarmSetError(ValueError):
-    """The file is not a valid warm set; the message names the key or entry at fault."""
-
-
-def parse_duration(value: object, what: str = "refresh") -> float:
-    """``10m``, ``30s``, ``1h30m``, ``500ms``, or a number of seconds -> seconds."""
-    if isinstance(value, bool):
-        raise WarmSetError(f"{what}: expected a duration like 10m, 30s or 1h, got {value!r}")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip().replace(" ", "")
-        pos, seconds = 0, 0.0
-        for m in _DURATION_PART.finditer(text):
-            if m.start() != pos:
-                break
-            seconds += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-            pos = m.end()
-        if not text or pos != len(text):
-            raise WarmSetError(f"{what}: expected a duration like 10m, 30s or 1h, got {value!r}")
-    else:
-        raise WarmSetError(f"{what}: expected a duration like 10m, 30s or 1h, got {value!r}")
-    if seconds < MIN_REFRESH:
-        raise WarmSetError(f"{what}: {value!r} is shorter than the minimum of {MIN_REFRESH:g}s")
-    return seconds
-
-
-@dataclass(frozen=True)
-class EntrySpec:
-    ref: str  # as written
-    pin: bool
-
-    @property
-    def parsed(self) -> ModelRef:
-        return parse_ref(self.ref)
-
-
-@dataclass(frozen=True)
-class WarmSetSpec:
-    entries: tuple[EntrySpec, ...]
-    refresh: float
-
-
-def parse_warm_set(text: str) -> WarmSetSpec:
-    """Parse and validate a warm-set file strictly; raise WarmSetError naming what is wrong."""
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise WarmSetError(f"invalid YAML: {exc}".replace("\n", " ")) from None
-    if doc is None:
-        doc = {}
-    if not isinstance(doc, dict):
-        raise WarmSetError(f"the top level must be a mapping with 'models' (and 'refresh'), not {type(doc).__name__}")
-    unknown = sorted(str(k) for k in doc if k not in ("models", "refresh"))
-    if unknown:
-        raise WarmSetError(f"unknown key {unknown[0]!r} at the top level (allowed: models, refresh)")
-    refresh = parse_duration(doc["refresh"]) if doc.get("refresh") is not None else DEFAULT_REFRESH
-    models = doc.get("models") or []
-    if not isinstance(models, list):
-        raise WarmSetError("'models' must be a list of {ref, pin} entries")
-    if len(models) > MAX_ENTRIES:
-        raise WarmSetError(f"'models' has {len(models)} entries; at most {MAX_ENTRIES}")
-    entries: list[EntrySpec] = []
-    seen: dict[str, str] = {}
-    for i, item in enumerate(models):
-        where = f"models[{i}]"
-        if isinstance(item, str):
-            item = {"ref": item}
-        if not isinstance(item, dict):
-            raise WarmSetError(f"{where}: expected a mapping with 'ref' (and 'pin'), got {type(item).__name__}")
-        unknown = sorted(str(k) for k in item if k not in ("ref", "pin"))
-        if unknown:
-            raise WarmSetError(f"{where}: unknown key {unknown[0]!r} (allowed: ref, pin)")
-        ref = item.get("ref")
-        if not isinstance(ref, str) or not ref.strip():
-            raise WarmSetError(f"{where}: 'ref' is required and must be a string")
-        pin = item.get("pin", True)
-        if not isinstance(pin, bool):
-            raise WarmSetError(f"{where}: 'pin' must be true or false, got {pin!r}")
-        try:
-            parsed = parse_ref(ref.strip())
-        except WarmstartError as exc:
-            raise WarmSetError(f"{where}: {exc}") from None
-        if parsed.key in seen:
-            raise WarmSetError(f"{where}: {parsed.base} is already listed as {seen[parsed.key]!r}; list a model once")
-        seen[parsed.key] = ref.strip()
-        entries.append(EntrySpec(ref.strip(), pin))
-    return WarmSetSpec(tuple(entries), refresh)
-
-
-@dataclass(frozen=True)
-class FileStamp:
-    """What is looked at every poll: cheap to compare; the content hash only when these move."""
-
-    realpath: str
-    inode: int
-    mtime_ns: int
-    size: int
-
-
-def stamp(path: str) -> FileStamp:
-    real = os.path.realpath(path)
-    st = os.stat(real)
-    return FileStamp(real, st.st_ino, st.st_mtime_ns, st.st_size)
+STATES = tuple(EntryState)
 
 
 class Entry:
@@ -191,7 +90,7 @@ class Entry:
     def __init__(self, spec: EntrySpec) -> None:
         self.spec = spec
         self.ref = spec.parsed
-        self.state = "pending"
+        self.state = EntryState.PENDING
         self.revision: str | None = None  # the ready revision (what is served)
         self.target: str | None = None  # the revision being fetched
         self.replacing: str | None = None  # the ready revision the target replaces
@@ -215,7 +114,7 @@ class Entry:
         return rev is None or not (self.ref.scheme == "hf" and re.fullmatch(r"[0-9a-f]{40}", rev))
 
     def fail(self, kind: str, message: str, retry_in: float | None) -> None:
-        self.state = "failed"
+        self.state = EntryState.FAILED
         self.error = {"kind": kind, "message": message}
         self.retry = retry_in is not None
         self.next_try = time.monotonic() + retry_in if retry_in is not None else 0.0
@@ -238,21 +137,21 @@ class Entry:
             "done_bytes": None,
             "error": self.error,
             "attempts": self.attempts,
-            "next_retry_s": round(max(0.0, self.next_try - now_mono), 1) if self.state == "failed" and self.retry
+            "next_retry_s": round(max(0.0, self.next_try - now_mono), 1) if self.state == EntryState.FAILED and self.retry
             else None,
             "last_ready": self.last_ready,
             "seconds_since_ready": self.seconds_since_ready(now_wall),
             "rollovers": self.rollovers,
         }
-        if self.state == "fetching" and self.progress is not None:
+        if self.state == EntryState.FETCHING and self.progress is not None:
             out["done_bytes"] = self.progress.done_bytes
-        elif self.state == "ready" and self.manifest is not None:
+        elif self.state == EntryState.READY and self.manifest is not None:
             out["done_bytes"] = self.manifest.total_size
         return out
 
     def seconds_since_ready(self, now_wall: float) -> float:
         """0 while ready; else since it was last ready (or since it was listed, if never)."""
-        if self.state == "ready":
+        if self.state == EntryState.READY:
             return 0.0
         return round(now_wall - (self.last_ready or self.added), 1)
 
@@ -347,7 +246,7 @@ class WarmSet:
         self.loaded_at = time.time()
         self.file_error = None
         for entry in self.entries.values():  # a new file is a reason to try refused/failed entries again
-            if entry.state == "failed":
+            if entry.state == EntryState.FAILED:
                 entry.retry, entry.next_try, entry.attempts = True, 0.0, 0
         for entry in removed:
             self._stop(entry)
@@ -429,7 +328,7 @@ class WarmSet:
         for entry in self.entries.values():
             if entry.task is not None and not entry.task.done():
                 continue
-            if entry.state == "failed":
+            if entry.state == EntryState.FAILED:
                 if entry.error and entry.error["kind"] == "capacity" and entry.manifest is not None:
                     entry.task = asyncio.create_task(self._recheck_capacity(entry), name=f"warm {entry.spec.ref}")
                     continue
@@ -438,7 +337,7 @@ class WarmSet:
                     continue
                 if not due and not entry.moving and entry.target is not None:
                     continue  # gave up on a fixed revision: only a new file tries again
-            elif entry.state == "ready":
+            elif entry.state == EntryState.READY:
                 if not entry.moving or now - entry.last_resolved < self.spec.refresh:
                     if entry.manifest is None or self.service.is_complete(entry.manifest):
                         continue  # (a ready model someone evicted by hand is fetched again)
@@ -494,7 +393,7 @@ class WarmSet:
             rec = self.store.models.get(entry.ref.key)
             if rec is None or rec.revision != rev or rec.pinned != entry.spec.pin:
                 await self.store.record_model(entry.ref, rev, entry.spec.pin)
-            if entry.state != "ready":
+            if entry.state != EntryState.READY:
                 log.info("warm set: %s ready at %s", entry.spec.ref, rev)
             self._ready(entry, manifest)
             return
@@ -516,7 +415,7 @@ class WarmSet:
             log.error("warm set: %s refused: %s", entry.spec.ref, msg)
             return
         entry.refused_against = None
-        entry.state = "fetching"
+        entry.state = EntryState.FETCHING
         if entry.spec.pin and entry.ref.key not in self.owned:
             self.owned.add(entry.ref.key)  # ensure() pins the record from now on: ours to unpin
             asyncio.get_running_loop().create_task(self._save_owned())
@@ -556,7 +455,7 @@ class WarmSet:
             self.service.serving[entry.ref.key] = entry.revision
 
     def _ready(self, entry: Entry, manifest: Manifest) -> None:
-        entry.state = "ready"
+        entry.state = EntryState.READY
         entry.revision = manifest.revision
         entry.manifest = manifest
         entry.target = entry.replacing = None
@@ -581,7 +480,7 @@ class WarmSet:
         mine = {_file_id(self.store, f) for f in manifest.files}
         sizes: dict[str, int] = {d: self.store.blob_sizes.get(d, 0) for d in pinned}
         for other in self.entries.values():
-            if other is entry or not other.spec.pin or other.state != "fetching" or other.manifest is None:
+            if other is entry or not other.spec.pin or other.state != EntryState.FETCHING or other.manifest is None:
                 continue
             for f in other.manifest.files:
                 sizes.setdefault(_file_id(self.store, f), f.size)
@@ -613,7 +512,7 @@ def _read_bytes(path: str) -> bytes:
         return f.read(1024 * 1024 + 1)[: 1024 * 1024]
 
 
-def _file_id(store: Any, f: Any) -> str:
+def _file_id(store: Store, f: FileEntry) -> str:
     return store.digest_of(f) or f.digest or store.sources.get(f.fill_key) or f"fill:{f.fill_key}"
 
 
@@ -622,78 +521,3 @@ def _unique_size(manifest: Manifest) -> int:
     for f in manifest.files:
         seen.setdefault(f.digest or f.fill_key, f.size)
     return sum(seen.values())
-
-
-class WarmSetCollector:
-    """Prometheus collector for the warm set (agent/metrics.py registers it on the agent's /metrics).
-
-    Without a warm set (``None``) the set-wide series are still exported (no entries,
-    the file valid), so alert rules over them evaluate on every agent.
-    """
-
-    def __init__(self, warm_set: WarmSet | None) -> None:
-        self.warm_set = warm_set
-
-    def collect(self) -> Any:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-
-        ws = self.warm_set
-        status = ws.status() if ws is not None else {"states": {s: 0 for s in STATES}, "entries": []}
-        by_state = GaugeMetricFamily("warmstart_warm_set_entries", "Warm-set entries by state", labels=["state"])
-        for state, n in status["states"].items():
-            by_state.add_metric([state], n)
-        yield by_state
-        since = GaugeMetricFamily(
-            "warmstart_warm_set_entry_seconds_since_ready",
-            "Seconds since the entry was last ready (0 while ready; since it was listed if never ready)",
-            labels=["ref"],
-        )
-        state = GaugeMetricFamily("warmstart_warm_set_entry_state", "1 for the entry's current state, else 0",
-                                  labels=["ref", "state"])
-        for e in status["entries"]:
-            since.add_metric([e["ref"]], e["seconds_since_ready"])
-            for s in STATES:
-                state.add_metric([e["ref"], s], 1 if e["state"] == s else 0)
-        yield since
-        yield state
-        rollovers = CounterMetricFamily("warmstart_warm_set_rollovers", "Completed revision rollovers")
-        rollovers.add_metric([], ws.rollovers if ws is not None else 0)
-        yield rollovers
-        errors = CounterMetricFamily("warmstart_warm_set_file_errors", "Warm-set files rejected (last good kept)")
-        errors.add_metric([], ws.file_errors if ws is not None else 0)
-        yield errors
-        valid = GaugeMetricFamily("warmstart_warm_set_file_valid",
-                                  "0 while the warm-set file on disk is rejected (the last good set is in force)")
-        valid.add_metric([], 0 if ws is not None and ws.file_error else 1)
-        yield valid
-        gen = GaugeMetricFamily("warmstart_warm_set_generation", "Good warm-set files applied since start")
-        gen.add_metric([], ws.generation if ws is not None else 0)
-        yield gen
-
-
-def metrics_text(warm_set: WarmSet) -> bytes:
-    from prometheus_client import CollectorRegistry, generate_latest
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(WarmSetCollector(warm_set))
-    return generate_latest(registry)
-
-
-
-
-def add_warm_set_routes(app: Any, warm_set: WarmSet | None) -> None:
-    """``GET /v1/warm-set`` (JSON status; 404 ``not_found`` without --warm-set) and ``/v1/warm-set/metrics``."""
-    from aiohttp import web
-
-    async def status(request: web.Request) -> web.Response:
-        if warm_set is None:
-            return web.json_response({"error": {"kind": "not_found", "message":
-                                      "this agent has no warm set (start it with --warm-set FILE)"}}, status=404)
-        return web.json_response(warm_set.status())
-
-    async def metrics(request: web.Request) -> web.Response:
-        body = metrics_text(warm_set) if warm_set is not None else b""
-        return web.Response(body=body, content_type="text/plain", charset="utf-8")
-
-    app.router.add_get("/v1/warm-set", status)
-    app.router.add_get("/v1/warm-set/metrics", metrics)

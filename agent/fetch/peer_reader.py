@@ -1,0 +1,188 @@
+"""Pieces from peers: whom to ask, in what order, how many at once, and what a failure says about the peer.
+
+A piece that another live member owns (agent/peers/placement.py) is asked of
+its relay parent, then its owner and the members ranked above this node, and
+only then fetched from the origin (the fetcher's fallback). Trust: a peer's
+piece must match the hash the peer states for it, and the whole file must
+match the origin's own digest (sha256, git blob id or the S3 ETag) before it
+is published; a file whose origin gives no such digest is never taken from
+peers (:meth:`PeerReader.allowed`). Peer pieces are not shown to streaming
+readers before that check passed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from agent.errors import (
+    PeerCutShortError,
+    PeerDownError,
+    PeerError,
+    PeerLiedError,
+    PeerRefusedError,
+    PeerSlowError,
+)
+from agent.fetch.flight import Flight
+from agent.fetch.open_fills import OpenFill
+from agent.fetch.sinks import PieceSink, record_piece
+from agent.fetch.slots import OrderedSlots
+from agent.metrics import Metrics
+from agent.origins import Origin
+from agent.peers.client import PeerClient, PieceRequest
+from agent.peers.membership import Membership
+from agent.store.store import Store
+from client.errors import IntegrityError
+
+log = logging.getLogger(__name__)
+
+PEER_TRIES = 2  # owners asked for a piece before the origin
+# Pieces asked of peers at once. Many more than origin connections: a piece that its owner
+# is itself still getting from the origin arrives only at the owner's share of the origin's
+# rate, so a node must follow many such pieces at once to fill its own link (measured: with
+# 8 at a time, 8 nodes behind 100 Mbit/s links each downloaded at about half their rate until
+# the origin was done; bench/RESULTS.md "Peers").
+PEER_CONNECTIONS_FACTOR = 4
+PEER_CONNECTIONS_MIN = 32
+PEER_SCHEMES = ("s3", "hf", "https")  # origins whose references peers may name (never a node's local files)
+
+_PEER_ERROR_KINDS = {
+    PeerDownError: "down",
+    PeerSlowError: "slow",
+    PeerLiedError: "rejected",
+    PeerRefusedError: "refused",  # busy, another piece size, or a relay parent not receiving the piece
+    PeerCutShortError: "cut",  # the body ended early
+}
+
+
+def relay_said_no(exc: BaseException, relay: bool) -> bool:
+    """A relay parent that is not getting the piece: the normal case outside a scale-up, not an error."""
+    return relay and type(exc) is PeerRefusedError
+
+
+class PeerReader:
+    """This node's requests to its peers, and what it learns about them from the answers."""
+
+    def __init__(
+        self, store: Store, metrics: Metrics, membership: Membership, client: PeerClient, connections: int
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.membership = membership
+        self.client = client
+        self._slots = OrderedSlots(max(PEER_CONNECTIONS_MIN, PEER_CONNECTIONS_FACTOR * connections))
+
+    @property
+    def me(self) -> str:
+        return self.membership.me
+
+    def has_peers(self) -> bool:
+        return bool(self.membership.peers)
+
+    async def allowed(self, flight: Flight, h: OpenFill, origin: Origin) -> bool:
+        """Whether this blob may take pieces from peers: only when the origin's own digest can check them."""
+        if not self.membership.peers or flight.ctx is None or flight.ctx.scheme not in PEER_SCHEMES:
+            return False
+        entry = flight.entry
+        if entry.sha256 or entry.git_sha1:
+            return True
+        part_size = await origin.etag_part_size(entry)
+        if part_size is None:
+            log.info("%s: the origin gives no digest to check peers' bytes against; fetching it from the origin only",
+                     entry.path)
+            return False
+        await self.store.run(h.fill.reset_whole, part_size)
+        return True
+
+    async def prepare(self, flight: Flight) -> None:
+        """Compute the model's placement off the event loop, once per model and member list."""
+        model = flight.ctx.model if flight.ctx is not None else None
+        if model is not None:
+            await self.membership.prepare(model)
+
+    def sources(self, flight: Flight, index: int) -> list[tuple[str, bool]]:
+        """Whom to ask for piece ``index``, as (peer, as a relay parent); empty when this node owns it."""
+        model = flight.ctx.model if flight.ctx is not None else None
+        return self.membership.sources(flight.entry.fill_key, index, PEER_TRIES, model)
+
+    def promote(self, fill_key: str, index: int) -> None:
+        """A relay child waits for this piece: its request here goes next among those waiting."""
+        self._slots.promote((fill_key, index), (-1, 0))
+
+    def penalise(self, addr: str, why: str) -> None:
+        self.membership.penalise(addr, why)
+
+    async def piece(self, h: OpenFill, index: int, addr: str, flight: Flight, relay: bool = False) -> None:
+        """Get one piece from peer ``addr`` (a relay parent when ``relay``); other peers may follow it as it lands."""
+        assert flight.ctx is not None
+        fill, entry = h.fill, flight.entry
+        offset, length = entry.piece_range(index)
+        transfers = self.metrics.transfers
+
+        def landed(n: int) -> None:
+            flight.done_bytes += n
+            transfers.peer_bytes_received += n
+
+        sink = PieceSink(self.store, fill, offset, landed)
+
+        def answered() -> None:
+            # Followable once the peer agreed to send it: not while queued here, nor before a
+            # refusal (a follower would wait on nothing, or be cut off by a no that was not its
+            # parent's). Its bytes may still be on their way from the origin to the owner.
+            sink.stream = h.announce(index, upstream=addr)
+
+        req = PieceRequest(
+            flight.ctx.ref, flight.ctx.revision, entry.path, entry.fill_key, entry.piece_size, index,
+            relay=relay, requester=self.me,
+        )  # fmt: skip
+        try:
+            async with self._slots.hold(self._order(flight, index), name=(entry.fill_key, index)):
+                with self.metrics.piece_fetch("peer"):
+                    stated = await self.client.fetch_piece(addr, req, length, sink, answered)
+            got = sink.hasher.hexdigest()
+            if got != stated:
+                raise PeerLiedError(f"piece {index} hashed {got}, the peer stated {stated!r}")
+            try:
+                await record_piece(self.store, fill, index, got)
+            except IntegrityError as exc:
+                raise PeerLiedError(str(exc)) from None
+            if sink.stream is not None:
+                sink.stream.digest = got
+        except BaseException as exc:
+            flight.done_bytes -= sink.written
+            self._account(exc, addr, relay, f"{entry.path}: {exc}")
+            raise
+        finally:
+            if sink.stream is not None:
+                h.unannounce(index, sink.stream)
+        flight.peer_pieces[index] = addr
+        self.membership.mark_up(addr)
+
+    def _account(self, exc: BaseException, addr: str, relay: bool, what: str) -> None:
+        """What a failed request says about the peer: counted, and the peer marked down, slow or penalised."""
+        if isinstance(exc, PeerError) and not relay_said_no(exc, relay):
+            self.metrics.fetch_error("peer", _PEER_ERROR_KINDS.get(type(exc), "error"))
+        if isinstance(exc, PeerLiedError):
+            self.metrics.transfers.peer_pieces_rejected += 1
+            self.membership.penalise(addr, what)
+        elif isinstance(exc, PeerDownError):
+            self.membership.mark_down(addr, str(exc))
+        elif isinstance(exc, PeerSlowError):
+            self.membership.mark_slow(addr, str(exc))
+
+    def _order(self, flight: Flight, index: int) -> tuple[int, int]:
+        """Where a piece asked of a peer waits for a connection: the model's pieces, rotated per node.
+
+        If every node asked for the pieces in model order, all of them would ask the
+        owners of the first pieces at once while the owners of the last ones idle,
+        and those would be the tail (measured: bench/RESULTS.md "Peers"). Node k of
+        N starts k/N of the way into the model instead, so the asking is spread over
+        all owners all the time. (Pieces this node fetches from the origin keep
+        model order: only a scale-up of several nodes reorders.)
+        """
+        ctx = flight.ctx
+        pos = ctx.positions.get((flight.entry.fill_key, index)) if ctx is not None else None
+        if ctx is None or pos is None:
+            return (flight.order, index)
+        members = sorted([self.me, *self.membership.live()])
+        shift = members.index(self.me) * len(ctx.pieces) // len(members)
+        return (0, (pos - shift) % len(ctx.pieces))
