@@ -104,9 +104,8 @@ def box(tmp_path: Path) -> tuple[Path, Path]:
 def refused(raw: bytes, target: Path, outside: Path, match: str) -> UnsafeBundleError:
     before = snapshot(outside)
     preexisting = frozenset(p for p, v in snapshot(target).items() if v[4] is not None) if target.exists() else None
-    with pytest.raises(UnsafeBundleError, match=match) as err:
-        with Bundle(io.BytesIO(raw), where="probe") as b:
-            b.install("t", str(target))
+    with pytest.raises(UnsafeBundleError, match=match) as err, Bundle(io.BytesIO(raw), where="probe") as b:
+        b.install("t", str(target))
     assert "\n" not in str(err.value) and err.value.member is not None and err.value.member in str(err.value)
     assert snapshot(outside) == before
     if target.exists():
@@ -181,12 +180,14 @@ def test_sparse_members_are_refused_before_a_byte_is_written(box: tuple[Path, Pa
 
 
 def test_a_member_declaring_more_bytes_than_the_bundle_holds_is_refused(box: tuple[Path, Path]) -> None:
-    target, outside = box
+    target, _ = box
     raw = tar([member("t", tarfile.DIRTYPE), member("t/a", data=b"y" * 4096)])
     cut = raw.index(b"y" * 4096) + 100  # the data stops 100 bytes in; the header still says 4096
-    with pytest.raises(UnsafeBundleError, match="not a readable bundle|declares 4096 bytes"):
-        with Bundle(io.BytesIO(raw[:cut]), where="probe") as b:
-            b.install("t", str(target))
+    with (
+        pytest.raises(UnsafeBundleError, match="not a readable bundle|declares 4096 bytes"),
+        Bundle(io.BytesIO(raw[:cut]), where="probe") as b,
+    ):
+        b.install("t", str(target))
     assert not target.exists()
 
 
@@ -214,7 +215,7 @@ def test_a_full_disk_is_a_capacity_error_and_leaves_nothing_half_installed(tmp_p
             print("CAPACITY", exc)
         print("LEFT", sorted(os.listdir({str(mnt / "target")!r})))
     """)
-    out = subprocess.run(["unshare", "-rm", sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+    out = subprocess.run(["unshare", "-rm", sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})  # fmt: skip
     if out.returncode != 0 and "mount" in out.stderr and "CapacityError" not in out.stderr:
         pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()[-200:]}")
