@@ -23,7 +23,7 @@ target sees each file old or new, never half, and nothing outside the target
 is touched or linked to (each destination's parent, and each symlink's
 target, is checked with ``realpath``, so a symlink already in the target
 cannot redirect a write or a link). A full disk is a :class:`CapacityError`
-and leaves the target as it was. Nothing is executed; installing only writes
+and leaves no partial file. Nothing is executed; installing only writes
 files.
 
 Why symlink targets may not contain ``..`` at all (rather than judging
@@ -266,9 +266,16 @@ def _stream_size(fileobj: IO[bytes]) -> int:
 
 
 def _no_space(exc: OSError, where: str, target: str, tree: str) -> OSError:
-    """A full disk or quota as a one-line CapacityError; any other OSError unchanged."""
+    """A full disk or quota as a one-line CapacityError; any other OSError unchanged.
+
+    Raised while extracting (the usual case) nothing is in the target yet; the
+    caller's ``finally`` removes the temporary directory either way, so no
+    partial file is left.
+    """
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return CapacityError(f"{where}: no space left in {target} to install tree {tree!r}; nothing was installed")
+        return CapacityError(
+            f"{where}: no space left on the filesystem of {target} to install tree {tree!r}; free some and pull again"
+        )
     return exc
 
 
