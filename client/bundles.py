@@ -9,17 +9,31 @@ than the bytes it saves on a node-local or cluster link)::
     <file>                    a named blob of bytes ("mega.bin": save_cache_artifacts())
 
 Installing never trusts the archive. Every member is checked before a byte is
-written: no absolute paths, no ``..``, no member below a symlink member, no
-duplicates, no devices/FIFOs, symlinks only relative and resolving inside
-their tree, hard links only to an earlier regular member of the same tree.
-The first offending member raises :class:`UnsafeBundleError` naming it. The
-tree is then extracted into a fresh temporary directory *inside* the target
-(files opened with ``O_EXCL|O_NOFOLLOW``, modes stripped to rwx bits) and
-moved into place file by file with ``rename``: a process reading the target
-sees each file old or new, never half, and nothing outside the target is
-touched (each destination's parent is checked with ``realpath``, so a symlink
-already in the target cannot redirect a write). Nothing is executed;
-installing only writes files.
+written: no absolute paths, no ``..``, no duplicates, no member below a
+symlink or other non-directory member, no non-directory member where an
+earlier member needs a directory, no devices/FIFOs, no sparse members, no
+member whose data runs past the end of the bundle, symlinks only relative
+with no ``..`` component, hard links only to an earlier regular member of the
+same tree. The first offending member raises :class:`UnsafeBundleError`
+naming it, in one line. The tree is then extracted into a fresh temporary
+directory *inside* the target (files opened with ``O_EXCL|O_NOFOLLOW``, modes
+stripped to rwx bits, at most the bundle's own size in bytes written in all)
+and moved into place file by file with ``rename``: a process reading the
+target sees each file old or new, never half, and nothing outside the target
+is touched or linked to (each destination's parent, and each symlink's
+target, is checked with ``realpath``, so a symlink already in the target
+cannot redirect a write or a link). A full disk is a :class:`CapacityError`
+and leaves no partial file. Nothing is executed; installing only writes
+files.
+
+Why symlink targets may not contain ``..`` at all (rather than judging
+``..`` on the target's text): the kernel resolves a link target component by
+component, following links as it goes, so with ``a/b -> ..`` the text
+``a/b/../outside`` means the parent of the *target*, not ``a/outside``. With
+no ``..`` (and no absolute path) every link can only point at or below its own
+directory, whatever the other links are, so no chain can climb out. Nothing
+valid needs more: :func:`build_bundle` ships no symlinks at all (Inductor,
+Triton and vLLM cache directories hold regular files and directories).
 
 Stdlib only (the client's rule).
 """
@@ -37,7 +51,7 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from typing import IO, Any
 
-from client.errors import UnsafeBundleError
+from client.errors import CapacityError, UnsafeBundleError
 
 META_NAME = "warmstart-bundle.json"
 FORMAT = 1
@@ -129,6 +143,9 @@ class Bundle:
 
     def __init__(self, fileobj: IO[bytes], where: str = "bundle") -> None:
         self.where = where
+        #: The bundle's length in bytes: no member's data may run past it, and an
+        #: install writes at most this many bytes (each one read from the bundle).
+        self.size = _stream_size(fileobj)
         try:
             self._tar = tarfile.open(fileobj=fileobj, mode="r:")
             members = self._tar.getmembers()
@@ -137,9 +154,12 @@ class Bundle:
         self.members: dict[str, tarfile.TarInfo] = {}
         self.trees: dict[str, list[tarfile.TarInfo]] = {}
         links: set[str] = set()
+        parents: set[str] = set()  # every path some member needs to be a directory
         for m in members:
-            name = _check_member(m, where, links, self.members)
+            name = _check_member(m, where, links, self.members, parents, self.size)
             self.members[name] = m
+            parts = name.split("/")
+            parents.update("/".join(parts[:i]) for i in range(1, len(parts)))
             if "/" in name:
                 tree, rel = name.split("/", 1)
                 self.trees.setdefault(tree, []).append(m)
@@ -183,17 +203,26 @@ class Bundle:
         members = self.trees.get(tree)
         if members is None:
             raise KeyError(tree)
-        os.makedirs(target, exist_ok=True)
-        real_target = os.path.realpath(target)
-        tmp = tempfile.mkdtemp(prefix=".warmstart-install-", dir=real_target)
         try:
+            os.makedirs(target, exist_ok=True)
+            real_target = os.path.realpath(target)
+            tmp = tempfile.mkdtemp(prefix=".warmstart-install-", dir=real_target)
+        except OSError as exc:
+            raise _no_space(exc, self.where, target, tree) from None
+        try:
+            budget = self.size
             for m in members:
-                self._extract(m, m.name.split("/", 1)[1], tmp)
+                budget -= self._extract(m, m.name.split("/", 1)[1], tmp, budget)
             return _move_tree(tmp, real_target, self.where)
+        except (tarfile.TarError, EOFError) as exc:
+            raise UnsafeBundleError(f"{self.where}: tree {tree!r} is unreadable ({exc})", tree) from None
+        except OSError as exc:
+            raise _no_space(exc, self.where, target, tree) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _extract(self, m: tarfile.TarInfo, rel: str, tmp: str) -> None:
+    def _extract(self, m: tarfile.TarInfo, rel: str, tmp: str, budget: int) -> int:
+        """Write member ``m`` at ``rel`` under ``tmp``; returns the bytes written, never more than ``budget``."""
         path = os.path.join(tmp, *rel.split("/"))
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
@@ -208,14 +237,61 @@ class Bundle:
             assert src is not None
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          (m.mode & 0o755) | 0o600)
+            written = 0
             with os.fdopen(fd, "wb") as dst, src:
-                shutil.copyfileobj(src, dst, COPY_CHUNK)
+                while chunk := src.read(COPY_CHUNK):
+                    written += len(chunk)
+                    if written > budget:
+                        raise UnsafeBundleError(
+                            f"{self.where}: member {m.name!r} expands past the bundle's own {self.size} bytes", m.name
+                        )
+                    dst.write(chunk)
+            return written
+        return 0
+
+
+def _stream_size(fileobj: IO[bytes]) -> int:
+    """The length of the (seekable) bundle stream, from its descriptor or by seeking to its end."""
+    try:
+        return os.fstat(fileobj.fileno()).st_size
+    except (AttributeError, OSError, ValueError):
+        pass
+    try:
+        here = fileobj.tell()
+        end = fileobj.seek(0, os.SEEK_END)
+        fileobj.seek(here)
+        return end
+    except (AttributeError, OSError, ValueError):
+        return 0  # unseekable: tarfile refuses it anyway
+
+
+def _no_space(exc: OSError, where: str, target: str, tree: str) -> OSError:
+    """A full disk or quota as a one-line CapacityError; any other OSError unchanged.
+
+    Raised while extracting (the usual case) nothing is in the target yet; the
+    caller's ``finally`` removes the temporary directory either way, so no
+    partial file is left.
+    """
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CapacityError(
+            f"{where}: no space left on the filesystem of {target} to install tree {tree!r}; free some and pull again"
+        )
+    return exc
 
 
 def _check_member(
-    m: tarfile.TarInfo, where: str, links: set[str], seen: Mapping[str, tarfile.TarInfo]
+    m: tarfile.TarInfo,
+    where: str,
+    links: set[str],
+    seen: Mapping[str, tarfile.TarInfo],
+    parents: set[str],
+    size: int,
 ) -> str:
-    """The member's normalised name, or UnsafeBundleError naming it."""
+    """The member's normalised name, or UnsafeBundleError naming it.
+
+    ``parents`` are the paths earlier members need as directories; ``size`` is
+    the bundle's length (a member's data must lie inside it).
+    """
     raw = m.name
     if not raw or "\x00" in raw or "\\" in raw:
         raise UnsafeBundleError(f"{where}: member {raw!r} has a bad name", raw)
@@ -227,10 +303,17 @@ def _check_member(
     if not parts:
         raise UnsafeBundleError(f"{where}: member {raw!r} names no path", raw)
     name = "/".join(parts)
+    if m.type == tarfile.GNUTYPE_SPARSE or m.sparse is not None:
+        # A sparse member's holes expand to zeros: a few KiB of bundle could fill the disk.
+        raise UnsafeBundleError(f"{where}: member {raw!r} is a sparse file ({m.size} bytes declared)", raw)
     if not (m.isreg() or m.isdir() or m.issym() or m.islnk()):
         raise UnsafeBundleError(f"{where}: member {raw!r} is a device, FIFO or other special file", raw)
+    if m.isreg() and m.offset_data + m.size > size:
+        raise UnsafeBundleError(f"{where}: member {raw!r} declares {m.size} bytes the bundle does not hold", raw)
     if name in seen and not (m.isdir() and seen[name].isdir()):
         raise UnsafeBundleError(f"{where}: member {raw!r} appears twice", raw)
+    if name in parents and not m.isdir():
+        raise UnsafeBundleError(f"{where}: member {raw!r} is not a directory but earlier members lie below it", raw)
     for i in range(1, len(parts)):
         if "/".join(parts[:i]) in links:
             raise UnsafeBundleError(f"{where}: member {raw!r} lies below a symlink member", raw)
@@ -242,12 +325,15 @@ def _check_member(
 
 
 def _check_symlink(m: tarfile.TarInfo, tree: str, rel: str, where: str) -> None:
+    """Refuse absolute, empty and ``..``-bearing link targets (why not judge ``..`` by text: the module doc)."""
     target = m.linkname
-    if not target or target.startswith("/") or "\x00" in target:
+    if not target or target.startswith("/") or posixpath.isabs(target) or "\x00" in target:
         raise UnsafeBundleError(f"{where}: symlink {m.name!r} -> {target!r} is absolute or empty", m.name)
-    resolved = posixpath.normpath(posixpath.join(posixpath.dirname(rel), target))
-    if resolved == ".." or resolved.startswith("../") or resolved.startswith("/"):
-        raise UnsafeBundleError(f"{where}: symlink {m.name!r} -> {target!r} points outside its tree", m.name)
+    if ".." in target.split("/"):
+        raise UnsafeBundleError(
+            f"{where}: symlink {m.name!r} -> {target!r} has a '..' component (links may only point below themselves)",
+            m.name,
+        )
 
 
 def _check_hardlink(
@@ -286,6 +372,8 @@ def _move_tree(src_root: str, dst_root: str, where: str) -> int:
         for f in sorted(filenames):
             dst = os.path.join(dst_dir, f)
             _check_inside(dst, dst_root, where)
+            if os.path.islink(os.path.join(dirpath, f)):
+                _check_link_inside(os.path.join(dirpath, f), dst, dst_root, where)
             if os.path.isdir(dst) and not os.path.islink(dst):
                 raise UnsafeBundleError(f"{where}: {dst} is a directory; not replacing it with a file", f)
             try:
@@ -296,6 +384,19 @@ def _move_tree(src_root: str, dst_root: str, where: str) -> int:
                 raise UnsafeBundleError(f"{where}: {dst} is on another filesystem than its target", f) from None
             moved += 1
     return moved
+
+
+def _check_link_inside(src: str, dst: str, root: str, where: str) -> None:
+    """Refuse a symlink that, installed at ``dst``, would resolve outside ``root``.
+
+    Its target has no ``..`` (checked when the bundle opened), so only a
+    symlink already in the target can lead it out; ``realpath`` follows those.
+    Parts not there yet are bundle members, which stay inside by the same rule.
+    """
+    resolved = os.path.realpath(os.path.join(os.path.dirname(dst), os.readlink(src)))
+    if resolved != root and not resolved.startswith(root + os.sep):
+        rel = os.path.relpath(dst, root)
+        raise UnsafeBundleError(f"{where}: symlink {rel!r} resolves outside {root} (through a symlink there)", rel)
 
 
 def _check_inside(path: str, root: str, where: str) -> None:

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import socket
+import stat
 import struct
 import tarfile
 from pathlib import Path
@@ -29,6 +30,7 @@ from client.bundles import Bundle
 from client.errors import BadReferenceError, MalformedFileError, UnsafeBundleError
 from client.safetensors_header import SafetensorsHeader, parse_header_bytes, read_header
 from tests.servers.cache_check import cache_files
+from tests.test_bundle_safety import links_resolve_inside, old_gnu_sparse, snapshot
 
 PURE = settings(max_examples=300, deadline=None, derandomize=True, database=None)
 AGENT = settings(
@@ -196,6 +198,90 @@ def test_fuzz_artifact_archives(tmp_path_factory: Any, raw: bytes) -> None:
     for p in target.rglob("*") if target.exists() else ():
         if p.is_symlink():
             assert os.path.realpath(p).startswith(os.path.realpath(target)), p
+
+
+# Bundle shapes the probe found dangerous: symlink chains (``..`` through links), sparse
+# members, hard links, and member orders (a file then a link at the same path, a link then
+# a file below it), drawn from a small vocabulary so that paths collide often.
+SHAPE_NAMES = st.sampled_from([
+    "t", "t/a", "t/a/b", "t/a/b/c", "t/c", "t/c/d", "t/d", "t/d/f", "t/outside", "t/a/outside", "u", "u/a",
+])  # fmt: skip
+SHAPE_LINKS = st.sampled_from([
+    "..", "../outside", "../../outside", "a/b/../outside", "a/b/../../outside", "a/b/..", "a", "a/b", ".", "c/d",
+    "c/../../outside", "b/../../..", "/abs", "//outside", "outside", "a/b/c", "d/f", "./a/./b/../..", "",
+])  # fmt: skip
+SHAPE_HARD = st.sampled_from(["t/a", "t/d/f", "t/a/b", "t/c", "outside/secret.txt", "../outside/secret.txt", "u/a"])
+SPARSE_DECLARED = 64 * 1024 * 1024  # big against the bundle, small enough not to hurt a shared disk if it regressed
+
+
+def _raw_member(info: tarfile.TarInfo, data: bytes = b"") -> bytes:
+    info.size = len(data)
+    return info.tobuf(format=tarfile.PAX_FORMAT) + data + b"\0" * ((-len(data)) % 512)
+
+
+@st.composite
+def shaped_bundle(draw: Any) -> bytes:
+    """A bundle (raw tar bytes, written member by member so old-GNU sparse headers can be mixed in)."""
+    out = b""
+    for _ in range(draw(st.integers(1, 7))):
+        name = draw(SHAPE_NAMES)
+        kind = draw(st.sampled_from(["file", "file", "dir", "dir", "link", "link", "link", "hard", "sparse"]))
+        if kind == "sparse":
+            kind = draw(st.sampled_from(["sparse-pax-0.1", "sparse-pax-1.0", "sparse-gnu"]))
+        info = tarfile.TarInfo(name)
+        info.mode = 0o644
+        if kind == "file":
+            out += _raw_member(info, draw(st.binary(max_size=32)))
+        elif kind == "dir":
+            info.type = tarfile.DIRTYPE
+            out += _raw_member(info)
+        elif kind in ("link", "hard"):
+            info.type = tarfile.SYMTYPE if kind == "link" else tarfile.LNKTYPE
+            info.linkname = draw(SHAPE_LINKS if kind == "link" else SHAPE_HARD)
+            out += _raw_member(info)
+        elif kind == "sparse-pax-0.1":
+            info.pax_headers = {"GNU.sparse.map": f"0,4,{SPARSE_DECLARED - 1},1", "GNU.sparse.size": str(SPARSE_DECLARED)}
+            out += _raw_member(info, b"abcde")
+        elif kind == "sparse-pax-1.0":
+            info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
+                                "GNU.sparse.realsize": str(SPARSE_DECLARED)}  # fmt: skip
+            out += _raw_member(info, b"1\n0\n0\n".ljust(512, b"\0"))
+        else:
+            out += old_gnu_sparse(name, SPARSE_DECLARED, b"z" * draw(st.integers(0, 600)))[:-1024]
+    return out + b"\0" * 1024
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(raw=shaped_bundle())
+def test_fuzz_bundle_shapes_never_leave_the_install_directory(tmp_path_factory: Any, raw: bytes) -> None:
+    """After install or its refusal, nothing outside each install directory was created, modified or linked to."""
+    box = tmp_path_factory.mktemp("shapes")
+    outside = box / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "secret.txt").write_text(SECRET)
+    (outside / "link").symlink_to("secret.txt")
+
+    def around() -> dict[str, Any]:  # everything but the install directories, links not followed
+        return {p: v for p, v in snapshot(box).items() if not p.startswith("in-")}
+
+    before = around()
+    installed: list[Path] = []
+    try:
+        with Bundle(io.BytesIO(raw), where="fuzz") as bundle:
+            for tree in sorted(bundle.trees):
+                installed.append(box / f"in-{tree}")
+                bundle.install(tree, str(installed[-1]))
+    except UnsafeBundleError as exc:
+        assert "\n" not in str(exc), exc  # one line, typed: never a raw FileExistsError/OSError
+    assert around() == before
+    assert (outside / "secret.txt").read_text() == SECRET
+    written = 0
+    for target in installed:
+        if target.exists():
+            links_resolve_inside(target)
+            assert not [p for p in target.iterdir() if p.name.startswith(".warmstart-install")]
+            written += sum(v[1] for v in snapshot(target).values() if stat.S_ISREG(v[0]))
+    assert written <= len(raw)  # no member type expands past the bundle
 
 
 # ---------------------------------------------------------------------- the local API of a real agent
