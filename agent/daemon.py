@@ -102,7 +102,7 @@ def _start_peers(
 
 
 async def serve(config: AgentConfig) -> None:
-    host, port = split_listen(config.listen)
+    host, port = config.listen_address
     pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="warmstart-io")
     asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=8, thread_name_prefix="warmstart"))
     ready = {"store": False}

@@ -23,7 +23,7 @@ import pytest
 import xxhash
 
 from agent.fetch.fetcher import Fetcher, PeerContext
-from agent.defaults import MIN_PIECE_SIZE
+from agent.config import MIN_PIECE_SIZE
 from agent.manifest import FileEntry
 from agent.service import ModelService
 from agent.origins import Origins
