@@ -1,49 +1,411 @@
-"""The agent's settings: one immutable value built by the CLI, passed everywhere.
+"""The agent's settings: one table, one immutable type, validated in one place.
 
-Nothing reads the environment at import time; the CLI maps each flag to its
-``WARMSTART_*`` variable.
+Every ``agent serve`` flag is a field of :class:`AgentConfig`. The field's
+metadata (a :class:`Setting`) holds the flag, its ``WARMSTART_*`` environment
+variable, the help text, the accepted form and the parser from text; the field's
+default is the setting's default. The CLI builds ``serve``'s flags from this
+table, and ``AgentConfig(...)`` checks every value in ``__post_init__``: an
+``AgentConfig`` built by a test or a bench is held to the same rules as one built
+from the command line, and there is no other place a default could disagree.
+
+Nothing reads the environment at import time; :meth:`AgentConfig.from_texts`
+takes the flags and the environment as arguments. The short-lived verbs
+(``agent ls``, ``agent prefetch``) never import this module (dataclasses and
+inspect cost them ~6 ms); only ``agent serve`` does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
-from agent.defaults import (
-    DEFAULT_CACHE_DIR,
-    DEFAULT_CONNECTIONS,
-    DEFAULT_LISTEN,
-    DEFAULT_PEER_DNS_INTERVAL,
-    DEFAULT_PEER_HEDGE_TIMEOUT,
-    DEFAULT_PIECE_SIZE,
-    DEFAULT_READ_TIMEOUT,
-    DEFAULT_RETRIES,
-    DEFAULT_SOCKET,
-)
+from agent.units import parse_size
+from client._transport import DEFAULT_SOCKET
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+DEFAULT_PIECE_SIZE = 16 * MiB
+MIN_PIECE_SIZE = 1 * MiB
+MAX_PIECE_SIZE = 256 * MiB
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_YES = ("1", "true", "yes", "on")
+_NO = ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the settings table: how a field is named, typed in and checked.
+
+    ``parse`` turns what a user typed (a flag's or an environment variable's
+    text) into the field's value and raises ValueError when it cannot;
+    ``check`` looks at a value however it was built and returns the problem,
+    or None. ``show`` prints the default the way a user would type it.
+    """
+
+    flag: str
+    env: str
+    help: str
+    form: str
+    parse: Callable[[str], Any]
+    check: Callable[[Any], str | None]
+    show: Callable[[Any], str] = str
+    boolean: bool = False
+
+
+class SettingError(ValueError):
+    """A setting's value is unusable. The one-line message names the flag, its variable and the accepted form."""
+
+    def __init__(self, setting: Setting, problem: str) -> None:
+        self.flag = setting.flag
+        self.env = setting.env
+        super().__init__(f"{setting.flag} / {setting.env}: {problem}; expected {setting.form}")
+
+
+# ---------------------------------------------------------------- parsers and checks (one per kind of value)
+
+
+def _text(value: str) -> str:
+    return value
+
+
+def _optional_text(value: str) -> str | None:
+    return value or None
+
+
+def _path_check(value: Any) -> str | None:
+    if not isinstance(value, str) or not value or "\0" in value:
+        return f"got {value!r}"
+    return None
+
+
+def _optional_path_check(value: Any) -> str | None:
+    return None if value is None else _path_check(value)
+
+
+def _whole(value: str) -> int:
+    return int(value.strip())
+
+
+def _at_least_one(value: Any) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        return f"got {value!r}"
+    return None
+
+
+def _seconds(value: str) -> float:
+    return float(value.strip())
+
+
+def _positive_seconds(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        return f"got {value!r}"
+    return None
+
+
+def _size(value: str) -> int:
+    return parse_size(value)
+
+
+def show_size(n: int) -> str:
+    """Bytes as a user types them, exactly: ``107374182400`` -> ``100GiB``."""
+    for unit, scale in (("TiB", 1024**4), ("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+        if n and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
+
+
+def _capacity_check(value: Any) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return f"got {value!r}"
+    return None
+
+
+def _piece_size_check(value: Any) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool) or not MIN_PIECE_SIZE <= value <= MAX_PIECE_SIZE:
+        shown = show_size(value) if isinstance(value, int) and not isinstance(value, bool) else repr(value)
+        return f"got {value!r}" + (f" ({shown})" if shown != repr(value) else "")
+    return None
+
+
+def split_hostport(text: str, host_required: bool = True) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); ValueError unless the port is 1-65535 (and a host is
+    given, where one is required: ``--listen :7070`` means every address, a peer address must name one)."""
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or (host_required and not host) or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not HOST:PORT: {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _hostport_check(value: Any, host_required: bool = True) -> str | None:
+    if not isinstance(value, str):
+        return f"got {value!r}"
+    try:
+        split_hostport(value, host_required)
+    except ValueError:
+        return f"got {value!r}"
+    return None
+
+
+def _listen_check(value: Any) -> str | None:
+    return _hostport_check(value, host_required=False)
+
+
+def _optional_hostport_check(value: Any) -> str | None:
+    return None if value is None else _hostport_check(value)
+
+
+def _peer_list(value: str) -> tuple[str, ...]:
+    return tuple(a.strip() for a in value.split(",") if a.strip())
+
+
+def _peer_list_check(value: Any) -> str | None:
+    if not isinstance(value, tuple):
+        return f"got {value!r} (a tuple of addresses)"
+    for addr in value:
+        if _hostport_check(addr):
+            return f"got {addr!r} in the list"
+    return None
+
+
+def _dns_name_check(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value or any(c.isspace() or c in ":/" for c in value):
+        return f"got {value!r}"
+    return None
+
+
+def _yes_no(value: str) -> bool:
+    text = value.strip().lower()
+    if text in _YES:
+        return True
+    if text in _NO:
+        return False
+    raise ValueError(value)
+
+
+def _bool_check(value: Any) -> str | None:
+    return None if isinstance(value, bool) else f"got {value!r}"
+
+
+def _octal_mode(value: str) -> int:
+    return int(value.strip(), 8)
+
+
+def _mode_check(value: Any) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 0o777:
+        return f"got {oct(value)[2:] if isinstance(value, int) else repr(value)}"
+    return None
+
+
+def _group(value: str) -> int | None:
+    """A group name or a gid -> the gid (empty: none). Looked up here, so a typo fails at start, not at chgrp."""
+    import grp
+
+    name = value.strip()
+    if not name:
+        return None
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ValueError(f"no group named {name!r}") from None
+
+
+def _gid_check(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        return f"got {value!r}"
+    return None
+
+
+def _warm_set_file(value: str) -> str | None:
+    return os.path.abspath(value) if value else None
+
+
+def _log_level(value: str) -> str:
+    return value.strip().upper()
+
+
+def _log_level_check(value: Any) -> str | None:
+    return None if value in LOG_LEVELS else f"got {value!r}"
+
+
+def _none_or(text: str) -> Callable[[Any], str]:
+    return lambda v: text if v in (None, ()) else str(v)
+
+
+def _setting(default: Any, **kw: Any) -> Any:
+    """A dataclass field whose metadata is its row of the table."""
+    if isinstance(default, tuple | list):
+        return field(default=tuple(default), metadata={"setting": Setting(**kw)})
+    return field(default=default, metadata={"setting": Setting(**kw)})
+
+
+# ---------------------------------------------------------------- the table
 
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """Everything `agent serve` is configured with."""
+    """Everything `agent serve` is configured with; every value is checked when the object is built."""
 
-    cache_dir: str = DEFAULT_CACHE_DIR
-    socket: str = DEFAULT_SOCKET
-    listen: str = DEFAULT_LISTEN
-    capacity: int = 100 * 1024**3
-    piece_size: int = DEFAULT_PIECE_SIZE
-    connections: int = DEFAULT_CONNECTIONS
-    retries: int = DEFAULT_RETRIES
-    read_timeout: float = DEFAULT_READ_TIMEOUT
-    # Write back and drop what a fill has verified from the page cache (agent/store/fill.py).
-    drop_behind: bool = False
-    socket_mode: int = 0o660
-    socket_gid: int | None = None  # chgrp the socket to this group (the pods allowed to use it)
+    cache_dir: str = _setting(
+        "/var/lib/warmstart", flag="--cache-dir", env="WARMSTART_CACHE_DIR",
+        help="directory of the content-addressed cache (blobs, manifests, piece records)",
+        form="a directory path", parse=_text, check=_path_check)
+    socket: str = _setting(
+        DEFAULT_SOCKET, flag="--socket", env="WARMSTART_SOCKET",
+        help="Unix socket the local API is served on (what inference pods and the agent verbs dial)",
+        form="a file path", parse=_text, check=_path_check)
+    listen: str = _setting(
+        "0.0.0.0:7070", flag="--listen", env="WARMSTART_LISTEN",
+        help="HTTP address of /metrics, /livez, /readyz and the peer API",
+        form="HOST:PORT with a port from 1 to 65535, like 0.0.0.0:7070", parse=_text, check=_listen_check)
+    capacity: int = _setting(
+        100 * GiB, flag="--capacity", env="WARMSTART_CAPACITY",
+        help="bytes the cache may hold; least recently used unpinned models are evicted beyond it",
+        form="a size above 0 like 500GiB or 2TB", parse=_size, check=_capacity_check, show=show_size)
+    piece_size: int = _setting(
+        DEFAULT_PIECE_SIZE, flag="--piece-size", env="WARMSTART_PIECE_SIZE",
+        help="size of the pieces a file is fetched, verified and shared with peers in",
+        form=f"a size from {show_size(MIN_PIECE_SIZE)} to {show_size(MAX_PIECE_SIZE)}",
+        parse=_size, check=_piece_size_check, show=show_size)
+    connections: int = _setting(
+        8, flag="--connections", env="WARMSTART_CONNECTIONS",
+        help="concurrent range requests to the origins",
+        form="a whole number of at least 1", parse=_whole, check=_at_least_one)
+    retries: int = _setting(
+        6, flag="--retries", env="WARMSTART_RETRIES",
+        help="tries per piece against the origin (backoff with jitter between them)",
+        form="a whole number of at least 1", parse=_whole, check=_at_least_one)
+    read_timeout: float = _setting(
+        30.0, flag="--read-timeout", env="WARMSTART_READ_TIMEOUT",
+        help="seconds an origin or peer body may stall before the request is retried",
+        form="a number of seconds above 0", parse=_seconds, check=_positive_seconds)
+    drop_behind: bool = _setting(
+        False, flag="--drop-behind", env="WARMSTART_DROP_BEHIND",
+        help="write back and drop fetched blobs from the page cache as they are verified, so a prefetch does "
+             "not fill RAM (or the agent's memory limit) with a second copy of the model",
+        form="--drop-behind / --no-drop-behind, or 1/true/yes/on, 0/false/no/off in the variable",
+        parse=_yes_no, check=_bool_check, show=lambda v: "on" if v else "off", boolean=True)
+    socket_mode: int = _setting(
+        0o660, flag="--socket-mode", env="WARMSTART_SOCKET_MODE",
+        help="octal permissions of the local socket (660: owner and group only)",
+        form="octal permissions from 000 to 777, like 660", parse=_octal_mode, check=_mode_check,
+        show=lambda v: oct(v)[2:])
+    socket_gid: int | None = _setting(
+        None, flag="--socket-group", env="WARMSTART_SOCKET_GROUP",
+        help="group (name or gid) that owns the local socket: the pods allowed to use it",
+        form="an existing group name or a gid", parse=_group, check=_gid_check,
+        show=_none_or("the agent's own group"))
     # Peers (agent/peers/membership.py): off unless a token file is given.
-    peers: tuple[str, ...] = ()
-    peer_dns: str | None = None
-    peer_dns_interval: float = DEFAULT_PEER_DNS_INTERVAL
-    peer_token_file: str | None = None
-    advertise: str | None = None
-    peer_hedge_timeout: float = DEFAULT_PEER_HEDGE_TIMEOUT
+    peers: tuple[str, ...] = _setting(
+        (), flag="--peers", env="WARMSTART_PEERS",
+        help="static peer list (this node's own address is ignored); needs --peer-token-file",
+        form="HOST:PORT,HOST:PORT,... with ports from 1 to 65535", parse=_peer_list, check=_peer_list_check,
+        show=lambda v: ",".join(v) or "none")
+    peer_dns: str | None = _setting(
+        None, flag="--peer-dns", env="WARMSTART_PEER_DNS",
+        help="DNS name listing the peers (a Kubernetes headless Service), port = --listen's; needs --peer-token-file",
+        form="a DNS name without a port", parse=_optional_text, check=_dns_name_check, show=_none_or("none"))
+    peer_dns_interval: float = _setting(
+        10.0, flag="--peer-dns-interval", env="WARMSTART_PEER_DNS_INTERVAL",
+        help="seconds between lookups of --peer-dns",
+        form="a number of seconds above 0", parse=_seconds, check=_positive_seconds)
+    peer_token_file: str | None = _setting(
+        None, flag="--peer-token-file", env="WARMSTART_PEER_TOKEN_FILE",
+        help="file with the shared peer token (a mounted Secret); peers are off without it",
+        form="a readable file holding a token of 16 or more characters", parse=_optional_text,
+        check=_optional_path_check, show=_none_or("none (peers off)"))
+    advertise: str | None = _setting(
+        None, flag="--advertise", env="WARMSTART_ADVERTISE",
+        help="address other nodes know this one by",
+        form="HOST:PORT with a port from 1 to 65535", parse=_optional_text, check=_optional_hostport_check,
+        show=_none_or("--listen's, unless its host is 0.0.0.0"))
+    peer_hedge_timeout: float = _setting(
+        2.0, flag="--peer-hedge-timeout", env="WARMSTART_PEER_HEDGE_TIMEOUT",
+        help="seconds to wait for a peer's answer before asking the next owner",
+        form="a number of seconds above 0", parse=_seconds, check=_positive_seconds)
     # The declarative warm set (agent/warmset/reconciler.py): a YAML file, watched every warm_set_poll seconds.
-    warm_set: str | None = None
-    warm_set_poll: float = 0.5
+    warm_set: str | None = _setting(
+        None, flag="--warm-set", env="WARMSTART_WARM_SET",
+        help="YAML file of models to keep warm (a mounted ConfigMap; edits apply without a restart)",
+        form="a file path", parse=_warm_set_file, check=_optional_path_check, show=_none_or("none"))
+    warm_set_poll: float = _setting(
+        0.5, flag="--warm-set-poll", env="WARMSTART_WARM_SET_POLL",
+        help="seconds between looks at the warm-set file",
+        form="a number of seconds above 0", parse=_seconds, check=_positive_seconds)
+    log_level: str = _setting(
+        "INFO", flag="--log-level", env="WARMSTART_LOG_LEVEL",
+        help="least severe log records written to stderr",
+        form="one of " + ", ".join(LOG_LEVELS) + " (any case)", parse=_log_level, check=_log_level_check)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`SettingError` for the first unusable value, then for combinations that cannot work."""
+        for f in fields(self):
+            setting = f.metadata["setting"]
+            problem = setting.check(getattr(self, f.name))
+            if problem is not None:
+                raise SettingError(setting, problem)
+        if (self.peers or self.peer_dns) and not self.peer_token_file:
+            raise SettingError(setting_of("peer_token_file"), "--peers/--peer-dns were given without it")
+        if self.peer_token_file:
+            from agent.peers.membership import read_token  # only with peers on: the verbs never get here
+
+            try:
+                read_token(self.peer_token_file)
+            except ValueError as exc:
+                problem = str(exc).replace("--peer-token-file ", "")
+                raise SettingError(setting_of("peer_token_file"), problem) from None
+
+    @property
+    def listen_address(self) -> tuple[str, int]:
+        """``listen`` as (host, port): an empty host is 0.0.0.0, ``[v6]`` loses its brackets."""
+        host, port = split_hostport(self.listen, host_required=False)
+        return host or "0.0.0.0", port
+
+    @classmethod
+    def from_texts(cls, given: Mapping[str, Any], environ: Mapping[str, str]) -> AgentConfig:
+        """Build from what a user typed: ``given`` maps field names to a flag's text (or a bool for a yes/no
+        flag; None or absent: not given), then the ``WARMSTART_*`` variable (empty counts as unset), then the
+        default. A value that does not parse raises :class:`SettingError` like a value that does not check."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            setting: Setting = f.metadata["setting"]
+            text, source = given.get(f.name), ""
+            if text is None:
+                text, source = environ.get(setting.env) or None, f" from {setting.env}"
+            if text is None:
+                continue
+            if isinstance(text, bool):
+                values[f.name] = text
+                continue
+            try:
+                value = setting.parse(text)
+            except ValueError:
+                value = None
+                problem: str | None = "unparsable"
+            else:
+                problem = setting.check(value)
+            if problem is not None:  # named as typed: 'verbose', not the 'VERBOSE' it parsed to
+                raise SettingError(setting, f"got {text!r}{source}")
+            values[f.name] = value
+        return cls(**values)
+
+
+def settings() -> list[tuple[str, Setting, Any]]:
+    """The table: (field name, setting, default) for every ``agent serve`` flag, in help order."""
+    return [(f.name, f.metadata["setting"], f.default) for f in fields(AgentConfig)]
+
+
+def setting_of(name: str) -> Setting:
+    """The row of field ``name``."""
+    return next(s for n, s, _ in settings() if n == name)

@@ -52,13 +52,6 @@ log = logging.getLogger(__name__)
 IO_THREADS = 16
 
 
-def split_listen(listen: str) -> tuple[str, int]:
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"--listen must be HOST:PORT, got {listen!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
 @dataclass(frozen=True)
 class Agent:
     """The parts of a running agent, for whoever started it in-process (tests, benches)."""
@@ -145,7 +138,7 @@ def _peers(
 @contextlib.asynccontextmanager
 async def running(config: AgentConfig) -> AsyncIterator[Agent]:
     """The agent, serving on its socket and port until the block exits; then everything is closed in order."""
-    host, port = split_listen(config.listen)
+    host, port = config.listen_address
     loop = asyncio.get_running_loop()
     async with AsyncExitStack() as stack:
         pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="warmstart-io")

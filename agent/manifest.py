@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.defaults import DEFAULT_PIECE_SIZE
+from agent.config import DEFAULT_PIECE_SIZE
 
 
 @dataclass

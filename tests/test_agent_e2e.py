@@ -224,6 +224,25 @@ def test_verify_repairs_and_evict_frees(agent_factory: Any, s3_model: Any) -> No
     assert json.loads(agent.cli("ls", "--json", check=True).stdout)["models"] == []
 
 
+def test_the_verbs_print_json_and_verify_says_what_it_checked(agent_factory: Any, s3_model: Any) -> None:
+    """`--json` on prefetch / verify / evict; verify on a complete model names what it re-hashed (it used to
+    print "? files, ..., 0 B already cached": the verify stream carries neither count)."""
+    agent = agent_factory()
+    first = json.loads(agent.cli("prefetch", s3_model.ref, "--json", check=True).stdout)
+    assert first["ref"] == s3_model.ref and first["fetched_bytes"] == first["total_bytes"] > 0
+    assert json.loads(agent.cli("prefetch", s3_model.ref, "--json", check=True).stdout)["fetched_bytes"] == 0
+    done = agent.cli("verify", s3_model.ref, check=True)
+    assert "?" not in done.stderr and "already cached" not in done.stderr, done.stderr
+    report = json.loads(agent.cli("verify", s3_model.ref, "--json", check=True).stdout)
+    assert report["revision"] == first["revision"] and report["checked"] > 1
+    assert (report["corrupt"], report["repaired"]) == (0, 0)
+    assert done.stdout.strip() == (
+        f"verified {s3_model.ref}@{first['revision']}: {report['checked']} files checked, 0 corrupt, 0 re-fetched"
+    )
+    evicted = json.loads(agent.cli("evict", s3_model.ref, "--json", check=True).stdout)
+    assert evicted["ref"] == s3_model.ref and evicted["freed_bytes"] > 0 and evicted["kept"] == []
+
+
 def test_https_single_file_and_local_dir(agent_factory: Any, hf_model: Any, hf_endpoint: Any) -> None:
     agent = agent_factory()
     url = f"{hf_endpoint.endpoint}/{hf_model.repo_id}/resolve/{hf_model.commit}/{MODEL_FILE}"

@@ -27,7 +27,7 @@ from agent.fetch.flight import PeerContext
 from agent.fetch.peer_reader import PeerReader
 from agent.metrics import Metrics
 from agent.peers.client import PeerClient
-from agent.defaults import MIN_PIECE_SIZE
+from agent.config import MIN_PIECE_SIZE
 from agent.manifest import FileEntry
 from agent.service import ModelService
 from agent.origins import Origins

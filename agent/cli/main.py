@@ -1,10 +1,13 @@
 """The `agent` command: the daemon (`serve`) and the operator's verbs.
 
-Every flag has a ``WARMSTART_*`` environment variable (read when the command
-runs, never at import). The verbs other than ``serve`` talk to the local agent
-over its Unix socket through the client's transport, the same path an
-inference pod uses. Exit codes: 0 done, 1 the operation failed (one line on
-stderr), 2 usage.
+``serve``'s flags come from the settings table in agent/config.py: each has a
+``WARMSTART_*`` environment variable, read when ``serve`` runs (never at import,
+never for another verb: a bad ``WARMSTART_CONNECTIONS`` must not break
+``agent ls``). The verbs other than ``serve`` talk to the local agent over its
+Unix socket through the client's transport, the same path an inference pod uses,
+and do not import agent.config: its dataclasses cost them ~6 ms on a cold node.
+Exit codes: 0 done, 1 the operation failed (one line on stderr), 2 usage or a
+bad setting (one line on stderr).
 """
 
 from __future__ import annotations
@@ -14,102 +17,100 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
-from agent.defaults import (
-    DEFAULT_CACHE_DIR,
-    DEFAULT_CAPACITY,
-    DEFAULT_CONNECTIONS,
-    DEFAULT_LISTEN,
-    DEFAULT_PEER_DNS_INTERVAL,
-    DEFAULT_PEER_HEDGE_TIMEOUT,
-    DEFAULT_READ_TIMEOUT,
-    DEFAULT_RETRIES,
-    DEFAULT_PIECE_SIZE,
-    DEFAULT_SOCKET,
-    MAX_PIECE_SIZE,
-    MIN_PIECE_SIZE,
-)
-from agent.units import format_size, parse_size
-from client._transport import AgentConnection
+from agent.units import format_size
+from client._transport import DEFAULT_SOCKET, SOCKET_ENV, AgentConnection
 from client.errors import WarmstartError
 
 PLAIN_PROGRESS_SECONDS = 2.0
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+def version() -> str:
+    """The installed distribution's version; from a source tree that is not installed, pyproject.toml's."""
+    from importlib import metadata  # here: only `agent --version` pays for it
+
+    try:
+        return metadata.version("warmstart")
+    except metadata.PackageNotFoundError:
+        import tomllib
+        from pathlib import Path
+
+        try:
+            with open(Path(__file__).resolve().parents[2] / "pyproject.toml", "rb") as f:
+                return str(tomllib.load(f)["project"]["version"])
+        except (OSError, KeyError, tomllib.TOMLDecodeError):
+            return "unknown"
 
 
-def _env_flag(name: str) -> bool:
-    """A yes/no setting from the environment: 1, true, yes or on (any case) is yes."""
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+class _VersionAction(argparse.Action):
+    """``--version``, computed only when asked (argparse's own wants the string while the parser is built)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, help: str | None = None) -> None:
+        super().__init__(option_strings, dest=dest, default=argparse.SUPPRESS, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        print(f"warmstart {version()}")
+        parser.exit()
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The verb named on the command line (the top-level parser takes no option with a value)."""
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
+def add_serve_flags(s: argparse.ArgumentParser) -> None:
+    """One flag per row of the settings table, with its help, default and variable. Each flag's default here is
+    None: a flag not given falls back to its variable, then to the table's default (AgentConfig.from_texts), so
+    that parsing and checking a value is done in one place for both."""
+    from agent.config import settings
+
+    for name, setting, default in settings():
+        text = f"{setting.help} (default: {setting.show(default)}; env {setting.env})".replace("%", "%%")
+        if setting.boolean:
+            s.add_argument(setting.flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=text)
+        else:
+            metavar = setting.flag.removeprefix("--").upper().replace("-", "_")
+            s.add_argument(setting.flag, dest=name, default=None, metavar=metavar, help=text)
+
+
+def build_parser(serve_flags: bool = True) -> argparse.ArgumentParser:
+    """The whole parser. ``serve_flags=False`` leaves ``serve``'s flags out (and agent.config unimported): what
+    every other verb runs with."""
     p = argparse.ArgumentParser(prog="agent", description="warmstart node agent")
+    p.add_argument("--version", action=_VersionAction, help="print the installed version and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the node daemon")
-    s.add_argument("--cache-dir", default=_env("WARMSTART_CACHE_DIR", DEFAULT_CACHE_DIR))
-    s.add_argument("--socket", default=_env("WARMSTART_SOCKET", DEFAULT_SOCKET))
-    s.add_argument("--listen", default=_env("WARMSTART_LISTEN", DEFAULT_LISTEN))
-    s.add_argument("--capacity", default=_env("WARMSTART_CAPACITY", DEFAULT_CAPACITY))
-    s.add_argument("--piece-size", default=_env("WARMSTART_PIECE_SIZE", str(DEFAULT_PIECE_SIZE)))
-    s.add_argument("--connections", type=int, default=int(_env("WARMSTART_CONNECTIONS", str(DEFAULT_CONNECTIONS))))
-    s.add_argument("--log-level", default=_env("WARMSTART_LOG_LEVEL", "INFO"))
-    s.add_argument("--socket-mode", default=_env("WARMSTART_SOCKET_MODE", "660"),
-                   help="octal permissions of the local socket (default 660: owner and group only)")
-    s.add_argument("--socket-group", default=_env("WARMSTART_SOCKET_GROUP", "") or None,
-                   help="group (name or gid) that owns the local socket: the pods allowed to use it")
-    s.add_argument("--read-timeout", type=float,
-                   default=float(_env("WARMSTART_READ_TIMEOUT", str(DEFAULT_READ_TIMEOUT))),
-                   help="seconds an origin or peer body may stall before the request is retried")
-    s.add_argument("--retries", type=int, default=int(_env("WARMSTART_RETRIES", str(DEFAULT_RETRIES))),
-                   help="tries per piece against the origin (backoff with jitter between them)")
-    s.add_argument("--warm-set", default=_env("WARMSTART_WARM_SET", "") or None,
-                   help="YAML file of models to keep warm (a mounted ConfigMap; edits apply without a restart)")
-    s.add_argument("--warm-set-poll", type=float, default=float(_env("WARMSTART_WARM_SET_POLL", "0.5")),
-                   help="seconds between looks at the warm-set file")
-    s.add_argument("--drop-behind", action=argparse.BooleanOptionalAction,
-                   default=_env_flag("WARMSTART_DROP_BEHIND"),
-                   help="write back and drop fetched blobs from the page cache as they are verified, so a "
-                        "prefetch does not fill RAM (or the agent's memory limit) with a second copy of the model")
-    s.add_argument("--peers", default=_env("WARMSTART_PEERS", ""),
-                   help="static peer list HOST:PORT,... (this node's own address is ignored)")
-    s.add_argument("--peer-dns", default=_env("WARMSTART_PEER_DNS", "") or None,
-                   help="DNS name listing the peers (a Kubernetes headless Service); port = --listen's")
-    s.add_argument("--peer-dns-interval", type=float,
-                   default=float(_env("WARMSTART_PEER_DNS_INTERVAL", str(DEFAULT_PEER_DNS_INTERVAL))))
-    s.add_argument("--peer-token-file", default=_env("WARMSTART_PEER_TOKEN_FILE", "") or None,
-                   help="file with the shared peer token (a mounted Secret); peers are off without it")
-    s.add_argument("--advertise", default=_env("WARMSTART_ADVERTISE", "") or None,
-                   help="HOST:PORT other nodes know this one by (default: --listen unless it is 0.0.0.0)")
-    s.add_argument("--peer-hedge-timeout", type=float,
-                   default=float(_env("WARMSTART_PEER_HEDGE_TIMEOUT", str(DEFAULT_PEER_HEDGE_TIMEOUT))),
-                   help="seconds to wait for a peer's answer before asking the next owner")
+    s = sub.add_parser("serve", help="run the node daemon", description="Run the node daemon. Every flag has a "
+                       "WARMSTART_* environment variable; a flag given wins over its variable.")
+    if serve_flags:
+        add_serve_flags(s)
 
     def with_socket(name: str, help: str) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
-        c.add_argument("--socket", default=None, help="agent socket (default $WARMSTART_SOCKET or %s)" % DEFAULT_SOCKET)
+        c.add_argument("--socket", default=None, help=f"agent socket (default ${SOCKET_ENV} or {DEFAULT_SOCKET})")
         return c
 
     c = with_socket("prefetch", "fetch a model into this node's cache")
     c.add_argument("ref")
     c.add_argument("--pin", action="store_true", help="never evict it for capacity")
     c.add_argument("--all-nodes", action="store_true", help="also on every live peer (before a scale-up)")
+    c.add_argument("--json", action="store_true", help="print the result as JSON (progress still on stderr)")
     c = with_socket("stats", "byte counters (origin, peers) and peer states")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--json", action="store_true", help="print the counters as JSON")
     c = with_socket("ls", "list cached models (and the warm set, if the agent has one)")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--json", action="store_true", help="print the list as JSON")
     c = with_socket("warm-set", "the warm set's entries: revision, state, progress, errors")
     c.add_argument("action", nargs="?", choices=["status"], default="status")
-    c.add_argument("--json", action="store_true")
+    c.add_argument("--json", action="store_true", help="print the status as JSON")
     c = with_socket("evict", "unpin a model and delete its blobs")
     c.add_argument("ref")
-    c = with_socket("verify", "re-hash a cached model; re-fetch what is corrupt")
+    c.add_argument("--json", action="store_true", help="print what was freed and kept as JSON")
+    c = with_socket("verify", "re-hash a cached model; re-fetch what is corrupt or missing")
     c.add_argument("ref")
+    c.add_argument("--json", action="store_true", help="print the counts as JSON (progress still on stderr)")
     from agent.cli import artifacts as cli_artifacts
 
     cli_artifacts.add_parser(sub)
@@ -117,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(serve_flags=_command_of(argv) == "serve").parse_args(argv)
     try:
         if args.command == "serve":
             return _serve(args)
@@ -127,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             return cli_artifacts.run(args)
         conn = AgentConnection(args.socket)
         if args.command == "prefetch" and args.all_nodes:
-            return _prefetch_all(conn, args.ref, args.pin, sys.stderr)
+            return _prefetch_all(conn, args.ref, args.pin, sys.stderr, args.json)
         if args.command == "prefetch":
-            return _prefetch(conn, args.ref, args.pin, sys.stderr)
+            return _prefetch(conn, args.ref, args.pin, sys.stderr, args.json)
         if args.command == "stats":
             return _stats(conn, args.json)
         if args.command == "ls":
@@ -140,14 +142,16 @@ def main(argv: list[str] | None = None) -> int:
             return show_warm_set(conn, args.json)
         if args.command == "evict":
             out = conn.request_json("POST", "/v1/evict", {"ref": args.ref})
+            if args.json:
+                print(json.dumps(out, indent=2))
+                return 0
             print(f"evicted {out['ref']}: freed {format_size(out['freed_bytes'])}")
             for kept in out["kept"]:
                 print(f"  kept {kept['digest'][:16]}: {kept['reason']}")
             return 0
         if args.command == "verify":
             result = _follow(conn.stream("POST", "/v1/verify", {"ref": args.ref}), sys.stderr)
-            print(f"verified {args.ref}: {result['checked']} checked, {result['corrupt']} corrupt, "
-                  f"{result['repaired']} re-fetched")
+            print(json.dumps(result, indent=2) if args.json else verify_summary(args.ref, result))
             return 0
     except WarmstartError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -160,59 +164,17 @@ def main(argv: list[str] | None = None) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging  # here: the other commands are short-lived clients and log nothing
 
-    from agent.config import AgentConfig
+    from agent.config import AgentConfig, SettingError, settings
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
-        piece_size = parse_size(args.piece_size)
-        if not MIN_PIECE_SIZE <= piece_size <= MAX_PIECE_SIZE:
-            raise ValueError(f"--piece-size must be between {format_size(MIN_PIECE_SIZE)} and {format_size(MAX_PIECE_SIZE)}")
-        if args.connections < 1:
-            raise ValueError("--connections must be at least 1")
-        peers = tuple(a.strip() for a in args.peers.split(",") if a.strip())
-        if (peers or args.peer_dns) and not args.peer_token_file:
-            raise ValueError("--peers/--peer-dns need --peer-token-file (the shared token peers authenticate with)")
-        if args.peer_token_file:
-            from agent.peers.membership import read_token, split_hostport
-
-            read_token(args.peer_token_file)
-            for addr in peers + ((args.advertise,) if args.advertise else ()):
-                split_hostport(addr)
-        if args.warm_set_poll <= 0:
-            raise ValueError("--warm-set-poll must be positive")
-        if args.peer_hedge_timeout <= 0 or args.peer_dns_interval <= 0:
-            raise ValueError("--peer-hedge-timeout and --peer-dns-interval must be positive")
-        if args.read_timeout <= 0 or args.retries < 1:
-            raise ValueError("--read-timeout must be positive and --retries at least 1")
-        socket_mode = _socket_mode(args.socket_mode)
-        socket_gid = _group_id(args.socket_group) if args.socket_group else None
-        config = AgentConfig(
-            cache_dir=args.cache_dir,
-            socket=args.socket,
-            listen=args.listen,
-            capacity=parse_size(args.capacity),
-            piece_size=piece_size,
-            connections=args.connections,
-            peers=peers,
-            peer_dns=args.peer_dns,
-            peer_dns_interval=args.peer_dns_interval,
-            peer_token_file=args.peer_token_file,
-            advertise=args.advertise,
-            peer_hedge_timeout=args.peer_hedge_timeout,
-            read_timeout=args.read_timeout,
-            retries=args.retries,
-            socket_mode=socket_mode,
-            socket_gid=socket_gid,
-            warm_set=os.path.abspath(args.warm_set) if args.warm_set else None,
-            warm_set_poll=args.warm_set_poll,
-            drop_behind=args.drop_behind,
-        )
-    except ValueError as exc:
+        config = AgentConfig.from_texts({name: getattr(args, name) for name, _, _ in settings()}, os.environ)
+    except SettingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    logging.basicConfig(
+        level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     import asyncio  # the daemon's dependencies only for `serve`: the other verbs start faster
 
     from agent.daemon import serve
@@ -225,29 +187,24 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _socket_mode(text: str) -> int:
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        raise ValueError(f"--socket-mode must be octal permissions like 660, got {text!r}") from None
-    if not 0 <= mode <= 0o777:
-        raise ValueError(f"--socket-mode must be octal permissions like 660, got {text!r}")
-    return mode
+def verify_summary(ref: str, result: dict[str, Any]) -> str:
+    """What `agent verify` found. ``checked`` counts the files that were cached (and re-hashed); ``repaired``
+    the files fetched afterwards: the corrupt ones plus those that were never cached (a partial model)."""
+    name = f"{result.get('ref', ref)}@{result['revision']}" if result.get("revision") else ref
+    checked, corrupt, repaired = result["checked"], result["corrupt"], result["repaired"]
+    missing = max(0, repaired - corrupt)
+    text = (f"verified {name}: {checked} file{'s' if checked != 1 else ''} checked, {corrupt} corrupt, "
+            f"{repaired} re-fetched")
+    if missing:
+        text += f" ({missing} {'was' if missing == 1 else 'were'} not cached)"
+    return text
 
 
-def _group_id(name: str) -> int:
-    import grp
-
-    if name.isdigit():
-        return int(name)
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise ValueError(f"--socket-group: no group named {name!r}") from None
-
-
-def _prefetch(conn: AgentConnection, ref: str, pin: bool, out: TextIO) -> int:
+def _prefetch(conn: AgentConnection, ref: str, pin: bool, out: TextIO, as_json: bool = False) -> int:
     result = _follow(conn.stream("POST", "/v1/prefetch", {"ref": ref, "pin": pin}), out)
+    if as_json:
+        print(json.dumps({**result, "pinned": pin}, indent=2))
+        return 0
     fetched = result.get("fetched_bytes", 0)
     secs = max(result.get("seconds", 0.0), 1e-6)
     how = (
@@ -262,13 +219,16 @@ def _prefetch(conn: AgentConnection, ref: str, pin: bool, out: TextIO) -> int:
     return 0
 
 
-def _prefetch_all(conn: AgentConnection, ref: str, pin: bool, out: TextIO) -> int:
-    """One line per node as it finishes; exit 1 if any node failed (the others still finished)."""
+def _prefetch_all(conn: AgentConnection, ref: str, pin: bool, out: TextIO, as_json: bool = False) -> int:
+    """One line per node as it finishes (with ``--json``, one JSON document at the end instead); exit 1 if any
+    node failed (the others still finished)."""
     result: dict[str, Any] | None = None
     shown: set[str] = set()
 
     def show(node: dict[str, Any]) -> None:
         shown.add(node["node"])
+        if as_json:
+            return
         if node.get("status") == "complete":
             print(f"{node['node']}: complete in {node.get('seconds', 0):.1f}s", flush=True)
         else:
@@ -280,7 +240,8 @@ def _prefetch_all(conn: AgentConnection, ref: str, pin: bool, out: TextIO) -> in
             out.write(f"{line.get('ref')}@{line.get('revision')}: {format_size(line.get('total_bytes', 0))} "
                       f"on {len(line.get('nodes', []))} nodes\n")
             for addr in line.get("skipped", []):
-                print(f"{addr}: skipped (not answering)")
+                if not as_json:
+                    print(f"{addr}: skipped (not answering)")
         elif event == "node":
             show(line)
         elif event == "error":
@@ -293,6 +254,9 @@ def _prefetch_all(conn: AgentConnection, ref: str, pin: bool, out: TextIO) -> in
         out.flush()
     if result is None:
         raise WarmstartError("the agent closed the stream before the operation completed")
+    if as_json:
+        result.pop("event", None)
+        print(json.dumps(result, indent=2))
     if result.get("failed"):
         print(f"error: {len(result['failed'])} node(s) failed: {', '.join(result['failed'])}", file=sys.stderr)
         return 1
@@ -322,19 +286,25 @@ def _stats(conn: AgentConnection, as_json: bool) -> int:
 
 
 def _follow(lines: Iterator[dict[str, Any]], out: TextIO) -> dict[str, Any]:
-    """Show progress lines (a live bar on a terminal, a line every few seconds otherwise)."""
+    """Show progress lines (a live bar on a terminal, a line every few seconds otherwise); return the
+    ``complete`` line, less its ``event``, with the ref, revision and size of the ``resolved`` line where it
+    does not repeat them (verify's does not)."""
     tty = out.isatty()
     last_plain = 0.0
+    resolved: dict[str, Any] = {}
     for line in lines:
         event = line.get("event")
         if event == "complete":
             if tty:
                 out.write("\r\033[K")
-            return line
+            result = {k: v for k, v in line.items() if k != "event"}
+            for key in ("ref", "revision", "total_bytes"):
+                if key in resolved:
+                    result.setdefault(key, resolved[key])
+            return result
         if event == "resolved":
-            total, cached = line.get("total_bytes", 0), line.get("cached_bytes", 0)
-            out.write(f"{line.get('ref')}@{line.get('revision')}: {line.get('files', '?')} files, "
-                      f"{format_size(total)}, {format_size(cached)} already cached\n")
+            resolved = line
+            out.write(_resolved_text(line) + "\n")
         elif event == "progress" and "total_bytes" in line:
             text = _progress_text(line)
             if tty:
@@ -344,6 +314,18 @@ def _follow(lines: Iterator[dict[str, Any]], out: TextIO) -> dict[str, Any]:
                 last_plain = time.monotonic()
         out.flush()
     raise WarmstartError("the agent closed the stream before the operation completed")
+
+
+def _resolved_text(line: dict[str, Any]) -> str:
+    """``REF@REV: SIZE`` and, where the agent says (prefetch does, verify does not), the files and what was cached:
+    a count it did not send is left out, never shown as ``?`` or 0."""
+    text = f"{line.get('ref')}@{line.get('revision')}: "
+    if "files" in line:
+        text += f"{line['files']} files, "
+    text += format_size(line.get("total_bytes", 0))
+    if "cached_bytes" in line:
+        text += f", {format_size(line['cached_bytes'])} already cached"
+    return text
 
 
 def _progress_text(line: dict[str, Any]) -> str:
