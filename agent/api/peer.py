@@ -27,6 +27,7 @@ from aiohttp import web
 
 from agent.fetch.fetcher import PEER_SCHEMES, BusyError, ServedPiece
 from agent.manifest import Manifest
+from agent.origins.base import peer_checkable
 from agent.service import ModelService
 from agent.refs import check_relative_path, parse_ref
 from client.errors import BadReferenceError, BadRequestError, CapacityError, WarmstartError
@@ -113,6 +114,7 @@ async def piece(request: web.Request) -> web.StreamResponse:
     assert service is not None
     q = request.query
     ref = _peer_ref(q.get("ref"))
+    await service.origins.check_peer_ref(ref)
     revision, path, key = q.get("rev", ""), q.get("path", ""), q.get("key", "")
     if not revision or not key:
         raise BadRequestError("rev and key are required")
@@ -126,6 +128,8 @@ async def piece(request: web.Request) -> web.StreamResponse:
     if entry.fill_key != key or entry.piece_size != piece_size or not 0 <= index < entry.piece_count:
         raise web.HTTPConflict(text="fill key, piece size or index differ from this node's manifest\n")
     origin = service.origins.for_ref(ref)
+    if not await peer_checkable(entry, origin):
+        raise web.HTTPConflict(text=f"{path!r} has no whole-file digest a peer could check; fetch it from the origin\n")
     for attempt in range(2):
         try:
             served = await service.fetcher.serve_piece(entry, index, origin, relay=relay, requester=requester)
@@ -210,7 +214,7 @@ async def prefetch(request: web.Request) -> web.StreamResponse:
     service = request.app[PEER].service
     assert service is not None
     body = await read_body(request)
-    _peer_ref(body.get("ref"), allow_revision=True)
+    await service.origins.check_peer_ref(_peer_ref(body.get("ref"), allow_revision=True))
     pin = body.get("pin")
     if pin is not None and not isinstance(pin, bool):
         raise BadRequestError('"pin" must be true or false')

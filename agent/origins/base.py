@@ -115,6 +115,21 @@ async def pump_body(content: aiohttp.StreamReader, length: int, sink: Sink) -> b
     return extra
 
 
+async def peer_checkable(entry: FileEntry, origin: Origin) -> bool:
+    """Whether a node that takes ``entry``'s pieces from peers can check them against the origin's own digest.
+
+    The rule of the requesting side (agent/fetch/fetcher.py ``_peers_allowed``):
+    a sha256 or git blob sha1 from the origin, or an S3 ETag that is an MD5
+    (plain or multipart with equal parts). Without one, requesters never take
+    the file from peers, so the serving side refuses its pieces too: they would
+    be bytes nobody could check, fetched on a peer's say-so.
+    """
+    if entry.sha256 or entry.git_sha1:
+        return True
+    etag_part_size = getattr(origin, "etag_part_size", None)
+    return etag_part_size is not None and await etag_part_size(entry) is not None
+
+
 def check_status(status: int, entry: FileEntry, reason: str = "") -> None:
     """Map an origin's HTTP status to retry or a typed, final error."""
     if status in (200, 206):
