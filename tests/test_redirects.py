@@ -41,7 +41,6 @@ from agent.origins.range_http import RangeClient
 from agent.refs import parse_ref
 from agent.service import ModelService
 from agent.store.store import Store
-from client.errors import FetchFailedError
 from tests.servers.ports import free_port
 
 DATA = bytes(range(256)) * 4096  # 1 MiB
@@ -90,16 +89,22 @@ async def _serve(host: str, tls: ssl.SSLContext | None = None) -> tuple[web.AppR
 
 
 @pytest.fixture
-async def servers(tmp_path: Path) -> AsyncIterator[dict[str, Server]]:
-    """http and https servers on 127.0.0.1 (trusted), 127.0.0.2 and 127.0.0.3 (internal), one certificate."""
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     done = subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
          "-addext", "subjectAltName=IP:127.0.0.1,IP:127.0.0.2,IP:127.0.0.3,DNS:localhost",
          "-keyout", str(key), "-out", str(cert)],
-        capture_output=True, text=True,
+        capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    return cert, key
+
+
+@pytest.fixture
+async def servers(certificate: tuple[Path, Path]) -> AsyncIterator[dict[str, Server]]:
+    """http and https servers on 127.0.0.1 (trusted), 127.0.0.2 and 127.0.0.3 (internal), one certificate."""
+    cert, key = certificate
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(cert, key)
     runners, found = [], {"cert": Server(url=str(cert))}
@@ -271,14 +276,14 @@ class PeerNode:
     service: ModelService
 
     async def post(self, path: str, body: dict[str, Any]) -> tuple[int, str]:
-        async with aiohttp.ClientSession() as session:
-            async with session.post(self.url + path, json=body, headers={"Authorization": f"Bearer {TOKEN}"}) as r:
-                return r.status, await r.text()
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession() as session, session.post(self.url + path, json=body, headers=auth) as r:
+            return r.status, await r.text()
 
     async def get(self, path: str, params: dict[str, str]) -> tuple[int, bytes]:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(self.url + path, params=params, headers={"Authorization": f"Bearer {TOKEN}"}) as r:
-                return r.status, await r.read()
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        async with aiohttp.ClientSession() as session, session.get(self.url + path, params=params, headers=auth) as r:
+            return r.status, await r.read()
 
 
 @pytest.fixture

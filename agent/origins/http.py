@@ -12,7 +12,6 @@ request then goes to exactly the address judged.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 import urllib.request
@@ -43,7 +42,7 @@ class PlainHttpOrigin(HttpOrigin):
         probe = FileEntry(path=name, size=0)
         try:
             size, etag, modified = await self._head(url, probe)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             # No errno or port in what may go back to a peer (an open port would read differently from a closed one).
             log.info("HEAD %s failed: %s: %s", url, type(exc).__name__, exc)
             raise FetchFailedError(f"cannot reach {_without_port(url)} (details in the agent's log)") from None
@@ -59,9 +58,12 @@ class PlainHttpOrigin(HttpOrigin):
     async def _head(self, url: str, probe: FileEntry) -> tuple[int | None, str, str]:
         """Size, ETag and Last-Modified of ``url``, following at most MAX_REDIRECTS redirects by the policy."""
         first = _origin_of(url)
-        target, extra = url, {}
+        target, host_header, tls_name = url, None, None
         for _ in range(MAX_REDIRECTS + 1):
-            async with self.session.head(target, allow_redirects=False, **extra) as resp:
+            headers: dict[str, str] | None = {"Host": host_header} if host_header else None
+            async with self.session.head(
+                target, allow_redirects=False, headers=headers, server_hostname=tls_name
+            ) as resp:
                 location = resp.headers.get("Location")
                 if resp.status not in REDIRECTS or location is None:
                     check_status(resp.status, probe)
@@ -70,27 +72,24 @@ class PlainHttpOrigin(HttpOrigin):
             if downgrade(url, following):
                 raise AddressRefusedError(f"refusing a redirect of {probe.path!r} from https to plain http")
             url = target = following
-            extra = {}
+            host_header = tls_name = None
             if _origin_of(url) != first and not self.policy.allow_private:
-                target, extra = await self._pinned(url, probe.path)
+                target, host_header, tls_name = await self._pinned(url, probe.path)
         raise FetchFailedError(f"{probe.path}: more than {MAX_REDIRECTS} redirects from the origin")
 
-    async def _pinned(self, url: str, what: str) -> tuple[str, dict[str, object]]:
-        """``url`` with its host replaced by an address the policy allows, and the request options that keep
-        the host name for the Host header and TLS; through a proxy, the name (the proxy connects)."""
+    async def _pinned(self, url: str, what: str) -> tuple[str, str | None, str | None]:
+        """``url`` with its host replaced by an address the policy allows, with the Host header and TLS
+        server name that keep the host's name; through a proxy, ``url`` as it is (the proxy connects)."""
         parts = urlsplit(url)
         scheme, host = parts.scheme.lower(), parts.hostname or ""
         port = parts.port or (443 if scheme == "https" else 80)
         addresses = await self.policy.addresses(host, port, f"a redirect of {what!r}")
         if not urllib.request.proxy_bypass(host) and urllib.request.getproxies().get(scheme):
-            return url, {}
+            return url, None, None
         address = addresses[0]
         netloc = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
         pinned = urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
-        options: dict[str, object] = {"headers": {"Host": parts.netloc.rsplit("@", 1)[-1]}}
-        if scheme == "https":
-            options["server_hostname"] = host
-        return pinned, options
+        return pinned, parts.netloc.rsplit("@", 1)[-1], host if scheme == "https" else None
 
     async def request_target(self, entry: FileEntry) -> tuple[str, dict[str, str]]:
         etag = entry.source.get("etag", "")

@@ -512,7 +512,7 @@ class RangeClient:
                 if proxy is None:
                     conn = await self._open(host, port, tls, addresses)
                     peer = conn.transport.get_extra_info("peername") if conn.transport is not None else None
-                    conn.public = bool(peer) and self.policy.allows(str(peer[0]))
+                    conn.public = peer is not None and self.policy.allows(str(peer[0]))
                     if addresses is not None and not conn.public:  # only a bug (or a local route) gets here
                         conn.close()
                         raise AddressRefusedError(f"refusing a connection to {host}: not a public address")
