@@ -293,6 +293,15 @@ class AgentConfig:
              "not fill RAM (or the agent's memory limit) with a second copy of the model",
         form="--drop-behind / --no-drop-behind, or 1/true/yes/on, 0/false/no/off in the variable",
         parse=_yes_no, check=_bool_check, show=lambda v: "on" if v else "off", boolean=True)
+    allow_private_redirects: bool = _setting(
+        False, flag="--allow-private-redirects", env="WARMSTART_ALLOW_PRIVATE_REDIRECTS",
+        help="let origin redirects, and https references a peer names, reach loopback, link-local and private "
+             "addresses (an in-cluster S3 or mirror behind a redirect); off: only public ones. The configured "
+             "endpoints (AWS_ENDPOINT_URL, HF_ENDPOINT) and references given on the local socket are trusted "
+             "either way",
+        form="--allow-private-redirects / --no-allow-private-redirects, or 1/true/yes/on, 0/false/no/off in "
+             "the variable",
+        parse=_yes_no, check=_bool_check, show=lambda v: "on" if v else "off", boolean=True)
     socket_mode: int = _setting(
         0o660, flag="--socket-mode", env="WARMSTART_SOCKET_MODE",
         help="octal permissions of the local socket (660: owner and group only)",

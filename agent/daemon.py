@@ -40,6 +40,7 @@ from agent.fetch.fetcher import Fetcher
 from agent.fetch.peer_reader import PeerReader
 from agent.metrics import Metrics
 from agent.origins import Origins
+from agent.origins.policy import AddressPolicy
 from agent.peers.client import PeerClient
 from agent.peers.membership import Membership, read_token
 from agent.service import ModelService
@@ -162,7 +163,10 @@ async def running(config: AgentConfig) -> AsyncIterator[Agent]:
             trust_env=True,  # HTTPS_PROXY / HTTP_PROXY / NO_PROXY, as boto3, huggingface_hub and the range client
         )
         stack.push_async_callback(session.close)
-        origins = Origins(session, pool, config.read_timeout, config.connections)
+        origins = Origins(
+            session, pool, config.read_timeout, config.connections,
+            policy=AddressPolicy(allow_private=config.allow_private_redirects),
+        )
         stack.push_async_callback(origins.close)
 
         peers = _peers(stack, config, token) if token is not None else None

@@ -20,6 +20,7 @@ from agent.fetch.fetcher import Fetcher, PeerContext, ServedPiece, first_error
 from agent.manifest import FileEntry, Manifest
 from agent.store.fill import file_digests
 from agent.origins import Origins
+from agent.origins.base import peer_checkable
 from agent.refs import ModelRef, parse_ref
 from agent.store.store import Store
 from client.errors import CapacityError, FetchFailedError, ModelNotFoundError, WarmstartError
@@ -86,6 +87,14 @@ class ModelService:
     async def wait_change(self, timeout: float) -> None:
         """Return when a piece or a blob completes anywhere, or after ``timeout`` seconds."""
         await self.fetcher.wait_change(timeout)
+
+    async def check_peer_ref(self, ref: ModelRef) -> None:
+        """Refuse a reference a peer named whose host is not one this node may reach for a peer."""
+        await self.origins.check_peer_ref(ref)
+
+    async def peer_checkable(self, ref: ModelRef, entry: FileEntry) -> bool:
+        """Whether a peer taking ``entry``'s pieces could check them against the origin's digest."""
+        return await peer_checkable(entry, self.origins.for_ref(ref))
 
     async def serve_piece(
         self, ref: ModelRef, entry: FileEntry, index: int, *, relay: bool, requester: str

@@ -118,6 +118,7 @@ async def piece(request: web.Request) -> web.StreamResponse:
     assert service is not None
     q = request.query
     ref = _peer_ref(q.get("ref"))
+    await service.origins.check_peer_ref(ref)
     revision, path, key = q.get("rev", ""), q.get("path", ""), q.get("key", "")
     if not revision or not key:
         raise BadRequestError("rev and key are required")
@@ -130,6 +131,8 @@ async def piece(request: web.Request) -> web.StreamResponse:
         raise web.HTTPNotFound(text=f"{path!r} is not a file of {ref.base}@{revision}\n")
     if entry.fill_key != key or entry.piece_size != piece_size or not 0 <= index < entry.piece_count:
         raise web.HTTPConflict(text="fill key, piece size or index differ from this node's manifest\n")
+    if not await service.peer_checkable(ref, entry):
+        raise web.HTTPConflict(text=f"{path!r} has no whole-file digest a peer could check; fetch it from the origin\n")
     for attempt in range(2):
         try:
             served = await service.serve_piece(ref, entry, index, relay=relay, requester=requester)
@@ -213,7 +216,7 @@ async def prefetch(request: web.Request) -> web.StreamResponse:
     assert state.service is not None
     body = await read_body(request)
     ref = ref_field(body)
-    _peer_ref(ref, allow_revision=True)
+    await state.service.check_peer_ref(_peer_ref(ref, allow_revision=True))
     return await ensure_job(request, state.service, state.metrics, ref, flag(body, "pin"), with_files=False)
 
 

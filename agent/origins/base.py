@@ -121,6 +121,18 @@ async def pump_body(content: aiohttp.StreamReader, length: int, sink: Sink) -> b
     return extra
 
 
+async def peer_checkable(entry: FileEntry, origin: Origin) -> bool:
+    """Whether a node that takes ``entry``'s pieces from peers can check them against the origin's own digest.
+
+    The rule of the requesting side (agent/fetch/peer_reader.py ``PeerReader.allowed``):
+    a sha256 or git blob sha1 from the origin, or an S3 ETag that is an MD5
+    (plain or multipart with equal parts). Without one, requesters never take
+    the file from peers, so the serving side refuses its pieces too: they would
+    be bytes nobody could check, fetched on a peer's say-so.
+    """
+    return bool(entry.sha256 or entry.git_sha1) or await origin.etag_part_size(entry) is not None
+
+
 def check_status(status: int, entry: FileEntry, reason: str = "") -> None:
     """Map an origin's HTTP status to retry or a typed, final error."""
     if status in (200, 206):

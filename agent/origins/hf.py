@@ -3,7 +3,8 @@
 huggingface_hub resolves the revision to a commit, lists the files with sizes,
 LFS sha256 and git blob ids, and builds the auth headers (``HF_TOKEN`` or the
 stored token). Bytes come through aiohttp range requests on the commit-pinned
-``resolve`` URLs; redirects to a CDN are followed. Every file is checked
+``resolve`` URLs; redirects to a CDN are followed (to public addresses only,
+agent/origins/policy.py). Every file is checked
 against the hub's own digest once complete: sha256 for LFS files, the git blob
 sha1 for the rest.
 """

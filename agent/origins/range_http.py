@@ -12,7 +12,9 @@ it, so a body byte is copied once, kernel to buffer, before the write.
 Only what origin range requests need: GET with a ``Range``, keep-alive
 connections per (scheme, host, port), TLS with the system's trust store,
 redirects (at most :data:`MAX_REDIRECTS`, ``Authorization`` dropped when the
-redirect leaves the origin, as the Hugging Face hub's CDN redirects need),
+redirect leaves the origin, as the Hugging Face hub's CDN redirects need; never
+from https to http, and to another origin only where the
+:class:`~agent.origins.policy.AddressPolicy` allows its resolved addresses),
 ``Content-Length`` bodies, and the standard proxy environment (``HTTPS_PROXY``,
 ``HTTP_PROXY``, ``NO_PROXY``, as boto3 and huggingface_hub read it): https
 through a ``CONNECT`` tunnel, http in absolute form. No chunked bodies for 2xx
@@ -25,6 +27,7 @@ import asyncio
 import base64
 import collections
 import contextlib
+import logging
 import ssl
 import time
 import urllib.request
@@ -33,9 +36,12 @@ from dataclasses import dataclass
 from typing import cast
 from urllib.parse import unquote, urljoin, urlsplit
 
-from agent.origins.base import FLUSH_SECONDS, Sink
 from agent.errors import TransientOriginError
+from agent.origins.base import FLUSH_SECONDS, Sink
+from agent.origins.policy import AddressPolicy, AddressRefusedError, downgrade
 from client.errors import FetchFailedError
+
+log = logging.getLogger(__name__)
 
 # Body buffers: large enough that the sink (a thread hop per call) runs about
 # once per MiB; the fill splits them into its own smaller writes.
@@ -109,6 +115,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.error: BaseException | None = None
         self.eof = False
         self.origin: tuple[str, str, int] = ("", "", 0)  # (scheme, host, port) it was opened for
+        self.public = False  # it reaches an address the policy allows (a redirect may reuse it)
         self.idle_since = time.monotonic()
         self._scratch = bytearray(MAX_HEAD)  # the head's bytes land here, not in a body buffer
         self._head = bytearray()
@@ -348,9 +355,12 @@ class Proxy:
 class RangeClient:
     """Range GETs over kept-alive HTTP/1.1 connections; one per agent, shared by the HTTP origins."""
 
-    def __init__(self, read_timeout: float, connect_timeout: float = CONNECT_TIMEOUT) -> None:
+    def __init__(
+        self, read_timeout: float, connect_timeout: float = CONNECT_TIMEOUT, *, policy: AddressPolicy | None = None
+    ) -> None:
         self.read_timeout = read_timeout
         self.connect_timeout = connect_timeout
+        self.policy = policy if policy is not None else AddressPolicy()
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}  # kept-alive, per origin
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
@@ -367,16 +377,24 @@ class RangeClient:
         any other status is returned with its reason and no body read, for the
         caller to map (agent/origins/base.py check_status). ``what`` names the
         file in errors.
+
+        ``url`` itself is trusted (the operator's endpoint, or a reference
+        already judged); a redirect to another origin is judged by the policy
+        on the addresses it resolves to, and one from https to http refused.
         """
         headers = {**headers, "Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
+        first, judge = _origin_of(url), False
         for _ in range(MAX_REDIRECTS + 1):
-            conn, head = await self._request(url, headers)
+            conn, head = await self._request(url, headers, judge, what)
             if head.status in REDIRECTS and "location" in head.headers:
                 conn.close()  # a redirect's body is never needed; a new connection is cheaper than reading it
                 target = urljoin(url, head.headers["location"])
+                if downgrade(url, target):
+                    raise AddressRefusedError(f"refusing a redirect of {what!r} from https to plain http")
                 if _origin_of(target) != _origin_of(url):
                     headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                 url = target
+                judge = _origin_of(url) != first and not self.policy.allow_private
                 continue
             if head.status not in (200, 206):
                 head.reason = await self._reason(conn, head)
@@ -413,7 +431,14 @@ class RangeClient:
                     conn.release(buf)
 
     # -- connections ---------------------------------------------------------
-    async def _request(self, url: str, headers: dict[str, str]) -> tuple[_Connection, Head]:
+    async def _request(
+        self, url: str, headers: dict[str, str], judge: bool = False, what: str = ""
+    ) -> tuple[_Connection, Head]:
+        """Send a GET for ``url`` and wait for the answer's head.
+
+        With ``judge``, the host's addresses must pass the policy first, and the
+        request goes only over a connection to an allowed address.
+        """
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise FetchFailedError(f"cannot fetch {url!r}: only http:// and https:// URLs")
@@ -434,10 +459,13 @@ class RangeClient:
                 raise FetchFailedError(f"refusing to send header {name!r}: a Host, a line break or a colon")
             lines.append(f"{name}: {value}")
         request = _encode_head(lines)
+        addresses = None
+        if judge:
+            addresses = await self.policy.addresses(key[1], key[2], f"a redirect of {what!r}")
         # A kept-alive connection the server closed meanwhile fails before any answer:
         # send once more on a new connection (only then; any answer is the answer).
         for reused in (True, False):
-            conn = self._take_idle(key) if reused else await self._connect(key)
+            conn = self._take_idle(key, judge) if reused else await self._connect(key, addresses)
             if conn is None:
                 continue
             conn.send(request)
@@ -454,43 +482,77 @@ class RangeClient:
             return conn, head
         raise AssertionError("unreachable")
 
-    def _take_idle(self, key: tuple[str, str, int]) -> _Connection | None:
+    def _take_idle(self, key: tuple[str, str, int], judge: bool = False) -> _Connection | None:
+        """A kept-alive connection to ``key``; with ``judge``, only one known to reach an allowed address."""
         idle = self._idle.get(key, [])
-        while idle:
-            conn = idle.pop()
-            if conn.reusable:
+        for conn in reversed(idle):
+            if not conn.reusable:
+                idle.remove(conn)
+                conn.close()
+            elif not judge or conn.public:
+                idle.remove(conn)
                 return conn
-            conn.close()
         return None
 
-    async def _connect(self, key: tuple[str, str, int]) -> _Connection:
+    async def _connect(self, key: tuple[str, str, int], addresses: list[str] | None = None) -> _Connection:
+        """A new connection to ``key``: to one of ``addresses`` (already judged) when given, else to the name.
+
+        Why a failure says so little: its message may go back to a peer, and
+        errno or timing detail would tell an open port from a closed one. The
+        detail goes to the agent's log.
+        """
         if self._closed:
             raise FetchFailedError("the agent is shutting down")
         scheme, host, port = key
         tls = self._tls() if scheme == "https" else None
         proxy = self._proxy(key)
-        via = f" through the proxy {proxy.host}:{proxy.port}" if proxy else ""
+        via = f" through the proxy {proxy.host}" if proxy else ""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if proxy is None:
-                    _, conn = await loop.create_connection(
-                        lambda: _Connection(self.buffers), host, port, ssl=tls, server_hostname=host if tls else None
-                    )
+                    conn = await self._open(host, port, tls, addresses)
+                    peer = conn.transport.get_extra_info("peername") if conn.transport is not None else None
+                    conn.public = peer is not None and self.policy.allows(str(peer[0]))
+                    if addresses is not None and not conn.public:  # only a bug (or a local route) gets here
+                        conn.close()
+                        raise AddressRefusedError(f"refusing a connection to {host}: not a public address")
                 else:
                     _, conn = await loop.create_connection(lambda: _Connection(self.buffers), proxy.host, proxy.port)
                     if tls is not None:
                         await self._tunnel(conn, proxy, host, port, tls)
+                    conn.public = addresses is not None  # judged on this node's own lookup: the proxy connects
         except ssl.SSLCertVerificationError as exc:
             raise FetchFailedError(f"TLS certificate of {host} is not trusted: {exc.verify_message}") from None
-        except TimeoutError:
-            raise TransientOriginError(
-                f"Timeout connecting to {host}:{port}{via} after {self.connect_timeout:g}s"
-            ) from None
-        except OSError as exc:
-            raise TransientOriginError(f"cannot connect to {host}:{port}{via}: {exc}") from None
+        except (TimeoutError, OSError) as exc:
+            detail = f"no connection after {self.connect_timeout:g}s" if isinstance(exc, TimeoutError) else str(exc)
+            log.info("cannot connect to %s:%d%s: %s", host, port, via, detail)
+            raise TransientOriginError(f"cannot connect to {scheme}://{host}{via} (details in the agent's log)") from None
         conn.origin = key
         return conn
+
+    async def _open(self, host: str, port: int, tls: ssl.SSLContext | None, addresses: list[str] | None) -> _Connection:
+        """Connect straight to ``host``, or to the first of ``addresses`` that answers (TLS still checks ``host``)."""
+        loop = asyncio.get_running_loop()
+        server_hostname = host if tls else None
+        if addresses is None:
+            _, conn = await loop.create_connection(
+                lambda: _Connection(self.buffers), host, port, ssl=tls, server_hostname=server_hostname
+            )
+            return conn
+        last: OSError | None = None
+        for address in addresses:
+            try:
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self.buffers), address, port, ssl=tls, server_hostname=server_hostname
+                )
+                return conn
+            except ssl.SSLCertVerificationError:
+                raise
+            except OSError as exc:
+                last = exc
+        assert last is not None  # addresses is never empty
+        raise last
 
     async def _tunnel(self, conn: _Connection, proxy: Proxy, host: str, port: int, tls: ssl.SSLContext) -> None:
         """CONNECT through ``proxy`` to host:port, then TLS with the origin inside the tunnel."""
@@ -505,7 +567,7 @@ class RangeClient:
             raise
         if head.status != 200:
             conn.close()
-            what = f"the proxy {proxy.host}:{proxy.port} refused a tunnel to {host}:{port} ({head.status})"
+            what = f"the proxy {proxy.host} refused a tunnel to {host} ({head.status})"
             if head.status in (407, 403):
                 raise FetchFailedError(f"{what}: check the proxy's credentials in HTTPS_PROXY")
             raise TransientOriginError(what)
