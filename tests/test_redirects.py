@@ -30,10 +30,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from agent.api.local import node_app
+from agent.api.node import Readiness, node_app
 from agent.api.peer import PeerState
 from agent.defaults import MIN_PIECE_SIZE
+from agent.artifacts.index import ArtifactIndex
+from agent.artifacts.lookup import Artifacts
 from agent.fetch.fetcher import Fetcher
+from agent.metrics import Metrics
 from agent.manifest import FileEntry
 from agent.origins import AddressPolicy, AddressRefusedError, Origins
 from agent.origins.http import PlainHttpOrigin
@@ -298,10 +301,13 @@ async def peer_node(
     store = Store(str(tmp_path / "cache"), 1 << 34, pool, False)
     await store.open()
     origins = Origins(session, pool, read_timeout=5.0, policy=policy)
-    service = ModelService(store, Fetcher(store, connections=2, retries=2), origins, MIN_PIECE_SIZE)
-    state = PeerState(TOKEN)
-    state.service = service
-    runner = web.AppRunner(node_app({"store": True}, state))
+    metrics = Metrics()
+    service = ModelService(store, Fetcher(store, metrics, connections=2, retries=2), origins, MIN_PIECE_SIZE)
+    state = PeerState(TOKEN, metrics)
+    state.open(service, Artifacts(ArtifactIndex(store), metrics, None), None)
+    ready = Readiness()
+    ready.ready = True
+    runner = web.AppRunner(node_app(ready, state, metrics))
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     yield PeerNode(f"http://127.0.0.1:{runner.addresses[0][1]}", service)
