@@ -15,7 +15,7 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ from agent.manifest import FileEntry
 from agent.store.fill import BlobFill, write_json_atomic
 from client.errors import IntegrityError
 from tests.servers.agent_proc import AgentProcess
-from tests.test_store import MiB, Node, node, write_random  # noqa: F401 - node is a fixture
+from tests.test_store import MiB, Node, write_random
 
 OUTSIDE = b"a file outside the cache that the agent must never touch\n"
 
@@ -52,6 +52,22 @@ def _writable_by_others(root: Path) -> list[str]:
             if not stat.S_ISLNK(st.st_mode) and st.st_mode & 0o022:
                 bad.append(f"{os.path.relpath(path, root)} {oct(st.st_mode & 0o777)}")
     return sorted(bad)
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    n = Node(tmp_path / "cache", 1 << 40)
+    await n.start()
+    yield n
+    await n.stop()
+
+
+def _rot(blob: Path, offset: int) -> None:
+    """Bit rot the node has not noticed yet."""
+    blob.chmod(0o644)
+    with open(blob, "r+b") as f:
+        f.seek(offset)
+        f.write(b"rot")
 
 
 @pytest.fixture
@@ -198,7 +214,9 @@ def test_a_real_agent_under_umask_000_leaves_nothing_writable_by_others(tmp_path
 def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True, check=False
+    )
     if done.returncode != 0:
         pytest.fail(f"cannot mount a tmpfs for the disk-full test (needs root): {done.stderr.decode()}")
     try:
@@ -246,10 +264,7 @@ async def test_a_refill_of_the_same_content_replaces_a_corrupt_blob(node: Node, 
     data = write_random(tmp_path / "m1" / "w.bin", 3 * MiB, seed=107)
     await node.prefetch(str(tmp_path / "m1"))
     blob = node.root / "blobs" / xxhash.xxh3_128_hexdigest(data)
-    blob.chmod(0o644)
-    with open(blob, "r+b") as f:  # bit rot the node has not noticed yet
-        f.seek(MiB)
-        f.write(b"rot")
+    _rot(blob, MiB)
     shutil.copytree(tmp_path / "m1", tmp_path / "m2")  # the same bytes under another name: filled anew
     await node.prefetch(str(tmp_path / "m2"))
     assert blob.read_bytes() == data
@@ -274,7 +289,6 @@ async def test_an_artifact_upload_replaces_a_corrupt_blob_of_the_same_bundle(nod
 
     assert await upload() == digest
     blob = node.root / "blobs" / digest
-    blob.chmod(0o644)
-    blob.write_bytes(b"rot" + bundle[3:])
+    _rot(blob, 0)
     assert await upload() == digest
     assert blob.read_bytes() == bundle and not blob.is_symlink()

@@ -169,7 +169,7 @@ class Store:
             if entry.name.startswith("artifact-") and entry.name.endswith(".part"):
                 os.unlink(entry.path)  # an artifact upload cut off by a crash: nobody resumes it
             elif entry.name.endswith(".part"):
-                self.partial_sizes[entry.name[:-5]] = entry.stat().st_blocks * 512
+                self.partial_sizes[entry.name[:-5]] = entry.stat(follow_symlinks=False).st_blocks * 512
             elif ".tmp" in entry.name:
                 os.unlink(entry.path)  # a state file half-written when we were killed
             elif entry.name.endswith(".json") and not os.path.exists(entry.path[:-5] + ".part"):
