@@ -20,6 +20,11 @@ blob is deleted when no other entry names it and no reader holds it. Since a
 compile_cache publisher bundles what it restored plus what it compiled, the
 later bundle is normally a superset of the earlier one.
 
+Files are written as the store writes its own (agent/store/safeio.py): no link
+followed, explicit modes; a verified upload replaces a blob of the same name
+(it may have rotted unnoticed), and a renamed-away upload is checked to still
+be the file written.
+
 Artifacts have no origin, so a node missing one asks its peers: the
 rendezvous owner of the (key, fingerprint) first, then the others, for their
 index entry, and then for the blob by digest, which is hashed as it arrives and
@@ -44,6 +49,7 @@ from typing import Any
 import xxhash
 
 from agent.store.fill import write_json_atomic
+from agent.store.safeio import BLOB_MODE, PARTIAL_MODE, create_exclusive, ensure_dir, same_file
 from agent.store.store import Store
 from client.errors import BadRequestError, CapacityError, IntegrityError
 from client.fingerprint import check_fingerprint, fingerprint_id
@@ -136,8 +142,7 @@ class ArtifactIndex:
         self.entries.update(found)
 
     def _scan(self) -> tuple[dict[tuple[str, str], Entry], list[str]]:
-        root = self.store.path(ARTIFACTS_DIR)
-        os.makedirs(root, exist_ok=True)
+        root = ensure_dir(self.store.root, ARTIFACTS_DIR)
         stale = []
         for part in os.scandir(self.store.path("partial")):
             if part.name.startswith("artifact-") and part.name.endswith(".part"):
@@ -195,7 +200,7 @@ class ArtifactIndex:
         self.store.partial_sizes[key] = size
         part = self.store.path("partial", f"{key}.part")
         hasher = xxhash.xxh3_128()
-        fd = await self.store.run(lambda: os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+        fd = await self.store.run(create_exclusive, part, PARTIAL_MODE)
         published = False
         try:
             got = 0
@@ -228,12 +233,12 @@ class ArtifactIndex:
                 raise IntegrityError(f"bundle bytes hash to {digest}, not the {expect} they were asked for")
 
             def publish() -> None:
-                os.fchmod(fd, 0o444)
-                final = self.store.blob_path(digest)
-                if os.path.exists(final):
-                    os.unlink(part)  # the same bundle is stored already: keep one copy
-                else:
-                    os.rename(part, final)
+                if not same_file(part, fd):
+                    raise IntegrityError(f"the upload's file {part} was replaced while it was written; push again")
+                os.fchmod(fd, BLOB_MODE)
+                # Over a stored copy of the same name: these bytes were just hashed, that one may have rotted
+                # (a reader of the old one keeps its inode; see BlobFill.finish).
+                os.rename(part, self.store.blob_path(digest))
 
             await self.store.run(publish)
             published = True
@@ -256,7 +261,7 @@ class ArtifactIndex:
             path = self.path(entry.key, entry.fingerprint_id)
 
             def write() -> None:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
+                ensure_dir(self.store.root, ARTIFACTS_DIR, _key_dir(entry.key))
                 write_json_atomic(path, entry.to_json())
 
             await self.store.run(write)

@@ -11,6 +11,11 @@ the recorded pieces are exactly the ones whose bytes reached the file. On
 resume each recorded piece is hashed again against its record (catches a torn
 write after a power loss) and only missing or damaged pieces are fetched.
 The file only moves to ``blobs/`` once the whole-file digests check out.
+
+Files here are opened without following links and given explicit modes
+(agent/store/safeio.py): a link planted at a partial file's name is replaced,
+never written through, and the name is checked to still be the file the fill
+holds before it is renamed into ``blobs/``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import json
 import logging
 import mmap
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +35,7 @@ from typing import Any
 import xxhash
 
 from agent.manifest import FileEntry
+from agent.store.safeio import BLOB_MODE, PARTIAL_MODE, create_exclusive, same_file, write_atomic
 from client.errors import CapacityError, IntegrityError
 
 log = logging.getLogger(__name__)
@@ -265,11 +272,12 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
 
 
 def write_json_atomic(path: str, data: Any) -> None:
-    """Write a small state file so a reader sees the old or the new version, never half."""
-    tmp = f"{path}.tmp{os.getpid()}-{threading.get_ident()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, separators=(",", ":"))
-    os.replace(tmp, path)
+    """Write a small state file so a reader sees the old or the new version, never half.
+
+    Mode 0644 whatever the umask, never through a link at ``path``, and no
+    temporary file left behind when the write fails (safeio.write_atomic).
+    """
+    write_atomic(path, json.dumps(data, separators=(",", ":")).encode())
 
 
 class BlobFill:
@@ -297,14 +305,13 @@ class BlobFill:
     def open(self) -> int:
         """Create or resume the partial file; return how many bytes were already verified."""
         state = self._read_state()
-        exists = os.path.exists(self.path)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.fd, created = self._open_partial()
         try:
             if os.fstat(self.fd).st_size != self.entry.size:
                 os.ftruncate(self.fd, 0)
                 state = None
                 self._preallocate()
-            elif not exists:
+            elif created:
                 self._preallocate()
         except BaseException:
             self.close()
@@ -316,11 +323,49 @@ class BlobFill:
                     self.done[index] = digest
         return sum(self.entry.piece_range(i)[1] for i in self.done)
 
+    def _open_partial(self) -> tuple[int, bool]:
+        """Open the partial file to resume it, or create it; returns (fd, created).
+
+        Never through a link (O_NOFOLLOW): a symlink, or anything but a file
+        only this name links to, is not a partial this agent wrote. It is
+        removed (the link, not its target) and the fill starts afresh, so
+        nothing outside the cache is ever truncated, written or chmod-ed.
+        Two agents on one cache may race to create it: the loser opens the
+        winner's file, as before.
+        """
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                try:
+                    return create_exclusive(self.path, PARTIAL_MODE, os.O_RDWR), True
+                except FileExistsError:
+                    continue
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                log.warning("%s is a symlink, not a partial file this agent wrote: replacing the link", self.path)
+                _unlink_quietly(self.path)
+                continue
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                if stat.S_IMODE(st.st_mode) != PARTIAL_MODE:
+                    os.fchmod(fd, PARTIAL_MODE)
+                return fd, False
+            os.close(fd)
+            log.warning("%s is not a partial file this agent wrote (%d links): replacing it", self.path, st.st_nlink)
+            _unlink_quietly(self.path)
+        raise OSError(errno.EEXIST, "cannot create the partial file: its name keeps being taken", self.path)
+
     def _read_state(self) -> dict[int, str] | None:
-        try:
-            with open(self.state_path, encoding="utf-8") as f:
+        try:  # not through a link: what one points at is no state of ours
+            with open(os.open(self.state_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), encoding="utf-8") as f:
                 data = json.load(f)
         except (FileNotFoundError, ValueError):
+            return None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
             return None
         if data.get("size") != self.entry.size or data.get("piece_size") != self.entry.piece_size:
             return None
@@ -474,6 +519,17 @@ class BlobFill:
     ) -> tuple[str, list[str]]:
         """Check whole-file digests, make the file read-only, move it into place.
 
+        The verified file replaces a blob of the same name already there (one
+        atomic rename): the refill exists because the node did not count that
+        blob as present, and it may be rotten, while these bytes were just
+        checked. Re-hashing the old one instead would be a full read on a path
+        that needs none. A reader holding the old blob keeps reading the old
+        inode's bytes until it closes it; capacity counts the blob once, so
+        for that while the disk holds a little more than the accounting says.
+        Before the rename the partial file's name must still be the file this
+        fill holds (safeio.same_file): a name swapped for a link would
+        otherwise be published; such a fill is discarded (IntegrityError).
+
         Returns (content digest, piece hashes). ``verify`` raises if the origin's
         digests disagree; then the partial file is discarded, never published.
         ``index(digest, pieces)`` records where the blob will be (the store's
@@ -491,15 +547,17 @@ class BlobFill:
         except IntegrityError:
             self.discard()
             raise
-        os.fchmod(self.fd, 0o444)
+        if not same_file(self.path, self.fd):
+            self.discard()
+            raise IntegrityError(
+                f"the partial file of {self.entry.path!r} at {self.path} was replaced while it was filled "
+                "(not a file this agent wrote); discarded, fetch again"
+            )
+        os.fchmod(self.fd, BLOB_MODE)
         digest = digests["xxh128"]
         pieces = [self.done[i] for i in range(self.entry.piece_count)]
         index(digest, pieces)
-        final = os.path.join(blob_dir, digest)
-        if os.path.exists(final):
-            os.unlink(self.path)  # same content already stored: keep one copy
-        else:
-            os.rename(self.path, final)
+        os.rename(self.path, os.path.join(blob_dir, digest))  # over a stored copy: see above
         self.close()
         try:
             os.unlink(self.state_path)
@@ -510,10 +568,7 @@ class BlobFill:
     def discard(self) -> None:
         self.close()
         for p in (self.path, self.state_path):
-            try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
+            _unlink_quietly(p)
 
     def close(self) -> None:
         # Under the whole-file lock: a follow still hashing in the pool must not map a
@@ -522,3 +577,10 @@ class BlobFill:
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

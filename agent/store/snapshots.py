@@ -12,6 +12,12 @@ fetches it back under the same name.
 
 Paths come from manifests, whose file paths were checked as relative, ``..``-free
 paths when they were resolved (agent/refs.check_relative_path).
+
+No link is followed on the way (agent/store/safeio.py): ``snapshots/<key>`` is
+made without following a link below the root, a link found where the snapshot
+directory belongs is replaced by the real snapshot (it was not made here and
+would hand pods someone else's files), and every directory is 0755 whatever
+the umask.
 """
 
 from __future__ import annotations
@@ -19,8 +25,11 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterable
+
+from agent.store.safeio import DIR_MODE, ensure_dir
 
 SNAPSHOTS = "snapshots"
 _TMP_PREFIX = ".building-"
@@ -30,18 +39,20 @@ def link_snapshot(root: str, key: str, revision: str, files: Iterable[tuple[str,
     """Make (or find) the snapshot of ``files`` ((path, blob digest) pairs); return its path under ``root``."""
     rel = os.path.join(SNAPSHOTS, key, revision)
     final = os.path.join(root, rel)
-    if os.path.isdir(final):
+    parent = ensure_dir(root, SNAPSHOTS, key)
+    if _is_real_dir(final):
         return rel
-    parent = os.path.dirname(final)
-    os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{revision}-", dir=parent)
     try:
         for path, digest in files:
             link = os.path.join(tmp, path)
-            os.makedirs(os.path.dirname(link), exist_ok=True)
+            os.makedirs(os.path.dirname(link), exist_ok=True)  # inside our own fresh 0700 directory
             up = [".."] * (path.count("/") + 3)  # out of <subdirs>/, <revision>/, <key>/, snapshots/
             os.symlink(os.path.join(*up, "blobs", digest), link)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; pods may read as another user
+        for directory, _, _ in os.walk(tmp):  # mkdtemp makes 0700, makedirs takes the umask; pods read as anyone
+            os.chmod(directory, DIR_MODE)
+        if os.path.islink(final):
+            os.unlink(final)  # not ours: replaced by the real snapshot, never followed
         try:
             os.rename(tmp, final)
         except OSError as exc:
@@ -52,6 +63,14 @@ def link_snapshot(root: str, key: str, revision: str, files: Iterable[tuple[str,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return rel
+
+
+def _is_real_dir(path: str) -> bool:
+    """A directory at ``path`` itself, not a link to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def remove_snapshots(root: str, key: str) -> None:

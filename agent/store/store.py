@@ -25,6 +25,13 @@ shared ``flock`` on (clients take one while they read), never one the request
 itself needs. Last use is the blob's atime, set explicitly on every open, so it
 survives restarts without a database.
 
+Nothing is written through a link, and modes do not follow the umask
+(agent/store/safeio.py): directories 0755, state files 0644, partial files
+0600, blobs 0444. A directory under the root that is a symlink is refused with
+a one-line error; a link at a file's name is replaced, never written through.
+Temporary files of atomic writes are removed when the write fails, and those a
+kill left behind are swept at start.
+
 All in-memory state is touched only from the event loop; file work runs in the
 I/O thread pool.
 """
@@ -46,6 +53,7 @@ from typing import Any, TypeVar
 from agent.store.fill import BlobFill, WriteSizer, file_digests, write_json_atomic
 from agent.manifest import FileEntry, Manifest
 from agent.refs import ModelRef, parse_ref
+from agent.store.safeio import PARTIAL_MODE, create_exclusive, ensure_dir, sweep_tmp
 from agent.store.snapshots import link_snapshot, remove_snapshots, sweep_unfinished
 from agent.units import format_size
 from client.errors import CapacityError, IntegrityError
@@ -130,12 +138,21 @@ class Store:
 
     def _open_sync(self) -> None:
         for d in _DIRS:
-            os.makedirs(self.path(d), exist_ok=True)
+            ensure_dir(self.root, d)  # refuses a symlinked layout directory, fixes a world-writable one
         probe = self.path(f".write-probe-{os.getpid()}")
-        with open(probe, "w") as f:  # fail early and clearly on a read-only mount
-            f.write("ok")
+        try:
+            os.unlink(probe)  # one a killed process of the same pid left
+        except FileNotFoundError:
+            pass
+        os.close(create_exclusive(probe, PARTIAL_MODE))  # fail early and clearly on a read-only mount
         os.unlink(probe)
         sweep_unfinished(self.root)
+        # State files half-written when a process was killed (partial/ is swept below).
+        for d in (self.root, self.path("meta"), self.path("sources"), self.path("models")):
+            sweep_tmp(d)
+        for manifests in os.scandir(self.path("manifests")):
+            if manifests.is_dir(follow_symlinks=False):
+                sweep_tmp(manifests.path)
         synced_at = self._read_synced_at()
         for entry in os.scandir(self.path("blobs")):
             if not entry.is_file(follow_symlinks=False):
@@ -152,7 +169,7 @@ class Store:
             if entry.name.startswith("artifact-") and entry.name.endswith(".part"):
                 os.unlink(entry.path)  # an artifact upload cut off by a crash: nobody resumes it
             elif entry.name.endswith(".part"):
-                self.partial_sizes[entry.name[:-5]] = entry.stat().st_blocks * 512
+                self.partial_sizes[entry.name[:-5]] = entry.stat(follow_symlinks=False).st_blocks * 512
             elif ".tmp" in entry.name:
                 os.unlink(entry.path)  # a state file half-written when we were killed
             elif entry.name.endswith(".json") and not os.path.exists(entry.path[:-5] + ".part"):
@@ -194,7 +211,7 @@ class Store:
             _syncfs(self.root)
             path = self.path("synced-at")
             write_json_atomic(path, {"time": started})
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             try:
                 os.fsync(fd)
             finally:
@@ -248,7 +265,7 @@ class Store:
         self._pinned_cache = None
 
         def write() -> None:
-            os.makedirs(directory, exist_ok=True)
+            ensure_dir(self.root, "manifests", ref.key)
             write_json_atomic(path, manifest.to_json())
 
         await self.run(write)
