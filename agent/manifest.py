@@ -1,10 +1,17 @@
 """Manifests: the immutable file list of one resolved revision of a model.
 
 A manifest is what an origin's ``resolve`` returns (sizes and the origin's own
-identity of each file: ETag, sha256, mtime) and what the store completes as
-blobs land (content digest and per-piece xxh3-128 hashes). It is saved as JSON
-under ``manifests/<model key>/<revision>.json`` and is what the local API
-hands clients.
+identity of each file: ETag, sha256, mtime). Manifests and their entries are
+frozen: the service makes a new one with this agent's piece size
+(:meth:`Manifest.with_piece_size`) and, once the blobs are whole, a completed
+one with each file's content digest and per-piece xxh3-128 hashes
+(:meth:`Manifest.completed`). It is saved as JSON under
+``manifests/<model key>/<revision>.json`` and is what the local API hands
+clients.
+
+Typed strings: a :data:`BlobDigest` names a blob's bytes (xxh3-128 hex, its
+file name under ``blobs/``); a :data:`FillKey` names the bytes an origin object
+will turn out to have, before they are fetched.
 """
 
 from __future__ import annotations
@@ -12,13 +19,26 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import Any, NamedTuple, NewType
 
 from agent.config import DEFAULT_PIECE_SIZE
 
 
-@dataclass
+BlobDigest = NewType("BlobDigest", str)
+FillKey = NewType("FillKey", str)
+
+
+class Blob(NamedTuple):
+    """A file made whole: its content digest, and its piece hashes when known (None: in ``meta/``)."""
+
+    digest: BlobDigest
+    pieces: tuple[str, ...] | None
+
+
+@dataclass(frozen=True)
 class FileEntry:
     """One file of a model.
 
@@ -35,8 +55,12 @@ class FileEntry:
     sha256: str | None = None
     git_sha1: str | None = None
     piece_size: int = DEFAULT_PIECE_SIZE
-    digest: str | None = None
-    pieces: list[str] | None = None
+    digest: BlobDigest | None = None
+    pieces: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.pieces is not None and not isinstance(self.pieces, tuple):
+            object.__setattr__(self, "pieces", tuple(self.pieces))
 
     @property
     def piece_count(self) -> int:
@@ -47,8 +71,8 @@ class FileEntry:
         start = index * self.piece_size
         return start, max(0, min(self.piece_size, self.size - start))
 
-    @property
-    def fill_key(self) -> str:
+    @cached_property
+    def fill_key(self) -> FillKey:
         """Identity of the exact bytes this entry names, usable before they are fetched.
 
         A whole-file sha256 from the origin is content identity; otherwise the
@@ -56,27 +80,61 @@ class FileEntry:
         entries with the same fill key are fetched once.
         """
         if self.sha256:
-            return f"sha256-{self.sha256}"
+            return FillKey(f"sha256-{self.sha256}")
         ident = json.dumps([self.size, self.piece_size, self.source], sort_keys=True)
-        return "src-" + hashlib.sha256(ident.encode()).hexdigest()[:40]
+        return FillKey("src-" + hashlib.sha256(ident.encode()).hexdigest()[:40])
 
 
-@dataclass
+@dataclass(frozen=True)
 class Manifest:
     """The resolved file list of one revision of a model reference."""
 
     ref: str
     origin: str
     revision: str
-    files: list[FileEntry]
+    files: tuple[FileEntry, ...]
     resolved_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.files, tuple):
+            object.__setattr__(self, "files", tuple(self.files))
+
+    def with_piece_size(self, piece_size: int, digests: Mapping[FillKey, BlobDigest]) -> Manifest:
+        """This manifest fetched in ``piece_size`` pieces; files already stored (``digests``) carry their digest."""
+        files = []
+        for entry in self.files:
+            sized = dataclasses.replace(entry, piece_size=piece_size, digest=None, pieces=None)
+            files.append(dataclasses.replace(sized, digest=digests.get(sized.fill_key)))
+        return dataclasses.replace(self, files=tuple(files))
+
+    def completed(self, blobs: Mapping[FillKey, Blob]) -> Manifest:
+        """This manifest with each file's digest (and piece hashes where known) from ``blobs``, by fill key."""
+        files = []
+        for entry in self.files:
+            blob = blobs.get(entry.fill_key)
+            if blob is not None:
+                entry = dataclasses.replace(
+                    entry, digest=blob.digest, pieces=blob.pieces if blob.pieces is not None else entry.pieces
+                )
+            files.append(entry)
+        return dataclasses.replace(self, files=tuple(files))
+
+    @property
+    def complete(self) -> bool:
+        """Whether every file has its digest and piece hashes (as saved once its blobs were whole)."""
+        return all(f.digest is not None and f.pieces is not None for f in self.files)
 
     @property
     def total_size(self) -> int:
         return sum(f.size for f in self.files)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {
+            "ref": self.ref, "origin": self.origin, "revision": self.revision, "resolved_at": self.resolved_at,
+            "files": [
+                {f.name: getattr(entry, f.name) for f in dataclasses.fields(entry)} for entry in self.files
+            ],
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:

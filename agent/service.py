@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.fetch.fetcher import Fetcher, PeerContext, ServedPiece, first_error
-from agent.manifest import FileEntry, Manifest
+from agent.manifest import Blob, FileEntry, FillKey, Manifest
 from agent.store.fill import file_digests
 from agent.origins import Origins
 from agent.origins.base import peer_checkable
@@ -129,11 +129,9 @@ class ModelService:
         known = await self.store.load_manifest(ref, fresh.revision)
         if known is not None:
             return ref, known
-        for entry in fresh.files:
-            entry.piece_size = self.piece_size
-            entry.digest = self.store.sources.get(entry.fill_key)
-        await self.store.save_manifest(ref, fresh)
-        return ref, fresh
+        manifest = fresh.with_piece_size(self.piece_size, self.store.sources)
+        await self.store.save_manifest(ref, manifest)
+        return ref, manifest
 
     def progress(self, manifest: Manifest) -> Progress:
         p = Progress(manifest, self.store, self.fetcher, time.monotonic(), 0)
@@ -157,33 +155,39 @@ class ModelService:
         origin = self.origins.for_ref(ref)
         ctx = PeerContext.of(ref.base, ref.scheme, manifest)
         protect = {d for f in manifest.files if (d := self.store.digest_of(f))}
-        missing_before = [f for f in manifest.files if self.store.digest_of(f) is None]
+        blobs: dict[FillKey, Blob] = {}
+
+        async def ensure_blob(entry: FileEntry) -> None:
+            blobs[entry.fill_key] = await self.fetcher.ensure_blob(entry, origin, protect, ctx)
+
         try:
             async with asyncio.TaskGroup() as tg:
                 # Connections go to files in this order (agent/fetch/slots.py): the small ones
                 # first (config, tokenizer, the shard index: what a loader reads before
                 # any weight), then the rest in manifest order.
                 for entry in sorted(manifest.files, key=lambda f: f.size > f.piece_size):
-                    tg.create_task(self.fetcher.ensure_blob(entry, origin, protect, ctx))
+                    tg.create_task(ensure_blob(entry))
         except BaseExceptionGroup as group:
             raise _disk_full(first_error(group), self.store.root) from None
         except OSError as exc:
             raise _disk_full(exc, self.store.root) from None
-        if missing_before or any(f.pieces is None for f in manifest.files):
-            await self._fill_piece_hashes(manifest)
-            await self.store.save_manifest(ref, manifest)
+        done = await self._with_piece_hashes(manifest.completed(blobs))
+        if done != manifest:
+            await self.store.save_manifest(ref, done)
         if defer:
-            await self.store.record_model(ref, manifest.revision, pin)
-        await self.store.touch(f.digest for f in manifest.files if f.digest)
-        return manifest
+            await self.store.record_model(ref, done.revision, pin)
+        await self.store.touch(f.digest for f in done.files if f.digest)
+        return done
 
-    async def _fill_piece_hashes(self, manifest: Manifest) -> None:
-        """Copy piece hashes from blob metadata into entries that were already cached."""
+    async def _with_piece_hashes(self, manifest: Manifest) -> Manifest:
+        """The manifest with piece hashes from blob metadata for entries that were already cached."""
+        found: dict[FillKey, Blob] = {}
         for entry in manifest.files:
             if entry.pieces is None and entry.digest:
                 meta = await self.store.read_meta(entry.digest)
                 if meta and meta.get("piece_size") == entry.piece_size:
-                    entry.pieces = list(meta["pieces"])
+                    found[entry.fill_key] = Blob(entry.digest, tuple(meta["pieces"]))
+        return manifest.completed(found) if found else manifest
 
     async def list_models(self) -> list[dict[str, Any]]:
         out = []

@@ -8,6 +8,7 @@ publish, dedup, capacity and eviction, without network servers.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -204,7 +205,7 @@ async def test_a_peer_asking_while_the_placement_is_prepared_does_not_get_a_piec
     data = write_random(tmp_path / "m" / "w.bin", 4 * MiB, seed=5)
     _, manifest = await node.service.resolve(str(tmp_path / "m"))
     (entry,) = manifest.files
-    entry.sha256 = hashlib.sha256(data).hexdigest()  # what lets a fill take pieces from peers
+    entry = dataclasses.replace(entry, sha256=hashlib.sha256(data).hexdigest())  # lets a fill take peers' pieces
     members = Membership("127.0.0.1:1", static=["127.0.0.1:2"])
     await members.refresh()  # the other member is not up: this node owns every piece
     client = PeerClient(node.session, "t" * 16, hedge_timeout=1.0, read_timeout=5.0)
@@ -226,7 +227,7 @@ async def test_a_peer_asking_while_the_placement_is_prepared_does_not_get_a_piec
     await asyncio.wait_for(preparing.wait(), 10)
     served = await node.fetcher.serve_piece(entry, 2, origin, requester="127.0.0.1:2")
     assert served.stream is not None  # an origin fetch for the peer, started here
-    digest = await asyncio.wait_for(fill, 30)
+    digest, _ = await asyncio.wait_for(fill, 30)
     assert digest == xxhash.xxh3_128_hexdigest(data)
     assert origin.delivered == len(data)  # each piece once
 
@@ -371,7 +372,10 @@ async def test_piece_hash_mismatch_against_manifest_fails_the_fill(node: Node, t
     ref, manifest = await node.service.resolve(str(tmp_path / "m"))
     assert manifest.files[0].pieces and len(manifest.files[0].pieces) == 2
     await node.service.evict(str(tmp_path / "m"))
-    manifest.files[0].pieces[1] = "0" * 32  # the manifest disagrees with what the origin sends
+    good = manifest.files[0]
+    assert good.pieces is not None
+    bad = dataclasses.replace(good, pieces=(good.pieces[0], "0" * 32))  # disagrees with what the origin sends
+    manifest = dataclasses.replace(manifest, files=(bad,))
     with pytest.raises(FetchFailedError) as err:
         await node.service.ensure(ref, manifest)
     assert "piece 1" in str(err.value)

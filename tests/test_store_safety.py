@@ -114,7 +114,7 @@ def test_a_partial_file_swapped_for_a_symlink_before_publishing_is_not_published
     os.unlink(fill.path)
     os.symlink(victim, fill.path)
     with pytest.raises(IntegrityError, match="replaced"):
-        fill.finish(str(blobs), lambda digests: None, lambda digest, pieces: None)
+        fill.publish(str(blobs), fill.digests()["xxh128"], lambda pieces: None)
     assert list(blobs.iterdir()) == []
     assert victim.read_bytes() == OUTSIDE and stat.S_IMODE(victim.stat().st_mode) == 0o640
     assert list(partial.iterdir()) == []  # the link and the state file went with the discarded fill
@@ -163,8 +163,8 @@ async def test_under_umask_000_nothing_in_the_cache_is_writable_by_others(tmp_pa
     await n.start()
     try:
         ref, manifest = await n.service.resolve(str(tmp_path / "m"))
-        await n.service.ensure(ref, manifest, True)
-        assert await n.store.snapshot(ref, manifest) is not None
+        done = await n.service.ensure(ref, manifest, True)
+        assert await n.store.snapshot(ref, done) is not None
         await n.store.sync()
         index = ArtifactIndex(n.store, node="test")
         bundle = b"bundle bytes" * 1000

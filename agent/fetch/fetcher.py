@@ -26,7 +26,6 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Callable
 
 from agent.fetch.flight import Flight, PeerContext
 from agent.fetch.open_fills import OpenFill, OpenFills, Signal
@@ -34,7 +33,7 @@ from agent.fetch.origin_reader import OriginReader
 from agent.fetch.peer_reader import PEER_SCHEMES, PeerReader, relay_said_no
 from agent.fetch.piece_server import PieceServer, ServedPiece
 from agent.errors import PeerError
-from agent.manifest import FileEntry
+from agent.manifest import Blob, BlobDigest, FileEntry
 from agent.metrics import Metrics
 from agent.origins import Origin
 from agent.singleflight import SingleFlight
@@ -48,10 +47,6 @@ log = logging.getLogger(__name__)
 JOIN_TRIES = 3  # fetches of a piece started by others (for peers) that a flight waits out before failing
 
 
-class _PeerDataSuspect(Exception):
-    """The whole file did not match with peer pieces in it: repair, do not discard."""
-
-
 class Fetcher:
     """Makes blobs whole: the flights, and the readers and server they share."""
 
@@ -63,7 +58,7 @@ class Fetcher:
         self._changed = Signal()
         self._order = itertools.count()  # flights in the order they were asked for (file order)
         self._flights: dict[str, Flight] = {}
-        self._fill_tasks: SingleFlight[str, str] = SingleFlight()
+        self._fill_tasks: SingleFlight[str, Blob] = SingleFlight()
         self.fills = OpenFills(store)
         self.origin = OriginReader(store, metrics, connections, retries, self._changed.wake)
         self.peers = peers
@@ -110,24 +105,20 @@ class Fetcher:
     # -- one blob ------------------------------------------------------------
     async def ensure_blob(
         self, entry: FileEntry, origin: Origin, protect: set[str], ctx: PeerContext | None = None
-    ) -> str:
-        """Make ``entry``'s bytes a complete blob in the store; return its digest."""
+    ) -> Blob:
+        """Make ``entry``'s bytes a complete blob in the store (one flight however many ask)."""
         digest = self.store.digest_of(entry)
         if digest is not None:
-            entry.digest = digest
-            return digest
+            return Blob(digest, entry.pieces)
         key = entry.fill_key
         flight = self._flights.get(key)
         if flight is None:
             flight = self._flights[key] = Flight(entry, order=next(self._order), ctx=ctx)
             task = self._fill_tasks.start(key, lambda: self._fill(flight, origin, protect), f"fill {entry.path}")
             task.add_done_callback(lambda _t: self._flights.pop(key, None))
-        digest = await self._fill_tasks.run(key, lambda: self._fill(flight, origin, protect))
-        entry.digest = digest
-        entry.pieces = flight.entry.pieces
-        return digest
+        return await self._fill_tasks.run(key, lambda: self._fill(flight, origin, protect))
 
-    async def _fill(self, flight: Flight, origin: Origin, protect: set[str]) -> str:
+    async def _fill(self, flight: Flight, origin: Origin, protect: set[str]) -> Blob:
         entry = flight.entry
         h = await self.fills.acquire(entry, protect)
         fill = h.fill
@@ -143,7 +134,7 @@ class Fetcher:
                         tg.create_task(self._piece(h, index, origin, flight))
             except BaseExceptionGroup as group:
                 raise first_error(group) from None
-            digest = await self._finish(h, flight, origin)
+            blob = await self._finish(h, flight, origin)
         except BaseException:
             self._changed.wake()
             self.fills.release(h, close=True)  # the next try opens it again, re-checking recorded pieces
@@ -155,10 +146,10 @@ class Fetcher:
             entry.path, entry.size, flight.fetched_bytes, len(flight.peer_pieces), flight.joined_pieces,
             time.monotonic() - flight.started,
         )
-        return digest
+        return blob
 
-    async def _finish(self, h: OpenFill, flight: Flight, origin: Origin) -> str:
-        """Publish the blob once its whole-file digests match the origin's.
+    async def _finish(self, h: OpenFill, flight: Flight, origin: Origin) -> Blob:
+        """Digests -> checked against the origin's -> published; a file that fails is discarded, never published.
 
         If pieces came from peers and the file does not match, it is not thrown
         away: those pieces are fetched again from the origin, peers whose piece
@@ -166,22 +157,24 @@ class Fetcher:
         """
         entry, fill = flight.entry, h.fill
         try:
-            if flight.peer_pieces:
-                try:
-                    digest = await self.store.finish_fill(fill, lambda d: _check_whole(entry, d, _PeerDataSuspect))
-                except _PeerDataSuspect as exc:
-                    log.error("%s does not match the origin's digest with %d pieces from peers (%s); "
-                              "fetching those again from the origin", entry.path, len(flight.peer_pieces), exc)
-                    await self._repair_from_origin(h, flight, origin)
-                    digest = await self.store.finish_fill(fill, lambda d: _check_whole(entry, d, IntegrityError))
-            else:
-                digest = await self.store.finish_fill(fill, lambda d: _check_whole(entry, d, IntegrityError))
+            digests = await self.store.fill_digests(fill)
+            if flight.peer_pieces and not _matches(entry, digests):
+                log.error("%s does not match the origin's digest with %d pieces from peers; "
+                          "fetching those again from the origin", entry.path, len(flight.peer_pieces))
+                await self._repair_from_origin(h, flight, origin)
+                digests = await self.store.fill_digests(fill)
+            _check_whole(entry, digests)
         except IntegrityError:
-            self.fills.retire(h)  # finish() discarded the partial file
+            self.fills.retire(h)
+            await self.store.discard_fill(fill)
             raise
-        self.fills.retire(h)
+        digest = BlobDigest(digests["xxh128"])
+        try:
+            pieces = await self.store.publish_fill(fill, digest)
+        finally:
+            self.fills.retire(h)
         flight.done_pieces.update(range(entry.piece_count))  # peer pieces show only now, checked
-        return digest
+        return Blob(digest, pieces)
 
     async def _repair_from_origin(self, h: OpenFill, flight: Flight, origin: Origin) -> None:
         fill = h.fill
@@ -284,19 +277,27 @@ class Fetcher:
         await self.origin.piece(h, index, origin, flight, h.announce(index))
 
 
-def _check_whole(
-    entry: FileEntry, digests: dict[str, str], error: Callable[[str], Exception] = IntegrityError
-) -> None:
-    """Compare the finished file with every digest the origin or manifest promised."""
+def _mismatch(entry: FileEntry, digests: dict[str, str]) -> str | None:
+    """How the finished file differs from every digest the origin or manifest promised (None: it matches)."""
     for name, expected in (("sha256", entry.sha256), ("git_sha1", entry.git_sha1), ("xxh128", entry.digest)):
         if expected and digests.get(name) != expected:
-            raise error(
-                f"{entry.path!r}: {name} of the fetched bytes is {digests.get(name)}, the origin says {expected}"
-            )
+            return f"{entry.path!r}: {name} of the fetched bytes is {digests.get(name)}, the origin says {expected}"
     if "s3_etag" in digests:
         expected = str(entry.source.get("etag", "")).strip('"').lower()
         if digests["s3_etag"] != expected:
-            raise error(f"{entry.path!r}: the fetched bytes make ETag {digests['s3_etag']}, S3 says {expected}")
+            return f"{entry.path!r}: the fetched bytes make ETag {digests['s3_etag']}, S3 says {expected}"
+    return None
+
+
+def _matches(entry: FileEntry, digests: dict[str, str]) -> bool:
+    return _mismatch(entry, digests) is None
+
+
+def _check_whole(entry: FileEntry, digests: dict[str, str]) -> None:
+    """Raise IntegrityError when the finished file is not what the origin promised."""
+    mismatch = _mismatch(entry, digests)
+    if mismatch is not None:
+        raise IntegrityError(mismatch)
 
 
 def first_error(group: BaseExceptionGroup) -> BaseException:

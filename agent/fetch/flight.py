@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -45,7 +44,6 @@ class Flight:
     """
 
     entry: FileEntry
-    task: asyncio.Task[str] | None = None
     done_bytes: int = 0
     fetched_bytes: int = 0
     started: float = field(default_factory=time.monotonic)

@@ -514,11 +514,15 @@ class BlobFill:
             self.drop_behind = False  # a hint the filesystem does not take: keep the pages
 
     # -- finishing -----------------------------------------------------------
-    def finish(
-        self, blob_dir: str, verify: Callable[[dict[str, str]], None], index: Callable[[str, list[str]], None]
-    ) -> tuple[str, list[str]]:
-        """Check whole-file digests, make the file read-only, move it into place.
+    def digests(self) -> dict[str, str]:
+        """The whole file's digests (xxh128, and sha256 / git blob id / S3 ETag as the entry asks), caught up."""
+        self._follow(blocking=True)
+        return self._whole.digests()
 
+    def publish(self, blob_dir: str, digest: str, index: Callable[[list[str]], None]) -> list[str]:
+        """Make the checked file read-only and move it into place as ``blob_dir/digest``; return its piece hashes.
+
+        Called only once the digests matched the origin's (agent/fetch/fetcher.py).
         The verified file replaces a blob of the same name already there (one
         atomic rename): the refill exists because the node did not count that
         blob as present, and it may be rotten, while these bytes were just
@@ -530,23 +534,14 @@ class BlobFill:
         fill holds (safeio.same_file): a name swapped for a link would
         otherwise be published; such a fill is discarded (IntegrityError).
 
-        Returns (content digest, piece hashes). ``verify`` raises if the origin's
-        digests disagree; then the partial file is discarded, never published.
-        ``index(digest, pieces)`` records where the blob will be (the store's
-        source and meta records) before the blob appears: killed after the
-        rename, the next process still finds the blob by the origin object's
-        key; killed before it, the record names a blob that is not there yet
-        and the complete partial file is published again. Durability is the
-        store's background sync (see Store.sync_loop), not an fsync here: that
-        would put a full device write on every cold start.
+        ``index(pieces)`` records where the blob will be (the store's source
+        and meta records) before the blob appears: killed after the rename, the
+        next process still finds the blob by the origin object's key; killed
+        before it, the record names a blob that is not there yet and the
+        complete partial file is published again. Durability is the store's
+        background sync (see Store.sync_loop), not an fsync here: that would put
+        a full device write on every cold start.
         """
-        self._follow(blocking=True)
-        digests = self._whole.digests()
-        try:
-            verify(digests)
-        except IntegrityError:
-            self.discard()
-            raise
         if not same_file(self.path, self.fd):
             self.discard()
             raise IntegrityError(
@@ -554,16 +549,15 @@ class BlobFill:
                 "(not a file this agent wrote); discarded, fetch again"
             )
         os.fchmod(self.fd, BLOB_MODE)
-        digest = digests["xxh128"]
         pieces = [self.done[i] for i in range(self.entry.piece_count)]
-        index(digest, pieces)
+        index(pieces)
         os.rename(self.path, os.path.join(blob_dir, digest))  # over a stored copy: see above
         self.close()
         try:
             os.unlink(self.state_path)
         except FileNotFoundError:
             pass
-        return digest, pieces
+        return pieces
 
     def discard(self) -> None:
         self.close()

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from agent.store.fill import BlobFill, WriteSizer, file_digests, write_json_atomic
-from agent.manifest import FileEntry, Manifest
+from agent.manifest import BlobDigest, FileEntry, Manifest
 from agent.refs import ModelRef, parse_ref
 from agent.store.safeio import PARTIAL_MODE, create_exclusive, ensure_dir, sweep_tmp
 from agent.store.snapshots import link_snapshot, remove_snapshots, sweep_unfinished
@@ -376,26 +376,31 @@ class Store:
             raise
         return fill, have
 
-    async def finish_fill(self, fill: BlobFill, verify: Any) -> str:
-        """Publish a complete fill as a blob; returns its digest."""
-        def write_index(digest: str, pieces: list[str]) -> None:
+    async def fill_digests(self, fill: BlobFill) -> dict[str, str]:
+        """The whole-file digests of a complete fill (the last pieces hashed now, the rest already followed)."""
+        return await self.run(fill.digests)
+
+    async def publish_fill(self, fill: BlobFill, digest: BlobDigest) -> tuple[str, ...]:
+        """Publish a complete, checked fill as ``blobs/<digest>``; returns its piece hashes."""
+        def write_index(pieces: list[str]) -> None:
             meta = {"size": fill.entry.size, "piece_size": fill.entry.piece_size, "pieces": pieces}
             write_json_atomic(self.path("meta", f"{digest}.json"), meta)
             write_json_atomic(self.path("sources", fill.key), digest)
 
         try:
-            digest, pieces = await self.run(fill.finish, self.path("blobs"), verify, write_index)
-        except IntegrityError:
-            self.partial_sizes.pop(fill.key, None)  # finish() discarded the partial file
-            raise
-        self.partial_sizes.pop(fill.key, None)
+            pieces = await self.run(fill.publish, self.path("blobs"), digest, write_index)
+        finally:
+            self.partial_sizes.pop(fill.key, None)  # published, or discarded by publish()
         self.blob_sizes[digest] = fill.entry.size
         self._dirty = True
         self.sources[fill.key] = digest
         self._pinned_cache = None
-        fill.entry.digest = digest
-        fill.entry.pieces = pieces
-        return digest
+        return tuple(pieces)
+
+    async def discard_fill(self, fill: BlobFill) -> None:
+        """Delete a fill whose bytes did not check out (its partial file and piece record)."""
+        await self.run(fill.discard)
+        self.partial_sizes.pop(fill.key, None)
 
     async def abandon_fill(self, fill: BlobFill) -> None:
         """Close a fill that failed; keep its verified pieces for the next try."""

@@ -430,7 +430,7 @@ class WarmSet:
         else:
             log.info("warm set: fetching %s@%s (%s)", entry.spec.ref, rev, format_size(manifest.total_size))
         try:
-            await self.service.ensure(entry.ref, manifest, entry.spec.pin)
+            manifest = await self.service.ensure(entry.ref, manifest, entry.spec.pin)
         except CapacityError as exc:  # the disk (not the pinned total) is short: wait for a change too
             other = await self._other_pinned(entry, manifest)
             entry.fail("capacity", str(exc), None)
