@@ -169,25 +169,99 @@ def iter_tensors(
     ``names``, ``device``, ``copy`` and ``ring_bytes`` (host memory for a GPU
     load; default 256 MiB) are as in :func:`iter_safetensors_files`.
     """
+    options = dict(device=device, names=names, copy=copy, ring_bytes=ring_bytes)
+    first = _open_stream(ref, socket, timeout)  # here, so a dead agent or a bad reference fail at the call
+    return _iterate(ref, socket, timeout, first, options)
+
+
+def _open_stream(ref: str, socket: str | None, timeout: float) -> tuple[ModelStream, list[str]]:
+    """The agent's open of ``ref`` and the model's weight files."""
     from client.stream import ModelStream
 
-    stream = ModelStream(ref, socket, timeout)  # here, so a dead agent or a bad reference fail at the call
+    stream = ModelStream(ref, socket, timeout)
     try:
-        shards = _weight_files(ref, stream.names(), lambda: _read_whole(stream, INDEX_FILE))
+        return stream, _weight_files(ref, stream.names(), lambda: _read_whole(stream, INDEX_FILE))
     except BaseException:
         stream.close()
         raise
-    return _iterate(ref, stream, shards, dict(device=device, names=names, copy=copy, ring_bytes=ring_bytes))
 
 
 def _iterate(
-    ref: str, stream: ModelStream, shards: list[str], options: dict[str, Any]
+    ref: str,
+    socket: str | None,
+    timeout: float,
+    first: tuple[ModelStream, list[str]],
+    options: dict[str, Any],
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Load through ``first``; after a cached piece failed its check, have the agent repair the blob and go on once.
+
+    Every tensor handed out was checked (client/verify.py); after a repair the
+    load starts over on the fresh open and skips the names already yielded.
+    """
+    from client import verify
     from client.loader import iter_streamed_files
 
     if options["ring_bytes"] is None:
         del options["ring_bytes"]
-    yield from iter_streamed_files(stream, shards, label=ref, **options)
+    stream, shards = first
+    if not verify.available():  # no xxhash in this image: the agent re-hashes the blobs before we read them
+        _warn_no_xxhash()
+        stream.close()
+        _reverify(ref, stream, socket, timeout)
+        stream, shards = _open_stream(ref, socket, timeout)
+    yielded: set[str] = set()
+    for attempt in range(2):
+        try:
+            for name, tensor in iter_streamed_files(stream, shards, label=ref, **options):
+                if name not in yielded:
+                    yielded.add(name)
+                    yield name, tensor
+            return
+        except verify.CorruptPieceError as exc:
+            if attempt == 1:
+                raise IntegrityError(
+                    f"{exc} (still, after the agent re-verified the blob: not loaded; see `agent verify {ref}`"
+                    " and the agent's log)"
+                ) from None
+            _reverify(ref, stream, socket, timeout, str(exc))
+            stream, shards = _open_stream(ref, socket, timeout)
+    raise AssertionError("unreachable")
+
+
+def _reverify(ref: str, stream: ModelStream, socket: str | None, timeout: float, why: str = "") -> None:
+    """Have the agent re-hash the revision ``stream`` opened; it removes and re-fetches every blob that fails.
+
+    ``POST /v1/verify`` answers once the model is whole again; an error (the
+    origin is gone, or gives other bytes now) becomes an IntegrityError naming both.
+    """
+    target = f"{stream.base}@{stream.revision}" if stream.base and stream.revision else ref
+    try:
+        with AgentConnection(socket, timeout).stream("POST", "/v1/verify", {"ref": target}) as lines:
+            for line in lines:
+                if line.get("event") == "complete":
+                    return
+        raise AgentUnavailableError(f"the agent ended its answer to verify {target!r} before it completed")
+    except WarmstartError as exc:
+        if not why:
+            raise
+        raise IntegrityError(f"{why}; the agent could not repair it: {exc}") from None
+
+
+_warned_no_xxhash = False
+
+
+def _warn_no_xxhash() -> None:
+    global _warned_no_xxhash
+    if not _warned_no_xxhash:
+        _warned_no_xxhash = True
+        import warnings
+
+        warnings.warn(
+            "warmstart: the xxhash package is not installed, so the agent re-reads every blob of a model to check"
+            " it before each open (slow for large models); pip install xxhash to check as the client reads",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 INDEX_FILE = "model.safetensors.index.json"
