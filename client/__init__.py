@@ -21,6 +21,7 @@ and each file stays open with a shared lock while any of its tensors lives.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -169,21 +170,29 @@ def iter_tensors(
     ``names``, ``device``, ``copy`` and ``ring_bytes`` (host memory for a GPU
     load; default 256 MiB) are as in :func:`iter_safetensors_files`.
     """
-    options = dict(device=device, names=names, copy=copy, ring_bytes=ring_bytes)
+    options: dict[str, Any] = {"device": device, "names": names, "copy": copy, "ring_bytes": ring_bytes}
     first = _open_stream(ref, socket, timeout)  # here, so a dead agent or a bad reference fail at the call
     return _iterate(ref, socket, timeout, first, options)
 
 
 def _open_stream(ref: str, socket: str | None, timeout: float) -> tuple[ModelStream, list[str]]:
-    """The agent's open of ``ref`` and the model's weight files."""
+    """The agent's open of ``ref`` and the model's weight files (a rotted shard index is repaired once, as weights are)."""
     from client.stream import ModelStream
+    from client.verify import CorruptPieceError
 
-    stream = ModelStream(ref, socket, timeout)
-    try:
-        return stream, _weight_files(ref, stream.names(), lambda: _read_whole(stream, INDEX_FILE))
-    except BaseException:
-        stream.close()
-        raise
+    for attempt in range(2):
+        stream = ModelStream(ref, socket, timeout)
+        try:
+            return stream, _weight_files(ref, stream.names(), functools.partial(_read_whole, stream, INDEX_FILE))
+        except CorruptPieceError as exc:
+            stream.close()
+            if attempt == 1:
+                raise IntegrityError(f"{exc} (still, after the agent re-verified the blob: not loaded)") from None
+            _reverify(ref, stream, socket, timeout, str(exc))
+        except BaseException:
+            stream.close()
+            raise
+    raise AssertionError("unreachable")
 
 
 def _iterate(
@@ -339,12 +348,18 @@ def _read_whole(stream: ModelStream, path: str) -> bytes:
     state = stream.wait_readable(path, 0, 0)
     if state.size > MAX_INDEX_BYTES:
         raise MalformedFileError(f"{stream.ref}: {path} is larger than {MAX_INDEX_BYTES} bytes")
-    fd, _ = stream.open(path)
+    fd, local = stream.open(path)
+    check = None
     try:
         stream.wait_readable(path, 0, state.size)
+        check = stream.check(path, fd, local)
+        if check is not None:
+            check.ensure(0, state.size)
         with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read(MAX_INDEX_BYTES + 1)
     finally:
+        if check is not None:
+            check.close()
         os.close(fd)
 
 

@@ -115,9 +115,9 @@ class ModelStream:
 
     def _take(self, line: dict[str, Any]) -> None:
         event = line.get("event")
-        if event in ("resolved", "complete"):
-            if isinstance(line.get("ref"), str) and isinstance(line.get("revision"), str):
-                self.base, self.revision = line["ref"], line["revision"]
+        ref, revision = line.get("ref"), line.get("revision")
+        if event in ("resolved", "complete") and isinstance(ref, str) and isinstance(revision, str):
+            self.base, self.revision = ref, revision
         if event == "resolved":
             self.cache_dir = os.environ.get("WARMSTART_CACHE_DIR") or line.get("cache_dir")
             states = line.get("file_states")

@@ -31,13 +31,15 @@ import mmap
 import os
 import re
 import threading
+from types import ModuleType
 
 from client.errors import IntegrityError, WarmstartError
 
+_xxhash: ModuleType | None
 try:
-    import xxhash
+    import xxhash as _xxhash
 except ImportError:  # an image with torch alone: the agent checks instead (see client.iter_tensors)
-    xxhash = None
+    _xxhash = None
 
 AHEAD = 64 * 1024 * 1024  # how far past the furthest byte asked for the checker may read
 MAX_META_BYTES = 16 * 1024 * 1024  # 32 hex digits + quotes per piece: ample for any blob
@@ -46,7 +48,7 @@ _HEX128 = re.compile(r"^[0-9a-f]{32}$")
 
 def available() -> bool:
     """Whether this process can hash (the ``xxhash`` package is installed)."""
-    return xxhash is not None
+    return _xxhash is not None
 
 
 class CorruptPieceError(IntegrityError):
@@ -87,7 +89,7 @@ class BlobCheck:
     """
 
     def __init__(self, fd: int, blob: str, size: int, piece_size: int, hashes: list[str], label: str) -> None:
-        if xxhash is None:
+        if _xxhash is None:
             raise WarmstartError("checking cached blobs needs the xxhash package (pip install xxhash)")
         self.blob = blob
         self.label = label
@@ -139,9 +141,11 @@ class BlobCheck:
         try:
             while True:
                 with self._cond:
-                    while not self._closed and (i := self._next()) is None:
+                    i = self._next()
+                    while not self._closed and i is None:
                         self._cond.wait(1.0)
-                    if self._closed:
+                        i = self._next()
+                    if self._closed or i is None:
                         return
                 ok = self._hash(i) == self.hashes[i]
                 with self._cond:
@@ -164,11 +168,11 @@ class BlobCheck:
                 self._cond.notify_all()
 
     def _hash(self, i: int) -> str:
-        assert self._mm is not None and xxhash is not None
+        assert self._mm is not None and _xxhash is not None
         start = i * self.piece_size
         end = min(self.size, start + self.piece_size) if len(self.hashes) > 1 else self.size
         with memoryview(self._mm) as view:
-            digest = str(xxhash.xxh3_128(view[start:end]).hexdigest())
+            digest = str(_xxhash.xxh3_128(view[start:end]).hexdigest())
         # Unmap what was read: the pages stay in the page cache for the loader, not in this process.
         page_start = start - start % mmap.PAGESIZE
         self._mm.madvise(mmap.MADV_DONTNEED, page_start, end - page_start)
