@@ -7,12 +7,14 @@ sees those reads. :class:`BlobCheck` therefore re-hashes (xxh3-128) every piece
 that holds a requested byte, and the loader hands out a tensor only once the
 pieces under it matched.
 
-Why this costs almost nothing: the hashing happens on a thread that walks the
+Why a thread ahead of the loader (meant to be near-free when the disk is the bound): the hashing happens on a thread that walks the
 file through a read-only shared mapping at most :data:`AHEAD` bytes ahead of the
 loader. Its page faults are the disk reads the loader would have made anyway (the
 same page cache, the same large folios a mapped reader gets), and xxh3 runs at
 >10 GB/s per core with the GIL released, well above what a disk delivers; the
-loader then finds its pages already cached. Pieces are checked once per open.
+loader then finds its pages already cached. Pieces are checked once per open. Measured on
+a shared 2-core machine it is not yet free (bench/RESULTS.md, "Checking cached blobs while
+loading": cold loads 1.5-2.2x the unchecked time, the extra CPU not yet explained).
 
 The expected hashes are ``meta/<digest>.json`` (``{"size", "piece_size",
 "pieces"}``, written by the agent when it published the blob). When that record is
