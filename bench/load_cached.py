@@ -18,6 +18,9 @@ destination are outside the clock, opening the files and the agent round trip in
 - ``ws-iter``: ``client.iter_tensors(ref)``, each tensor copied as it is yielded;
 - ``ws-copy``: ``client.open_tensors(ref, copy=True)`` (positional reads into memory of
   its own), then each tensor copied;
+- ``ws-open-nocheck``, ``ws-iter-nocheck``: ``ws-open`` and ``ws-iter`` with the client's
+  check of cached blobs against their piece hashes (client/verify.py) switched off by the
+  bench: the A/B of what that check costs, in the same run;
 - ``safetensors``: ``safetensors.torch.load_file(blob)`` per shard, then each tensor copied;
 - ``runai``: Run:ai Model Streamer, ``SafetensorsStreamer().stream_files(blobs)`` and
   ``get_tensors()`` (default settings), each tensor copied as it is yielded;
@@ -233,6 +236,19 @@ def run_ws(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
     return place.done()
 
 
+def run_unchecked(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
+    """``run_ws`` with the client's piece-hash check of cached blobs (client/verify.py) switched off here, in
+    the bench only: the client as it was before the check, for an A/B in the same run."""
+    from client.stream import ModelStream
+
+    saved = ModelStream.check
+    ModelStream.check = lambda self, path, fd, local: None  # type: ignore[method-assign]
+    try:
+        return run_ws(ctx, dest, t0, how)
+    finally:
+        ModelStream.check = saved  # type: ignore[method-assign]
+
+
 def run_safetensors(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
     from safetensors.torch import load_file
 
@@ -323,6 +339,8 @@ CONTENDERS: dict[str, Callable[[dict, torch.Tensor, float], dict]] = {
     "ws-open": lambda c, d, t0: run_ws(c, d, t0, "open"),
     "ws-iter": lambda c, d, t0: run_ws(c, d, t0, "iter"),
     "ws-copy": lambda c, d, t0: run_ws(c, d, t0, "copy"),
+    "ws-open-nocheck": lambda c, d, t0: run_unchecked(c, d, t0, "open"),
+    "ws-iter-nocheck": lambda c, d, t0: run_unchecked(c, d, t0, "iter"),
     "safetensors": run_safetensors,
     "runai": run_runai,
     "pread-buf": lambda c, d, t0: run_pread_buf(c, d, t0, 1),
@@ -591,7 +609,7 @@ def main() -> int:
         import client
 
         # imported here, not by the first timed run of each contender
-        for module in ("client.loader", "runai_model_streamer", "safetensors.torch"):
+        for module in ("client.loader", "safetensors.torch", *(["runai_model_streamer"] if "runai" in names else [])):
             importlib.import_module(module)
 
         snap = Path(client.snapshot(str(src)))

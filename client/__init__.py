@@ -21,6 +21,7 @@ and each file stays open with a shared lock while any of its tensors lives.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -169,25 +170,107 @@ def iter_tensors(
     ``names``, ``device``, ``copy`` and ``ring_bytes`` (host memory for a GPU
     load; default 256 MiB) are as in :func:`iter_safetensors_files`.
     """
-    from client.stream import ModelStream
+    options: dict[str, Any] = {"device": device, "names": names, "copy": copy, "ring_bytes": ring_bytes}
+    first = _open_stream(ref, socket, timeout)  # here, so a dead agent or a bad reference fail at the call
+    return _iterate(ref, socket, timeout, first, options)
 
-    stream = ModelStream(ref, socket, timeout)  # here, so a dead agent or a bad reference fail at the call
-    try:
-        shards = _weight_files(ref, stream.names(), lambda: _read_whole(stream, INDEX_FILE))
-    except BaseException:
-        stream.close()
-        raise
-    return _iterate(ref, stream, shards, dict(device=device, names=names, copy=copy, ring_bytes=ring_bytes))
+
+def _open_stream(ref: str, socket: str | None, timeout: float) -> tuple[ModelStream, list[str]]:
+    """The agent's open of ``ref`` and the model's weight files (a rotted shard index is repaired once, as weights are)."""
+    from client.stream import ModelStream
+    from client.verify import CorruptPieceError
+
+    for attempt in range(2):
+        stream = ModelStream(ref, socket, timeout)
+        try:
+            return stream, _weight_files(ref, stream.names(), functools.partial(_read_whole, stream, INDEX_FILE))
+        except CorruptPieceError as exc:
+            stream.close()
+            if attempt == 1:
+                raise IntegrityError(f"{exc} (still, after the agent re-verified the blob: not loaded)") from None
+            _reverify(ref, stream, socket, timeout, str(exc))
+        except BaseException:
+            stream.close()
+            raise
+    raise AssertionError("unreachable")
 
 
 def _iterate(
-    ref: str, stream: ModelStream, shards: list[str], options: dict[str, Any]
+    ref: str,
+    socket: str | None,
+    timeout: float,
+    first: tuple[ModelStream, list[str]],
+    options: dict[str, Any],
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Load through ``first``; after a cached piece failed its check, have the agent repair the blob and go on once.
+
+    Every tensor handed out was checked (client/verify.py); after a repair the
+    load starts over on the fresh open and skips the names already yielded.
+    """
+    from client import verify
     from client.loader import iter_streamed_files
 
     if options["ring_bytes"] is None:
         del options["ring_bytes"]
-    yield from iter_streamed_files(stream, shards, label=ref, **options)
+    stream, shards = first
+    if not verify.available():  # no xxhash in this image: the agent re-hashes the blobs before we read them
+        _warn_no_xxhash()
+        stream.close()
+        _reverify(ref, stream, socket, timeout)
+        stream, shards = _open_stream(ref, socket, timeout)
+    yielded: set[str] = set()
+    for attempt in range(2):
+        try:
+            for name, tensor in iter_streamed_files(stream, shards, label=ref, **options):
+                if name not in yielded:
+                    yielded.add(name)
+                    yield name, tensor
+            return
+        except verify.CorruptPieceError as exc:
+            if attempt == 1:
+                raise IntegrityError(
+                    f"{exc} (still, after the agent re-verified the blob: not loaded; see `agent verify {ref}`"
+                    " and the agent's log)"
+                ) from None
+            _reverify(ref, stream, socket, timeout, str(exc))
+            stream, shards = _open_stream(ref, socket, timeout)
+    raise AssertionError("unreachable")
+
+
+def _reverify(ref: str, stream: ModelStream, socket: str | None, timeout: float, why: str = "") -> None:
+    """Have the agent re-hash the revision ``stream`` opened; it removes and re-fetches every blob that fails.
+
+    ``POST /v1/verify`` answers once the model is whole again; an error (the
+    origin is gone, or gives other bytes now) becomes an IntegrityError naming both.
+    """
+    target = f"{stream.base}@{stream.revision}" if stream.base and stream.revision else ref
+    try:
+        with AgentConnection(socket, timeout).stream("POST", "/v1/verify", {"ref": target}) as lines:
+            for line in lines:
+                if line.get("event") == "complete":
+                    return
+        raise AgentUnavailableError(f"the agent ended its answer to verify {target!r} before it completed")
+    except WarmstartError as exc:
+        if not why:
+            raise
+        raise IntegrityError(f"{why}; the agent could not repair it: {exc}") from None
+
+
+_warned_no_xxhash = False
+
+
+def _warn_no_xxhash() -> None:
+    global _warned_no_xxhash
+    if not _warned_no_xxhash:
+        _warned_no_xxhash = True
+        import warnings
+
+        warnings.warn(
+            "warmstart: the xxhash package is not installed, so the agent re-reads every blob of a model to check"
+            " it before each open (slow for large models); pip install xxhash to check as the client reads",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -265,12 +348,18 @@ def _read_whole(stream: ModelStream, path: str) -> bytes:
     state = stream.wait_readable(path, 0, 0)
     if state.size > MAX_INDEX_BYTES:
         raise MalformedFileError(f"{stream.ref}: {path} is larger than {MAX_INDEX_BYTES} bytes")
-    fd, _ = stream.open(path)
+    fd, local = stream.open(path)
+    check = None
     try:
         stream.wait_readable(path, 0, state.size)
+        check = stream.check(path, fd, local)
+        if check is not None:
+            check.ensure(0, state.size)
         with os.fdopen(fd, "rb", closefd=False) as f:
             return f.read(MAX_INDEX_BYTES + 1)
     finally:
+        if check is not None:
+            check.close()
         os.close(fd)
 
 

@@ -140,6 +140,19 @@ class ShardSource(Protocol):
     def close(self) -> None:
         """Stop: every wait still blocked raises. Idempotent."""
 
+    def check(self, path: str, fd: int, local: str) -> Checker | None:
+        """What checks the bytes of ``path`` (open as ``fd``, the file ``local``) before they are handed out."""
+
+
+class Checker(Protocol):
+    """Verifies ranges of one open file against recorded hashes (client/verify.py's BlobCheck)."""
+
+    def ensure(self, offset: int, nbytes: int) -> None:
+        """Block until bytes [offset, offset + nbytes) are checked; raise IntegrityError if they are not intact."""
+
+    def close(self) -> None:
+        """Stop checking; idempotent."""
+
 
 def iter_streamed_files(
     source: ShardSource,
@@ -157,7 +170,10 @@ def iter_streamed_files(
     there, and each tensor once the pieces holding it are. Names are checked as
     files arrive (a duplicate raises when its second file is reached, a
     requested name no file has raises at the end). ``label`` prefixes file names
-    in error messages (the model reference). The last tensor is followed by
+    in error messages (the model reference). A file ``source.check`` gives a
+    checker for (a complete cached blob) has its header and every tensor's bytes
+    checked against their piece hashes before they are parsed or handed out; a
+    mismatch raises :class:`client.verify.CorruptPieceError`. The last tensor is followed by
     ``source.finish()`` (the whole-model verdict); ``source`` is closed on the
     way out, whatever happens.
     """
@@ -170,14 +186,20 @@ def iter_streamed_files(
     try:
         for shard in shards:
             display = f"{label}/{shard}"
-            fd, _local = source.open(shard)
+            fd, local = source.open(shard)
             handed_over = False
+            check: Checker | None = None
             try:
                 _lock_shared(fd, display)
+                check = source.check(shard, fd, local)
                 source.wait_readable(shard, 0, 8)
+                if check is not None:
+                    check.ensure(0, 8)
                 raw = os.pread(fd, 8, 0)
                 length = struct.unpack("<Q", raw)[0] if len(raw) == 8 else 0
                 source.wait_readable(shard, 0, 8 + min(length, MAX_HEADER_BYTES))  # read_header rejects more
+                if check is not None:
+                    check.ensure(0, 8 + min(length, MAX_HEADER_BYTES))
                 header = read_header(fd, name=display)
                 selected = []
                 for t in header.tensors:
@@ -187,8 +209,10 @@ def iter_streamed_files(
                     if wanted is None or t.name in wanted:
                         selected.append(t)
 
-                def wait(offset: int, nbytes: int, shard: str = shard) -> None:
+                def wait(offset: int, nbytes: int, shard: str = shard, check: Checker | None = check) -> None:
                     source.wait_readable(shard, offset, offset + nbytes)
+                    if check is not None:
+                        check.ensure(offset, nbytes)
 
                 if ring is not None:
                     tensors = ring.load(fd, display, selected, wait=wait)
@@ -204,6 +228,8 @@ def iter_streamed_files(
                     tensors.close()
                     raise
             finally:
+                if check is not None:
+                    check.close()
                 if not handed_over:
                     os.close(fd)
         if wanted is not None:

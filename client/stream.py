@@ -22,12 +22,16 @@ works too: every file becomes readable when that line arrives.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 from client._transport import DEFAULT_TIMEOUT, AgentConnection, NDJSONStream
 from client.errors import AgentUnavailableError, WarmstartError
+from client.verify import BlobCheck, CorruptPieceError, expected_hashes
+
+_HEX128 = re.compile(r"^[0-9a-f]{32}$")
 
 OPEN_RETRIES = 5  # a partial file renamed to its blob between the agent's line and our open
 
@@ -72,6 +76,8 @@ class ModelStream:
         self.files: dict[str, FileState] = {}
         self.cache_dir: str | None = None
         self.complete: dict[str, Any] | None = None
+        self.base: str | None = None  # the reference without revision and the revision, as the agent resolved them
+        self.revision: str | None = None
         self.error: BaseException | None = None
         self._listed = False  # the file list is known (a streaming head, or the complete line)
         self._closed = False
@@ -109,6 +115,9 @@ class ModelStream:
 
     def _take(self, line: dict[str, Any]) -> None:
         event = line.get("event")
+        ref, revision = line.get("ref"), line.get("revision")
+        if event in ("resolved", "complete") and isinstance(ref, str) and isinstance(revision, str):
+            self.base, self.revision = ref, revision
         if event == "resolved":
             self.cache_dir = os.environ.get("WARMSTART_CACHE_DIR") or line.get("cache_dir")
             states = line.get("file_states")
@@ -198,6 +207,28 @@ class ModelStream:
                     if f.blob is None and self.error is None and self.complete is None:
                         self._cond.wait(1.0)
         raise WarmstartError(f"{self.where}: could not open {path!r}: it kept moving")
+
+    def check(self, path: str, fd: int, local: str) -> BlobCheck | None:
+        """A checker of model file ``path``'s piece hashes when ``local`` (open as ``fd``) is its complete blob.
+
+        A file opened while still partial is not checked here: the agent hashed
+        each of its pieces from the bytes it wrote just before saying so.
+        """
+        with self._cond:
+            f = self.files.get(path)
+            cache_dir = self.cache_dir
+        if f is None or f.blob is None or not isinstance(cache_dir, str) or local != os.path.join(cache_dir, f.blob):
+            return None
+        digest = f.blob.rsplit("/", 1)[-1]
+        if not _HEX128.match(digest):
+            raise WarmstartError(f"{self.where}: {path!r} has a blob name that is not an xxh3-128: {f.blob!r:.100}")
+        size = os.fstat(fd).st_size
+        if size != f.size:
+            raise CorruptPieceError(
+                f"{self.ref}/{path}: the cached {f.blob} has {size} bytes, not the {f.size} recorded", f.blob, 0
+            )
+        piece_size, hashes = expected_hashes(cache_dir, digest, size)
+        return BlobCheck(fd, f.blob, size, piece_size, hashes, f"{self.ref}/{path}")
 
     def finish(self) -> dict[str, Any]:
         """Wait for the agent's verdict on the whole model; raise its error if it failed."""

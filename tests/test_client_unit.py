@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 import torch
+import xxhash
 from safetensors.torch import load_file, save_file
 
 import client
@@ -644,8 +645,10 @@ def cache_with_model(tmp_path: Path) -> tuple[Path, list[dict[str, Any]], dict[s
     (cache / "blobs" / "c0ffee").write_bytes(b"{}")
     want: dict[str, torch.Tensor] = {}
     for i in range(2):
-        blob = f"blobs/{i:032x}"
-        save_file({n: tensors[n] for n in names[i::2]}, str(cache / blob))
+        scratch = cache / f"shard-{i}.tmp"
+        save_file({n: tensors[n] for n in names[i::2]}, str(scratch))
+        blob = f"blobs/{xxhash.xxh3_128(scratch.read_bytes()).hexdigest()}"  # named by its content, as the agent does
+        scratch.rename(cache / blob)
         want.update(load_file(str(cache / blob)))
         files.append({"path": f"model-0000{i + 1}-of-00002.safetensors", "size": (cache / blob).stat().st_size, "blob": blob})
     return cache, files, want

@@ -1,0 +1,192 @@
+"""Check a cached blob against its recorded piece hashes before any of its bytes reach a caller.
+
+A blob in the node cache was verified when it was written, but disks rot and
+files get scribbled on; the client reads blobs itself (zero-copy mapping for CPU
+tensors, positional reads into pinned buffers for a device), so the agent never
+sees those reads. :class:`BlobCheck` therefore re-hashes (xxh3-128) every piece
+that holds a requested byte, and the loader hands out a tensor only once the
+pieces under it matched.
+
+Why a thread ahead of the loader (meant to be near-free when the disk is the bound): the hashing happens on a thread that walks the
+file through a read-only shared mapping at most :data:`AHEAD` bytes ahead of the
+loader. Its page faults are the disk reads the loader would have made anyway (the
+same page cache, the same large folios a mapped reader gets), and xxh3 runs at
+>10 GB/s per core with the GIL released, well above what a disk delivers; the
+loader then finds its pages already cached. Pieces are checked once per open. Measured on
+a shared 2-core machine it is not yet free (bench/RESULTS.md, "Checking cached blobs while
+loading": cold loads 1.5-2.2x the unchecked time, the extra CPU not yet explained).
+
+The expected hashes are ``meta/<digest>.json`` (``{"size", "piece_size",
+"pieces"}``, written by the agent when it published the blob). When that record is
+missing or malformed the whole file is checked against its name (the blob's
+xxh3-128), before its first byte is handed out.
+
+What is not covered: files still being filled (their pieces were hashed by the
+agent from the bytes it wrote, moments before; see client/stream.py), and pages
+of a zero-copy tensor that the kernel drops later and reads again from disk.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import re
+import threading
+from types import ModuleType
+
+from client.errors import IntegrityError, WarmstartError
+
+_xxhash: ModuleType | None
+try:
+    import xxhash as _xxhash
+except ImportError:  # an image with torch alone: the agent checks instead (see client.iter_tensors)
+    _xxhash = None
+
+AHEAD = 64 * 1024 * 1024  # how far past the furthest byte asked for the checker may read
+MAX_META_BYTES = 16 * 1024 * 1024  # 32 hex digits + quotes per piece: ample for any blob
+_HEX128 = re.compile(r"^[0-9a-f]{32}$")
+
+
+def available() -> bool:
+    """Whether this process can hash (the ``xxhash`` package is installed)."""
+    return _xxhash is not None
+
+
+class CorruptPieceError(IntegrityError):
+    """A piece of a cached blob does not match its recorded hash; ``blob`` is its path relative to the cache."""
+
+    def __init__(self, message: str, blob: str, piece: int) -> None:
+        super().__init__(message)
+        self.blob = blob
+        self.piece = piece
+
+
+def expected_hashes(cache_dir: str, digest: str, size: int) -> tuple[int, list[str]]:
+    """``(piece_size, hashes)`` for blob ``digest`` of ``size`` bytes; the whole file as one piece when unrecorded.
+
+    The record is untrusted input: anything that does not describe exactly
+    this blob is ignored in favour of the whole-file hash, which is its name.
+    """
+    whole = (max(size, 1), [digest])
+    try:
+        with open(os.path.join(cache_dir, "meta", f"{digest}.json"), "rb") as f:
+            meta = json.loads(f.read(MAX_META_BYTES + 1))
+    except (OSError, ValueError):
+        return whole
+    if not isinstance(meta, dict):
+        return whole
+    piece_size, pieces = meta.get("piece_size"), meta.get("pieces")
+    if meta.get("size") != size or not isinstance(piece_size, int) or piece_size <= 0 or not isinstance(pieces, list):
+        return whole
+    if len(pieces) != -(-size // piece_size) or not all(isinstance(p, str) and _HEX128.match(p) for p in pieces):
+        return whole
+    return piece_size, pieces
+
+
+class BlobCheck:
+    """Pieces of one open blob, hashed on a thread ahead of the loader; :meth:`ensure` blocks until a range passed.
+
+    Thread-safe (the device ring calls :meth:`ensure` from its reader threads).
+    """
+
+    def __init__(self, fd: int, blob: str, size: int, piece_size: int, hashes: list[str], label: str) -> None:
+        if _xxhash is None:
+            raise WarmstartError("checking cached blobs needs the xxhash package (pip install xxhash)")
+        self.blob = blob
+        self.label = label
+        self.size = size
+        self.piece_size = piece_size
+        self.hashes = hashes
+        self._ok = [False] * len(hashes)
+        self._asked: set[int] = set()  # pieces a caller waits for, not yet checked
+        self._frontier = -1  # the furthest piece asked for; the thread reads up to AHEAD past it
+        self._ahead = max(1, AHEAD // piece_size)
+        self._error: BaseException | None = None
+        self._closed = False
+        self._cond = threading.Condition()
+        self._mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) if size else None
+        self._thread = threading.Thread(target=self._run, name="warmstart-check", daemon=True)
+        self._thread.start()
+
+    def ensure(self, offset: int, nbytes: int) -> None:
+        """Return once every piece holding bytes [offset, offset + nbytes) matched; raise if one did not."""
+        if nbytes <= 0 or not self._ok:
+            return
+        first = min(offset // self.piece_size, len(self._ok) - 1)
+        last = min((offset + nbytes - 1) // self.piece_size, len(self._ok) - 1)
+        with self._cond:
+            todo = [i for i in range(first, last + 1) if not self._ok[i]]
+            if todo:
+                self._asked.update(todo)
+                self._frontier = max(self._frontier, last)
+                self._cond.notify_all()
+            while True:
+                if self._error is not None:
+                    raise self._error
+                if all(self._ok[i] for i in todo):
+                    return
+                if self._closed:
+                    raise WarmstartError(f"{self.label}: the check of {self.blob} was stopped")
+                self._cond.wait(1.0)
+
+    def _next(self) -> int | None:
+        """The piece to hash now (lowest asked first, then read-ahead); None to wait. Under the lock."""
+        if self._asked:
+            return min(self._asked)
+        for i in range(max(0, self._frontier + 1), min(len(self._ok), self._frontier + 1 + self._ahead)):
+            if not self._ok[i]:
+                return i
+        return None
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    i = self._next()
+                    while not self._closed and i is None:
+                        self._cond.wait(1.0)
+                        i = self._next()
+                    if self._closed or i is None:
+                        return
+                ok = self._hash(i) == self.hashes[i]
+                with self._cond:
+                    self._asked.discard(i)
+                    if not ok:
+                        start = i * self.piece_size
+                        end = min(self.size, start + self.piece_size)
+                        self._error = CorruptPieceError(
+                            f"{self.label}: piece {i} (bytes {start}-{end}) of the cached {self.blob} does not"
+                            " match its recorded xxh3-128 hash: the file on disk is corrupt",
+                            self.blob, i,
+                        )  # fmt: skip
+                        self._cond.notify_all()
+                        return
+                    self._ok[i] = True
+                    self._cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting loader
+            with self._cond:
+                self._error = exc
+                self._cond.notify_all()
+
+    def _hash(self, i: int) -> str:
+        assert self._mm is not None and _xxhash is not None
+        start = i * self.piece_size
+        end = min(self.size, start + self.piece_size) if len(self.hashes) > 1 else self.size
+        with memoryview(self._mm) as view:
+            digest = str(_xxhash.xxh3_128(view[start:end]).hexdigest())
+        # Unmap what was read: the pages stay in the page cache for the loader, not in this process.
+        page_start = start - start % mmap.PAGESIZE
+        self._mm.madvise(mmap.MADV_DONTNEED, page_start, end - page_start)
+        return digest
+
+    def close(self) -> None:
+        """Stop the thread and unmap. Idempotent; waiters still blocked raise."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
