@@ -39,6 +39,8 @@ from client.errors import BadReferenceError, BadRequestError, CapacityError, War
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 1024 * 1024
+MOVE_TRIES = 3  # looks at a piece whose partial file was published while being served
+MOVE_WAIT = 0.5
 STALL_SECONDS = 30.0
 
 
@@ -133,7 +135,7 @@ async def piece(request: web.Request) -> web.StreamResponse:
         raise web.HTTPConflict(text="fill key, piece size or index differ from this node's manifest\n")
     if not await service.peer_checkable(ref, entry):
         raise web.HTTPConflict(text=f"{path!r} has no whole-file digest a peer could check; fetch it from the origin\n")
-    for attempt in range(2):
+    for attempt in range(MOVE_TRIES):
         try:
             served = await service.serve_piece(ref, entry, index, relay=relay, requester=requester)
         except BusyError as exc:
@@ -143,9 +145,12 @@ async def piece(request: web.Request) -> web.StreamResponse:
         try:
             fd = await asyncio.to_thread(os.open, served.path, os.O_RDONLY)
         except FileNotFoundError:
-            if attempt:
+            if attempt == MOVE_TRIES - 1:
                 raise
-            continue  # the partial file just became its blob: look again
+            # The partial file is becoming its blob: renamed in the store's pool, counted as a
+            # blob when that call returns. Look again once the fill is done (or shortly).
+            await service.wait_change(MOVE_WAIT)
+            continue
         try:
             return await _send(request, served, fd, relay)
         finally:
