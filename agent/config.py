@@ -89,10 +89,18 @@ def _whole(value: str) -> int:
     return int(value.strip())
 
 
-def _at_least_one(value: Any) -> str | None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        return f"got {value!r}"
-    return None
+def _at_least(least: int) -> Callable[[Any], str | None]:
+    """A check for a whole number of at least ``least``."""
+
+    def check(value: Any) -> str | None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            return f"got {value!r}"
+        return None
+
+    return check
+
+
+_at_least_one = _at_least(1)
 
 
 def _seconds(value: str) -> float:
@@ -279,6 +287,12 @@ class AgentConfig:
         8, flag="--connections", env="WARMSTART_CONNECTIONS",
         help="concurrent range requests to the origins",
         form="a whole number of at least 1", parse=_whole, check=_at_least_one)
+    open_files: int = _setting(
+        256, flag="--open-files", env="WARMSTART_OPEN_FILES",
+        help="the most files the agent fills at once (each holds a file descriptor while it is open); a model "
+             "of more files is filled that many at a time, so its size in files bounds neither descriptors nor "
+             "memory",
+        form="a whole number of at least 8", parse=_whole, check=_at_least(8))
     retries: int = _setting(
         6, flag="--retries", env="WARMSTART_RETRIES",
         help="tries per piece against the origin (backoff with jitter between them)",

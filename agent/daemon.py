@@ -171,7 +171,9 @@ async def running(config: AgentConfig) -> AsyncIterator[Agent]:
 
         peers = _peers(stack, config, token) if token is not None else None
         peer_reader = PeerReader(store, metrics, *peers, config.connections) if peers is not None else None
-        fetcher = Fetcher(store, metrics, config.connections, config.retries, peer_reader)
+        fetcher = Fetcher(
+            store, metrics, config.connections, config.retries, peer_reader, open_files=config.open_files
+        )
         stack.push_async_callback(fetcher.close)
         service = ModelService(store, fetcher, origins, config.piece_size)
         artifacts = Artifacts(ArtifactIndex(store, node=peers[0].me) if peers else ArtifactIndex(store), metrics, peers)

@@ -64,6 +64,12 @@ class CapacityError(WarmstartError, OSError):
     kind = "capacity"
 
 
+class ResourceError(WarmstartError, OSError):
+    """The agent ran out of a process resource (file descriptors, memory); the message names the setting to change."""
+
+    kind = "resource_exhausted"
+
+
 class MalformedFileError(WarmstartError, ValueError):
     kind = "malformed_file"
 
@@ -98,6 +104,7 @@ _BY_KIND: dict[str, type[WarmstartError]] = {
         FetchFailedError,
         IntegrityError,
         CapacityError,
+        ResourceError,
         MalformedFileError,
         AgentUnavailableError,
         UnsafeBundleError,
@@ -117,6 +124,7 @@ HTTP_STATUS: dict[str, int] = {
     "fetch_failed": 502,
     "integrity": 502,
     "capacity": 507,
+    "resource_exhausted": 503,
     "agent_unavailable": 503,
     "internal": 500,
 }

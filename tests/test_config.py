@@ -38,6 +38,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "read_timeout": [0, -1.0, float("nan"), float("inf"), "30"],
     "drop_behind": ["yes", 1, None],
     "allow_private_redirects": ["yes", 1, None],
+    "open_files": [0, 7, "many", 8.5],
     "socket_mode": [0o1777, -1, "660"],
     "socket_gid": [-1, "wheel", 1.0],
     "peers": [("127.0.0.1",), ("127.0.0.1:70000",), ("h:1", ":2"), "127.0.0.1:7070", ["127.0.0.1:1"]],

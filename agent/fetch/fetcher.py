@@ -51,7 +51,14 @@ class Fetcher:
     """Makes blobs whole: the flights, and the readers and server they share."""
 
     def __init__(
-        self, store: Store, metrics: Metrics, connections: int, retries: int, peers: PeerReader | None = None
+        self,
+        store: Store,
+        metrics: Metrics,
+        connections: int,
+        retries: int,
+        peers: PeerReader | None = None,
+        *,
+        open_files: int = 256,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -59,7 +66,7 @@ class Fetcher:
         self._order = itertools.count()  # flights in the order they were asked for (file order)
         self._flights: dict[str, Flight] = {}
         self._fill_tasks: SingleFlight[str, Blob] = SingleFlight()
-        self.fills = OpenFills(store)
+        self.fills = OpenFills(store, open_files)
         self.origin = OriginReader(store, metrics, connections, retries, self._changed.wake)
         self.peers = peers
         self.server = PieceServer(store, self.fills, self.origin, peers, lambda key: key in self._flights)
@@ -68,6 +75,11 @@ class Fetcher:
     async def wait_change(self, timeout: float) -> None:
         """Return when a piece or a blob completes anywhere, or after ``timeout`` seconds."""
         await self._changed.wait(timeout)
+
+    @property
+    def parallel_files(self) -> int:
+        """How many files may fill at once (the open-files limit): callers need not start more than that."""
+        return self.fills.limit
 
     def in_flight(self) -> int:
         """Files being filled now."""

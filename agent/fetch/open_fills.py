@@ -6,7 +6,10 @@ running, and the :class:`PieceStream` of each piece being received, which peers
 may follow as its bytes land (cut-through). The flight filling the file and the
 peers asking for its pieces (agent/fetch/piece_server.py) are its users; an
 unused one stays open a little while (peers tend to ask for more of it), then is
-closed. Touched only from the event loop.
+closed. At most ``limit`` are open at once (each holds a file descriptor, and a
+model may have tens of thousands of files): opening one more waits for room,
+and idle ones give theirs back at once when someone waits. Touched only from
+the event loop.
 """
 
 from __future__ import annotations
@@ -101,8 +104,10 @@ class OpenFill:
 class OpenFills:
     """The open partial files by fill key; opening one is single-flight, closing it waits for its last user."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, limit: int) -> None:
         self.store = store
+        self.limit = limit
+        self._room = asyncio.Semaphore(limit)
         self._open: dict[str, OpenFill] = {}
         self._opening: SingleFlight[str, OpenFill] = SingleFlight()
         self._closing: set[asyncio.Future[None]] = set()  # held until done: the loop keeps weak references
@@ -122,10 +127,25 @@ class OpenFills:
         return h
 
     async def _open_fill(self, entry: FileEntry, protect: set[str]) -> OpenFill:
-        fill, _ = await self.store.begin_fill(entry, protect)
+        if self._room.locked():
+            self._close_idle_now()
+        await self._room.acquire()
+        try:
+            fill, _ = await self.store.begin_fill(entry, protect)
+        except BaseException:
+            self._room.release()
+            raise
         h = OpenFill(fill)
         self._open[entry.fill_key] = h
         return h
+
+    def _close_idle_now(self) -> None:
+        """Someone waits for room: the fills lingering unused give theirs back now, not in FILL_LINGER seconds."""
+        for h in list(self._open.values()):
+            if h.linger is not None and h.users == 0 and not h.tasks and not h.closed:
+                h.linger.cancel()
+                h.linger = None
+                self._close_later(h)
 
     def release(self, h: OpenFill, close: bool = False) -> None:
         """One user less; an unused partial stays open a while (peers tend to ask for more of it).
@@ -141,10 +161,13 @@ class OpenFills:
             h.linger = asyncio.get_running_loop().call_later(FILL_LINGER, self._close_later, h)
 
     def retire(self, h: OpenFill) -> None:
-        """The fill was published or discarded: its file handle is no longer ours to share."""
+        """The fill was published or discarded: its file handle is no longer ours to share (its room is free)."""
+        if h.closed:
+            return
         h.closed = True
         if self._open.get(h.fill.key) is h:
             del self._open[h.fill.key]
+        self._room.release()
 
     def _close_later(self, h: OpenFill) -> None:
         self._in_background(self._close_idle(h))

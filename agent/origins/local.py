@@ -9,6 +9,7 @@ dot-directories (``.git``, ``.cache``) are skipped.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import stat
 import time
@@ -18,7 +19,7 @@ from agent.manifest import FileEntry, Manifest, listing_revision
 from agent.origins.base import READ_BLOCK, Origin, Sink
 from agent.refs import ModelRef, check_relative_path
 from agent.errors import TransientOriginError
-from client.errors import FetchFailedError, ModelNotFoundError
+from client.errors import FetchFailedError, ModelNotFoundError, ResourceError
 
 MAX_FILES = 100_000
 
@@ -70,7 +71,7 @@ def _walk(root: str) -> list[FileEntry]:
     if stat.S_ISREG(st.st_mode):
         return [_entry(os.path.basename(root), root, st)]
     files: list[FileEntry] = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_walk_failed):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             full = os.path.join(dirpath, name)
@@ -83,6 +84,15 @@ def _walk(root: str) -> list[FileEntry]:
     if not files:
         raise ModelNotFoundError(f"{root} contains no files")
     return files
+
+
+def _walk_failed(exc: OSError) -> None:
+    """os.walk skips what it cannot list unless told otherwise: a model must never be resolved short."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        raise ResourceError(
+            f"the agent ran out of file descriptors listing {exc.filename}; raise its open-file limit"
+        ) from None
+    raise FetchFailedError(f"cannot list {exc.filename}: {exc.strerror}") from None
 
 
 def _entry(rel: str, full: str, st: os.stat_result) -> FileEntry:
