@@ -144,10 +144,14 @@ def dir_bytes(d: Path) -> int:
 # Each takes (ctx, dest) and returns (seconds, extra-info dict); setup is outside the clock.
 
 
-def run_warmstart(ctx: dict, dest: Path, connections: int, *extra: str) -> tuple[float, dict]:
+def run_warmstart(ctx: dict, dest: Path, connections: int, *extra: str, code: str | None = None) -> tuple[float, dict]:
+    """``code``: another checkout's root, whose agent runs instead of this one's (``--baseline``)."""
+    env = {**os.environ, **ctx["env"]}
+    if code is not None:
+        env["PYTHONPATH"] = code
     agent = AgentProcess(
         dest / "agentwork",
-        env={**os.environ, **ctx["env"]},
+        env=env,
         capacity="20GiB",
         cache_dir=dest / "cache",
         extra_args=("--connections", str(connections), *extra),
@@ -265,6 +269,8 @@ def run_curl(ctx: dict, dest: Path, parallel: bool, to_files: bool = False) -> t
 
 CONTENDERS = {
     "warmstart-c8": lambda c, d: run_warmstart(c, d, 8),
+    # warmstart-c8 with the agent of another checkout (--baseline DIR): old and new code in one run
+    "warmstart-base": lambda c, d: run_warmstart(c, d, 8, code=c["baseline"]),
     "warmstart-c16": lambda c, d: run_warmstart(c, d, 16),
     "warmstart-c8-drop": lambda c, d: run_warmstart(c, d, 8, "--drop-behind"),
     "warmstart-c8-p32": lambda c, d: run_warmstart(c, d, 8, "--piece-size", "32MiB"),
@@ -308,7 +314,8 @@ def main() -> int:
     ap.add_argument("--size", default="1GiB", help="total model size (default 1GiB)")
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
+    ap.add_argument("--only", default=",".join(n for n in CONTENDERS if n != "warmstart-base"),
+                    help="comma-separated contenders")
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "work"))
     ap.add_argument("--no-drop-caches", action="store_true")
     ap.add_argument("--server-cpus", default="",
@@ -316,9 +323,14 @@ def main() -> int:
                          "as if S3 were another machine; default: all share every CPU")
     ap.add_argument("--settle", type=float, default=0.0,
                     help="seconds between dropping the page cache and starting each contender's clock (default 0)")
+    ap.add_argument("--baseline", default=None,
+                    help="root of another checkout (e.g. a git worktree of an older commit): adds the contender "
+                         "warmstart-base, warmstart-c8 run with that checkout's agent")
     args = ap.parse_args()
 
     names = [n for n in args.only.split(",") if n]
+    if "warmstart-base" in names and not args.baseline:
+        ap.error("warmstart-base needs --baseline DIR")
     for n in names:
         if n not in CONTENDERS:
             ap.error(f"unknown contender {n}; known: {', '.join(CONTENDERS)}")
@@ -353,7 +365,7 @@ def main() -> int:
         for p in shards:  # the source copy is not needed any more: keep the disk (and cache) clean
             p.unlink()
         ctx: dict = {"endpoint": sw.endpoint_url, "env": sw.env, "keys": keys, "total": total,
-                     "settle": args.settle, "no_drop": args.no_drop_caches}
+                     "settle": args.settle, "no_drop": args.no_drop_caches, "baseline": args.baseline}
 
         results: dict[str, list[float]] = {n: [] for n in names}
         rounds: list[dict] = []
