@@ -41,23 +41,20 @@ import re
 import socket
 import time
 import urllib.parse
-import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import xxhash
 
 from agent.store.fill import write_json_atomic
-from agent.store.safeio import BLOB_MODE, PARTIAL_MODE, create_exclusive, ensure_dir, same_file
+from agent.store.safeio import ensure_dir
 from agent.store.store import Store
-from client.errors import BadRequestError, CapacityError, IntegrityError
+from client.errors import BadRequestError, CapacityError
 from client.fingerprint import check_fingerprint, fingerprint_id
 
 log = logging.getLogger(__name__)
 
 ARTIFACTS_DIR = "artifacts"
-CHUNK = 4 * 1024 * 1024
 MAX_KEY = 200
 DIGEST_RE = re.compile(r"^[0-9a-f]{32}$")
 FPID_RE = re.compile(r"^[0-9a-f]{16}$")
@@ -136,18 +133,10 @@ class ArtifactIndex:
         await asyncio.shield(self._loading)
 
     async def _load(self) -> None:
-        found, stale = await self.store.run(self._scan)
-        for name in stale:  # uploads cut off by a crash: nobody resumes them
-            self.store.partial_sizes.pop(name, None)
-        self.entries.update(found)
+        self.entries.update(await self.store.run(self._scan))
 
-    def _scan(self) -> tuple[dict[tuple[str, str], Entry], list[str]]:
-        root = ensure_dir(self.store.root, ARTIFACTS_DIR)
-        stale = []
-        for part in os.scandir(self.store.path("partial")):
-            if part.name.startswith("artifact-") and part.name.endswith(".part"):
-                os.unlink(part.path)
-                stale.append(part.name[: -len(".part")])
+    def _scan(self) -> dict[tuple[str, str], Entry]:
+        root = ensure_dir(self.store.root, ARTIFACTS_DIR)  # (uploads cut off by a crash: Store.open removed them)
         out: dict[tuple[str, str], Entry] = {}
         for keydir in os.scandir(root):
             if not keydir.is_dir(follow_symlinks=False):
@@ -165,7 +154,7 @@ class ArtifactIndex:
                     log.warning("ignoring unreadable artifact record %s: %s", rec.path, exc)
                     continue
                 out[(entry.key, entry.fingerprint_id)] = entry
-        return out, stale
+        return out
 
     def present(self, entry: Entry) -> bool:
         return self.store.has_blob(entry.digest)
@@ -186,68 +175,9 @@ class ArtifactIndex:
     async def adopt(
         self, read: Callable[[int], Awaitable[bytes]], size: int, expect: str | None = None
     ) -> str:
-        """Store ``size`` bytes from ``read`` as a blob, hashing as they land; returns the digest.
-
-        Room is made first (LRU eviction, or CapacityError). With ``expect``,
-        bytes whose xxh128 differ are discarded (IntegrityError) and never
-        become a blob. The partial file counts in capacity while it fills.
-        """
-        if size < 0:
-            raise BadRequestError("size must be given (Content-Length) and not negative")
-        await self.load()  # sweeps stale uploads: must not run after ours started
-        key = f"artifact-{uuid.uuid4().hex}"
-        await self.store.reserve(size, {expect} if expect else set())
-        self.store.partial_sizes[key] = size
-        part = self.store.path("partial", f"{key}.part")
-        hasher = xxhash.xxh3_128()
-        fd = await self.store.run(create_exclusive, part, PARTIAL_MODE)
-        published = False
-        try:
-            got = 0
-            buf: list[bytes] = []
-            pending = 0
-
-            def flush(chunks: list[bytes], offset: int) -> None:
-                for c in chunks:
-                    hasher.update(c)
-                os.pwritev(fd, chunks, offset)
-
-            while True:
-                data = await read(CHUNK)
-                if not data:
-                    break
-                got += len(data)
-                if got > size:
-                    raise BadRequestError(f"more than the {size} bytes announced")
-                buf.append(data)
-                pending += len(data)
-                if pending >= CHUNK:
-                    await self.store.run(flush, buf, got - pending)
-                    buf, pending = [], 0
-            if buf:
-                await self.store.run(flush, buf, got - pending)
-            if got != size:
-                raise IntegrityError(f"bundle upload ended after {got} of {size} bytes")
-            digest = hasher.hexdigest()
-            if expect is not None and digest != expect:
-                raise IntegrityError(f"bundle bytes hash to {digest}, not the {expect} they were asked for")
-
-            def publish() -> None:
-                if not same_file(part, fd):
-                    raise IntegrityError(f"the upload's file {part} was replaced while it was written; push again")
-                os.fchmod(fd, BLOB_MODE)
-                # Over a stored copy of the same name: these bytes were just hashed, that one may have rotted
-                # (a reader of the old one keeps its inode; see BlobFill.finish).
-                os.rename(part, self.store.blob_path(digest))
-
-            await self.store.run(publish)
-            published = True
-            self.store.blob_sizes[digest] = size
-            self.store._dirty = True
-            return digest
-        finally:
-            self.store.partial_sizes.pop(key, None)
-            await self.store.run(_close_and_drop, fd, None if published else part)
+        """Store a bundle's ``size`` bytes from ``read`` as a blob (Store.adopt_stream); returns the digest."""
+        await self.load()
+        return await self.store.adopt_stream(read, size, expect)
 
     async def publish(self, key: str, fingerprint: dict[str, str], digest: str, size: int,
                       publisher: str | None = None, created: float | None = None) -> tuple[Entry, str | None]:
@@ -289,14 +219,6 @@ class ArtifactIndex:
                 await self.store.remove_blob(digest)
         return gone
 
-
-def _close_and_drop(fd: int, path: str | None) -> None:
-    os.close(fd)
-    if path is not None:
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 def _unlink_all(paths: list[str]) -> None:

@@ -45,18 +45,21 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import xxhash
+
 from agent.store.fill import BlobFill, WriteSizer, file_digests, write_json_atomic
 from agent.manifest import BlobDigest, FileEntry, Manifest
 from agent.refs import ModelRef, parse_ref
-from agent.store.safeio import PARTIAL_MODE, create_exclusive, ensure_dir, sweep_tmp
+from agent.store.safeio import BLOB_MODE, PARTIAL_MODE, create_exclusive, ensure_dir, same_file, sweep_tmp
 from agent.store.snapshots import link_snapshot, remove_snapshots, sweep_unfinished
 from agent.units import format_size
-from client.errors import CapacityError, IntegrityError
+from client.errors import BadRequestError, CapacityError, IntegrityError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,6 +67,7 @@ T = TypeVar("T")
 _DIRS = ("blobs", "meta", "partial", "sources", "manifests", "models")
 SYNC_INTERVAL = 5.0
 SYNC_SLACK = 0.1  # file times use the kernel's coarse clock: record the marker a little early
+STREAM_CHUNK = 4 * 1024 * 1024  # bytes of a streamed blob (adopt_stream) read and written at once
 
 
 @dataclass
@@ -402,6 +406,75 @@ class Store:
         await self.run(fill.discard)
         self.partial_sizes.pop(fill.key, None)
 
+    async def adopt_stream(
+        self, read: Callable[[int], Awaitable[bytes]], size: int, expect: str | None = None
+    ) -> str:
+        """Store ``size`` bytes from ``read`` as a blob, hashing as they land; returns the digest.
+
+        For blobs that arrive as one stream with no origin behind them (compile
+        artifact bundles, from a local upload or a peer). Room is made first
+        (LRU eviction, or CapacityError). With ``expect``, bytes whose xxh128
+        differ are discarded (IntegrityError) and never become a blob. The
+        partial file (``partial/artifact-<random>.part``, removed at the next
+        start if a crash cut it off) counts in capacity while it fills.
+        """
+        if size < 0:
+            raise BadRequestError("size must be given (Content-Length) and not negative")
+        key = f"artifact-{uuid.uuid4().hex}"
+        await self.reserve(size, {expect} if expect else set())
+        self.partial_sizes[key] = size
+        part = self.path("partial", f"{key}.part")
+        hasher = xxhash.xxh3_128()
+        fd = await self.run(create_exclusive, part, PARTIAL_MODE)
+        published = False
+        try:
+            got = 0
+            buf: list[bytes] = []
+            pending = 0
+
+            def flush(chunks: list[bytes], offset: int) -> None:
+                for c in chunks:
+                    hasher.update(c)
+                os.pwritev(fd, chunks, offset)
+
+            while True:
+                data = await read(STREAM_CHUNK)
+                if not data:
+                    break
+                got += len(data)
+                if got > size:
+                    raise BadRequestError(f"more than the {size} bytes announced")
+                buf.append(data)
+                pending += len(data)
+                if pending >= STREAM_CHUNK:
+                    await self.run(flush, buf, got - pending)
+                    buf, pending = [], 0
+            if buf:
+                await self.run(flush, buf, got - pending)
+            if got != size:
+                raise IntegrityError(f"bundle upload ended after {got} of {size} bytes")
+            digest = hasher.hexdigest()
+            if expect is not None and digest != expect:
+                raise IntegrityError(f"bundle bytes hash to {digest}, not the {expect} they were asked for")
+
+            def publish() -> None:
+                if not same_file(part, fd):
+                    raise IntegrityError(f"the upload's file {part} was replaced while it was written; push again")
+                os.fchmod(fd, BLOB_MODE)
+                # Over a stored copy of the same name: these bytes were just hashed, that one may have rotted
+                # (a reader of the old one keeps its inode; see BlobFill.publish).
+                os.rename(part, self.blob_path(digest))
+
+            await self.run(publish)
+            published = True
+            self.blob_sizes[digest] = size
+            self._dirty = True
+            self._pinned_cache = None
+            return digest
+        finally:
+            self.partial_sizes.pop(key, None)
+            await self.run(_close_and_drop, fd, None if published else part)
+
     async def abandon_fill(self, fill: BlobFill) -> None:
         """Close a fill that failed; keep its verified pieces for the next try."""
         await self.run(fill.close)
@@ -548,3 +621,12 @@ def _atimes(paths: list[str]) -> list[float]:
 
 def _ref_of(rec: ModelRecord) -> ModelRef:
     return parse_ref(rec.ref)
+
+
+def _close_and_drop(fd: int, path: str | None) -> None:
+    os.close(fd)
+    if path is not None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
