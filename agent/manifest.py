@@ -26,7 +26,6 @@ from typing import Any, NamedTuple, NewType
 
 from agent.config import DEFAULT_PIECE_SIZE
 
-
 BlobDigest = NewType("BlobDigest", str)
 FillKey = NewType("FillKey", str)
 

@@ -18,10 +18,10 @@ from typing import Any
 
 from agent.fetch.fetcher import Fetcher, PeerContext, ServedPiece, first_error
 from agent.manifest import Blob, FileEntry, FillKey, Manifest
-from agent.store.fill import file_digests
 from agent.origins import Origins
 from agent.origins.base import peer_checkable
 from agent.refs import ModelRef, parse_ref
+from agent.store.fill import file_digests
 from agent.store.store import Store
 from client.errors import CapacityError, FetchFailedError, ModelNotFoundError, ResourceError, WarmstartError
 

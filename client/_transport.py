@@ -17,6 +17,7 @@ agent is gone, and that is reported as :class:`AgentUnavailableError`.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -109,10 +110,8 @@ class NDJSONStream(Iterator[dict[str, Any]]):
         conn = self._conn
         sock = conn.sock if conn is not None else None
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def __enter__(self) -> Self:
         return self

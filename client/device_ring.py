@@ -142,7 +142,7 @@ class DeviceRing:
         each read and blocks until those bytes of a still-filling file are verified.
         """
         dests = [torch.empty(t.nbytes, dtype=torch.uint8, device=self.device) for t in infos]
-        for t, d in zip(infos, dests):
+        for t in infos:
             if t.nbytes == 0:
                 yield t.name, torch.empty(t.shape, dtype=t.dtype, device=self.device)
         batches = plan_batches(infos, self.slot_bytes)

@@ -34,6 +34,7 @@ must match before it is stored (agent/api/artifacts_peer.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -251,7 +252,10 @@ class ArtifactIndex:
 
     async def publish(self, key: str, fingerprint: dict[str, str], digest: str, size: int,
                       publisher: str | None = None, created: float | None = None) -> tuple[Entry, str | None]:
-        """Make ``digest`` the entry for (key, fingerprint): atomic, last complete wins. Returns (entry, replaced digest)."""
+        """Make ``digest`` the entry for (key, fingerprint): atomic, last complete wins.
+
+        Returns (entry, replaced digest).
+        """
         await self.load()
         entry = Entry(key=check_key(key), fingerprint=fingerprint, digest=digest, size=size,
                       created=time.time() if created is None else created, publisher=publisher or self.node)
@@ -268,8 +272,8 @@ class ArtifactIndex:
             old = self.entries.get((entry.key, entry.fingerprint_id))
             self.entries[(entry.key, entry.fingerprint_id)] = entry
         replaced = old.digest if old is not None and old.digest != digest else None
-        if replaced and not any(e.digest == replaced for e in self.entries.values()):
-            if not await self.store.remove_blob(replaced):
+        if (replaced and not any(e.digest == replaced for e in self.entries.values())
+                and not await self.store.remove_blob(replaced)):
                 log.info("replaced bundle %s is still being read; LRU eviction will take it later", replaced)
         log.info("artifact %s [%s] -> %s (%d bytes, from %s)", key, entry.fingerprint_id, digest, size,
                  entry.publisher)
@@ -293,15 +297,11 @@ class ArtifactIndex:
 def _close_and_drop(fd: int, path: str | None) -> None:
     os.close(fd)
     if path is not None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass
 
 
 def _unlink_all(paths: list[str]) -> None:
     for p in paths:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
-        except FileNotFoundError:
-            pass

@@ -117,7 +117,7 @@ def _ls(args: argparse.Namespace, fp: dict[str, str]) -> int:
             notes.append(f"  {a['key']} [{a['fingerprint_id']}]: {a['why']}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     if notes:
         print("why not:")
         print("\n".join(notes))

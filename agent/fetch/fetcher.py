@@ -23,16 +23,17 @@ The parts, each owning its state::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
 
+from agent.errors import PeerError
 from agent.fetch.flight import Flight, PeerContext
 from agent.fetch.open_fills import OpenFill, OpenFills, Signal
 from agent.fetch.origin_reader import OriginReader
 from agent.fetch.peer_reader import PEER_SCHEMES, PeerReader, relay_said_no
 from agent.fetch.piece_server import PieceServer, ServedPiece
-from agent.errors import PeerError
 from agent.manifest import Blob, BlobDigest, FileEntry
 from agent.metrics import Metrics
 from agent.origins import Origin
@@ -256,10 +257,9 @@ class Fetcher:
             running = h.tasks.get(index)
             if running is None:
                 break
-            try:
+            # whoever started it failed however it failed: try it ourselves
+            with contextlib.suppress(Exception):
                 await asyncio.shield(running)
-            except Exception:
-                pass  # whoever started it failed; try it ourselves
         else:
             if index not in h.fill.done and h.tasks.get(index) is not None:
                 raise FetchFailedError(

@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 class PlainHttpOrigin(HttpOrigin):
     scheme = "https"
 
-    def __init__(self, session: aiohttp.ClientSession, ranges: RangeClient, policy: AddressPolicy | None = None) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, ranges: RangeClient, policy: AddressPolicy | None = None
+    ) -> None:
         super().__init__(session, ranges)
         self.policy = policy if policy is not None else AddressPolicy()
 

@@ -15,10 +15,10 @@ import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from agent.errors import TransientOriginError
 from agent.manifest import FileEntry, Manifest, listing_revision
 from agent.origins.base import READ_BLOCK, Origin, Sink
 from agent.refs import ModelRef, check_relative_path
-from agent.errors import TransientOriginError
 from client.errors import FetchFailedError, ModelNotFoundError, ResourceError
 
 MAX_FILES = 100_000

@@ -39,6 +39,7 @@ I/O thread pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import fcntl
 import json
@@ -50,9 +51,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from agent.store.fill import BlobFill, WriteSizer, file_digests, write_json_atomic
 from agent.manifest import BlobDigest, FileEntry, Manifest
 from agent.refs import ModelRef, parse_ref
+from agent.store.fill import BlobFill, WriteSizer, file_digests, write_json_atomic
 from agent.store.safeio import PARTIAL_MODE, create_exclusive, ensure_dir, sweep_tmp
 from agent.store.snapshots import link_snapshot, remove_snapshots, sweep_unfinished
 from agent.units import format_size
@@ -140,10 +141,8 @@ class Store:
         for d in _DIRS:
             ensure_dir(self.root, d)  # refuses a symlinked layout directory, fixes a world-writable one
         probe = self.path(f".write-probe-{os.getpid()}")
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(probe)  # one a killed process of the same pid left
-        except FileNotFoundError:
-            pass
         os.close(create_exclusive(probe, PARTIAL_MODE))  # fail early and clearly on a read-only mount
         os.unlink(probe)
         sweep_unfinished(self.root)
@@ -160,7 +159,9 @@ class Store:
             st = entry.stat()
             unsynced = st.st_mtime >= synced_at
             if unsynced and not _blob_matches(entry.path, entry.name, st.st_size):
-                log.warning("blob %s was written after the last sync and does not match its digest; removed", entry.name)
+                log.warning(
+                    "blob %s was written after the last sync and does not match its digest; removed", entry.name
+                )
                 os.unlink(entry.path)
                 continue
             self.reverified += unsynced
@@ -306,10 +307,8 @@ class Store:
         self._pinned_cache = None
 
         def remove() -> None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path("models", f"{ref.key}.json"))
-            except FileNotFoundError:
-                pass
             remove_snapshots(self.root, ref.key)
 
         await self.run(remove)
@@ -424,10 +423,8 @@ class Store:
         def touch_all() -> None:
             now = time.time()
             for p in paths:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.utime(p, (now, os.stat(p).st_mtime))
-                except FileNotFoundError:
-                    pass
 
         await self.run(touch_all)
 
@@ -446,15 +443,12 @@ class Store:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
                         return False
-                try:
+                # a concurrent eviction (or `agent evict`) of the same blob may have got there first
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-                except FileNotFoundError:
-                    pass  # a concurrent eviction (or `agent evict`) of the same blob got there first
                 for extra in (self.path("meta", f"{digest}.json"),):
-                    try:
+                    with contextlib.suppress(FileNotFoundError):
                         os.unlink(extra)
-                    except FileNotFoundError:
-                        pass
                 return True
             finally:
                 os.close(fd)
@@ -479,7 +473,7 @@ class Store:
             candidates = []  # evicting cannot make it fit: keep the cache as it is
         atimes = await self.run(_atimes, [self.blob_path(d) for d in candidates])
         held = 0
-        for _, digest in sorted(zip(atimes, candidates)):
+        for _, digest in sorted(zip(atimes, candidates, strict=True)):
             if over <= 0 and short <= 0:
                 break
             size = self.blob_sizes.get(digest, 0)

@@ -22,7 +22,7 @@ class WarmSetCollector:
 
     def collect(self) -> Iterator[Metric]:
         ws = self.warm_set
-        status = ws.status() if ws is not None else {"states": {s: 0 for s in STATES}, "entries": []}
+        status = ws.status() if ws is not None else {"states": dict.fromkeys(STATES, 0), "entries": []}
         by_state = GaugeMetricFamily("warmstart_warm_set_entries", "Warm-set entries by state", labels=["state"])
         for state, n in status["states"].items():
             by_state.add_metric([state], n)

@@ -137,8 +137,9 @@ class Entry:
             "done_bytes": None,
             "error": self.error,
             "attempts": self.attempts,
-            "next_retry_s": round(max(0.0, self.next_try - now_mono), 1) if self.state == EntryState.FAILED and self.retry
-            else None,
+            "next_retry_s": (
+                round(max(0.0, self.next_try - now_mono), 1) if self.state == EntryState.FAILED and self.retry else None
+            ),
             "last_ready": self.last_ready,
             "seconds_since_ready": self.seconds_since_ready(now_wall),
             "rollovers": self.rollovers,
@@ -338,9 +339,9 @@ class WarmSet:
                 if not due and not entry.moving and entry.target is not None:
                     continue  # gave up on a fixed revision: only a new file tries again
             elif entry.state == EntryState.READY:
-                if not entry.moving or now - entry.last_resolved < self.spec.refresh:
-                    if entry.manifest is None or self.service.is_complete(entry.manifest):
-                        continue  # (a ready model someone evicted by hand is fetched again)
+                fresh = not entry.moving or now - entry.last_resolved < self.spec.refresh
+                if fresh and (entry.manifest is None or self.service.is_complete(entry.manifest)):
+                    continue  # (a ready model someone evicted by hand is fetched again)
             entry.task = asyncio.create_task(self._work(entry), name=f"warm {entry.spec.ref}")
 
     async def _recheck_capacity(self, entry: Entry) -> None:
@@ -490,7 +491,7 @@ class WarmSet:
     def status(self) -> dict[str, Any]:
         now_wall, now_mono = time.time(), time.monotonic()
         entries = [e.to_json(now_wall, now_mono) for e in self.entries.values()]
-        counts = {s: 0 for s in STATES}
+        counts = dict.fromkeys(STATES, 0)
         for e in self.entries.values():
             counts[e.state] += 1
         return {
