@@ -142,7 +142,7 @@ class Manifest:
             ref=data["ref"],
             origin=data["origin"],
             revision=data["revision"],
-            files=files,
+            files=tuple(files),
             resolved_at=float(data.get("resolved_at", 0.0)),
         )
 

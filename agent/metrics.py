@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 # The agent process is the only user of prometheus_client here: no `*_created` series
 # (they double every counter and no alert or dashboard of ours reads them).
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 
 SOURCES = ("origin", "peer")
 LOOKUP_KINDS = ("model", "artifact")

@@ -248,7 +248,7 @@ def unloaded_parameters(model: Any, loaded: set[str]) -> set[str]:
     processes weights after loading (or quantizes online) are not required.
     """
     expected = {name for name, _ in model.named_parameters()}
-    exempt = set()
+    exempt: set[str] = set()
     for module_name, module in model.named_modules():
         method = getattr(module, "quant_method", None)
         if getattr(method, "uses_meta_device", False) or getattr(method, "process_weights_after_loading", None):
@@ -266,7 +266,7 @@ def loader_class() -> type:
         return _loader_class
     from vllm.model_executor.model_loader import BaseModelLoader
 
-    class WarmstartModelLoader(BaseModelLoader):  # type: ignore[misc,valid-type]
+    class WarmstartModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM is untyped here: subclassing Any
         """``--load-format warmstart``: weights from the warmstart node cache (see :mod:`client.vllm_plugin`)."""
 
         def __init__(self, load_config: Any) -> None:

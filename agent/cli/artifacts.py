@@ -28,7 +28,7 @@ from client.errors import WarmstartError
 KIND = "dir"
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a = sub.add_parser("artifacts", help="compile artifacts: list, push a cache directory, pull one")
     verbs = a.add_subparsers(dest="artifacts_command", required=True)
 

@@ -27,6 +27,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Set as AbstractSet
 
 from agent.errors import PeerError
 from agent.fetch.flight import Flight, PeerContext
@@ -117,7 +118,7 @@ class Fetcher:
 
     # -- one blob ------------------------------------------------------------
     async def ensure_blob(
-        self, entry: FileEntry, origin: Origin, protect: set[str], ctx: PeerContext | None = None
+        self, entry: FileEntry, origin: Origin, protect: AbstractSet[str], ctx: PeerContext | None = None
     ) -> Blob:
         """Make ``entry``'s bytes a complete blob in the store (one flight however many ask)."""
         digest = self.store.digest_of(entry)
@@ -131,7 +132,7 @@ class Fetcher:
             task.add_done_callback(lambda _t: self._flights.pop(key, None))
         return await self._fill_tasks.run(key, lambda: self._fill(flight, origin, protect))
 
-    async def _fill(self, flight: Flight, origin: Origin, protect: set[str]) -> Blob:
+    async def _fill(self, flight: Flight, origin: Origin, protect: AbstractSet[str]) -> Blob:
         entry = flight.entry
         h = await self.fills.acquire(entry, protect)
         fill = h.fill

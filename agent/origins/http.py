@@ -55,7 +55,7 @@ class PlainHttpOrigin(HttpOrigin):
         if ref.revision and ref.revision != revision:
             raise ModelNotFoundError(f"revision {ref.revision} of {url} is not cached; the file is now {revision}")
         files = [FileEntry(path=name, size=size, source=source)]
-        return Manifest(ref=ref.base, origin=ref.scheme, revision=revision, files=files, resolved_at=time.time())
+        return Manifest(ref=ref.base, origin=ref.scheme, revision=revision, files=tuple(files), resolved_at=time.time())
 
     async def _head(self, url: str, probe: FileEntry) -> tuple[int | None, str, str]:
         """Size, ETag and Last-Modified of ``url``, following at most MAX_REDIRECTS redirects by the policy."""

@@ -37,7 +37,7 @@ class LocalOrigin(Origin):
             raise ModelNotFoundError(
                 f"revision {ref.revision} of {ref.location} is not cached; the directory is now {revision}"
             )
-        return Manifest(ref=ref.base, origin="file", revision=revision, files=files, resolved_at=time.time())
+        return Manifest(ref=ref.base, origin="file", revision=revision, files=tuple(files), resolved_at=time.time())
 
     async def read_range(self, entry: FileEntry, offset: int, length: int, sink: Sink) -> None:
         loop = asyncio.get_running_loop()

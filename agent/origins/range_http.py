@@ -576,7 +576,11 @@ class RangeClient:
                 raise FetchFailedError(f"{what}: check the proxy's credentials in HTTPS_PROXY")
             raise TransientOriginError(what)
         assert conn.transport is not None
-        conn.tls_started(await asyncio.get_running_loop().start_tls(conn.transport, conn, tls, server_hostname=host))
+        inner = await asyncio.get_running_loop().start_tls(conn.transport, conn, tls, server_hostname=host)
+        if inner is None:  # typeshed allows it; CPython's start_tls returns the TLS transport or raises
+            conn.close()
+            raise TransientOriginError(f"TLS to {host} through the proxy {proxy.host} did not start")
+        conn.tls_started(inner)
 
     def _proxy(self, key: tuple[str, str, int]) -> Proxy | None:
         """The proxy for an origin, or None (none set, or NO_PROXY names it): read from the

@@ -150,7 +150,7 @@ class Membership:
             infos = await asyncio.wait_for(loop.getaddrinfo(host, port, type=socket.SOCK_STREAM), 5)
         except (OSError, TimeoutError):
             return False
-        ips = {info[4][0] for info in infos}
+        ips = {str(info[4][0]) for info in infos}  # an address string for AF_INET/AF_INET6
         for ip in ips:
             if await loop.run_in_executor(None, _local_address, ip):
                 return True

@@ -46,12 +46,13 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from collections.abc import Set as AbstractSet
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, TypeVarTuple
 
-from agent.manifest import BlobDigest, FileEntry, Manifest
+from agent.manifest import BlobDigest, FileEntry, FillKey, Manifest
 from agent.refs import ModelRef, parse_ref
 from agent.store.fill import BlobFill, WriteSizer, file_digests, write_json_atomic
 from agent.store.safeio import PARTIAL_MODE, create_exclusive, ensure_dir, sweep_tmp
@@ -61,6 +62,7 @@ from client.errors import CapacityError, IntegrityError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 _DIRS = ("blobs", "meta", "partial", "sources", "manifests", "models")
 SYNC_INTERVAL = 5.0
@@ -92,7 +94,7 @@ class Store:
         self.pool = pool
         self.blob_sizes: dict[str, int] = {}
         self.partial_sizes: dict[str, int] = {}
-        self.sources: dict[str, str] = {}
+        self.sources: dict[FillKey, BlobDigest] = {}
         self.models: dict[str, ModelRecord] = {}
         self._pinned_cache: set[str] | None = None
         # Revisions held pinned besides the model records' own (the warm set's: a
@@ -113,11 +115,11 @@ class Store:
     def blob_path(self, digest: str) -> str:
         return self.path("blobs", digest)
 
-    async def run(self, fn: Any, *args: Any) -> Any:
+    async def run(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         """Run blocking file work in the I/O pool."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    def run_later(self, fn: Any, *args: Any) -> None:
+    def run_later(self, fn: Callable[[*Ts], object], *args: *Ts) -> None:
         """Start blocking file work in the I/O pool that nobody waits for (its failure is logged).
 
         Only for work that may also never happen: once the pool is shut down it is skipped.
@@ -178,7 +180,7 @@ class Store:
         for entry in os.scandir(self.path("sources")):
             try:
                 with open(entry.path, encoding="utf-8") as f:
-                    self.sources[entry.name] = str(json.load(f))
+                    self.sources[FillKey(entry.name)] = BlobDigest(str(json.load(f)))
             except (OSError, ValueError):
                 continue
         for entry in os.scandir(self.path("models")):
@@ -253,7 +255,7 @@ class Store:
     def has_blob(self, digest: str | None) -> bool:
         return digest is not None and digest in self.blob_sizes
 
-    def digest_of(self, entry: FileEntry) -> str | None:
+    def digest_of(self, entry: FileEntry) -> BlobDigest | None:
         """The stored digest of an entry's bytes, if the node holds them complete."""
         digest = entry.digest or self.sources.get(entry.fill_key)
         return digest if self.has_blob(digest) else None
@@ -319,9 +321,9 @@ class Store:
         Every file must be a blob by now. An object store can hold both ``a`` and
         ``a/b``, which no directory can: such a model still opens as tensors.
         """
-        files = [(f.path, f.digest) for f in manifest.files]
-        if any(digest is None for _, digest in files):
+        if any(f.digest is None for f in manifest.files):
             raise IntegrityError(f"{ref.base}@{manifest.revision} is not complete; no snapshot")
+        files = [(f.path, f.digest) for f in manifest.files if f.digest is not None]
         try:
             return await self.run(link_snapshot, self.root, ref.key, manifest.revision, files)
         except OSError as exc:
@@ -361,7 +363,7 @@ class Store:
         return self._pinned_cache
 
     # -- fills ---------------------------------------------------------------
-    async def begin_fill(self, entry: FileEntry, protect: set[str]) -> tuple[BlobFill, int]:
+    async def begin_fill(self, entry: FileEntry, protect: AbstractSet[str]) -> tuple[BlobFill, int]:
         """Open (or resume) the partial file for ``entry``, making room for it first."""
         fill = BlobFill(self.path("partial"), entry, self.drop_behind, self.write_sizer)
         if fill.key not in self.partial_sizes:
@@ -459,7 +461,7 @@ class Store:
             self._pinned_cache = None
         return gone
 
-    async def reserve(self, nbytes: int, protect: set[str]) -> None:
+    async def reserve(self, nbytes: int, protect: AbstractSet[str]) -> None:
         """Make room for ``nbytes`` more: evict LRU blobs, or raise CapacityError."""
         over = self.used_bytes + nbytes - self.capacity
         free = await self.run(_free_bytes, self.root)

@@ -488,12 +488,17 @@ class WarmSet:
         return sum(size for key, size in sizes.items() if key not in mine)
 
     # -- what is shown ---------------------------------------------------------
-    def status(self) -> dict[str, Any]:
-        now_wall, now_mono = time.time(), time.monotonic()
-        entries = [e.to_json(now_wall, now_mono) for e in self.entries.values()]
+    def state_counts(self) -> dict[EntryState, int]:
+        """How many entries are in each state (every state present, 0 included)."""
         counts = dict.fromkeys(STATES, 0)
         for e in self.entries.values():
             counts[e.state] += 1
+        return counts
+
+    def status(self) -> dict[str, Any]:
+        now_wall, now_mono = time.time(), time.monotonic()
+        entries = [e.to_json(now_wall, now_mono) for e in self.entries.values()]
+        counts = self.state_counts()
         return {
             "path": self.path,
             "generation": self.generation,
