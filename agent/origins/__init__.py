@@ -92,6 +92,3 @@ class Origins:
 
     def for_ref(self, ref: ModelRef) -> Origin:
         return self._by_scheme[ref.scheme]
-
-    def for_scheme(self, scheme: str) -> Origin:
-        return self._by_scheme[scheme]
