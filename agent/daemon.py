@@ -22,10 +22,11 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -101,12 +102,12 @@ async def _site(stack: AsyncExitStack, app: web.Application, make_site: type[web
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
-    await make_site(runner, *args).start()  # type: ignore[call-arg]
+    await make_site(runner, *args).start()
 
 
-def _background(stack: AsyncExitStack, coro: object, name: str) -> None:
+def _background(stack: AsyncExitStack, coro: Coroutine[Any, Any, None], name: str) -> None:
     """A task that lives as long as the agent: cancelled and awaited when the stack unwinds."""
-    task = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+    task = asyncio.create_task(coro, name=name)
 
     async def stop() -> None:
         task.cancel()

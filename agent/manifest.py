@@ -26,7 +26,6 @@ from typing import Any, NamedTuple, NewType
 
 from agent.config import DEFAULT_PIECE_SIZE
 
-
 BlobDigest = NewType("BlobDigest", str)
 FillKey = NewType("FillKey", str)
 
@@ -143,7 +142,7 @@ class Manifest:
             ref=data["ref"],
             origin=data["origin"],
             revision=data["revision"],
-            files=files,
+            files=tuple(files),
             resolved_at=float(data.get("resolved_at", 0.0)),
         )
 

@@ -32,11 +32,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from importlib import metadata
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -53,7 +52,7 @@ log = logging.getLogger(__name__)
 
 # The agent process is the only user of prometheus_client here: no `*_created` series
 # (they double every counter and no alert or dashboard of ours reads them).
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
 
 SOURCES = ("origin", "peer")
 LOOKUP_KINDS = ("model", "artifact")
@@ -106,11 +105,13 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.hits = Counter(
-            "warmstart_cache_hits", "Pieces (kind=model) or bundles (kind=artifact) already on this node when asked for",
+            "warmstart_cache_hits",
+            "Pieces (kind=model) or bundles (kind=artifact) already on this node when asked for",
             ["kind"], registry=r,
         )
         self.misses = Counter(
-            "warmstart_cache_misses", "Pieces (kind=model) or bundles (kind=artifact) this node did not hold when asked for",
+            "warmstart_cache_misses",
+            "Pieces (kind=model) or bundles (kind=artifact) this node did not hold when asked for",
             ["kind"], registry=r,
         )
         self.piece_seconds = Histogram(

@@ -18,10 +18,10 @@ from typing import Any
 
 from agent.fetch.fetcher import Fetcher, PeerContext, ServedPiece, first_error
 from agent.manifest import Blob, FileEntry, FillKey, Manifest
-from agent.store.fill import file_digests
 from agent.origins import Origins
 from agent.origins.base import peer_checkable
 from agent.refs import ModelRef, parse_ref
+from agent.store.fill import file_digests
 from agent.store.store import Store
 from client.errors import CapacityError, FetchFailedError, ModelNotFoundError, ResourceError, WarmstartError
 
@@ -118,7 +118,7 @@ class ModelService:
             if current is not None and self.is_complete(current):
                 return ref, current
         try:
-            fresh = await self.origins.for_ref(ref).resolve(ref)
+            resolved = await self.origins.for_ref(ref).resolve(ref)
         except FetchFailedError as exc:
             rec = self.store.models.get(ref.key)
             known = await self.store.load_manifest(ref, rec.revision) if rec and not ref.revision else None
@@ -126,10 +126,10 @@ class ModelService:
                 raise
             log.warning("origin unreachable for %s (%s); serving cached revision %s", ref, exc, known.revision)
             return ref, known
-        known = await self.store.load_manifest(ref, fresh.revision)
+        known = await self.store.load_manifest(ref, resolved.revision)
         if known is not None:
             return ref, known
-        manifest = fresh.with_piece_size(self.piece_size, self.store.sources)
+        manifest = resolved.with_piece_size(self.piece_size, self.store.sources)
         await self.store.save_manifest(ref, manifest)
         return ref, manifest
 

@@ -171,7 +171,9 @@ def run_warmstart(ctx: dict, dest: Path, connections: int, *extra: str, code: st
         # the agent's CPU while it fetched, plus the CLI's (not the agent's start-up and shutdown)
         ctx["agent_cpu"] = proc_cpu(agent.pid) - agent_cpu0 + own_cpu() - cli_cpu0
         if done.returncode != 0:
-            raise RuntimeError(f"prefetch failed rc={done.returncode}\n{done.stdout}\n{done.stderr}\n{agent.log_tail()}")
+            raise RuntimeError(
+                f"prefetch failed rc={done.returncode}\n{done.stdout}\n{done.stderr}\n{agent.log_tail()}"
+            )
         blobs = dir_bytes(dest / "cache" / "blobs")
         info = {"cli_stdout": done.stdout.strip(), "blob_bytes": blobs}
         if blobs < ctx["total"]:
@@ -251,12 +253,15 @@ def run_curl(ctx: dict, dest: Path, parallel: bool, to_files: bool = False) -> t
     outs_to = [str(dest / Path(k).name) if to_files else "/dev/null" for k in ctx["keys"]]
     t0 = start_clock(ctx)
     if parallel:
-        procs = [subprocess.Popen([*base, "-o", o, u], stdout=subprocess.PIPE, text=True) for o, u in zip(outs_to, urls)]
+        procs = [
+            subprocess.Popen([*base, "-o", o, u], stdout=subprocess.PIPE, text=True)
+            for o, u in zip(outs_to, urls, strict=True)
+        ]
         outs = [p.communicate()[0] for p in procs]
         rcs = [p.returncode for p in procs]
     else:
         outs, rcs = [], []
-        for o, u in zip(outs_to, urls):
+        for o, u in zip(outs_to, urls, strict=True):
             d = subprocess.run([*base, "-o", o, u], capture_output=True, text=True)
             outs.append(d.stdout)
             rcs.append(d.returncode)
@@ -391,7 +396,8 @@ def main() -> int:
                 dropped_all &= dropped
                 if err is None:
                     results[n].append(secs)
-                rec = {"round": r, "contender": n, "seconds": secs, "gb_per_s": total / secs / 1e9 if err is None else None,
+                rec = {"round": r, "contender": n, "seconds": secs,
+                       "gb_per_s": total / secs / 1e9 if err is None else None,
                        "page_cache_dropped": dropped, "error": err, **info}
                 rounds.append(rec)
                 print(json.dumps({k: v for k, v in rec.items() if k != "cli_stdout"}), flush=True)

@@ -209,7 +209,8 @@ def main() -> int:
         bundle = raw[f"{m}/cold"][-1].get("bundle_bytes") or 0
         publish = statistics.median(x.get("exit_s", 0.0) for x in raw[f"{m}/cold"])
         copy = statistics.median(x["copy_s"] for x in raw[f"{m}/hand copy"])
-        print(f"| {m} | (bundle {bundle / 1e6:.1f} MB; publish on exit {publish:.2f}s; hand copytree {copy:.2f}s) | | | | |")
+        print(f"| {m} | (bundle {bundle / 1e6:.1f} MB; publish on exit {publish:.2f}s; "
+              f"hand copytree {copy:.2f}s) | | | | |")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -36,10 +36,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from cold_miss import drop_caches  # noqa: E402
 
 import client  # noqa: E402
 from agent.units import format_size, parse_size  # noqa: E402
-from cold_miss import drop_caches  # noqa: E402
 from tests.servers.agent_proc import AgentProcess  # noqa: E402
 from tests.servers.relay import TcpRelay  # noqa: E402
 from tests.servers.seaweedfs import SeaweedS3  # noqa: E402
@@ -76,9 +76,11 @@ def make_model(work: Path, size: int, shards: int) -> tuple[Path, int]:
     g = torch.Generator().manual_seed(0)
     for i in range(shards):
         name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        tensors = {f"layers.{i}.{t}.weight": torch.randint(0, 256, (per,), dtype=torch.uint8, generator=g) for t in range(16)}
+        tensors = {
+            f"layers.{i}.{t}.weight": torch.randint(0, 256, (per,), dtype=torch.uint8, generator=g) for t in range(16)
+        }
         save_file(tensors, str(src / name))
-        weight_map.update({k: name for k in tensors})
+        weight_map.update(dict.fromkeys(tensors, name))
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return src, per * 16 * shards
 
@@ -166,7 +168,8 @@ def main() -> None:
                 time.sleep(0.05)
             return agent
 
-        ctx = {"start_agent": start_agent, "tensor_bytes": tensor_bytes, "files": files, "env": sw.env, "relay_url": relay.url}
+        ctx = {"start_agent": start_agent, "tensor_bytes": tensor_bytes, "files": files, "env": sw.env,
+               "relay_url": relay.url}
         try:
             for r in range(args.rounds):
                 order = list(CONTENDERS) if r % 2 == 0 else list(reversed(CONTENDERS))
@@ -176,11 +179,13 @@ def main() -> None:
                     drop_caches()
                     first, last = CONTENDERS[name](ctx, where)
                     results[name].append((first, last))
-                    print(json.dumps({"round": r, "contender": name, "first_s": round(first, 3), "last_s": round(last, 3)}), flush=True)
+                    line = {"round": r, "contender": name, "first_s": round(first, 3), "last_s": round(last, 3)}
+                    print(json.dumps(line), flush=True)
                     shutil.rmtree(where, ignore_errors=True)
         finally:
             relay.close()
-    print(f"\n{format_size(size)} in {args.shards} shards over a {format_size(rate)}/s link, {args.rounds} rounds, medians\n")
+    print(f"\n{format_size(size)} in {args.shards} shards over a {format_size(rate)}/s link, "
+          f"{args.rounds} rounds, medians\n")
     print("| contender | first tensor s | last tensor s |\n|---|---:|---:|")
     for name, rows in results.items():
         first = statistics.median(f for f, _ in rows)
@@ -188,7 +193,7 @@ def main() -> None:
         print(f"| {name} | {first:.2f} | {last:.2f} |")
     out = ROOT / "bench" / "out" / f"first_tensor-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"size": size, "shards": args.shards, "rate": rate, "rounds": args.rounds,
-                               "results": {n: rows for n, rows in results.items()}}, indent=1))
+                               "results": dict(results.items())}, indent=1))
     print(f"\nraw: {out}")
 
 

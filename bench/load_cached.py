@@ -64,9 +64,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
+from cold_miss import drop_caches  # noqa: E402
 
 from agent.units import parse_size  # noqa: E402
-from cold_miss import drop_caches  # noqa: E402
 from tests.servers.agent_proc import AgentProcess  # noqa: E402
 
 INDEX = "model.safetensors.index.json"
@@ -626,7 +626,8 @@ def main() -> int:
             "quiet_budget": args.quiet_budget,
             "bufs": [as_view(torch.empty(chunk, dtype=torch.uint8).fill_(1)) for _ in range(max(1, args.threads))],
         }
-        print(f"{len(plan.where)} tensors, {plan.total} bytes in {len(blobs)} blobs under {agent.cache_dir}", flush=True)
+        print(f"{len(plan.where)} tensors, {plan.total} bytes in {len(blobs)} blobs under {agent.cache_dir}",
+              flush=True)
 
         dest = torch.empty(plan.total, dtype=torch.uint8).fill_(1)  # allocated and touched before any clock
         ref = torch.empty(plan.total, dtype=torch.uint8)
@@ -635,7 +636,7 @@ def main() -> int:
 
         for p in blobs:
             with safe_open(p, "pt") as f:
-                for k in f.keys():
+                for k in f:
                     off, n = plan.where[k]
                     if not torch.equal(f.get_tensor(k).reshape(-1).view(torch.uint8), ref[off : off + n]):
                         raise RuntimeError(f"reference differs from safetensors at {k}")

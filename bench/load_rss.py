@@ -33,9 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from agent.units import format_size, parse_size  # noqa: E402
 from cold_miss import drop_caches  # noqa: E402
 from load_cached import INDEX, write_model  # noqa: E402
+
+from agent.units import format_size, parse_size  # noqa: E402
 from tests.servers.agent_proc import AgentProcess  # noqa: E402
 
 MODES = ("keep", "keep-copy", "iter-drop", "ring")
@@ -113,7 +114,8 @@ def main() -> int:
         agent.close()
 
     print(f"\nmodel: {format_size(total)} of tensors in {args.shards} shards; ring {args.ring}\n")
-    print("| mode | kept | peak RSS growth | of it file pages / own memory (at the end) | peak / kept | seconds (cold, incl. reading every tensor) |")
+    print("| mode | kept | peak RSS growth | of it file pages / own memory (at the end) | peak / kept "
+          "| seconds (cold, incl. reading every tensor) |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         ratio = f"{r['peak_growth'] / r['kept_bytes']:.2f}" if r["kept_bytes"] else "-"

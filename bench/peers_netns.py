@@ -68,8 +68,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.units import parse_size  # noqa: E402
-from tests.servers.proc import spawn_logged, stop_group  # noqa: E402
 from tests.servers.cache_check import file_digest  # noqa: E402
+from tests.servers.proc import spawn_logged, stop_group  # noqa: E402
 from tests.servers.seaweedfs import DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY, REGION, find_weed  # noqa: E402
 from tests.servers.seaweedfs import s3_env as seaweed_s3_env  # noqa: E402
 
@@ -238,7 +238,7 @@ def write_shard(path: Path, size: int, shard: int, seed: int, tensors: int = 4) 
             n = min(64 << 20, left)
             f.write(rng.randbytes(n))
             left -= n
-    return {name: path.name for name in names}
+    return dict.fromkeys(names, path.name)
 
 
 def make_model(src: Path, size: int, shards: int, seed: int) -> None:
@@ -300,7 +300,8 @@ def upload_helper(src: str, timeout: float) -> int:
         time.sleep(0.2)
     s3 = boto3.session.Session().client(
         "s3", endpoint_url=s3url, aws_access_key_id=DUMMY_ACCESS_KEY, aws_secret_access_key=DUMMY_SECRET_KEY,
-        region_name=REGION, config=Config(retries={"max_attempts": 8, "mode": "standard"}, s3={"addressing_style": "path"}),
+        region_name=REGION,
+        config=Config(retries={"max_attempts": 8, "mode": "standard"}, s3={"addressing_style": "path"}),
     )  # fmt: skip
     for attempt in range(60):  # the first writes after start can fail and leave the bucket half-made
         with contextlib.suppress(ClientError, BotoCoreError):
@@ -385,7 +386,9 @@ def read_samples(path: Path, t0: float, t1: float) -> list[dict[str, Any]]:
     return rows
 
 
-def stalls(rows: list[dict[str, Any]], ifname: str, col: int, t_start: float, t_end: float, min_s: float) -> list[list[float]]:
+def stalls(
+    rows: list[dict[str, Any]], ifname: str, col: int, t_start: float, t_end: float, min_s: float
+) -> list[list[float]]:
     """Intervals (relative to t_start) of at least ``min_s`` in which counter ``col`` of ``ifname`` did not move."""
     out, since, last = [], None, None
     for r in rows:
@@ -413,13 +416,14 @@ def export_agent(rev: str, dest: Path) -> tuple[Path, str]:
     if rev == "tree":
         dirty = subprocess.run(["git", "status", "--porcelain", "agent", "client"], capture_output=True, text=True,
                                cwd=ROOT).stdout.strip()  # fmt: skip
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=ROOT).stdout.strip()
         return ROOT, f"{head}{'+uncommitted' if dirty else ''} (working tree)"
     sha = sh("git", "-C", str(ROOT), "rev-parse", "--short", rev).stdout.strip()
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "agent", "client"], capture_output=True, check=True,
-                             timeout=60).stdout  # fmt: skip
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", sha, "agent", "client"], capture_output=True,
+                             check=True, timeout=60).stdout  # fmt: skip
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True, timeout=60)
     return dest, sha
 
@@ -516,7 +520,8 @@ def run_once(ctx: dict[str, Any], n: int, contender: str, rnd: int) -> dict[str,
                     raise RuntimeError(f"node{i + 1} agent exited with {p.returncode}:\n{logs[i].read_text()[-3000:]}")
                 if socks[i].exists() and "origin clients ready" in logs[i].read_text(errors="replace"):
                     code = sh(*nsexec(net.node_ns[i], "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                                      "-m", "2", f"http://{node_ip(i)}:{AGENT_PORT}/readyz"), check=False).stdout  # fmt: skip
+                                      "-m", "2", f"http://{node_ip(i)}:{AGENT_PORT}/readyz"),
+                              check=False).stdout  # fmt: skip
                     if code == "200":
                         break
                 if time.monotonic() > deadline:
@@ -552,7 +557,9 @@ def run_once(ctx: dict[str, Any], n: int, contender: str, rnd: int) -> dict[str,
         after_hub, after_o = net.counters(net.hub), net.counters(net.origin)
         stats = [agent_stats(sk) for sk in socks]
 
-        errors = [f"node{i + 1}: {o.get('error', 'no answer in time')}" for i, o in enumerate(outs) if "t_done" not in o]
+        errors = [
+            f"node{i + 1}: {o.get('error', 'no answer in time')}" for i, o in enumerate(outs) if "t_done" not in o
+        ]
         done = [o["t_done"] - t0 for o in outs if "t_done" in o]
         oif = net.origin_if()
         origin_tx = after_o[oif][1] - before_o[oif][1]
@@ -600,7 +607,8 @@ def run_once(ctx: dict[str, Any], n: int, contender: str, rnd: int) -> dict[str,
         if errors:
             rec["error"] = "; ".join(errors)
         else:
-            bad = [f"node{i + 1}: {why}" for i in range(n) if (why := verify_node(run_dir / f"node{i + 1}" / "cache", ctx["want"]))]
+            bad = [f"node{i + 1}: {why}" for i in range(n)
+                   if (why := verify_node(run_dir / f"node{i + 1}" / "cache", ctx["want"]))]
             if bad:
                 rec["error"] = "NOT BIT-EXACT: " + "; ".join(bad)
         rec["verified"] = rec["error"] is None
@@ -640,16 +648,18 @@ def check_links(net: Net, ctx: dict[str, Any]) -> dict[str, Any]:
     res: dict[str, Any] = {"bytes": size}
     url = f"http://{ORIGIN_IP}:{WEED_PORTS['s3']}/{BUCKET}/{key}"
     fmt = "%{size_download} %{time_total}"
-    got, secs = sh(*nsexec(net.node_ns[0], "curl", "-sf", "-o", "/dev/null", "-w", fmt, url), timeout=120).stdout.split()
+    got, secs = sh(*nsexec(net.node_ns[0], "curl", "-sf", "-o", "/dev/null", "-w", fmt, url),
+                   timeout=120).stdout.split()
     res["origin_to_node1_mbit"] = int(got) * 8 / float(secs) / 1e6
     if len(net.node_ns) > 1:
         srv = subprocess.Popen(nsexec(net.node_ns[0], sys.executable, "-m", "http.server", "8099", "--bind", node_ip(0),
-                                      "--directory", str(ctx["src"])),  # fmt: skip
+                                      "--directory", str(ctx["src"])),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             url = f"http://{node_ip(0)}:8099/{Path(key).name}"
             for _ in range(50):
-                d = sh(*nsexec(net.node_ns[1], "curl", "-sf", "-o", "/dev/null", "-w", fmt, url), check=False, timeout=120)
+                d = sh(*nsexec(net.node_ns[1], "curl", "-sf", "-o", "/dev/null", "-w", fmt, url),
+                       check=False, timeout=120)
                 if d.returncode == 0:
                     got, secs = d.stdout.split()
                     res["node1_to_node2_mbit"] = int(got) * 8 / float(secs) / 1e6
@@ -672,7 +682,8 @@ def summarize(runs: list[dict[str, Any]], limit_s: float) -> dict[str, Any]:
         if r.get("disturbed") and (r["nodes"], r["contender"]) in clean:
             continue
         k = f"{r['nodes']}/{r['contender']}"
-        out.setdefault(k, {"seconds": [], "egress_x": [], "cpu_busy": [], "agents_cpu_s": [], "bound": [], "disturbed": 0})
+        out.setdefault(k, {"seconds": [], "egress_x": [], "cpu_busy": [], "agents_cpu_s": [], "bound": [],
+                           "disturbed": 0})
         out[k]["disturbed"] += bool(r.get("disturbed"))
         out[k]["bound"].append(r["busiest_upload_bound_s"])
         out[k]["seconds"].append(r["seconds"])
@@ -717,7 +728,8 @@ def table(med: dict[str, Any], nodes: list[int], limit_s: float) -> str:
     for n in nodes:
         p, q = f"{n}/peers", f"{n}/nopeers"
         lines.append(f"| {n} | {cell(p, 's')} | {cell(q, 's')} | {limit_s:.2f} | {cell(p, 'x')} | {cell(q, 'x')} "
-                     f"| {cell(p, 'e')} | {cell(q, 'e')} | {cell(p, 'u')} | {cell(p, 'b')} / {cell(q, 'b')} |")  # fmt: skip
+                     f"| {cell(p, 'e')} | {cell(q, 'e')} | {cell(p, 'u')} "
+                     f"| {cell(p, 'b')} / {cell(q, 'b')} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -734,7 +746,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0, help="the model's random bytes (default 0)")
     ap.add_argument("--rate", type=float, default=200.0, help="each node's link, Mbit/s, both directions (default 200: "
                     "at N=8 with peers the agents then leave a quarter of this 2-core machine idle)")
-    ap.add_argument("--origin-rate", type=float, default=None, help="the origin's link, Mbit/s (default: --rate; 0: unlimited)")
+    ap.add_argument("--origin-rate", type=float, default=None,
+                    help="the origin's link, Mbit/s (default: --rate; 0: unlimited)")
     ap.add_argument("--burst", default="256kb", help="tbf burst (default 256kb)")
     ap.add_argument("--latency-ms", type=int, default=50, help="tbf queue, as latency (default 50)")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds between all agents ready and the prefetch")
@@ -792,8 +805,8 @@ def main() -> int:
         d = file_digest(p)
         want[d] = want.get(d, 0) + 1
     limit_s = total * 8 / (args.rate * 1e6)
-    print(f"model: {len(sizes)} files, {total} bytes; node link {args.rate} Mbit/s, origin {origin_rate or 'unlimited'} "
-          f"Mbit/s; limit {limit_s:.2f} s", flush=True)  # fmt: skip
+    print(f"model: {len(sizes)} files, {total} bytes; node link {args.rate} Mbit/s, "
+          f"origin {origin_rate or 'unlimited'} Mbit/s; limit {limit_s:.2f} s", flush=True)  # fmt: skip
     token = work / "peer-token"
     token.write_text(secrets.token_hex(32) + "\n")
     token.chmod(0o600)
@@ -817,10 +830,13 @@ def main() -> int:
         print(f"namespaces: {', '.join(net.made)}", flush=True)
         weed = start_origin(net, work)
         procs.append(weed)
-        up = subprocess.run(nsexec(net.origin, sys.executable, str(Path(__file__).resolve()), "--upload-helper", str(src)),
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+        up = subprocess.run(nsexec(net.origin, sys.executable, str(Path(__file__).resolve()), "--upload-helper",
+                                   str(src)),
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
         if up.returncode != 0:
-            raise RuntimeError(f"upload failed: {up.stderr[-3000:]}\n{(work / 'seaweed' / 'weed.log').read_text()[-3000:]}")
+            weed_log = (work / "seaweed" / "weed.log").read_text()[-3000:]
+            raise RuntimeError(f"upload failed: {up.stderr[-3000:]}\n{weed_log}")
         keys = json.loads(up.stdout.strip().splitlines()[-1])
         samples = out_dir / f"peers-{stamp}-links.ndjson"
         sampler = start_sampler(net, samples)
@@ -828,11 +844,14 @@ def main() -> int:
         ctx: dict[str, Any] = {
             "net": net, "args": args, "work": work, "src": src, "keys": [k for k in keys if k.endswith(".safetensors")],
             "sizes": sizes, "total": total, "want": want, "limit_s": limit_s, "token_file": token, "weed": weed,
-            "ref": f"s3://{BUCKET}/{PREFIX}", "env": env, "sampler": sampler, "out_dir": out_dir, "stamp": stamp, "samples": samples,
+            "ref": f"s3://{BUCKET}/{PREFIX}", "env": env, "sampler": sampler, "out_dir": out_dir, "stamp": stamp,
+            "samples": samples,
         }  # fmt: skip
         links = check_links(net, ctx)
-        print(f"shaping check (one curl of {links['bytes']} bytes): origin->node1 {links['origin_to_node1_mbit']:.0f} Mbit/s, "
-              f"node1->node2 {links.get('node1_to_node2_mbit', 0):.0f} Mbit/s (tbf rate {args.rate})", flush=True)  # fmt: skip
+        print(f"shaping check (one curl of {links['bytes']} bytes): "
+              f"origin->node1 {links['origin_to_node1_mbit']:.0f} Mbit/s, "
+              f"node1->node2 {links.get('node1_to_node2_mbit', 0):.0f} Mbit/s (tbf rate {args.rate})",
+              flush=True)  # fmt: skip
 
         for rnd in range(args.rounds):
             for j, n in enumerate(nodes):
@@ -842,7 +861,8 @@ def main() -> int:
                         rec = run_once(ctx, n, c, rnd)
                         rec["attempt"] = attempt
                         runs.append(rec)
-                        brief = {k: rec.get(k) for k in ("round", "nodes", "contender", "seconds", "origin_egress_x_model",
+                        brief = {k: rec.get(k) for k in ("round", "nodes", "contender", "seconds",
+                                                         "origin_egress_x_model",
                                                          "agents_cpu_s", "s3_server_cpu_s", "machine_busy_frac",
                                                          "other_cores", "quiet_wait_s", "error")}  # fmt: skip
                         brief["node_s"] = [p["seconds"] for p in rec.get("per_node", [])]
@@ -854,7 +874,8 @@ def main() -> int:
                         print(json.dumps(brief), flush=True)
                         if not rec.get("disturbed") or c != "peers":
                             break
-                        print(f"  (disturbed: other processes used {rec['other_cores']} cores during the run)", flush=True)
+                        print(f"  (disturbed: other processes used {rec['other_cores']} cores during the run)",
+                              flush=True)
     finally:
         tcs = {}
         with contextlib.suppress(Exception):

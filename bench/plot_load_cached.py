@@ -13,7 +13,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ def main() -> int:
 
     fig, axes = plt.subplots(1, len(temps), figsize=(6 * len(temps), 0.5 * len(names) + 1.8), sharey=True)
     axes = [axes] if len(temps) == 1 else list(axes)
-    for ax, temp in zip(axes, temps):
+    for ax, temp in zip(axes, temps, strict=True):
         speeds = {n: [r["gb_per_s"] for r in rounds if r["contender"] == n and r["temp"] == temp] for n in names}
         med = {n: statistics.median(v) for n, v in speeds.items() if v}
         shown = [n for n in names if n in med]

@@ -3,7 +3,8 @@
     python bench/plot_peers.py [bench/out/peers-latest.json] [-o bench/peers.png]
 
 Left: seconds until the slowest of N nodes has the model (every run as a dot, hollow where other
-processes were busy during it; the medians the benchmark reported as a line) for warmstart with peers, without peers, and the limit (model size / node link rate);
+processes were busy during it; the medians the benchmark reported as a line) for warmstart with
+peers, without peers, and the limit (model size / node link rate);
 the dotted line is the target 1.3x the limit. Middle: origin egress (the origin veth's tx bytes)
 as a multiple of the model size, with the 1.1x target. Right: for the largest N with peers,
 each node's cumulative download and upload over time in one run (the median one), to see how
@@ -20,7 +21,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 ROOT = Path(__file__).resolve().parent.parent
 LABELS = {"peers": "warmstart, peers", "nopeers": "warmstart, no peers (origin only)"}

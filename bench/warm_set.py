@@ -36,14 +36,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import xxhash  # noqa: E402
+import xxhash
 
-from agent.units import format_size, parse_size  # noqa: E402
-from client._transport import AgentConnection  # noqa: E402
-from tests.servers.agent_proc import AgentProcess  # noqa: E402
-from tests.servers.configmap import ConfigMapDir  # noqa: E402
-from tests.servers.ports import free_ports  # noqa: E402
-from tests.servers.seaweedfs import SeaweedS3  # noqa: E402
+from agent.units import format_size, parse_size
+from client._transport import AgentConnection
+from tests.servers.agent_proc import AgentProcess
+from tests.servers.configmap import ConfigMapDir
+from tests.servers.ports import free_ports
+from tests.servers.seaweedfs import SeaweedS3
 
 TOKEN = "bench-warm-set-token-0123456789abcdef"
 

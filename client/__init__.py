@@ -51,10 +51,9 @@ if TYPE_CHECKING:
 
     from client.compile_cache import CompileCache, compile_cache
     from client.fingerprint import current_fingerprint
-    from client.stream import ModelStream
-
     from client.loader import iter_safetensors_files, load_safetensors_file, load_safetensors_files
     from client.safetensors_header import SafetensorsHeader, TensorInfo, read_header
+    from client.stream import ModelStream
 
 # Public names that live in torch-importing modules, loaded on first access (PEP 562).
 _LAZY: dict[str, str] = {
@@ -176,7 +175,10 @@ def iter_tensors(
 
 
 def _open_stream(ref: str, socket: str | None, timeout: float) -> tuple[ModelStream, list[str]]:
-    """The agent's open of ``ref`` and the model's weight files (a rotted shard index is repaired once, as weights are)."""
+    """The agent's open of ``ref`` and the model's weight files.
+
+    A rotted shard index is repaired once, as weights are.
+    """
     from client.stream import ModelStream
     from client.verify import CorruptPieceError
 
@@ -333,10 +335,12 @@ def _weight_files(ref: str, paths: list[str], read_index: Callable[[], bytes]) -
         wanted = _indexed_files(ref, read_index())
         missing = sorted(wanted - set(paths))
         if missing:
-            raise ModelNotFoundError(f"{ref}: {INDEX_FILE} names files the model does not have: {', '.join(missing[:5])}")
+            raise ModelNotFoundError(
+                f"{ref}: {INDEX_FILE} names files the model does not have: {', '.join(missing[:5])}"
+            )
     else:
         every = sorted(p for p in paths if p.endswith(SAFETENSORS_SUFFIX))
-        wanted = set(p for p in every if "/" not in p) or set(every)
+        wanted = {p for p in every if "/" not in p} or set(every)
     if not wanted:
         listed = ", ".join(paths[:10])
         raise ModelNotFoundError(f"{ref} has no .safetensors files (files: {listed or 'none'})")

@@ -17,13 +17,14 @@ agent is gone, and that is reported as :class:`AgentUnavailableError`.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any, BinaryIO, Self
+from typing import Any, BinaryIO, Self, TypeVar
 
 from client.errors import AgentUnavailableError, WarmstartError, error_from_wire
 
@@ -109,10 +110,8 @@ class NDJSONStream(Iterator[dict[str, Any]]):
         conn = self._conn
         sock = conn.sock if conn is not None else None
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
     def __enter__(self) -> Self:
         return self
@@ -237,7 +236,11 @@ def _check_status(conn: _UnixHTTPConnection, where: str) -> http.client.HTTPResp
     return response
 
 
-def _guard(fn: Any, *args: Any, where: str, **kwargs: Any) -> Any:
+T = TypeVar("T")
+
+
+# (a ParamSpec cannot type this: the keyword-only `where` sits between *args and **kwargs)
+def _guard(fn: Callable[..., T], *args: Any, where: str, **kwargs: Any) -> T:
     """Call a socket/HTTP operation; silence past the timeout or a broken connection become AgentUnavailableError."""
     try:
         return fn(*args, **kwargs)

@@ -69,11 +69,13 @@ def open_bundle(
     from client import _cache_dir, _in_cache
 
     conn = AgentConnection(socket, timeout)
-    answer = conn.request_json("POST", "/v1/artifacts/get", {"key": key, "fingerprint": dict(fingerprint), "peers": peers})
+    answer = conn.request_json(
+        "POST", "/v1/artifacts/get", {"key": key, "fingerprint": dict(fingerprint), "peers": peers}
+    )
     where = f"artifact {key!r} from {conn.socket_path}"
     path = _in_cache(_cache_dir(answer, where), answer.get("blob"), "artifact blob")
     try:
-        f = open(path, "rb")
+        f = open(path, "rb")  # noqa: SIM115 - opened apart so only the open's FileNotFoundError is caught; `with f` below
     except FileNotFoundError:
         raise WarmstartError(f"{where}: {path} is gone (evicted just now?); try again") from None
     with f:

@@ -121,7 +121,7 @@ def build_bundle(out: IO[bytes], trees: Mapping[str, str], files: Mapping[str, b
                     tar.addfile(info)
                     continue
                 try:
-                    f = open(os.path.join(root, rel), "rb")
+                    f = open(os.path.join(root, rel), "rb")  # noqa: SIM115 - closed by `with f` below; only the open may vanish
                 except FileNotFoundError:
                     continue
                 with f:
@@ -147,7 +147,7 @@ class Bundle:
         #: install writes at most this many bytes (each one read from the bundle).
         self.size = _stream_size(fileobj)
         try:
-            self._tar = tarfile.open(fileobj=fileobj, mode="r:")
+            self._tar = tarfile.open(fileobj=fileobj, mode="r:")  # noqa: SIM115 - the Bundle owns it; close() closes it
             members = self._tar.getmembers()
         except (tarfile.TarError, EOFError) as exc:
             raise UnsafeBundleError(f"{where}: not a readable bundle ({exc})") from None

@@ -112,7 +112,8 @@ class DeviceRing:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.slot_bytes = slot_bytes
         self.buffers = [torch.empty(slot_bytes, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(slots)]
-        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        # torch.cuda.Stream/Event have unannotated constructors
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None  # type: ignore[no-untyped-call]
         self._events: list[torch.cuda.Event | None] = [None] * slots
         self._pool = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="warmstart-ring")
 
@@ -142,7 +143,7 @@ class DeviceRing:
         each read and blocks until those bytes of a still-filling file are verified.
         """
         dests = [torch.empty(t.nbytes, dtype=torch.uint8, device=self.device) for t in infos]
-        for t, d in zip(infos, dests):
+        for t in infos:
             if t.nbytes == 0:
                 yield t.name, torch.empty(t.shape, dtype=t.dtype, device=self.device)
         batches = plan_batches(infos, self.slot_bytes)
@@ -201,7 +202,7 @@ class DeviceRing:
                 dests[p.index][p.dest_off : p.dest_off + p.length].copy_(
                     buf[p.buf_off : p.buf_off + p.length], non_blocking=True
                 )
-            event = torch.cuda.Event()
+            event = torch.cuda.Event()  # type: ignore[no-untyped-call]  # unannotated in torch
             event.record(self.stream)
         self._events[slot] = event
         current = torch.cuda.current_stream(self.device)

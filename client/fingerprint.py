@@ -101,7 +101,8 @@ def current_fingerprint(kind: str, extra: str | None = None, *, with_torch: bool
             torch = None
     if torch is not None:
         fp["torch"] = str(torch.__version__)
-        fp["cuda"] = str(torch.version.cuda or (f"hip-{torch.version.hip}" if getattr(torch.version, "hip", None) else "none"))
+        hip = getattr(torch.version, "hip", None)
+        fp["cuda"] = str(torch.version.cuda or (f"hip-{hip}" if hip else "none"))
         if torch.cuda.is_available():
             major, minor = torch.cuda.get_device_capability(0)
             fp["gpu"] = f"{torch.cuda.get_device_name(0)} (sm_{major}{minor})"

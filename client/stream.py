@@ -233,11 +233,12 @@ class ModelStream:
     def finish(self) -> dict[str, Any]:
         """Wait for the agent's verdict on the whole model; raise its error if it failed."""
         with self._cond:
-            while self.complete is None and self.error is None:
+            while True:
+                if self.error is not None:
+                    raise self.error
+                if self.complete is not None:
+                    return self.complete
                 self._cond.wait(1.0)
-            if self.error is not None:
-                raise self.error
-            return self.complete
 
     def close(self) -> None:
         """Stop following (the agent keeps fetching for whoever asks next)."""

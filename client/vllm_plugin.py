@@ -67,7 +67,8 @@ log = logging.getLogger("vllm.warmstart")
 
 
 class LoaderConfigError(WarmstartError, ValueError):
-    """``--model-loader-extra-config`` (or the ``--model`` path) does not say which weights to load, or says it wrongly."""
+    """``--model-loader-extra-config`` (or the ``--model`` path) does not say which weights to load, or says it
+    wrongly."""
 
     kind = "bad_loader_config"
 
@@ -120,7 +121,8 @@ def parse_extra_config(extra: Mapping[str, Any] | str | None) -> dict[str, Any]:
         out["socket"] = sock
     if "timeout" in extra:
         timeout = extra["timeout"]
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout) or timeout <= 0:
+        if (isinstance(timeout, bool) or not isinstance(timeout, int | float)
+                or not math.isfinite(timeout) or timeout <= 0):
             raise LoaderConfigError(f"{where} 'timeout' must be a positive number of seconds, got {timeout!r}")
         out["timeout"] = float(timeout)
     if "device" in extra:
@@ -188,8 +190,13 @@ def ref_from_snapshot(path: str | os.PathLike[str]) -> str | None:
     return f"{ref}@{rev}"
 
 
-def resolve_settings(extra: Mapping[str, Any] | str | None, model_path: str | os.PathLike[str] | None) -> LoaderSettings:
-    """The loader's settings from the extra config and vLLM's ``--model``: the ``ref`` key, else the snapshot's reference."""
+def resolve_settings(
+    extra: Mapping[str, Any] | str | None, model_path: str | os.PathLike[str] | None
+) -> LoaderSettings:
+    """The loader's settings from the extra config and vLLM's ``--model``.
+
+    The ``ref`` key, else the snapshot's reference.
+    """
     options = parse_extra_config(extra)
     snapshot_ref = ref_from_snapshot(model_path) if model_path else None
     if "ref" not in options:
@@ -201,7 +208,8 @@ def resolve_settings(extra: Mapping[str, Any] | str | None, model_path: str | os
         options["ref"] = snapshot_ref
     elif snapshot_ref is not None and _base(snapshot_ref) != _base(options["ref"]):
         log.warning(
-            "warmstart: --model is a snapshot of %s but the weights come from ref %s; make sure they are the same model",
+            "warmstart: --model is a snapshot of %s but the weights come from ref %s; "
+            "make sure they are the same model",
             snapshot_ref, options["ref"],
         )
     return LoaderSettings(**options)
@@ -214,7 +222,10 @@ def _base(ref: str) -> str:
 
 
 def weights(settings: LoaderSettings) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, tensor)`` of the model's weights, from :func:`client.iter_tensors`: what ``model.load_weights`` takes."""
+    """``(name, tensor)`` of the model's weights, from :func:`client.iter_tensors`.
+
+    That is what ``model.load_weights`` takes.
+    """
     started = time.perf_counter()
     count = size = 0
     for name, tensor in client.iter_tensors(
@@ -237,7 +248,7 @@ def unloaded_parameters(model: Any, loaded: set[str]) -> set[str]:
     processes weights after loading (or quantizes online) are not required.
     """
     expected = {name for name, _ in model.named_parameters()}
-    exempt = set()
+    exempt: set[str] = set()
     for module_name, module in model.named_modules():
         method = getattr(module, "quant_method", None)
         if getattr(method, "uses_meta_device", False) or getattr(method, "process_weights_after_loading", None):
@@ -255,7 +266,7 @@ def loader_class() -> type:
         return _loader_class
     from vllm.model_executor.model_loader import BaseModelLoader
 
-    class WarmstartModelLoader(BaseModelLoader):  # type: ignore[misc,valid-type]
+    class WarmstartModelLoader(BaseModelLoader):  # type: ignore[misc]  # vLLM is untyped here: subclassing Any
         """``--load-format warmstart``: weights from the warmstart node cache (see :mod:`client.vllm_plugin`)."""
 
         def __init__(self, load_config: Any) -> None:

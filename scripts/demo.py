@@ -120,7 +120,8 @@ def main() -> int:
 
             step("2. agent serve, empty cache")
             with AgentProcess(work / "agent", env=env, capacity="2GiB", die_with_parent=True) as agent:
-                print(f"  agent serve --cache-dir {agent.cache_dir} --socket {agent.socket_path} --listen {agent.listen}")
+                print(f"  agent serve --cache-dir {agent.cache_dir} --socket {agent.socket_path}"
+                      f" --listen {agent.listen}")
                 env["WARMSTART_SOCKET"] = str(agent.socket_path)
                 agent_cli = [sys.executable, "-m", "agent"]
 

@@ -23,7 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "deploy" / "daemonset" / "monitoring" / "rules.yaml"
 TARGET = ROOT / "deploy" / "daemonset" / "prometheusrule.yaml"
 HEADER = (
-    "# GENERATED from deploy/daemonset/monitoring/rules.yaml by scripts/gen_prometheusrule.py: edit that file, then run\n"
+    "# GENERATED from deploy/daemonset/monitoring/rules.yaml by scripts/gen_prometheusrule.py: "
+    "edit that file, then run\n"
     "# the script. kube-prometheus-stack picks PrometheusRules by its release label: set it to yours.\n"
 )
 

@@ -19,8 +19,8 @@ import logging
 
 from aiohttp import web
 
-from agent.artifacts.index import DIGEST_RE, FPID_RE, ArtifactIndex, check_key
 from agent.api.peer import PEER
+from agent.artifacts.index import DIGEST_RE, FPID_RE, ArtifactIndex, check_key
 from client.errors import BadRequestError
 
 log = logging.getLogger(__name__)

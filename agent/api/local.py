@@ -35,7 +35,6 @@ from agent.service import ModelService
 from agent.warmset.reconciler import WarmSet
 from client.errors import WarmstartError
 
-
 PEERS: web.AppKey[tuple[Membership, PeerClient] | None] = web.AppKey("peers")
 
 
@@ -142,7 +141,7 @@ async def prefetch_all(request: web.Request) -> web.StreamResponse:
                 err = last.get("error") or {}
                 message = err.get("message") if isinstance(err, dict) else None
                 record({"node": addr, "status": "error", "message": message or "no complete line"})
-        except Exception as exc:  # one node failing never stops the others
+        except Exception as exc:  # noqa: BLE001 - one node failing, however, never stops the others
             record({"node": addr, "status": "error", "message": f"{type(exc).__name__}: {exc}"})
 
     async def job() -> dict[str, Any]:

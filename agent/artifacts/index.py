@@ -34,6 +34,7 @@ must match before it is stored (agent/api/artifacts_peer.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -44,7 +45,6 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
-
 
 from agent.store.fill import write_json_atomic
 from agent.store.safeio import ensure_dir
@@ -181,7 +181,10 @@ class ArtifactIndex:
 
     async def publish(self, key: str, fingerprint: dict[str, str], digest: str, size: int,
                       publisher: str | None = None, created: float | None = None) -> tuple[Entry, str | None]:
-        """Make ``digest`` the entry for (key, fingerprint): atomic, last complete wins. Returns (entry, replaced digest)."""
+        """Make ``digest`` the entry for (key, fingerprint): atomic, last complete wins.
+
+        Returns (entry, replaced digest).
+        """
         await self.load()
         entry = Entry(key=check_key(key), fingerprint=fingerprint, digest=digest, size=size,
                       created=time.time() if created is None else created, publisher=publisher or self.node)
@@ -198,8 +201,8 @@ class ArtifactIndex:
             old = self.entries.get((entry.key, entry.fingerprint_id))
             self.entries[(entry.key, entry.fingerprint_id)] = entry
         replaced = old.digest if old is not None and old.digest != digest else None
-        if replaced and not any(e.digest == replaced for e in self.entries.values()):
-            if not await self.store.remove_blob(replaced):
+        if (replaced and not any(e.digest == replaced for e in self.entries.values())
+                and not await self.store.remove_blob(replaced)):
                 log.info("replaced bundle %s is still being read; LRU eviction will take it later", replaced)
         log.info("artifact %s [%s] -> %s (%d bytes, from %s)", key, entry.fingerprint_id, digest, size,
                  entry.publisher)
@@ -223,7 +226,5 @@ class ArtifactIndex:
 
 def _unlink_all(paths: list[str]) -> None:
     for p in paths:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
-        except FileNotFoundError:
-            pass

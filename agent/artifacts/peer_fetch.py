@@ -9,15 +9,12 @@ is hashed and kept only if its xxh128 matches (agent/artifacts/index.py
 
 from __future__ import annotations
 
-import asyncio
-
 import aiohttp
 
 from agent.artifacts.index import ArtifactIndex, Entry
 from agent.errors import ArtifactPeerError
 from agent.peers.client import PeerClient
 from client.errors import CapacityError, IntegrityError
-
 
 
 async def fetch_entry(client: PeerClient, addr: str, key: str, fpid: str) -> Entry | None:
@@ -61,5 +58,5 @@ async def fetch_blob(client: PeerClient, addr: str, index: ArtifactIndex, found:
         raise  # this node is full: no other peer changes that
     except IntegrityError as exc:
         raise ArtifactPeerError(str(exc)) from None
-    except (aiohttp.ClientError, ConnectionError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError) as exc:
         raise ArtifactPeerError(f"{type(exc).__name__}: {exc}") from None

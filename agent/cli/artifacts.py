@@ -28,7 +28,7 @@ from client.errors import WarmstartError
 KIND = "dir"
 
 
-def add_parser(sub: Any) -> None:
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     a = sub.add_parser("artifacts", help="compile artifacts: list, push a cache directory, pull one")
     verbs = a.add_subparsers(dest="artifacts_command", required=True)
 
@@ -117,7 +117,7 @@ def _ls(args: argparse.Namespace, fp: dict[str, str]) -> int:
             notes.append(f"  {a['key']} [{a['fingerprint_id']}]: {a['why']}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     if notes:
         print("why not:")
         print("\n".join(notes))

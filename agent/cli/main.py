@@ -351,7 +351,7 @@ def _ls(conn: AgentConnection, as_json: bool) -> int:
                      "yes" if m["pinned"] else "no", last))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     print(f"cache: {format_size(data['used_bytes'])} used of {format_size(data['capacity_bytes'])}")
     if warm is not None:
         print()

@@ -49,5 +49,5 @@ def show_warm_set(conn: AgentConnection, as_json: bool, data: dict[str, Any] | N
         rows.append((e["ref"], "yes" if e["pin"] else "no", state, (e.get("revision") or "-")[:12], size, detail))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
-        print(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip())
+        print(("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths, strict=True)) + "  " + r[-1]).rstrip())
     return 0

@@ -23,16 +23,18 @@ The parts, each owning its state::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
+from collections.abc import Set as AbstractSet
 
+from agent.errors import PeerError
 from agent.fetch.flight import Flight, PeerContext
 from agent.fetch.open_fills import OpenFill, OpenFills, Signal
 from agent.fetch.origin_reader import OriginReader
 from agent.fetch.peer_reader import PEER_SCHEMES, PeerReader, relay_said_no
 from agent.fetch.piece_server import PieceServer, ServedPiece
-from agent.errors import PeerError
 from agent.manifest import Blob, BlobDigest, FileEntry
 from agent.metrics import Metrics
 from agent.origins import Origin
@@ -116,7 +118,7 @@ class Fetcher:
 
     # -- one blob ------------------------------------------------------------
     async def ensure_blob(
-        self, entry: FileEntry, origin: Origin, protect: set[str], ctx: PeerContext | None = None
+        self, entry: FileEntry, origin: Origin, protect: AbstractSet[str], ctx: PeerContext | None = None
     ) -> Blob:
         """Make ``entry``'s bytes a complete blob in the store (one flight however many ask)."""
         digest = self.store.digest_of(entry)
@@ -130,7 +132,7 @@ class Fetcher:
             task.add_done_callback(lambda _t: self._flights.pop(key, None))
         return await self._fill_tasks.run(key, lambda: self._fill(flight, origin, protect))
 
-    async def _fill(self, flight: Flight, origin: Origin, protect: set[str]) -> Blob:
+    async def _fill(self, flight: Flight, origin: Origin, protect: AbstractSet[str]) -> Blob:
         entry = flight.entry
         h = await self.fills.acquire(entry, protect)
         fill = h.fill
@@ -256,10 +258,9 @@ class Fetcher:
             running = h.tasks.get(index)
             if running is None:
                 break
-            try:
+            # whoever started it failed however it failed: try it ourselves
+            with contextlib.suppress(Exception):
                 await asyncio.shield(running)
-            except Exception:
-                pass  # whoever started it failed; try it ourselves
         else:
             if index not in h.fill.done and h.tasks.get(index) is not None:
                 raise FetchFailedError(

@@ -15,8 +15,10 @@ the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Coroutine
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 from agent.manifest import FileEntry
@@ -40,10 +42,8 @@ class Signal:
         self._event = asyncio.Event()
 
     async def wait(self, timeout: float) -> None:
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._event.wait(), timeout)
-        except TimeoutError:
-            pass
 
 
 class PieceStream(Signal):
@@ -115,7 +115,7 @@ class OpenFills:
     def __contains__(self, fill_key: object) -> bool:
         return fill_key in self._open
 
-    async def acquire(self, entry: FileEntry, protect: set[str]) -> OpenFill:
+    async def acquire(self, entry: FileEntry, protect: AbstractSet[str]) -> OpenFill:
         """The open fill of ``entry`` (opened, room made for it, if need be), with one more user."""
         h = self._open.get(entry.fill_key)
         if h is None:
@@ -126,7 +126,7 @@ class OpenFills:
             h.linger = None
         return h
 
-    async def _open_fill(self, entry: FileEntry, protect: set[str]) -> OpenFill:
+    async def _open_fill(self, entry: FileEntry, protect: AbstractSet[str]) -> OpenFill:
         if self._room.locked():
             self._close_idle_now()
         await self._room.acquire()

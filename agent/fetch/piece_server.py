@@ -124,7 +124,7 @@ class PieceServer:
     async def _fetch_for_peer(self, h: OpenFill, index: int, origin: Origin, stream: PieceStream) -> None:
         try:
             await self.origin_reader.piece(h, index, origin, None, stream)
-        except Exception as exc:  # the requesters see the stream fail and move on
+        except Exception as exc:  # noqa: BLE001 - a background task: the requesters see the stream fail and move on
             log.warning("piece %d of %s for a peer failed: %s", index, h.entry.path, exc)
         finally:
             self.fills.release(h)

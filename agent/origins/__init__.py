@@ -54,7 +54,10 @@ class Origins:
         }
 
     async def warm_up(self) -> None:
-        """Build every origin's clients and the range client's body buffers now; a failure here only means the first request builds them."""
+        """Build every origin's clients and the range client's body buffers now.
+
+        A failure here only means the first request builds them.
+        """
         started = time.monotonic()
         origins = set(self._by_scheme.values())
         *results, _ = await asyncio.gather(
@@ -89,6 +92,3 @@ class Origins:
 
     def for_ref(self, ref: ModelRef) -> Origin:
         return self._by_scheme[ref.scheme]
-
-    def for_scheme(self, scheme: str) -> Origin:
-        return self._by_scheme[scheme]

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
+from agent.errors import TransientOriginError
 from agent.manifest import FileEntry, Manifest
 from agent.refs import ModelRef
-from agent.errors import TransientOriginError
 from client.errors import AccessDeniedError, FetchFailedError, ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -58,10 +58,10 @@ class Origin(abc.ABC):
         """
         return None
 
-    async def warm_up(self) -> None:
+    async def warm_up(self) -> None:  # noqa: B027 - optional hook: most origins have nothing to warm up
         """One-time set-up a first request would otherwise wait for (building SDK clients)."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 - optional hook: most origins hold nothing to release
         """Release what the origin holds (sessions, clients)."""
 
 
@@ -146,6 +146,7 @@ def check_status(status: int, entry: FileEntry, reason: str = "") -> None:
         raise AccessDeniedError(f"origin refused access to {entry.path!r} ({status}): check credentials{detail}")
     if status == 412:
         raise FetchFailedError(
-            f"{entry.path!r} changed at the origin since it was resolved (412); prefetch again to pick up the new revision"
+            f"{entry.path!r} changed at the origin since it was resolved (412); "
+            "prefetch again to pick up the new revision"
         )
     raise FetchFailedError(f"origin answered {status} for {entry.path!r}{detail}")

@@ -23,7 +23,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import build_hf_headers
+from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # public, absent from __all__
 
 from agent.manifest import FileEntry, Manifest
 from agent.origins.base import HttpOrigin
@@ -76,7 +76,7 @@ class HfOrigin(HttpOrigin):
                 )
             )
         files.sort(key=lambda f: f.path)
-        return Manifest(ref=ref.base, origin="hf", revision=info.sha, files=files, resolved_at=time.time())
+        return Manifest(ref=ref.base, origin="hf", revision=info.sha, files=tuple(files), resolved_at=time.time())
 
     async def request_target(self, entry: FileEntry) -> tuple[str, dict[str, str]]:
         src = entry.source

@@ -32,7 +32,9 @@ log = logging.getLogger(__name__)
 class PlainHttpOrigin(HttpOrigin):
     scheme = "https"
 
-    def __init__(self, session: aiohttp.ClientSession, ranges: RangeClient, policy: AddressPolicy | None = None) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, ranges: RangeClient, policy: AddressPolicy | None = None
+    ) -> None:
         super().__init__(session, ranges)
         self.policy = policy if policy is not None else AddressPolicy()
 
@@ -53,7 +55,7 @@ class PlainHttpOrigin(HttpOrigin):
         if ref.revision and ref.revision != revision:
             raise ModelNotFoundError(f"revision {ref.revision} of {url} is not cached; the file is now {revision}")
         files = [FileEntry(path=name, size=size, source=source)]
-        return Manifest(ref=ref.base, origin=ref.scheme, revision=revision, files=files, resolved_at=time.time())
+        return Manifest(ref=ref.base, origin=ref.scheme, revision=revision, files=tuple(files), resolved_at=time.time())
 
     async def _head(self, url: str, probe: FileEntry) -> tuple[int | None, str, str]:
         """Size, ETag and Last-Modified of ``url``, following at most MAX_REDIRECTS redirects by the policy."""

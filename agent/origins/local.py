@@ -15,10 +15,10 @@ import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from agent.errors import TransientOriginError
 from agent.manifest import FileEntry, Manifest, listing_revision
 from agent.origins.base import READ_BLOCK, Origin, Sink
 from agent.refs import ModelRef, check_relative_path
-from agent.errors import TransientOriginError
 from client.errors import FetchFailedError, ModelNotFoundError, ResourceError
 
 MAX_FILES = 100_000
@@ -37,7 +37,7 @@ class LocalOrigin(Origin):
             raise ModelNotFoundError(
                 f"revision {ref.revision} of {ref.location} is not cached; the directory is now {revision}"
             )
-        return Manifest(ref=ref.base, origin="file", revision=revision, files=files, resolved_at=time.time())
+        return Manifest(ref=ref.base, origin="file", revision=revision, files=tuple(files), resolved_at=time.time())
 
     async def read_range(self, entry: FileEntry, offset: int, length: int, sink: Sink) -> None:
         loop = asyncio.get_running_loop()

@@ -419,7 +419,9 @@ class RangeClient:
             if not head.headers.get("content-range", "").startswith(f"bytes {offset}-{offset + length - 1}/"):
                 raise TransientOriginError(f"unexpected Content-Range {head.headers.get('content-range')!r}")
             if head.content_length != length:
-                raise TransientOriginError(f"{what!r}: a {length}-byte range came with Content-Length {head.content_length}")
+                raise TransientOriginError(
+                    f"{what!r}: a {length}-byte range came with Content-Length {head.content_length}"
+                )
 
     async def _pump(self, conn: _Connection, length: int, sink: Sink) -> None:
         conn.start_body(length)
@@ -527,7 +529,9 @@ class RangeClient:
         except (TimeoutError, OSError) as exc:
             detail = f"no connection after {self.connect_timeout:g}s" if isinstance(exc, TimeoutError) else str(exc)
             log.info("cannot connect to %s:%d%s: %s", host, port, via, detail)
-            raise TransientOriginError(f"cannot connect to {scheme}://{host}{via} (details in the agent's log)") from None
+            raise TransientOriginError(
+                f"cannot connect to {scheme}://{host}{via} (details in the agent's log)"
+            ) from None
         conn.origin = key
         return conn
 
@@ -572,7 +576,11 @@ class RangeClient:
                 raise FetchFailedError(f"{what}: check the proxy's credentials in HTTPS_PROXY")
             raise TransientOriginError(what)
         assert conn.transport is not None
-        conn.tls_started(await asyncio.get_running_loop().start_tls(conn.transport, conn, tls, server_hostname=host))
+        inner = await asyncio.get_running_loop().start_tls(conn.transport, conn, tls, server_hostname=host)
+        if inner is None:  # typeshed allows it; CPython's start_tls returns the TLS transport or raises
+            conn.close()
+            raise TransientOriginError(f"TLS to {host} through the proxy {proxy.host} did not start")
+        conn.tls_started(inner)
 
     def _proxy(self, key: tuple[str, str, int]) -> Proxy | None:
         """The proxy for an origin, or None (none set, or NO_PROXY names it): read from the

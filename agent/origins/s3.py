@@ -78,7 +78,7 @@ class S3Origin(HttpOrigin):
                 f"revision {ref.revision} of {ref.base} is not cached and the objects now have revision "
                 f"{revision}; use {ref.base}@{revision} or the bare reference"
             )
-        return Manifest(ref=ref.base, origin="s3", revision=revision, files=files, resolved_at=time.time())
+        return Manifest(ref=ref.base, origin="s3", revision=revision, files=tuple(files), resolved_at=time.time())
 
     async def etag_part_size(self, entry: FileEntry) -> int | None:
         """How to recompute this object's ETag: 0 for a plain MD5, the part size of a multipart upload.

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from agent.origins.base import Sink, pump_body
 from agent.errors import PeerCutShortError, PeerDownError, PeerRefusedError, PeerSlowError
+from agent.origins.base import Sink, pump_body
 
 HASH_LEN = 32  # xxh3-128 hex
 PING_TIMEOUT = 1.5

@@ -23,7 +23,9 @@ RELAY_FANOUT = 2
 
 def rendezvous(members: Iterable[str], fill_key: str, index: int) -> list[str]:
     """``members`` ordered by their score for piece ``index`` of ``fill_key``, owner first."""
-    return sorted(members, key=lambda m: (xxhash.xxh3_64_intdigest(f"{m}|{fill_key}|{index}".encode()), m), reverse=True)
+    return sorted(
+        members, key=lambda m: (xxhash.xxh3_64_intdigest(f"{m}|{fill_key}|{index}".encode()), m), reverse=True
+    )
 
 
 # One piece of a model, for placement: (fill key, piece index, length in bytes).

@@ -20,6 +20,7 @@ holds before it is renamed into ``blobs/``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -84,10 +85,9 @@ def hash_file(fd: int, start: int, end: int, hashers: Iterable[Any]) -> None:
         span = min(MAP_WINDOW, end - base)
         with mmap.mmap(
             fd, span, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE, prot=mmap.PROT_READ, offset=base
-        ) as window:
-            with memoryview(window) as whole, whole[pos - base : span] as view:
-                for h in hashers:
-                    h.update(view)
+        ) as window, memoryview(window) as whole, whole[pos - base : span] as view:
+            for h in hashers:
+                h.update(view)
         pos = base + span
 
 
@@ -553,10 +553,8 @@ class BlobFill:
         index(pieces)
         os.rename(self.path, os.path.join(blob_dir, digest))  # over a stored copy: see above
         self.close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(self.state_path)
-        except FileNotFoundError:
-            pass
         return pieces
 
     def discard(self) -> None:
@@ -574,7 +572,5 @@ class BlobFill:
 
 
 def _unlink_quietly(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-    except FileNotFoundError:
-        pass

@@ -39,6 +39,7 @@ I/O thread pool.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import fcntl
 import json
@@ -47,15 +48,16 @@ import os
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Set as AbstractSet
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, TypeVarTuple
 
 import xxhash
 
-from agent.store.fill import BlobFill, WriteSizer, file_digests, write_json_atomic
-from agent.manifest import BlobDigest, FileEntry, Manifest
+from agent.manifest import BlobDigest, FileEntry, FillKey, Manifest
 from agent.refs import ModelRef, parse_ref
+from agent.store.fill import BlobFill, WriteSizer, file_digests, write_json_atomic
 from agent.store.safeio import BLOB_MODE, PARTIAL_MODE, create_exclusive, ensure_dir, same_file, sweep_tmp
 from agent.store.snapshots import link_snapshot, remove_snapshots, sweep_unfinished
 from agent.units import format_size
@@ -63,6 +65,7 @@ from client.errors import BadRequestError, CapacityError, IntegrityError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 _DIRS = ("blobs", "meta", "partial", "sources", "manifests", "models")
 SYNC_INTERVAL = 5.0
@@ -95,7 +98,7 @@ class Store:
         self.pool = pool
         self.blob_sizes: dict[str, int] = {}
         self.partial_sizes: dict[str, int] = {}
-        self.sources: dict[str, str] = {}
+        self.sources: dict[FillKey, BlobDigest] = {}
         self.models: dict[str, ModelRecord] = {}
         self._pinned_cache: set[str] | None = None
         # Revisions held pinned besides the model records' own (the warm set's: a
@@ -116,11 +119,11 @@ class Store:
     def blob_path(self, digest: str) -> str:
         return self.path("blobs", digest)
 
-    async def run(self, fn: Any, *args: Any) -> Any:
+    async def run(self, fn: Callable[[*Ts], T], *args: *Ts) -> T:
         """Run blocking file work in the I/O pool."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
-    def run_later(self, fn: Any, *args: Any) -> None:
+    def run_later(self, fn: Callable[[*Ts], object], *args: *Ts) -> None:
         """Start blocking file work in the I/O pool that nobody waits for (its failure is logged).
 
         Only for work that may also never happen: once the pool is shut down it is skipped.
@@ -144,10 +147,8 @@ class Store:
         for d in _DIRS:
             ensure_dir(self.root, d)  # refuses a symlinked layout directory, fixes a world-writable one
         probe = self.path(f".write-probe-{os.getpid()}")
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(probe)  # one a killed process of the same pid left
-        except FileNotFoundError:
-            pass
         os.close(create_exclusive(probe, PARTIAL_MODE))  # fail early and clearly on a read-only mount
         os.unlink(probe)
         sweep_unfinished(self.root)
@@ -164,7 +165,9 @@ class Store:
             st = entry.stat()
             unsynced = st.st_mtime >= synced_at
             if unsynced and not _blob_matches(entry.path, entry.name, st.st_size):
-                log.warning("blob %s was written after the last sync and does not match its digest; removed", entry.name)
+                log.warning(
+                    "blob %s was written after the last sync and does not match its digest; removed", entry.name
+                )
                 os.unlink(entry.path)
                 continue
             self.reverified += unsynced
@@ -181,7 +184,7 @@ class Store:
         for entry in os.scandir(self.path("sources")):
             try:
                 with open(entry.path, encoding="utf-8") as f:
-                    self.sources[entry.name] = str(json.load(f))
+                    self.sources[FillKey(entry.name)] = BlobDigest(str(json.load(f)))
             except (OSError, ValueError):
                 continue
         for entry in os.scandir(self.path("models")):
@@ -256,7 +259,7 @@ class Store:
     def has_blob(self, digest: str | None) -> bool:
         return digest is not None and digest in self.blob_sizes
 
-    def digest_of(self, entry: FileEntry) -> str | None:
+    def digest_of(self, entry: FileEntry) -> BlobDigest | None:
         """The stored digest of an entry's bytes, if the node holds them complete."""
         digest = entry.digest or self.sources.get(entry.fill_key)
         return digest if self.has_blob(digest) else None
@@ -310,10 +313,8 @@ class Store:
         self._pinned_cache = None
 
         def remove() -> None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path("models", f"{ref.key}.json"))
-            except FileNotFoundError:
-                pass
             remove_snapshots(self.root, ref.key)
 
         await self.run(remove)
@@ -324,9 +325,9 @@ class Store:
         Every file must be a blob by now. An object store can hold both ``a`` and
         ``a/b``, which no directory can: such a model still opens as tensors.
         """
-        files = [(f.path, f.digest) for f in manifest.files]
-        if any(digest is None for _, digest in files):
+        if any(f.digest is None for f in manifest.files):
             raise IntegrityError(f"{ref.base}@{manifest.revision} is not complete; no snapshot")
+        files = [(f.path, f.digest) for f in manifest.files if f.digest is not None]
         try:
             return await self.run(link_snapshot, self.root, ref.key, manifest.revision, files)
         except OSError as exc:
@@ -366,7 +367,7 @@ class Store:
         return self._pinned_cache
 
     # -- fills ---------------------------------------------------------------
-    async def begin_fill(self, entry: FileEntry, protect: set[str]) -> tuple[BlobFill, int]:
+    async def begin_fill(self, entry: FileEntry, protect: AbstractSet[str]) -> tuple[BlobFill, int]:
         """Open (or resume) the partial file for ``entry``, making room for it first."""
         fill = BlobFill(self.path("partial"), entry, self.drop_behind, self.write_sizer)
         if fill.key not in self.partial_sizes:
@@ -497,10 +498,8 @@ class Store:
         def touch_all() -> None:
             now = time.time()
             for p in paths:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.utime(p, (now, os.stat(p).st_mtime))
-                except FileNotFoundError:
-                    pass
 
         await self.run(touch_all)
 
@@ -519,15 +518,12 @@ class Store:
                         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     except BlockingIOError:
                         return False
-                try:
+                # a concurrent eviction (or `agent evict`) of the same blob may have got there first
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-                except FileNotFoundError:
-                    pass  # a concurrent eviction (or `agent evict`) of the same blob got there first
                 for extra in (self.path("meta", f"{digest}.json"),):
-                    try:
+                    with contextlib.suppress(FileNotFoundError):
                         os.unlink(extra)
-                    except FileNotFoundError:
-                        pass
                 return True
             finally:
                 os.close(fd)
@@ -538,7 +534,7 @@ class Store:
             self._pinned_cache = None
         return gone
 
-    async def reserve(self, nbytes: int, protect: set[str]) -> None:
+    async def reserve(self, nbytes: int, protect: AbstractSet[str]) -> None:
         """Make room for ``nbytes`` more: evict LRU blobs, or raise CapacityError."""
         over = self.used_bytes + nbytes - self.capacity
         free = await self.run(_free_bytes, self.root)
@@ -552,7 +548,7 @@ class Store:
             candidates = []  # evicting cannot make it fit: keep the cache as it is
         atimes = await self.run(_atimes, [self.blob_path(d) for d in candidates])
         held = 0
-        for _, digest in sorted(zip(atimes, candidates)):
+        for _, digest in sorted(zip(atimes, candidates, strict=True)):
             if over <= 0 and short <= 0:
                 break
             size = self.blob_sizes.get(digest, 0)
@@ -626,7 +622,5 @@ def _ref_of(rec: ModelRecord) -> ModelRef:
 def _close_and_drop(fd: int, path: str | None) -> None:
     os.close(fd)
     if path is not None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
-        except FileNotFoundError:
-            pass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -21,11 +22,14 @@ class WarmSetCollector:
         self.warm_set = warm_set
 
     def collect(self) -> Iterator[Metric]:
+        # Read from the warm set's objects (not its JSON status): the same values, typed.
         ws = self.warm_set
-        status = ws.status() if ws is not None else {"states": {s: 0 for s in STATES}, "entries": []}
+        counts = ws.state_counts() if ws is not None else dict.fromkeys(STATES, 0)
+        entries = list(ws.entries.values()) if ws is not None else []
+        now_wall = time.time()
         by_state = GaugeMetricFamily("warmstart_warm_set_entries", "Warm-set entries by state", labels=["state"])
-        for state, n in status["states"].items():
-            by_state.add_metric([state], n)
+        for state_name, n in counts.items():
+            by_state.add_metric([state_name], n)
         yield by_state
         since = GaugeMetricFamily(
             "warmstart_warm_set_entry_seconds_since_ready",
@@ -34,10 +38,10 @@ class WarmSetCollector:
         )
         state = GaugeMetricFamily("warmstart_warm_set_entry_state", "1 for the entry's current state, else 0",
                                   labels=["ref", "state"])
-        for e in status["entries"]:
-            since.add_metric([e["ref"]], e["seconds_since_ready"])
+        for e in entries:
+            since.add_metric([e.spec.ref], e.seconds_since_ready(now_wall))
             for s in STATES:
-                state.add_metric([e["ref"], s], 1 if e["state"] == s else 0)
+                state.add_metric([e.spec.ref, s], 1 if e.state == s else 0)
         yield since
         yield state
         rollovers = CounterMetricFamily("warmstart_warm_set_rollovers", "Completed revision rollovers")

@@ -137,8 +137,9 @@ class Entry:
             "done_bytes": None,
             "error": self.error,
             "attempts": self.attempts,
-            "next_retry_s": round(max(0.0, self.next_try - now_mono), 1) if self.state == EntryState.FAILED and self.retry
-            else None,
+            "next_retry_s": (
+                round(max(0.0, self.next_try - now_mono), 1) if self.state == EntryState.FAILED and self.retry else None
+            ),
             "last_ready": self.last_ready,
             "seconds_since_ready": self.seconds_since_ready(now_wall),
             "rollovers": self.rollovers,
@@ -338,9 +339,9 @@ class WarmSet:
                 if not due and not entry.moving and entry.target is not None:
                     continue  # gave up on a fixed revision: only a new file tries again
             elif entry.state == EntryState.READY:
-                if not entry.moving or now - entry.last_resolved < self.spec.refresh:
-                    if entry.manifest is None or self.service.is_complete(entry.manifest):
-                        continue  # (a ready model someone evicted by hand is fetched again)
+                fresh = not entry.moving or now - entry.last_resolved < self.spec.refresh
+                if fresh and (entry.manifest is None or self.service.is_complete(entry.manifest)):
+                    continue  # (a ready model someone evicted by hand is fetched again)
             entry.task = asyncio.create_task(self._work(entry), name=f"warm {entry.spec.ref}")
 
     async def _recheck_capacity(self, entry: Entry) -> None:
@@ -487,12 +488,17 @@ class WarmSet:
         return sum(size for key, size in sizes.items() if key not in mine)
 
     # -- what is shown ---------------------------------------------------------
+    def state_counts(self) -> dict[EntryState, int]:
+        """How many entries are in each state (every state present, 0 included)."""
+        counts = dict.fromkeys(STATES, 0)
+        for e in self.entries.values():
+            counts[e.state] += 1
+        return counts
+
     def status(self) -> dict[str, Any]:
         now_wall, now_mono = time.time(), time.monotonic()
         entries = [e.to_json(now_wall, now_mono) for e in self.entries.values()]
-        counts = {s: 0 for s in STATES}
-        for e in self.entries.values():
-            counts[e.state] += 1
+        counts = self.state_counts()
         return {
             "path": self.path,
             "generation": self.generation,
