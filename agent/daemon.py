@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import os
@@ -45,6 +46,7 @@ from agent.origins.policy import AddressPolicy
 from agent.peers.client import PeerClient
 from agent.peers.membership import Membership, read_token
 from agent.service import ModelService
+from agent.store.lock import CacheLock
 from agent.store.store import Store
 from agent.units import format_size
 from agent.warmset.collector import WarmSetCollector
@@ -83,7 +85,13 @@ async def _warm_up(origins: Origins) -> None:
 
 def _prepare_socket_path(path: str) -> None:
     """Create the socket's directory; remove a stale socket, refuse a live one."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except PermissionError:
+        raise PermissionError(
+            errno.EACCES, f"cannot create the socket's directory {directory}: permission denied (see --socket)"
+        ) from None
     if not os.path.exists(path):
         return
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -143,6 +151,9 @@ async def running(config: AgentConfig) -> AsyncIterator[Agent]:
     host, port = config.listen_address
     loop = asyncio.get_running_loop()
     async with AsyncExitStack() as stack:
+        lock = CacheLock(config.cache_dir, config.socket)
+        await asyncio.to_thread(lock.acquire)  # one agent per cache directory: a second one stops here
+        stack.callback(lock.release)
         pool = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="warmstart-io")
         stack.callback(pool.shutdown, wait=True)
         default_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="warmstart")
@@ -195,7 +206,19 @@ async def running(config: AgentConfig) -> AsyncIterator[Agent]:
             stack.push_async_callback(warm_set.close)
         _prepare_socket_path(config.socket)
         stack.callback(_remove_socket, config.socket)
-        await _site(stack, local_app(service, metrics, artifacts, warm_set, peers), web.UnixSite, config.socket)
+        app = local_app(service, metrics, artifacts, warm_set, peers)
+        # The socket is created with the asked mode (the umask set around bind), never wider for a moment;
+        # then its group is set. (Every file the store writes has an explicit mode: a passing umask is harmless.)
+        umask = os.umask(0o777 & ~config.socket_mode)
+        try:
+            await _site(stack, app, web.UnixSite, config.socket)
+        except PermissionError as exc:
+            raise PermissionError(
+                exc.errno, f"cannot create the local socket {config.socket}: permission denied (its directory "
+                "must be writable by the agent's user; see --socket)"
+            ) from None
+        finally:
+            os.umask(umask)
         if config.socket_gid is not None:
             os.chown(config.socket, -1, config.socket_gid)
         os.chmod(config.socket, config.socket_mode)

@@ -44,15 +44,35 @@ def count_error(request: web.Request, exc: WarmstartError) -> None:
         metrics.api_error(exc.kind)
 
 
+# Kinds that say the request itself was wrong (logged at INFO: nothing on this node needs attention);
+# every other kind is a failure an operator may have to act on (WARNING), internal errors are ERRORs.
+_REQUEST_KINDS = frozenset({"bad_reference", "bad_request", "not_found", "artifact_not_found", "malformed_file"})
+REF: web.RequestKey[str] = web.RequestKey("ref", str)
+CLIENT_GONE = 499  # the status of an answer whose client went away before it (never seen by anyone)
+
+
+def log_failure(request: web.Request, exc: WarmstartError) -> None:
+    """The agent's one log line for a failure a user sees: what was asked, for which model, and why."""
+    level = logging.INFO if exc.kind in _REQUEST_KINDS else logging.WARNING
+    what = f" {request[REF]}" if REF in request else ""
+    log.log(level, "%s %s%s failed (%s): %s", request.method, request.path, what, exc.kind, exc)
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Typed errors become JSON answers; anything unexpected is logged and answered 500."""
+    """Typed errors become JSON answers; anything unexpected is logged and answered 500.
+
+    A client that goes away (a closed connection, a cancelled request) is not an error.
+    """
     try:
         return await handler(request)
     except web.HTTPException:
         raise
+    except ConnectionResetError:
+        log.debug("%s %s: the client went away", request.method, request.path)
+        return web.Response(status=CLIENT_GONE)  # written to nobody; aiohttp closes the connection quietly
     except WarmstartError as exc:
-        log.info("%s %s -> %s: %s", request.method, request.path, exc.kind, exc)
+        log_failure(request, exc)
         count_error(request, exc)
         return error_response(exc)
     except Exception as exc:  # the agent keeps serving whatever one request did
@@ -73,10 +93,12 @@ async def read_body(request: web.Request) -> dict[str, Any]:
     return data
 
 
-def ref_field(body: dict[str, Any]) -> str:
+def ref_field(request: web.Request, body: dict[str, Any]) -> str:
+    """The body's model reference (remembered on the request, so a failure's log line names it)."""
     ref = body.get("ref")
     if not isinstance(ref, str):
         raise BadRequestError('missing "ref" (a model reference string)')
+    request[REF] = ref[:300]
     return ref
 
 
@@ -125,6 +147,7 @@ async def stream_job(
         try:
             result = task.result()
         except WarmstartError as exc:
+            log_failure(request, exc)
             count_error(request, exc)
             await send({"event": "error", **exc.to_wire()})
         except Exception as exc:
@@ -134,11 +157,14 @@ async def stream_job(
             await send({"event": "error", **error.to_wire()})
         else:
             await send({"event": "complete", **result})
-    except (ConnectionResetError, asyncio.CancelledError):
+    except (ConnectionResetError, asyncio.CancelledError) as exc:
         # The requester went away; the fetch goes on (single flight) for whoever asks next.
         if not task.done():
             task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
-        raise
+        if isinstance(exc, asyncio.CancelledError):
+            raise
+        log.debug("%s %s: the client went away", request.method, request.path)
+        return resp
     await resp.write_eof()
     return resp
 

@@ -40,9 +40,8 @@ PEERS: web.AppKey[tuple[Membership, PeerClient] | None] = web.AppKey("peers")
 
 async def prefetch(request: web.Request) -> web.StreamResponse:
     body = await read_body(request)
-    return await ensure_job(
-        request, request.app[SERVICE], request.app[METRICS], ref_field(body), flag(body, "pin"), with_files=False
-    )
+    ref, pin = ref_field(request, body), flag(body, "pin")
+    return await ensure_job(request, request.app[SERVICE], request.app[METRICS], ref, pin, with_files=False)
 
 
 async def open_model(request: web.Request) -> web.StreamResponse:
@@ -50,14 +49,14 @@ async def open_model(request: web.Request) -> web.StreamResponse:
     snapshot = bool(flag(body, "snapshot"))
     stream = bool(flag(body, "stream"))
     return await ensure_job(
-        request, request.app[SERVICE], request.app[METRICS], ref_field(body), None,
+        request, request.app[SERVICE], request.app[METRICS], ref_field(request, body), None,
         with_files=True, with_snapshot=snapshot, stream=stream,
     )
 
 
 async def resolve(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    ref, manifest = await service.resolve(ref_field(await read_body(request)))
+    ref, manifest = await service.resolve(ref_field(request, await read_body(request)))
     files = [
         {"path": f.path, "size": f.size, "cached": service.store.digest_of(f) is not None} for f in manifest.files
     ]
@@ -77,12 +76,12 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def evict(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    return web.json_response(await service.evict(ref_field(await read_body(request))))
+    return web.json_response(await service.evict(ref_field(request, await read_body(request))))
 
 
 async def verify(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
-    ref, manifest = await service.resolve(ref_field(await read_body(request)))
+    ref, manifest = await service.resolve(ref_field(request, await read_body(request)))
     head = {"event": "resolved", "ref": ref.base, "revision": manifest.revision, "total_bytes": manifest.total_size}
     return await stream_job(request, service.progress(manifest), service.verify(ref, manifest), head)
 
@@ -105,7 +104,7 @@ async def prefetch_all(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     body = await read_body(request)
     pin = flag(body, "pin")
-    ref, manifest = await service.resolve(ref_field(body))
+    ref, manifest = await service.resolve(ref_field(request, body))
     pinned_ref = f"{ref.base}@{manifest.revision}"
     membership, client = request.app[PEERS] or (None, None)
     nodes = [membership.me] if membership is not None else ["self"]

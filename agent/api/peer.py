@@ -220,7 +220,7 @@ async def prefetch(request: web.Request) -> web.StreamResponse:
     state = request.app[PEER]
     assert state.service is not None
     body = await read_body(request)
-    ref = ref_field(body)
+    ref = ref_field(request, body)
     await state.service.check_peer_ref(_peer_ref(ref, allow_revision=True))
     return await ensure_job(request, state.service, state.metrics, ref, flag(body, "pin"), with_files=False)
 

@@ -181,7 +181,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve(config))
-    except OSError as exc:
+    except (OSError, WarmstartError) as exc:  # (a cache another agent holds, a socket directory it cannot write)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

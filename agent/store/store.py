@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import fcntl
 import json
 import logging
@@ -61,7 +62,7 @@ from agent.store.fill import BlobFill, WriteSizer, file_digests, write_json_atom
 from agent.store.safeio import BLOB_MODE, PARTIAL_MODE, create_exclusive, ensure_dir, same_file, sweep_tmp
 from agent.store.snapshots import link_snapshot, remove_snapshots, sweep_unfinished
 from agent.units import format_size
-from client.errors import BadRequestError, CapacityError, IntegrityError
+from client.errors import BadRequestError, CapacityError, IntegrityError, WarmstartError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -144,13 +145,18 @@ class Store:
         )
 
     def _open_sync(self) -> None:
-        for d in _DIRS:
-            ensure_dir(self.root, d)  # refuses a symlinked layout directory, fixes a world-writable one
-        probe = self.path(f".write-probe-{os.getpid()}")
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(probe)  # one a killed process of the same pid left
-        os.close(create_exclusive(probe, PARTIAL_MODE))  # fail early and clearly on a read-only mount
-        os.unlink(probe)
+        try:  # fail early and clearly on a read-only mount or a directory of another user
+            for d in _DIRS:
+                ensure_dir(self.root, d)  # refuses a symlinked layout directory, fixes a world-writable one
+            probe = self.path(f".write-probe-{os.getpid()}")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(probe)  # one a killed process of the same pid left
+            os.close(create_exclusive(probe, PARTIAL_MODE))
+            os.unlink(probe)
+        except OSError as exc:
+            if isinstance(exc, WarmstartError) or exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            raise OSError(exc.errno, f"cannot write the cache directory {self.root}: {exc.strerror}") from None
         sweep_unfinished(self.root)
         # State files half-written when a process was killed (partial/ is swept below).
         for d in (self.root, self.path("meta"), self.path("sources"), self.path("models")):
