@@ -102,8 +102,9 @@ def run(cmd: list[str], env: dict[str, str], label: str | None = None) -> tuple[
     return seconds, out
 
 
-# What --keep leaves running, for --stop: {"work": DIR, "procs": [{"name", "pid", "ports"}]}.
-STATE = ROOT / ".venv" / "warmstart-demo.json"
+# What --keep leaves running, for --stop: {"work": DIR, "procs": [{"name", "pid", "marker", "ports"}]}.
+# WARMSTART_DEMO_STATE moves it (tests/test_demo.py, so a test never stops a user's kept demo).
+STATE = Path(os.environ.get("WARMSTART_DEMO_STATE") or ROOT / ".venv" / "warmstart-demo.json")
 
 
 def _alive(pid: int, marker: str) -> bool:
