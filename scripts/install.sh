@@ -181,7 +181,7 @@ fi
 
 if [ ${#not_installed[@]} -gt 0 ]; then
     {
-        echo "warning: not installed; the tests that need them will fail:"
+        echo "warning: not installed; the tests that need them will fail (the network namespace test: skip):"
         for line in "${not_installed[@]}"; do echo "  - $line"; done
     } >&2
 fi
