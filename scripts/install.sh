@@ -10,10 +10,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-MODE=test
+MODE="test"
 case "${1:-}" in
-    "" | --test) MODE=test ;;
-    --demo) MODE=demo ;;
+    "" | --test) MODE="test" ;;
+    --demo) MODE="demo" ;;
     *) echo "usage: bash scripts/install.sh [--test | --demo]" >&2; exit 2 ;;
 esac
 
