@@ -3,14 +3,16 @@
 #
 #   scripts/test.sh [pytest args...]     e.g. scripts/test.sh tests/test_servers.py -x
 #
-# Installs through scripts/install.sh (.venv, torch CPU build first, the project with
-# its test extra), runs the static checks (ruff, then mypy --strict; configured in
-# pyproject.toml), stopping at the first that fails, then runs pytest and exits with its
-# status. pytest's "no tests collected" (exit 5) is a failure here: a green run must
-# have tested something.
+# Installs through scripts/install.sh --test (.venv; torch 2.13.0 only if .venv has no torch; the
+# project with its test extra; kubectl, promtool, prometheus, ip, openssl: why each, in install.sh),
+# runs the static checks (ruff, then mypy --strict; configured in pyproject.toml), stopping at the
+# first that fails, then runs pytest and exits with its status. pytest's "no tests collected"
+# (exit 5) is a failure here: a green run must have tested something.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-bash scripts/install.sh
+bash scripts/install.sh --test
+# The tools install.sh puts in .venv/bin (weed, kubectl, promtool, prometheus) are found on PATH.
+export PATH="$PWD/.venv/bin:$PATH"
 
 # Static checks first: seconds, where the tests take many minutes. Their scope (and the
 # files left out for now) is in pyproject.toml. Their caches (.ruff_cache, .mypy_cache)
