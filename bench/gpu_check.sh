@@ -163,16 +163,13 @@ EOF
 )
         echo "reusing $VPY and its torch; missing here: ${missing:-nothing}" >>"$SETUP_LOG"
         if [ -n "$missing" ]; then
-            local src=()
-            [ -d "$WHEELS" ] && src=(--find-links "$WHEELS")
-            # From the index where it answers; else from the carried wheels alone (the GPU image has no network).
-            # shellcheck disable=SC2086
-            if ! timeout 120 "$VPY" -m pip install -q --no-deps --upgrade --target "$site" --timeout 10 \
-                    --retries 1 "${src[@]}" $missing >>"$SETUP_LOG" 2>&1; then
-                # shellcheck disable=SC2086
-                timeout 60 "$VPY" -m pip install -q --no-deps --upgrade --target "$site" --no-index \
-                    "${src[@]}" $missing >>"$SETUP_LOG" 2>&1 \
-                    || echo "could not install some of: $missing (no index, and not all in $WHEELS)" >>"$SETUP_LOG"
+            # From carried wheels first (the GPU image reaches no index), else from the index.
+            local pipi=("$VPY" -m pip install -q --no-deps --upgrade --target "$site")
+            # shellcheck disable=SC2086  # word splitting of the package list is wanted
+            if ! { [ -d "$WHEELS" ] && timeout 60 "${pipi[@]}" --no-index --find-links "$WHEELS" $missing; } \
+                    >>"$SETUP_LOG" 2>&1 \
+                && ! timeout 150 "${pipi[@]}" --timeout 15 --retries 1 $missing >>"$SETUP_LOG" 2>&1; then
+                echo "could not install some of: $missing (not all in $WHEELS, and the index failed)" >>"$SETUP_LOG"
             fi
         fi
     else
