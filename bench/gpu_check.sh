@@ -288,7 +288,14 @@ summary() {
             # the medians table and the device ratios (the last table) from the bench's own output
             awk '/^\| contender \| cold median/{p=1} p&&/^\|/{print} p&&!/^\|/{if(n++==0)print ""; p=0}' "$OUT/load_cached.log"
             awk 'BEGIN{RS=""} /\| vs safetensors-dev/{print}' "$OUT/load_cached.log"
-            "$VPY" -c 'import json,sys; r=json.load(open(sys.argv[1])); e=[x for x in r["per_round"] if x["error"]]; print(f"\n{len(e)} of {len(r[\"per_round\"])} runs failed" + "".join(f"\n- {x[\"contender\"]} {x[\"temp\"]}: {x[\"error\"][:300]}" for x in e[:6]))' "$OUT/load_cached.json"
+            "$VPY" - "$OUT/load_cached.json" <<'EOF'
+import json, sys
+runs = json.load(open(sys.argv[1]))["per_round"]
+bad = [r for r in runs if r["error"]]
+print(f"\n{len(bad)} of {len(runs)} runs failed")
+for r in bad[:6]:
+    print("- {} {}: {}".format(r["contender"], r["temp"], r["error"][:300]))
+EOF
         fi
         if [ -f "$OUT/compile_cache.json" ]; then
             echo
