@@ -1,6 +1,6 @@
 """Cold torch.compile versus compile with artifacts restored from a peer (issue 5).
 
-    python bench/compile_cache.py --rounds 3 [--models small,mlp]
+    python bench/compile_cache.py --rounds 3 [--models small,mlp] [--device cuda]
 
 Two real agents on loopback with a static peer list and a token. Per round and
 model, each contender is a fresh Python process with fresh Inductor
@@ -22,7 +22,11 @@ Every run reports Inductor's FX-graph and AOTAutograd cache counters, so a
 fast run that did not hit is visible. One throwaway compile per model comes
 first (a fresh venv spends seconds writing bytecode on its first compile).
 Medians over rounds, ratios to ``cold``; raw rounds go to
-``bench/out/compile_cache-<time>.json``.
+``bench/out/compile_cache-<time>.json`` (and ``compile_cache-latest.json``).
+
+``--device cuda``: module and input live on the GPU, so Inductor generates Triton
+kernels (their cache lives under the fresh Inductor directory as well) and the
+first output is waited for with ``torch.cuda.synchronize()`` before the clock stops.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ import json, os, sys, time
 import torch
 from torch._dynamo.utils import counters
 
-model_name, mode, key, mega_path = sys.argv[1:5]
+model_name, mode, key, mega_path, device = sys.argv[1:6]
 
 class Attn(torch.nn.Module):  # "small": a transformer-like block
     def __init__(self, d):
@@ -82,6 +86,9 @@ if model_name == "small":
     model, x = Stack([Attn(64)], 64).eval(), torch.randn(2, 16, 64)
 else:
     model, x = Stack([Block(256) for _ in range(6)], 256).eval(), torch.randn(8, 256)
+model, x = model.to(device), x.to(device)
+sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+sync()
 out = {}
 t0 = time.perf_counter()
 if mode in ("cold", "peer", "peer+mega"):
@@ -91,6 +98,7 @@ if mode in ("cold", "peer", "peer+mega"):
     out["restore_s"] = time.perf_counter() - t0
     with torch.no_grad():
         y = torch.compile(model)(x)
+    sync()
     out["first_output_s"] = time.perf_counter() - t0
     t1 = time.perf_counter()
     cm.__exit__(None, None, None)
@@ -104,6 +112,7 @@ else:
         out["restore_s"] = time.perf_counter() - t0
     with torch.no_grad():
         y = torch.compile(model)(x)
+    sync()
     out["first_output_s"] = time.perf_counter() - t0
 out["inductor"] = dict(counters["inductor"])
 out["aot"] = dict(counters["aot_autograd"])
@@ -113,11 +122,14 @@ print(json.dumps(out))
 CONTENDERS = ("cold", "peer", "peer+mega", "hand copy", "mega only")
 
 
+DEVICE = "cpu"  # --device; every worker compiles for it
+
+
 def _worker(work: Path, model: str, mode: str, key: str, env: dict[str, str], mega: str = "-") -> dict[str, Any]:
     script = work / "worker.py"
     if not script.exists():
         script.write_text(WORKER)
-    done = subprocess.run([sys.executable, str(script), model, mode, key, mega], env=env,
+    done = subprocess.run([sys.executable, str(script), model, mode, key, mega, DEVICE], env=env,
                           capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise RuntimeError(f"{model}/{mode} failed:\n{done.stderr[-4000:]}")
@@ -145,7 +157,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--models", default="small,mlp")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--device", default="cpu", help="cpu (default: Inductor's C++ kernels) or cuda[:N] (Triton)")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error(f"--device {DEVICE}: torch {torch.__version__} sees no CUDA device")
     from tests.servers.agent_proc import AgentProcess
     from tests.servers.ports import free_ports
 
@@ -196,7 +216,8 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out_dir / f"compile_cache-{stamp}.json").write_text(json.dumps(raw, indent=1))
-    print(f"\nraw: bench/out/compile_cache-{stamp}.json\n")
+    (out_dir / "compile_cache-latest.json").write_text(json.dumps(raw, indent=1))
+    print(f"\nraw: bench/out/compile_cache-{stamp}.json (device {DEVICE})\n")
     print("| model | contender | first output, median s | vs cold | restore s | cache counters (last round) |")
     print("|---|---|---:|---:|---:|---|")
     for m in models:

@@ -31,12 +31,31 @@ destination are outside the clock, opening the files and the agent round trip in
 - ``pread-dest``: the ideal loader: ``os.preadv`` of each file's data section straight into
   its place in the destination (one copy, no intermediate buffer); ``pread-dest-t4``: threaded.
 
+To a GPU (``--device cuda``): the destination and the reference live in device memory, so
+every contender above that fills it ends with a host-to-device copy of each tensor (what a
+loader that reads to CPU and then calls ``.to("cuda")`` pays), and these ``-dev`` contenders
+load to the device themselves (``--device cpu``, the default, runs them on CPU as plumbing):
+
+- ``ws-iter-dev``, ``ws-open-dev``: ``client.iter_tensors`` / ``open_tensors(ref, device=D)``,
+  through the client's ring of pinned buffers and its copy stream (client/device_ring.py);
+- ``safetensors-dev``: ``safetensors.torch.load_file(blob, device=D)``;
+- ``runai-dev``: Run:ai's ``stream_files(blobs, device=D)``;
+- ``pread-dev``: the limit for page cache -> GPU: ``os.preadv`` of each file's data section,
+  ``--chunk`` at a time, into two alternating pinned buffers, each copied asynchronously to its
+  place on the device while the other is read; ``pread-dev-t4``: ``--threads`` threads, two
+  buffers and a stream each.
+
+The clock of a ``-dev`` contender stops after ``torch.cuda.synchronize()``. ``pread-dest*``
+need a CPU destination and are refused with ``--device cuda``.
+
 Every run that fills the destination is checked byte for byte against a reference
 (outside the clock; the destination is zeroed before each run).
 
 Usage::
 
     python bench/load_cached.py --size 1GiB --shards 4 --rounds 5
+    python bench/load_cached.py --device cuda --size 4GiB --rounds 3 \
+        --only ws-iter-dev,ws-open-dev,safetensors-dev,safetensors,runai,pread-dev,pread-dev-t4
 
 Writes bench/out/load_cached-<time>.json (raw per-run numbers, with page faults,
 blocks read and CPU time of each run) and prints markdown tables of medians and ratios.
@@ -335,6 +354,109 @@ def run_pread_dest(ctx: dict, dest: torch.Tensor, t0: float, threads: int) -> di
     return {"first_tensor_s": None}
 
 
+# ---------------------------------------------------------------------- contenders that load to --device
+
+
+def device_sync(ctx: dict) -> None:
+    """Wait for the device's queued copies, so a clock stops when the bytes are there, not when they were queued."""
+    if ctx["device"].type == "cuda":
+        torch.cuda.synchronize(ctx["device"])
+
+
+def run_ws_dev(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
+    """The client loading to the device itself (``device=``): reads into its pinned ring, copies on its stream."""
+    import client
+
+    place = Placer(dest, ctx["plan"], t0)
+    if how == "iter":
+        for name, t in client.iter_tensors(ctx["ref"], device=ctx["device"]):
+            place(name, t)
+            del t
+    else:
+        tensors = client.open_tensors(ctx["ref"], device=ctx["device"])
+        for name, t in tensors.items():
+            place(name, t)
+        del tensors, t
+    device_sync(ctx)
+    return place.done()
+
+
+def run_safetensors_dev(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
+    from safetensors.torch import load_file
+
+    place = Placer(dest, ctx["plan"], t0)
+    for p in ctx["plan"].blobs:
+        sd = load_file(p, device=str(ctx["device"]))
+        for name, t in sd.items():
+            place(name, t)
+        del sd, t
+    device_sync(ctx)
+    return place.done()
+
+
+def run_runai_dev(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
+    from runai_model_streamer import SafetensorsStreamer
+
+    place = Placer(dest, ctx["plan"], t0)
+    with SafetensorsStreamer() as streamer:
+        streamer.stream_files(ctx["plan"].blobs, device=str(ctx["device"]))
+        for name, t in streamer.get_tensors():
+            place(name, t)
+            del t
+    device_sync(ctx)
+    return place.done()
+
+
+def run_pread_dev(ctx: dict, dest: torch.Tensor, t0: float, threads: int) -> dict:
+    """The limit to the device: positional reads into pinned buffers, each copied asynchronously into place.
+
+    Each thread owns two buffers and a stream and alternates them, so its next read
+    overlaps the copy of the previous chunk; before a buffer is refilled, the event of
+    its last copy is waited for.
+    """
+    cuda = ctx["device"].type == "cuda"
+    items = []
+    fds = []
+    try:
+        for path, start, length, at in ctx["plan"].sections:
+            fd = os.open(path, os.O_RDONLY)
+            fds.append(fd)
+            items += [(fd, start + o, at + o, min(ctx["chunk"], length - o)) for o in range(0, length, ctx["chunk"])]
+        for stream in ctx["dev_streams"][:threads]:  # after the destination's zeroing on the current stream
+            stream.wait_stream(torch.cuda.current_stream(ctx["device"]))
+        turn = [0] * threads
+        events: list[list[torch.cuda.Event | None]] = [[None, None] for _ in range(threads)]
+
+        def work(k: int, it: object) -> None:
+            fd, off, at, n = it  # type: ignore[misc]
+            b = turn[k]
+            turn[k] ^= 1
+            buf = ctx["dev_bufs"][k][b]
+            if events[k][b] is not None:
+                events[k][b].synchronize()  # type: ignore[union-attr]
+            pread_full(fd, as_view(buf)[:n], off)
+            if not cuda:
+                dest[at : at + n].copy_(buf[:n])
+                return
+            stream = ctx["dev_streams"][k]
+            with torch.cuda.stream(stream):
+                dest[at : at + n].copy_(buf[:n], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(stream)
+            events[k][b] = ev
+
+        if threads == 1:
+            for it in items:
+                work(0, it)
+        else:
+            _parallel(items, work, threads)
+        device_sync(ctx)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return {"first_tensor_s": None}
+
+
 CONTENDERS: dict[str, Callable[[dict, torch.Tensor, float], dict]] = {
     "ws-open": lambda c, d, t0: run_ws(c, d, t0, "open"),
     "ws-iter": lambda c, d, t0: run_ws(c, d, t0, "iter"),
@@ -347,7 +469,15 @@ CONTENDERS: dict[str, Callable[[dict, torch.Tensor, float], dict]] = {
     "pread-buf-t4": lambda c, d, t0: run_pread_buf(c, d, t0, c["threads"]),
     "pread-dest": lambda c, d, t0: run_pread_dest(c, d, t0, 1),
     "pread-dest-t4": lambda c, d, t0: run_pread_dest(c, d, t0, c["threads"]),
+    "ws-iter-dev": lambda c, d, t0: run_ws_dev(c, d, t0, "iter"),
+    "ws-open-dev": lambda c, d, t0: run_ws_dev(c, d, t0, "open"),
+    "safetensors-dev": run_safetensors_dev,
+    "runai-dev": run_runai_dev,
+    "pread-dev": lambda c, d, t0: run_pread_dev(c, d, t0, 1),
+    "pread-dev-t4": lambda c, d, t0: run_pread_dev(c, d, t0, c["threads"]),
 }
+DEV = [n for n in CONTENDERS if n.endswith("-dev") or n.startswith("pread-dev")]
+CPU_DEST_ONLY = ("pread-dest", "pread-dest-t4")  # they preadv straight into the destination's host memory
 FILLS_DEST = {n for n in CONTENDERS if not n.startswith("pread-buf")}
 LIMITS = ("pread-buf", "pread-buf-t4")
 
@@ -569,12 +699,56 @@ def ratios(rounds: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def device_ratios(rounds: list[dict]) -> str:
+    """The ``-dev`` contenders: warmstart's device loads against safetensors, Run:ai and the device limit.
+
+    Same two figures as :func:`ratios` (ratio of medians, median of per-round ratios);
+    the limit is the faster ``pread-dev`` line of each round. Values above 1 mean
+    warmstart is faster.
+    """
+    secs: dict[tuple[str, str], dict[int, float]] = {}
+    for r in rounds:
+        if r["error"] is None:
+            secs.setdefault((r["contender"], r["temp"]), {})[r["round"]] = r["seconds"]
+    for temp in ("cold", "warm"):
+        lim = [secs.get((n, temp), {}) for n in ("pread-dev", "pread-dev-t4")]
+        secs[("limit", temp)] = {k: min(d[k] for d in lim if k in d) for k in set().union(*lim)}
+    others = ("safetensors-dev", "safetensors", "runai-dev", "runai", "limit")
+    lines = [
+        "| | "
+        + " | ".join("vs the limit (faster pread-dev line)" if o == "limit" else f"vs {o}" for o in others)
+        + " |",
+        "|---|" + "---:|" * len(others),
+    ]
+    for temp in ("cold", "warm"):
+        for ws in ("ws-iter-dev", "ws-open-dev"):
+            mine = secs.get((ws, temp))
+            if not mine:
+                continue
+            cells = [f"{ws} {temp}"]
+            for other in others:
+                theirs = secs.get((other, temp), {})
+                common = sorted(mine.keys() & theirs.keys())
+                if not common:
+                    cells.append("-")
+                    continue
+                of_medians = statistics.median(theirs.values()) / statistics.median(mine.values())
+                paired = statistics.median(theirs[k] / mine[k] for k in common)
+                cells.append(f"{of_medians:.2f}x (per round {paired:.2f}x)")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="1GiB", help="model size, at least (default 1GiB)")
     ap.add_argument("--shards", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--only", default=",".join(CONTENDERS), help="comma-separated contenders")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated contenders (default: all but the -dev ones on CPU; all but pread-dest* "
+                         "with --device cuda)")  # fmt: skip
+    ap.add_argument("--device", default="cpu",
+                    help="where the destination lives and the -dev contenders load to: cpu (default) or cuda[:N]")
     ap.add_argument("--temps", default="cold,warm")
     ap.add_argument("--chunk", default="64MiB", help="read size of the pread contenders (default 64MiB)")
     ap.add_argument("--threads", type=int, default=4, help="threads of the -t4 pread contenders")
@@ -586,10 +760,18 @@ def main() -> int:
                          "measurement (default 60; 0: never wait)")  # fmt: skip
     args = ap.parse_args()
 
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+    if args.only is None:
+        skip = DEV if device.type == "cpu" else CPU_DEST_ONLY
+        args.only = ",".join(n for n in CONTENDERS if n not in skip)
     names = [n for n in args.only.split(",") if n]
     for n in names:
         if n not in CONTENDERS:
             ap.error(f"unknown contender {n}; known: {', '.join(CONTENDERS)}")
+        if device.type != "cpu" and n in CPU_DEST_ONLY:
+            ap.error(f"{n} reads straight into host memory; it cannot run with --device {args.device}")
     temps = [t for t in args.temps.split(",") if t]
     work = Path(args.workdir)
     src = work / "model"
@@ -609,7 +791,8 @@ def main() -> int:
         import client
 
         # imported here, not by the first timed run of each contender
-        for module in ("client.loader", "safetensors.torch", *(["runai_model_streamer"] if "runai" in names else [])):
+        runai = ["runai_model_streamer"] if any(n.startswith("runai") for n in names) else []
+        for module in ("client.loader", "safetensors.torch", *runai):
             importlib.import_module(module)
 
         snap = Path(client.snapshot(str(src)))
@@ -625,11 +808,17 @@ def main() -> int:
             "disk_stat": disk_stat_path(blobs[0]),
             "quiet_budget": args.quiet_budget,
             "bufs": [as_view(torch.empty(chunk, dtype=torch.uint8).fill_(1)) for _ in range(max(1, args.threads))],
+            "device": device,
         }
+        if any(n.startswith("pread-dev") for n in names):  # two pinned buffers and a stream per thread
+            pin = device.type == "cuda"
+            ctx["dev_bufs"] = [[torch.empty(chunk, dtype=torch.uint8, pin_memory=pin).fill_(1) for _ in range(2)]
+                               for _ in range(max(1, args.threads))]  # fmt: skip
+            ctx["dev_streams"] = [torch.cuda.Stream(device) for _ in range(max(1, args.threads))] if pin else []
         print(f"{len(plan.where)} tensors, {plan.total} bytes in {len(blobs)} blobs under {agent.cache_dir}",
               flush=True)
 
-        dest = torch.empty(plan.total, dtype=torch.uint8).fill_(1)  # allocated and touched before any clock
+        dest = torch.empty(plan.total, dtype=torch.uint8, device=device).fill_(1)  # allocated, touched before clocks
         ref = torch.empty(plan.total, dtype=torch.uint8)
         run_pread_dest(ctx, ref, 0.0, 1)
         from safetensors import safe_open  # check the reference against safetensors itself, once
@@ -640,6 +829,7 @@ def main() -> int:
                     off, n = plan.where[k]
                     if not torch.equal(f.get_tensor(k).reshape(-1).view(torch.uint8), ref[off : off + n]):
                         raise RuntimeError(f"reference differs from safetensors at {k}")
+        ref = ref.to(device)  # compared where the destination lives
 
         stamp = time.strftime("%Y%m%d-%H%M%S")
         rounds: list[dict] = []
@@ -669,6 +859,8 @@ def main() -> int:
         "chunk": chunk,
         "threads": args.threads,
         "cpus": os.cpu_count(),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "versions": {m: _version(m) for m in ("torch", "safetensors", "runai-model-streamer")},
         "waited_for_quiet_s": round(sum(r["waited_for_quiet_s"] for r in rounds), 2),
         "page_cache_dropped": all(r["page_cache_dropped"] for r in rounds if r["temp"] == "cold"),
@@ -684,6 +876,9 @@ def main() -> int:
     print(shape_table(rounds))
     print()
     print(ratios(rounds))
+    if any(n in DEV for n in names):
+        print()
+        print(device_ratios(rounds))
     print(f"\nraw numbers: {out}")
     return 0
 

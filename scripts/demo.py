@@ -175,7 +175,7 @@ def print_keep(s3: SeaweedS3, agent: AgentProcess, work: Path) -> None:
             f"""
               agent ls
               python -c 'import client; print(len(client.open_tensors("{REF}")))'
-              python -c 'import boto3; boto3.client("s3").upload_file("my.safetensors", "models", "mine/model.safetensors")'
+              python -c 'import boto3; boto3.client("s3").upload_file("my.safetensors", "models", "mine/w.safetensors")'
               agent prefetch s3://models/mine
 
             The agent fetches from S3 with the AWS_* variables it was started with (these ones), not
