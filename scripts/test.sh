@@ -11,7 +11,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/install.sh
 
 set +e
-.venv/bin/python -m pytest -q -ra "$@"
+.venv/bin/python -m pytest -q -ra --durations=25 "$@"  # the slowest 25 phases, so CI shows what to speed up
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
