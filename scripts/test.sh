@@ -23,7 +23,7 @@ echo "+ mypy" >&2
 .venv/bin/mypy
 
 set +e
-.venv/bin/python -m pytest -q -ra "$@"
+.venv/bin/python -m pytest -q -ra --durations=25 "$@"  # the slowest 25 phases, so CI shows what to speed up
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

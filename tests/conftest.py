@@ -23,6 +23,7 @@ import pytest
 
 from tests.servers.agent_proc import AgentProcess
 from tests.servers.hf_endpoint import HfEndpoint
+from tests.servers.inprocess import InProcessAgent
 from tests.servers.relay import TcpRelay
 from tests.servers.seaweedfs import DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY, REGION, SeaweedS3
 
@@ -82,6 +83,10 @@ def pytest_runtest_makereport(
 @pytest.fixture(autouse=True)
 def _hermetic_aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Dummy AWS credentials and no metadata service for every test, so no code finds real ones."""
+    _set_hermetic_aws_env(monkeypatch)
+
+
+def _set_hermetic_aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", DUMMY_ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", DUMMY_SECRET_KEY)
     monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
@@ -251,6 +256,119 @@ def agent_factory(
         agent.close()
         if failed:
             print(f"\n{agent.log_tail(80)}")
+
+
+InProcessFactory = Callable[..., InProcessAgent]
+
+
+@pytest.fixture
+def inproc_env(s3_env: dict[str, str], hf_endpoint: HfEndpoint, monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's environment as ``agent_env`` gives a child: S3 at ``seaweed``, HF at ``hf_endpoint``.
+
+    For agents run in-process, which read ``AWS_*``/``HF_*`` from ``os.environ``;
+    monkeypatched, so it ends with the test. A test changes it (e.g.
+    ``monkeypatch.setenv("AWS_ENDPOINT_URL", relay.url)``) before it starts its agent.
+    """
+    monkeypatch.delenv("HF_HUB_ENABLE_HF_TRANSFER", raising=False)  # the in-process agent never reads WARMSTART_*
+
+
+@pytest.fixture
+def inproc_factory(
+    tmp_path: Path, inproc_env: None, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[InProcessFactory]:
+    """``make(name=None, *, env=None, capacity="2GiB", extra_args=(), start=True, **kw) -> InProcessAgent``.
+
+    Like ``agent_factory``, but the agent runs in this process (tests/servers/inprocess.py):
+    no start-up imports, so a start costs ~0.1 s instead of seconds. Each lives in
+    ``tmp_path/<name>/`` with its own TCP port; all are stopped at teardown (in
+    reverse order of start), and when the test failed their log tails are printed.
+    ``env`` holds variables to *change* (e.g. ``{"AWS_ENDPOINT_URL": relay.url}``):
+    they are set in this process's environment for the rest of the test, so every
+    in-process agent of the test shares them; asking for a value that differs from
+    one an earlier agent of the test was given raises (give such agents their own
+    processes). ``WARMSTART_TEST_LOG_LEVEL`` (e.g. DEBUG) sets their ``--log-level``.
+    """
+    made: list[InProcessAgent] = []
+    level = os.environ.get("WARMSTART_TEST_LOG_LEVEL")
+
+    def make(
+        name: str | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        capacity: str = "2GiB",
+        extra_args: tuple[str, ...] | list[str] = (),
+        start: bool = True,
+        **kw: Any,
+    ) -> InProcessAgent:
+        name = name or f"agent{len(made)}"
+        if any(a.name == name for a in made):
+            raise ValueError(f"an agent named {name!r} already exists in this test")
+        for key, value in (env or {}).items():
+            if made and os.environ.get(key) != value:
+                raise ValueError(f"{name}: {key}={value!r} differs from what the test's other agents run with; "
+                                 "in-process agents share one environment (use agent_factory)")
+            monkeypatch.setenv(key, value)
+        args = [*(["--log-level", level] if level else []), *extra_args]
+        agent = InProcessAgent(tmp_path / name, name=name, capacity=capacity, extra_args=args, **kw)
+        made.append(agent)
+        if start:
+            agent.start()
+        return agent
+
+    yield make
+
+    failed = any(getattr(getattr(request.node, f"rep_{w}", None), "failed", False) for w in ("setup", "call"))
+    for agent in reversed(made):
+        agent.close()
+        if failed:
+            print(f"\n{agent.log_tail(80)}")
+
+
+@pytest.fixture(scope="module")
+def module_inproc_factory(
+    tmp_path_factory: pytest.TempPathFactory, seaweed: SeaweedS3, _hf_server: HfEndpoint
+) -> Iterator[InProcessFactory]:
+    """``make(name, *, capacity="2GiB", extra_args=(), **kw) -> InProcessAgent`` (started): agents that live
+    for the whole module, for tests that each need *an* agent and do not interfere through it.
+
+    Starting even an in-process agent costs (its store, sites and origin clients),
+    so tests whose changes to the agent do not matter to the others (a failed
+    prefetch publishes nothing; a model another test fetched is only a cache
+    hit) share one; a module says so where it uses this. For the module's
+    duration this process's environment is what ``inproc_env`` sets (dummy AWS
+    credentials, S3 at ``seaweed``, ``HF_ENDPOINT`` at the HF endpoint); a test
+    that resolves ``hf://`` through such an agent asks for ``hf_endpoint`` too,
+    which empties the endpoint and keeps huggingface_hub off the machine's token.
+    """
+    made: list[InProcessAgent] = []
+    root = tmp_path_factory.mktemp("module-agents")
+    with pytest.MonkeyPatch.context() as mp:
+        _set_hermetic_aws_env(mp)
+        for key, value in seaweed.env.items():
+            mp.setenv(key, value)
+        mp.setenv("HF_ENDPOINT", _hf_server.endpoint)
+        mp.setenv("HF_HOME", str(root / "hf-home"))
+        mp.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN",
+                     "HF_HUB_ENABLE_HF_TRANSFER"):
+            mp.delenv(name, raising=False)
+        level = os.environ.get("WARMSTART_TEST_LOG_LEVEL")
+
+        def make(
+            name: str, *, capacity: str = "2GiB", extra_args: tuple[str, ...] | list[str] = (), **kw: Any
+        ) -> InProcessAgent:
+            if any(a.name == name for a in made):
+                raise ValueError(f"an agent named {name!r} already exists in this module")
+            args = [*(["--log-level", level] if level else []), *extra_args]
+            agent = InProcessAgent(root / name, name=name, capacity=capacity, extra_args=args, **kw)
+            made.append(agent)
+            return agent.start()
+
+        try:
+            yield make
+        finally:
+            for agent in reversed(made):
+                agent.close()
 
 
 @pytest.fixture

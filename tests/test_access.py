@@ -30,14 +30,17 @@ HF_TOKEN = "hf_tokenSENTINEL8c1d2e3f4a5b"
 PEER_TOKEN = "peer-token-SENTINEL-0a9b8c7d6e"
 
 
-def test_socket_mode_default_and_configured_with_a_group(agent_factory: Any) -> None:
-    agent = agent_factory("default")
+def test_socket_mode_default_and_configured_with_a_group(
+    inproc_factory: Any, agent_factory: Any, agent_env: dict[str, str]
+) -> None:
+    """Flags on in-process agents; the variables and the exit code of bad values on `agent serve` processes."""
+    agent = inproc_factory("default")
     assert stat.S_IMODE(os.stat(agent.socket_path).st_mode) == 0o660
     group = grp.getgrall()[-1]
-    strict = agent_factory("strict", extra_args=("--socket-mode", "600", "--socket-group", group.gr_name))
+    strict = inproc_factory("strict", extra_args=("--socket-mode", "600", "--socket-group", group.gr_name))
     st = os.stat(strict.socket_path)
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_gid == group.gr_gid
-    by_env = agent_factory("env", env={**agent.env, "WARMSTART_SOCKET_MODE": "640", "WARMSTART_SOCKET_GROUP": str(group.gr_gid)})
+    by_env = agent_factory("env", env={**agent_env, "WARMSTART_SOCKET_MODE": "640", "WARMSTART_SOCKET_GROUP": str(group.gr_gid)})
     st = os.stat(by_env.socket_path)
     assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_gid == group.gr_gid
     for bad in (("--socket-mode", "rwx"), ("--socket-mode", "1777"), ("--socket-group", "no-such-group-here")):

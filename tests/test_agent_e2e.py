@@ -1,5 +1,8 @@
-"""The node agent end to end: real agent processes, real SeaweedFS, a real HF-compatible
-endpoint, the real all-MiniLM-L6-v2 model, and the `agent` CLI as users type it."""
+"""The node agent end to end: real agents, real SeaweedFS, a real HF-compatible endpoint,
+the real all-MiniLM-L6-v2 model, and the `agent` CLI as users type it.
+
+The agents run in this process (``inproc_factory``, tests/servers/inprocess.py)
+except where the process is the point: kill -9 in the middle of a fill."""
 
 from __future__ import annotations
 
@@ -45,8 +48,8 @@ def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     return errors[0]
 
 
-def test_s3_prefetch_then_open_bit_exact(agent_factory: Any, s3_model: Any) -> None:
-    agent = agent_factory()
+def test_s3_prefetch_then_open_bit_exact(inproc_factory: Any, s3_model: Any) -> None:
+    agent = inproc_factory()
     done = agent.cli("prefetch", s3_model.ref, "--pin")
     assert done.returncode == 0, done.stderr
     assert "in cache" in done.stdout and "pinned" in done.stdout
@@ -60,8 +63,8 @@ def test_s3_prefetch_then_open_bit_exact(agent_factory: Any, s3_model: Any) -> N
     assert s3_model.ref in table and "100%" in table
 
 
-def test_hf_prefetch_checks_hub_digests(agent_factory: Any, hf_model: Any, hf_endpoint: Any) -> None:
-    agent = agent_factory()
+def test_hf_prefetch_checks_hub_digests(inproc_factory: Any, hf_model: Any, hf_endpoint: Any) -> None:
+    agent = inproc_factory()
     ok = agent.cli("prefetch", f"{hf_model.ref}@main")
     assert ok.returncode == 0, ok.stderr
     assert hf_model.commit in ok.stdout  # @main resolved to the commit
@@ -70,7 +73,7 @@ def test_hf_prefetch_checks_hub_digests(agent_factory: Any, hf_model: Any, hf_en
 
     # The hub serves one flipped byte: the sha256 check refuses it, nothing is published.
     hf_endpoint.corrupt_paths.add(MODEL_FILE)
-    fresh = agent_factory("fresh")
+    fresh = inproc_factory("fresh")
     bad = fresh.cli("prefetch", hf_model.ref)
     assert "sha256" in one_line_error(bad)
     assert 90868376 not in blob_sizes(fresh)
@@ -80,13 +83,20 @@ def test_hf_prefetch_checks_hub_digests(agent_factory: Any, hf_model: Any, hf_en
     assert fresh.cli("prefetch", hf_model.ref).returncode == 0
 
 
-def test_same_bytes_from_two_origins_stored_once(agent_factory: Any, s3_model: Any, hf_model: Any) -> None:
-    agent = agent_factory()
+def test_same_bytes_from_two_origins_stored_once(inproc_factory: Any, s3_model: Any, hf_model: Any) -> None:
+    agent = inproc_factory()
     assert agent.cli("prefetch", s3_model.ref).returncode == 0
     assert agent.cli("prefetch", hf_model.ref).returncode == 0
     assert agent.cli("prefetch", str(s3_model.local_dir)).returncode == 0
     assert blob_sizes(agent).count(90868376) == 1
     assert len(json.loads(agent.cli("ls", "--json", check=True).stdout)["models"]) == 3
+
+
+@pytest.fixture(scope="module")
+def bad_refs_agent(module_inproc_factory: Any) -> Any:
+    """One agent for every bad reference: a refused prefetch publishes nothing, and that it keeps serving
+    (and fetches a good model after each) is what these tests check."""
+    return module_inproc_factory("bad-refs")
 
 
 @pytest.mark.parametrize(
@@ -103,9 +113,9 @@ def test_same_bytes_from_two_origins_stored_once(agent_factory: Any, s3_model: A
     ],
 )
 def test_bad_references_fail_in_one_line_and_agent_keeps_serving(
-    agent_factory: Any, s3_model: Any, ref: str, says: str
+    bad_refs_agent: Any, hf_endpoint: Any, s3_model: Any, ref: str, says: str
 ) -> None:
-    agent = agent_factory()
+    agent = bad_refs_agent
     assert says in one_line_error(agent.cli("prefetch", ref))
     assert agent.alive() and agent.http_status("/livez") == 200
     assert agent.cli("prefetch", s3_model.ref).returncode == 0
@@ -178,11 +188,11 @@ def test_kill9_mid_fetch_resumes_with_only_missing_pieces(
 
 
 def test_concurrent_opens_of_a_cold_model_fetch_it_once(
-    agent_factory: Any, agent_env: dict[str, str], s3_model: Any, seaweed: SeaweedS3, relay_factory: Any
+    inproc_factory: Any, s3_model: Any, seaweed: SeaweedS3, relay_factory: Any
 ) -> None:
     host, port = seaweed.endpoint_url.removeprefix("http://").split(":")
     relay = relay_factory(host, int(port))
-    agent = agent_factory(env={**agent_env, "AWS_ENDPOINT_URL": relay.url})
+    agent = inproc_factory(env={"AWS_ENDPOINT_URL": relay.url})
     want = expected_tensors(s3_model.local_dir)
     results: list[dict[str, torch.Tensor] | BaseException] = []
 
@@ -205,8 +215,8 @@ def test_concurrent_opens_of_a_cold_model_fetch_it_once(
     assert relay.bytes_down < 1.1 * model_bytes, f"{(relay.bytes_down, model_bytes)}\n{relay.traffic()}"
 
 
-def test_verify_repairs_and_evict_frees(agent_factory: Any, s3_model: Any) -> None:
-    agent = agent_factory()
+def test_verify_repairs_and_evict_frees(inproc_factory: Any, s3_model: Any) -> None:
+    agent = inproc_factory()
     assert agent.cli("prefetch", s3_model.ref).returncode == 0
     blob = next(p for p in (agent.cache_dir / "blobs").iterdir() if p.stat().st_size == 90868376)
     os.chmod(blob, 0o644)
@@ -224,10 +234,10 @@ def test_verify_repairs_and_evict_frees(agent_factory: Any, s3_model: Any) -> No
     assert json.loads(agent.cli("ls", "--json", check=True).stdout)["models"] == []
 
 
-def test_the_verbs_print_json_and_verify_says_what_it_checked(agent_factory: Any, s3_model: Any) -> None:
+def test_the_verbs_print_json_and_verify_says_what_it_checked(inproc_factory: Any, s3_model: Any) -> None:
     """`--json` on prefetch / verify / evict; verify on a complete model names what it re-hashed (it used to
     print "? files, ..., 0 B already cached": the verify stream carries neither count)."""
-    agent = agent_factory()
+    agent = inproc_factory()
     first = json.loads(agent.cli("prefetch", s3_model.ref, "--json", check=True).stdout)
     assert first["ref"] == s3_model.ref and first["fetched_bytes"] == first["total_bytes"] > 0
     assert json.loads(agent.cli("prefetch", s3_model.ref, "--json", check=True).stdout)["fetched_bytes"] == 0
@@ -243,8 +253,8 @@ def test_the_verbs_print_json_and_verify_says_what_it_checked(agent_factory: Any
     assert evicted["ref"] == s3_model.ref and evicted["freed_bytes"] > 0 and evicted["kept"] == []
 
 
-def test_https_single_file_and_local_dir(agent_factory: Any, hf_model: Any, hf_endpoint: Any) -> None:
-    agent = agent_factory()
+def test_https_single_file_and_local_dir(inproc_factory: Any, hf_model: Any, hf_endpoint: Any) -> None:
+    agent = inproc_factory()
     url = f"{hf_endpoint.endpoint}/{hf_model.repo_id}/resolve/{hf_model.commit}/{MODEL_FILE}"
     ok = agent.cli("prefetch", url)
     assert ok.returncode == 0, ok.stderr
@@ -264,7 +274,7 @@ def test_https_single_file_and_local_dir(agent_factory: Any, hf_model: Any, hf_e
     assert sum(1 for b in (agent.cache_dir / "blobs").iterdir() if b.stat().st_size == size) == 1
 
 
-def test_open_loads_the_indexed_shards_once(agent_factory: Any, hf_model: Any, tmp_path: Path) -> None:
+def test_open_loads_the_indexed_shards_once(inproc_factory: Any, hf_model: Any, tmp_path: Path) -> None:
     """A repo laid out like Mistral's: sharded weights + index, the same weights again as
     consolidated.safetensors, and a variant in a subfolder. open_tensors loads the shards only."""
     from safetensors.torch import save_file
@@ -282,7 +292,7 @@ def test_open_loads_the_indexed_shards_once(agent_factory: Any, hf_model: Any, t
     save_file({n: t.contiguous() for n, t in want.items()}, str(repo / "consolidated.safetensors"))
     save_file({"other": torch.zeros(3)}, str(repo / "original" / "variant.safetensors"))
 
-    agent = agent_factory()
+    agent = inproc_factory()
     assert_bit_exact(client.open_tensors(str(repo), socket=str(agent.socket_path)), want)
 
     # Without the index: the top-level files, so here the duplicate is a clear error, not a silent pick.
@@ -297,9 +307,9 @@ def test_open_loads_the_indexed_shards_once(agent_factory: Any, hf_model: Any, t
 
 
 def test_snapshot_is_the_repo_as_a_directory_and_goes_with_evict(
-    agent_factory: Any, hf_model: Any, tmp_path: Path
+    inproc_factory: Any, hf_model: Any, tmp_path: Path
 ) -> None:
-    agent = agent_factory()
+    agent = inproc_factory()
     client.open_tensors(hf_model.ref, socket=str(agent.socket_path))
     assert not any((agent.cache_dir / "snapshots").glob("*"))  # links only for who asks for a directory
     path = Path(client.snapshot(hf_model.ref, socket=str(agent.socket_path)))

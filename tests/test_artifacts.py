@@ -131,8 +131,8 @@ def _fp(extra: str | None = None) -> dict[str, str]:
     return current_fingerprint("dir", extra, with_torch=False)
 
 
-def test_push_pull_directory_cli_and_fingerprint_mismatch(agent_factory: Any, tmp_path: Path) -> None:
-    agent = agent_factory("a")
+def test_push_pull_directory_cli_and_fingerprint_mismatch(inproc_factory: Any, tmp_path: Path) -> None:
+    agent = inproc_factory("a")
     src = _tree(tmp_path / "vllm-cache", {"torch_compile_cache/abc/rank_0/model.py": b"code", "x/y.bin": os.urandom(70000)})
     out = agent.cli("artifacts", "push", "vllm-8b", "--from", str(src), check=True)
     digest = out.stdout.split()[3]
@@ -157,8 +157,8 @@ def test_push_pull_directory_cli_and_fingerprint_mismatch(agent_factory: Any, tm
     assert agent.cli("artifacts", "pull", "nothing-here", "--into", str(other)).returncode == 1
 
 
-def test_hostile_bundle_through_the_agent_is_rejected(agent_factory: Any, tmp_path: Path) -> None:
-    agent = agent_factory("a")
+def test_hostile_bundle_through_the_agent_is_rejected(inproc_factory: Any, tmp_path: Path) -> None:
+    agent = inproc_factory("a")
     sock = str(agent.socket_path)
     hostile = _tar([_member("dir", tarfile.DIRTYPE), _member("dir/ok.txt"), _member("dir/../../escaped.txt")])
     f = io.BytesIO(hostile)
@@ -173,8 +173,8 @@ def test_hostile_bundle_through_the_agent_is_rejected(agent_factory: Any, tmp_pa
     assert not target.exists() or list(target.iterdir()) == []
 
 
-def test_concurrent_pushes_of_one_key_leave_one_complete_entry(agent_factory: Any, tmp_path: Path) -> None:
-    agent = agent_factory("a")
+def test_concurrent_pushes_of_one_key_leave_one_complete_entry(inproc_factory: Any, tmp_path: Path) -> None:
+    agent = inproc_factory("a")
     sock = str(agent.socket_path)
     trees = {n: _tree(tmp_path / f"src-{n}", {f"{n}-{i}.bin": os.urandom(2 * 1024 * 1024) for i in range(4)}) for n in "ab"}
     results: dict[str, Any] = {}
@@ -203,8 +203,8 @@ def test_concurrent_pushes_of_one_key_leave_one_complete_entry(agent_factory: An
     assert list((agent.cache_dir / "partial").iterdir()) == []
 
 
-def test_capacity_counts_bundles_and_evicts_them_lru(agent_factory: Any, tmp_path: Path) -> None:
-    agent = agent_factory("a", capacity="5MiB")
+def test_capacity_counts_bundles_and_evicts_them_lru(inproc_factory: Any, tmp_path: Path) -> None:
+    agent = inproc_factory("a", capacity="5MiB")
     sock = str(agent.socket_path)
     for i in range(3):
         push_bundle(f"k{i}", _fp(), {}, {"blob.bin": os.urandom(2 * 1024 * 1024)}, socket=sock)
@@ -267,12 +267,12 @@ def _compile(agent: Any, tmp_path: Path, name: str, extra: str = "") -> dict[str
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def test_compile_on_one_node_restores_from_a_peer_and_hits_the_caches(agent_factory: Any, tmp_path: Path) -> None:
+def test_compile_on_one_node_restores_from_a_peer_and_hits_the_caches(inproc_factory: Any, tmp_path: Path) -> None:
     token = tmp_path / "peer-token"
     token.write_text(TOKEN)
     ports = free_ports(2)
     peers = ",".join(f"127.0.0.1:{p}" for p in ports)
-    a, b = (agent_factory(f"node{i}", port=p, extra_args=("--peers", peers, "--peer-token-file", str(token)))
+    a, b = (inproc_factory(f"node{i}", port=p, extra_args=("--peers", peers, "--peer-token-file", str(token)))
             for i, p in enumerate(ports))
     cold = _compile(a, tmp_path, "a")
     assert cold["restored"] is None and cold["errors"] == [], cold

@@ -315,12 +315,12 @@ def _assert_typed(status: int, body: bytes) -> None:
 
 
 @pytest.fixture
-def fuzz_agent(agent_factory: Any, tmp_path: Path) -> Any:
+def fuzz_agent(inproc_factory: Any, tmp_path: Path) -> Any:
     (tmp_path / "sentinel").mkdir()
     (tmp_path / "sentinel" / "secret.txt").write_text(SECRET)
     token = tmp_path / "peer-token"
     token.write_text("fuzz-token-0123456789")
-    agent = agent_factory("fuzzed", extra_args=("--peer-token-file", str(token)))
+    agent = inproc_factory("fuzzed", extra_args=("--peer-token-file", str(token)))
     return agent, tmp_path / "sentinel", "fuzz-token-0123456789"
 
 

@@ -1,6 +1,7 @@
 """Framework integrations (issue 3): the vLLM loader plugin, transformers, `python -m client snapshot`.
 
-Real agent processes, a real S3 server and the real all-MiniLM-L6-v2 model. The
+Real agents (run in this process: ``inproc_factory``), a real S3 server and the real
+all-MiniLM-L6-v2 model. The
 vLLM plugin's own logic (extra config, snapshot -> reference, the weights
 iterator) runs here without vLLM; the one test that starts a real vLLM engine is
 marked ``vllm`` and runs when vLLM imports in this Python or when
@@ -184,8 +185,8 @@ def test_unloaded_parameters_mirrors_vllm_exemptions() -> None:
 # ---------------------------------------------------------------------- through a real agent
 
 
-def test_weights_iterator_is_bit_exact(agent_factory: Any, s3_model: Any) -> None:
-    agent = agent_factory()
+def test_weights_iterator_is_bit_exact(inproc_factory: Any, s3_model: Any) -> None:
+    agent = inproc_factory()
     settings = vllm_plugin.resolve_settings({"ref": s3_model.ref, "socket": str(agent.socket_path)}, "org/hub-id")
     names = []
     got = {}
@@ -196,8 +197,8 @@ def test_weights_iterator_is_bit_exact(agent_factory: Any, s3_model: Any) -> Non
     assert_bit_exact(got, load_file(str(s3_model.local_dir / MODEL_FILE)))
 
 
-def test_snapshot_dir_names_its_pinned_ref(agent_factory: Any, s3_model: Any) -> None:
-    agent = agent_factory()
+def test_snapshot_dir_names_its_pinned_ref(inproc_factory: Any, s3_model: Any) -> None:
+    agent = inproc_factory()
     snap = client.snapshot(s3_model.ref, socket=str(agent.socket_path))
     ref = vllm_plugin.ref_from_snapshot(snap)
     assert ref == f"{s3_model.ref}@{os.path.basename(snap)}"
@@ -206,8 +207,8 @@ def test_snapshot_dir_names_its_pinned_ref(agent_factory: Any, s3_model: Any) ->
     assert_bit_exact(dict(vllm_plugin.weights(settings)), load_file(str(s3_model.local_dir / MODEL_FILE)))
 
 
-def test_client_cli_snapshot(agent_factory: Any, s3_model: Any, tmp_path: Path) -> None:
-    agent = agent_factory()
+def test_client_cli_snapshot(inproc_factory: Any, s3_model: Any, tmp_path: Path) -> None:
+    agent = inproc_factory()
     done = client_cli("snapshot", s3_model.ref, socket=agent.socket_path)
     assert done.returncode == 0, done.stderr
     path = done.stdout.strip()
@@ -241,12 +242,12 @@ def minilm_reference(minilm_dir: Path) -> tuple[Any, dict[str, torch.Tensor], to
 
 
 def test_transformers_from_pretrained_snapshot(
-    agent_factory: Any, s3_model: Any, minilm_reference: Any, monkeypatch: pytest.MonkeyPatch
+    inproc_factory: Any, s3_model: Any, minilm_reference: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from transformers import AutoModel, AutoTokenizer
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a directory load must not reach for a hub
-    agent = agent_factory()
+    agent = inproc_factory()
     path = client.snapshot(s3_model.ref, socket=str(agent.socket_path))
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModel.from_pretrained(path).eval()
@@ -256,10 +257,10 @@ def test_transformers_from_pretrained_snapshot(
         assert torch.equal(model(**inputs).last_hidden_state, want)
 
 
-def test_transformers_state_dict(agent_factory: Any, s3_model: Any, minilm_reference: Any) -> None:
+def test_transformers_state_dict(inproc_factory: Any, s3_model: Any, minilm_reference: Any) -> None:
     from transformers import AutoConfig, AutoModel
 
-    agent = agent_factory()
+    agent = inproc_factory()
     path = client.snapshot(s3_model.ref, socket=str(agent.socket_path))
     model = AutoModel.from_config(AutoConfig.from_pretrained(path))
     result = model.load_state_dict(client.open_tensors(s3_model.ref, socket=str(agent.socket_path)), strict=False)
@@ -296,7 +297,7 @@ def vllm_python() -> str | None:
 @pytest.mark.vllm
 @pytest.mark.timeout(600)
 def test_vllm_serves_embeddings_from_a_snapshot(
-    agent_factory: Any, s3_model: Any, minilm_reference: Any, tmp_path: Path
+    inproc_factory: Any, s3_model: Any, minilm_reference: Any, tmp_path: Path
 ) -> None:
     python = vllm_python()
     if python is None:
@@ -309,7 +310,7 @@ def test_vllm_serves_embeddings_from_a_snapshot(
     assert check.stdout.strip() == "['client.vllm_plugin:register']", (
         f"{python} lacks warmstart's vLLM entry point; `pip install --no-deps -e .` there\n{check.stderr}"
     )
-    agent = agent_factory()
+    agent = inproc_factory()
     snap = client_cli("snapshot", s3_model.ref, socket=agent.socket_path)
     assert snap.returncode == 0, snap.stderr
     script = tmp_path / "serve_embeddings.py"

@@ -105,15 +105,15 @@ MODEL_B = {"w.safetensors": 7 * MiB}
 
 
 def test_metrics_move_with_real_fetches_hits_evictions_and_errors(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, tmp_path: Path
 ) -> None:
     a = _upload(seaweed, tmp_path, "op-a", MODEL_A, seed=1)
     b = _upload(seaweed, tmp_path, "op-b", MODEL_B, seed=2)
     bad = _upload(seaweed, tmp_path, "op-bad", {"w.bin": 100_000}, seed=3)
     proxy = FaultyOrigin(seaweed.endpoint_url, stall_seconds=5)
     try:
-        agent = agent_factory(
-            env={**agent_env, "AWS_ENDPOINT_URL": proxy.url}, capacity="12MiB",
+        agent = inproc_factory(
+            env={"AWS_ENDPOINT_URL": proxy.url}, capacity="12MiB",
             extra_args=("--piece-size", "1MiB", "--connections", "2", "--retries", "3"),
         )
         m = scrape(agent)
@@ -187,7 +187,7 @@ def _version() -> str:
 
 
 def test_metrics_of_two_peers_bytes_by_source_and_peer_states(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, tmp_path: Path
 ) -> None:
     sizes = _upload(seaweed, tmp_path, "op-peers", {"config.json": 900, "w.safetensors": 12 * MiB + 5}, seed=4)
     token = tmp_path / "token"
@@ -195,7 +195,7 @@ def test_metrics_of_two_peers_bytes_by_source_and_peer_states(
     ports = free_ports(2)
     peers = ",".join(f"127.0.0.1:{p}" for p in ports)
     nodes = [
-        agent_factory(f"node{i}", port=port,
+        inproc_factory(f"node{i}", port=port,
                       extra_args=("--peers", peers, "--peer-token-file", str(token), "--piece-size", "1MiB"))
         for i, port in enumerate(ports)
     ]  # fmt: skip
@@ -230,10 +230,10 @@ def test_metrics_of_two_peers_bytes_by_source_and_peer_states(
     assert value(m1, "warmstart_peers", state="live") == 0
 
 
-def test_metrics_route_needs_no_token_and_peer_routes_still_do(agent_factory: Any, tmp_path: Path) -> None:
+def test_metrics_route_needs_no_token_and_peer_routes_still_do(inproc_factory: Any, tmp_path: Path) -> None:
     token = tmp_path / "token"
     token.write_text(TOKEN)
-    agent = agent_factory(extra_args=("--peer-token-file", str(token)))
+    agent = inproc_factory(extra_args=("--peer-token-file", str(token)))
     status, body = agent.http_get("/metrics")
     assert status == 200 and b"warmstart_cache_used_bytes" in body
     assert agent.http_status("/peer/v1/ping") == 401
@@ -425,9 +425,9 @@ def _anchor(heading: str) -> str:
 # ---------------------------------------------------------------------- dashboard
 
 
-def test_dashboard_queries_only_metrics_the_agent_exports(agent_factory: Any) -> None:
+def test_dashboard_queries_only_metrics_the_agent_exports(inproc_factory: Any) -> None:
     dash = json.loads((MONITORING / "dashboard.json").read_text())
-    agent = agent_factory()
+    agent = inproc_factory()
     # + the warm set's per-entry series, exported only by agents with --warm-set entries
     # (tests/test_warm_set.py checks them on /metrics).
     exported = {name for name, _ in scrape(agent)} | {"up"} | WARM_SET_ENTRY_SERIES
@@ -473,12 +473,12 @@ def _wait_for(base: str, expr: str, timeout: float = 30.0) -> list[dict[str, Any
 
 
 def test_real_prometheus_scrapes_an_agent_and_the_alerts_hit_ratio_is_exact(
-    agent_factory: Any, seaweed: SeaweedS3, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, tmp_path: Path
 ) -> None:
     sizes = _upload(seaweed, tmp_path, "op-prom", {"config.json": 700, "w.safetensors": 3 * MiB + 1}, seed=5)
     n = pieces(sizes)
     assert n == 5
-    agent = agent_factory(extra_args=("--piece-size", "1MiB"))
+    agent = inproc_factory(extra_args=("--piece-size", "1MiB"))
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({

@@ -1,4 +1,8 @@
-"""Peers: real agent processes on loopback ports fill each other's caches from one origin.
+"""Peers: real agents on loopback ports fill each other's caches from one origin.
+
+The agents run in this process (``inproc_factory``), each on its own event loop,
+except where the process is the point: kill -9 of one agent mid-transfer, and the
+agents in network namespaces (a DNS name per namespace, each process its own).
 
 The origin is SeaweedFS behind a byte-counting TCP relay, so "the origin sent the
 model about once" is measured on the wire. Every agent gets the same static
@@ -188,10 +192,13 @@ def _relay(seaweed: SeaweedS3, relay_factory: Any, rate: float | None = None) ->
 
 
 def _cluster(
-    agent_factory: Any, agent_env: dict[str, str], tmp_path: Path, n: int, relay: Any, *, start: int | None = None,
-    extra: tuple[str, ...] = (), first_extra: tuple[str, ...] = (),
+    agent_factory: Any, agent_env: dict[str, str] | None, tmp_path: Path, n: int, relay: Any, *,
+    start: int | None = None, extra: tuple[str, ...] = (), first_extra: tuple[str, ...] = (),
 ) -> list[Any]:
     """``n`` agents with the same static peer list (themselves included); the first ``start`` started.
+
+    ``agent_factory`` is ``inproc_factory`` (``agent_env`` None: the agents share this process's
+    environment, with ``AWS_ENDPOINT_URL`` at the relay) or ``agent_factory`` with its ``agent_env``.
 
     ``extra`` goes to every agent's command line, ``first_extra`` after it to the first agent's only.
     """
@@ -199,7 +206,7 @@ def _cluster(
     token_file.write_text(TOKEN + "\n")
     ports = free_ports(n)
     peers = ",".join(f"127.0.0.1:{p}" for p in ports)
-    env = {**agent_env, "AWS_ENDPOINT_URL": relay.url}
+    env = {"AWS_ENDPOINT_URL": relay.url} if agent_env is None else {**agent_env, "AWS_ENDPOINT_URL": relay.url}
     agents = []
     for i, port in enumerate(ports):
         args = ("--peers", peers, "--peer-token-file", str(token_file), "--piece-size", "1MiB", *extra)
@@ -294,11 +301,11 @@ def _peer_get(agent: Any, path: str, params: dict[str, str] | None = None, token
 
 
 def test_concurrent_prefetch_sends_the_model_once_from_the_origin(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
     files = _upload(seaweed, tmp_path, "peers/once", MODEL)
     relay = _relay(seaweed, relay_factory)
-    agents = _cluster(agent_factory, agent_env, tmp_path, 4, relay)
+    agents = _cluster(inproc_factory, None, tmp_path, 4, relay)
     _wait_peers_up(agents)
     relay.reset_counters()
     started = time.monotonic()
@@ -352,11 +359,11 @@ def test_kill9_one_agent_mid_transfer_the_others_finish(
 
 
 def test_lying_peer_is_detected_penalised_and_worked_around(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
     files = _upload(seaweed, tmp_path, "peers/liar", {k: v for k, v in MODEL.items() if not k.startswith("model-00003")})
     relay = _relay(seaweed, relay_factory)
-    agents = _cluster(agent_factory, agent_env, tmp_path, 3, relay, start=1)
+    agents = _cluster(inproc_factory, None, tmp_path, 3, relay, start=1)
     liar, *honest = agents
     assert liar.cli("prefetch", "s3://models/peers/liar").returncode == 0  # alone: all from the origin
     # Its disk goes bad under it: every piece of the big files has a flipped byte.
@@ -384,11 +391,11 @@ def test_lying_peer_is_detected_penalised_and_worked_around(
 
 
 def test_peer_routes_need_the_token_and_refuse_what_is_not_a_model_piece(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+    inproc_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
     _upload(seaweed, tmp_path, "peers/auth", {"config.json": 1000})
     relay = _relay(seaweed, relay_factory)
-    (node,) = _cluster(agent_factory, agent_env, tmp_path, 1, relay)
+    (node,) = _cluster(inproc_factory, None, tmp_path, 1, relay)
     assert _peer_get(node, "/peer/v1/ping") == 200
     assert _peer_get(node, "/peer/v1/ping", token=None) == 401
     assert _peer_get(node, "/peer/v1/ping", token="wrong-token-wrong-token-wrong") == 401
@@ -408,7 +415,7 @@ def test_peer_routes_need_the_token_and_refuse_what_is_not_a_model_piece(
     assert node.http_status("/readyz") == 200
 
     # Without a token file the peer routes do not exist, and --peers without one is refused.
-    plain = agent_factory("plain", env={**agent_env, "AWS_ENDPOINT_URL": relay.url})
+    plain = inproc_factory("plain", env={"AWS_ENDPOINT_URL": relay.url})
     assert _peer_get(plain, "/peer/v1/ping") == 404
     refused = subprocess.run(
         [sys.executable, "-m", "agent", "serve", "--cache-dir", str(tmp_path / "x"), "--socket",
@@ -419,13 +426,13 @@ def test_peer_routes_need_the_token_and_refuse_what_is_not_a_model_piece(
 
 
 def test_a_relay_request_never_costs_an_origin_fetch(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
     """A node asked as a relay parent for a piece it is not getting says so at once (503): no origin
     fetch, no partial file. Asked as the owner (no relay=1), it fetches the piece and serves it."""
     files = _upload(seaweed, tmp_path, "peers/relay", {"w.bin": 3 * MiB})
     relay = _relay(seaweed, relay_factory)
-    (node,) = _cluster(agent_factory, agent_env, tmp_path, 1, relay)
+    (node,) = _cluster(inproc_factory, None, tmp_path, 1, relay)
     conn = AgentConnection(str(node.socket_path), timeout=10)
     rev = conn.request_json("POST", "/v1/resolve", {"ref": "s3://models/peers/relay"})["revision"]
     (manifest,) = (node.cache_dir / "manifests").rglob(f"{rev}.json")
@@ -444,11 +451,11 @@ def test_a_relay_request_never_costs_an_origin_fetch(
 
 
 def test_prefetch_all_nodes_fills_every_node(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
     files = _upload(seaweed, tmp_path, "peers/all", {"config.json": 2000, "w.bin": 10 * MiB + 5})
     relay = _relay(seaweed, relay_factory)
-    agents = _cluster(agent_factory, agent_env, tmp_path, 3, relay)
+    agents = _cluster(inproc_factory, None, tmp_path, 3, relay)
     _wait_peers_up(agents)
     relay.reset_counters()
     done = agents[0].cli("prefetch", "s3://models/peers/all", "--all-nodes")
@@ -476,7 +483,7 @@ def _liar_first(members: list[str], liar: Any, fill_key: str) -> list[int]:
 
 
 def test_consistent_liar_is_caught_by_the_whole_file_check_and_repaired_from_the_origin(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
     """A peer whose bytes match the piece hashes it states: only the origin's ETag can catch it.
 
@@ -492,7 +499,7 @@ def test_consistent_liar_is_caught_by_the_whole_file_check_and_repaired_from_the
     bad_name = "model-00001-of-00003.safetensors"
     bad = files[bad_name]
     relay = _relay(seaweed, relay_factory)
-    agents = _cluster(agent_factory, agent_env, tmp_path, 3, relay, start=1)
+    agents = _cluster(inproc_factory, None, tmp_path, 3, relay, start=1)
     liar, *honest = agents
     assert liar.cli("prefetch", "s3://models/peers/consistent").returncode == 0  # alone: all from the origin
     # It has served nothing yet, so it reads the piece hashes from disk on the first request.
@@ -543,13 +550,13 @@ def test_consistent_liar_is_caught_by_the_whole_file_check_and_repaired_from_the
 
 
 def test_owner_with_another_piece_size_answers_409_and_requesters_go_elsewhere(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
     """An owner that resolved the file differently (here: another --piece-size, as in a rolling
     change of the flag) refuses with 409; requesters go to the next owner or the origin."""
     files = _upload(seaweed, tmp_path, "peers/conflict", {"config.json": 2000, "w.bin": 12 * MiB + 5})
     relay = _relay(seaweed, relay_factory)
-    agents = _cluster(agent_factory, agent_env, tmp_path, 3, relay, first_extra=("--piece-size", "2MiB"))
+    agents = _cluster(inproc_factory, None, tmp_path, 3, relay, first_extra=("--piece-size", "2MiB"))
     odd, *rest = agents
     _wait_peers_up(agents)
     assert odd.cli("prefetch", "s3://models/peers/conflict").returncode == 0  # it has every piece, in 2 MiB pieces
@@ -574,7 +581,7 @@ def test_owner_with_another_piece_size_answers_409_and_requesters_go_elsewhere(
 
 
 def test_an_owner_with_busy_origin_connections_answers_at_once_and_nobody_hedges_to_the_origin(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
     """``--connections 1`` on one owner behind a slow origin: its pieces wait for its one origin
     connection for seconds. The owner answers a peer's request (headers) as soon as it checked it,
@@ -583,7 +590,7 @@ def test_an_owner_with_busy_origin_connections_answers_at_once_and_nobody_hedges
     origin itself."""
     files = _upload(seaweed, tmp_path, "peers/busy", {"config.json": 2000, "a.bin": 8 * MiB, "b.bin": 8 * MiB + 9})
     relay = _relay(seaweed, relay_factory)
-    agents = _cluster(agent_factory, agent_env, tmp_path, 4, relay, first_extra=("--connections", "1"))
+    agents = _cluster(inproc_factory, None, tmp_path, 4, relay, first_extra=("--connections", "1"))
     owner, *rest = agents
     _wait_peers_up(agents)
     relay.reset_counters()
@@ -610,7 +617,7 @@ def test_an_owner_with_busy_origin_connections_answers_at_once_and_nobody_hedges
 
 
 def test_a_piece_still_arriving_from_a_slow_origin_is_passed_on_as_it_lands(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
     """Cut-through: a one-piece model behind a 2 MiB/s origin. The owner gets it from the origin in
     about 4 s; the other node must be receiving it from the owner while it lands, not after a whole
@@ -618,7 +625,7 @@ def test_a_piece_still_arriving_from_a_slow_origin_is_passed_on_as_it_lands(
     bytes back for 2.7 s: bench/RESULTS.md "Peers")."""
     files = _upload(seaweed, tmp_path, "peers/cut", {"a.bin": 8 * MiB})
     relay = _relay(seaweed, relay_factory)
-    agents = _cluster(agent_factory, agent_env, tmp_path, 2, relay, extra=("--piece-size", "8MiB"))
+    agents = _cluster(inproc_factory, None, tmp_path, 2, relay, extra=("--piece-size", "8MiB"))
     _wait_peers_up(agents)
     relay.reset_counters()
     relay.set_rate(2 * MiB)

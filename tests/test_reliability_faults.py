@@ -183,11 +183,11 @@ def faulty(seaweed: SeaweedS3) -> Any:
 
 
 def test_origin_faults_are_retried_and_the_fetch_completes(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, faulty: FaultyOrigin, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, faulty: FaultyOrigin, tmp_path: Path
 ) -> None:
     data = _upload(seaweed, tmp_path, "faults-ok/w.bin", 4 * MiB, seed=21)
-    agent = agent_factory(
-        env={**agent_env, "AWS_ENDPOINT_URL": faulty.url},
+    agent = inproc_factory(
+        env={"AWS_ENDPOINT_URL": faulty.url},
         extra_args=("--piece-size", "1MiB", "--connections", "1", "--read-timeout", "1", "--retries", "12"),
     )
     # Two of every fault, interleaved, on the first ranged GETs.
@@ -208,12 +208,12 @@ def test_origin_faults_are_retried_and_the_fetch_completes(
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_origin_that_keeps_failing_gives_up_bounded_with_a_clear_error(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, faulty: FaultyOrigin, tmp_path: Path,
+    inproc_factory: Any, seaweed: SeaweedS3, faulty: FaultyOrigin, tmp_path: Path,
     s3_model: Any, fault: str,
 ) -> None:
     _upload(seaweed, tmp_path, "faults-bad/w.bin", 2 * MiB, seed=22)
-    agent = agent_factory(
-        env={**agent_env, "AWS_ENDPOINT_URL": faulty.url},
+    agent = inproc_factory(
+        env={"AWS_ENDPOINT_URL": faulty.url},
         extra_args=("--piece-size", "1MiB", "--connections", "1", "--read-timeout", "1", "--retries", "4"),
     )
     faulty.always = fault
@@ -281,7 +281,7 @@ def _fill_up(path: Path) -> None:
 
 
 def test_disk_full_mid_fetch_is_a_clear_error_and_the_agent_serves_on(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, small_tmpfs: Path,
+    inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, small_tmpfs: Path,
     tmp_path: Path,
 ) -> None:
     big = _upload(seaweed, tmp_path, "diskfull/big/w.bin", 16 * MiB, seed=31)
@@ -290,8 +290,8 @@ def test_disk_full_mid_fetch_is_a_clear_error_and_the_agent_serves_on(
     # The capacity says 1 GiB; the filesystem has 12 MiB: the disk, not the limit, runs out.
     host, port = seaweed.endpoint_url.removeprefix("http://").split(":")
     relay = relay_factory(host, int(port))
-    agent = agent_factory(
-        env={**agent_env, "AWS_ENDPOINT_URL": relay.url}, capacity="1GiB", cache_dir=small_tmpfs / "cache",
+    agent = inproc_factory(
+        env={"AWS_ENDPOINT_URL": relay.url}, capacity="1GiB", cache_dir=small_tmpfs / "cache",
         extra_args=("--piece-size", "1MiB"),
     )
     err = one_line_error(agent.cli("prefetch", "s3://models/diskfull/big"))

@@ -50,10 +50,10 @@ def _models(seaweed: SeaweedS3, tmp_path: Path, prefix: str, n: int, floats: int
 
 
 def test_32_clients_on_one_cold_model_fetch_it_once(
-    agent_factory: Any, agent_env: dict[str, str], s3_model: Any, seaweed: SeaweedS3, relay_factory: Any
+    inproc_factory: Any, s3_model: Any, seaweed: SeaweedS3, relay_factory: Any
 ) -> None:
     relay = _relay(seaweed, relay_factory)
-    agent = agent_factory(env={**agent_env, "AWS_ENDPOINT_URL": relay.url})
+    agent = inproc_factory(env={"AWS_ENDPOINT_URL": relay.url})
     want = expected_tensors(s3_model.local_dir)
     barrier = threading.Barrier(CLIENTS)
 
@@ -71,11 +71,11 @@ def test_32_clients_on_one_cold_model_fetch_it_once(
 
 
 def test_32_clients_on_32_cached_models_all_bit_exact(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
     models = _models(seaweed, tmp_path, "many", CLIENTS, floats=64 * 1024)
     relay = _relay(seaweed, relay_factory)
-    agent = agent_factory(env={**agent_env, "AWS_ENDPOINT_URL": relay.url})
+    agent = inproc_factory(env={"AWS_ENDPOINT_URL": relay.url})
     sock = str(agent.socket_path)
     with ThreadPoolExecutor(8) as pool:  # fill the cache (8 at a time)
         list(pool.map(lambda ref: client.open_tensors(ref, socket=sock, copy=True), models, timeout=240))
@@ -95,12 +95,12 @@ def test_32_clients_on_32_cached_models_all_bit_exact(
 
 
 def test_eviction_under_pressure_never_breaks_a_reader(
-    agent_factory: Any, seaweed: SeaweedS3, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, tmp_path: Path
 ) -> None:
     # 10 models of ~4 MiB under a 16 MiB capacity: at most 4 fit, so almost every open evicts.
     models = _models(seaweed, tmp_path, "pressure", 10, floats=1024 * 1024)
     refs = sorted(models)
-    agent = agent_factory(capacity="16MiB")
+    agent = inproc_factory(capacity="16MiB")
     sock = str(agent.socket_path)
     stop = time.monotonic() + 15
     counts = {"opens": 0, "checks": 0, "capacity_refusals": 0}

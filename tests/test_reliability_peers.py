@@ -27,7 +27,7 @@ TOKEN = "stall-peer-token-0123456789"
 
 @pytest.mark.parametrize("when", ["before-answer", "mid-body"])
 def test_a_stalled_peer_is_skipped_and_the_fetch_completes(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, tmp_path: Path, when: str
+    inproc_factory: Any, seaweed: SeaweedS3, tmp_path: Path, when: str
 ) -> None:
     data = os.urandom(16 * MiB)
     src = tmp_path / "w.bin"
@@ -42,9 +42,9 @@ def test_a_stalled_peer_is_skipped_and_the_fetch_completes(
     try:
         common = ("--peer-token-file", str(token), "--piece-size", "1MiB", "--peer-hedge-timeout", "1",
                   "--read-timeout", "2")  # fmt: skip
-        b = agent_factory("b", port=pb, extra_args=("--peers", f"127.0.0.1:{pa},127.0.0.1:{pb}", *common))
+        b = inproc_factory("b", port=pb, extra_args=("--peers", f"127.0.0.1:{pa},127.0.0.1:{pb}", *common))
         assert b.cli("prefetch", ref).returncode == 0  # B has it all
-        a = agent_factory("a", port=pa, extra_args=(
+        a = inproc_factory("a", port=pa, extra_args=(
             "--peers", f"127.0.0.1:{pa},127.0.0.1:{relay.port}", "--advertise", f"127.0.0.1:{pa}", *common))
         time.sleep(2.5)  # a ping round: A sees B alive
         if when == "before-answer":
@@ -66,7 +66,7 @@ def test_a_stalled_peer_is_skipped_and_the_fetch_completes(
 
 
 def test_a_peer_answer_cut_short_moves_on_without_marking_the_peer_down(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, tmp_path: Path
 ) -> None:
     """B has the model; A gets B's pieces through a relay that drops every connection in the middle of
     the bodies. A moves on (to the origin) and finishes bit-exact, and does not take B out of
@@ -85,9 +85,9 @@ def test_a_peer_answer_cut_short_moves_on_without_marking_the_peer_down(
     relay = TcpRelay("127.0.0.1", pb)
     try:
         common = ("--peer-token-file", str(token), "--piece-size", "1MiB")
-        b = agent_factory("b", port=pb, extra_args=("--peers", f"127.0.0.1:{pa},127.0.0.1:{pb}", *common))
+        b = inproc_factory("b", port=pb, extra_args=("--peers", f"127.0.0.1:{pa},127.0.0.1:{pb}", *common))
         assert b.cli("prefetch", ref).returncode == 0
-        a = agent_factory("a", port=pa, extra_args=(
+        a = inproc_factory("a", port=pa, extra_args=(
             "--peers", f"127.0.0.1:{pa},127.0.0.1:{relay.port}", "--advertise", f"127.0.0.1:{pa}", *common))
         time.sleep(2.5)  # a ping round: A sees B alive
         relay.set_rate(2 * MiB)

@@ -9,12 +9,14 @@ huggingface_hub for the HF endpoint, httpx for the relay.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import boto3
 import httpx2 as httpx
@@ -346,3 +348,38 @@ def test_agent_process_start_failure_reports_the_log(tmp_path: Path, agent_env: 
     assert "agent serve" in agent.log_text()
     assert not agent.alive()
     agent.close()
+
+
+# ---------------------------------------------------------------------- in-process agent harness
+
+
+def test_inprocess_agent_serves_logs_its_own_lines_restarts_and_stops(inproc_factory: Any, s3_model: S3Model) -> None:
+    """Two agents in this process: each one's log holds its own lines only; a restart keeps the port and
+    the cache; stop() leaves nothing listening and removes the socket."""
+    a = inproc_factory("a")
+    b = inproc_factory("b")
+    assert a.http_status("/readyz") == 200 and b.http_status("/readyz") == 200 and a.port != b.port
+    assert a.cli("prefetch", s3_model.ref).returncode == 0
+    assert "filled model.safetensors" in a.log_text()
+    assert "filled model.safetensors" not in b.log_text()  # a's fill was logged on a's loop: not in b's log
+    assert str(a.cache_dir) in a.log_text() and str(a.cache_dir) not in b.log_text()
+    port = a.port
+    a.restart()
+    assert a.port == port and a.http_status("/readyz") == 200 and a.starts == 2
+    listed = json.loads(a.cli("ls", "--json", check=True).stdout)["models"]
+    assert [m["ref"] for m in listed] == [s3_model.ref]  # the cache survived the restart
+    a.stop()
+    assert not a.alive() and a.http_status("/livez") is None and not a.socket_path.exists()
+    assert b.alive() and b.http_status("/livez") == 200  # the other agent is untouched
+
+
+def test_inprocess_agent_start_failures_are_reported_at_once(inproc_factory: Any) -> None:
+    """A bad setting, or a socket another live agent serves, fails start() with the reason, not a timeout."""
+    first = inproc_factory("first")
+    with pytest.raises(AgentStartError, match="--capacity"):
+        inproc_factory("bad", capacity="not-a-size")
+    t0 = time.monotonic()
+    with pytest.raises(AgentStartError, match="another agent already serves"):
+        inproc_factory("twin", socket_path=first.socket_path)
+    assert time.monotonic() - t0 < 10
+    assert first.http_status("/readyz") == 200 and first.socket_path.exists()  # the live one keeps its socket

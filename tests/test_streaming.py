@@ -50,11 +50,11 @@ def _upload_model(seaweed: SeaweedS3, tmp_path: Path, prefix: str) -> dict[str, 
 
 
 @pytest.fixture
-def slow_agent(agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any) -> Any:
+def slow_agent(inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any) -> Any:
     host, port = seaweed.endpoint_url.removeprefix("http://").split(":")
     relay = relay_factory(host, int(port), rate=6 * MiB)  # 24 MiB: about 4 s
-    agent = agent_factory(
-        env={**agent_env, "AWS_ENDPOINT_URL": relay.url}, extra_args=("--piece-size", "1MiB", "--connections", "2")
+    agent = inproc_factory(
+        env={"AWS_ENDPOINT_URL": relay.url}, extra_args=("--piece-size", "1MiB", "--connections", "2")
     )
     agent.relay = relay
     return agent
@@ -109,11 +109,11 @@ def test_streamed_to_cuda_through_the_ring(slow_agent: Any, seaweed: SeaweedS3, 
 
 
 def test_a_file_that_fails_its_whole_file_check_fails_the_load(
-    agent_factory: Any, hf_model: Any, hf_endpoint: Any
+    inproc_factory: Any, hf_model: Any, hf_endpoint: Any
 ) -> None:
     """Pieces are served as they verify; the hub's sha256 only holds for the whole file: the load must raise."""
     hf_endpoint.corrupt_paths.add("model.safetensors")
-    agent = agent_factory(extra_args=("--piece-size", "4MiB"))
+    agent = inproc_factory(extra_args=("--piece-size", "4MiB"))
     with pytest.raises(IntegrityError, match="sha256"):
         for _ in client.iter_tensors(hf_model.ref, socket=str(agent.socket_path)):
             pass

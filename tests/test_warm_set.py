@@ -103,14 +103,14 @@ def _warm_set(*entries: tuple[str, bool], refresh: str = "10m") -> str:
 
 
 def test_add_remove_symlink_swaps_and_a_bad_file_keeps_the_last_good_set(
-    agent_factory: Any, seaweed: SeaweedS3, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, tmp_path: Path
 ) -> None:
     a_files = _upload(seaweed, tmp_path, "ws-a", {"a.bin": 3 * MiB, "config.json": 100})
     b_files = _upload(seaweed, tmp_path, "ws-b", {"b.bin": 2 * MiB})
     ref_a, ref_b = "s3://models/ws-a", "s3://models/ws-b"
     cm = ConfigMapDir(tmp_path / "cm")
     cm.write(_warm_set((ref_a, True)))
-    agent = agent_factory("n", extra_args=("--warm-set", str(cm.path), *POLL))
+    agent = inproc_factory("n", extra_args=("--warm-set", str(cm.path), *POLL))
 
     st = _wait(agent, lambda s: _all_ready(s, 1), what="A ready")
     assert _entry(st, ref_a)["total_bytes"] == sum(len(d) for d in a_files.values())
@@ -155,7 +155,7 @@ def test_add_remove_symlink_swaps_and_a_bad_file_keeps_the_last_good_set(
 
 
 def test_over_capacity_is_refused_with_the_sizes_and_no_retry_loop(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
     _upload(seaweed, tmp_path, "cap-a", {"a.bin": 5 * MiB})
     b_files = _upload(seaweed, tmp_path, "cap-b", {"b.bin": 4 * MiB})
@@ -163,8 +163,8 @@ def test_over_capacity_is_refused_with_the_sizes_and_no_retry_loop(
     ref_a, ref_b = "s3://models/cap-a", "s3://models/cap-b"
     cm = ConfigMapDir(tmp_path / "cm")
     cm.write(_warm_set((ref_a, True), (ref_b, True), refresh="1s"))
-    agent = agent_factory("n", capacity="8MiB", env={**agent_env, "AWS_ENDPOINT_URL": relay.url},
-                          extra_args=("--warm-set", str(cm.path), *POLL, "--piece-size", "1MiB"))
+    agent = inproc_factory("n", capacity="8MiB", env={"AWS_ENDPOINT_URL": relay.url},
+                           extra_args=("--warm-set", str(cm.path), *POLL, "--piece-size", "1MiB"))
     st = _wait(agent, lambda s: {e["state"] for e in s["entries"]} == {"ready", "failed"}, what="one refused")
     refused = next(e for e in st["entries"] if e["state"] == "failed")
     assert refused["error"]["kind"] == "capacity" and refused["next_retry_s"] is None
@@ -190,11 +190,11 @@ def test_over_capacity_is_refused_with_the_sizes_and_no_retry_loop(
 
 
 def test_a_missing_file_then_a_failing_entry_backs_off_and_says_why(
-    agent_factory: Any, seaweed: SeaweedS3, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, tmp_path: Path
 ) -> None:
     files = _upload(seaweed, tmp_path, "ws-ok", {"ok.bin": 1 * MiB})
     cm = ConfigMapDir(tmp_path / "cm")
-    agent = agent_factory("n", extra_args=("--warm-set", str(cm.path), *POLL))
+    agent = inproc_factory("n", extra_args=("--warm-set", str(cm.path), *POLL))
     st = _wait(agent, lambda s: s["file_error"] is not None, 10, "missing file reported")  # and the agent serves
     assert st["generation"] == 0 and "missing" in st["file_error"]["message"] and st["entries"] == []
     gone, ok = "s3://models/ws-not-there", "s3://models/ws-ok"
@@ -222,7 +222,7 @@ def _model_dir(root: Path, name: str, size: int) -> dict[str, bytes]:
 
 
 def test_moving_main_rolls_over_while_a_reader_keeps_the_old_revision(
-    agent_factory: Any, agent_env: dict[str, str], hf_endpoint: HfEndpoint, relay_factory: Any, tmp_path: Path
+    inproc_factory: Any, hf_endpoint: HfEndpoint, relay_factory: Any, tmp_path: Path
 ) -> None:
     repo = "org/rolling"
     old = _model_dir(tmp_path / "v1", "v1", 4 * MiB)
@@ -233,8 +233,8 @@ def test_moving_main_rolls_over_while_a_reader_keeps_the_old_revision(
     ref = f"hf://{repo}@main"
     cm = ConfigMapDir(tmp_path / "cm")
     cm.write(_warm_set((ref, True), refresh="1s"))
-    agent = agent_factory("n", env={**agent_env, "HF_ENDPOINT": relay.url},
-                          extra_args=("--warm-set", str(cm.path), *POLL, "--piece-size", "1MiB"))
+    agent = inproc_factory("n", env={"HF_ENDPOINT": relay.url},
+                           extra_args=("--warm-set", str(cm.path), *POLL, "--piece-size", "1MiB"))
     _wait(agent, lambda s: _all_ready(s, 1) and s["entries"][0]["revision"] == c1, what="v1 ready")
 
     # A client opens the bare reference and keeps the old weights open (shared flock, as client readers do).
@@ -280,13 +280,13 @@ def test_moving_main_rolls_over_while_a_reader_keeps_the_old_revision(
 
 
 def test_two_peers_warm_the_same_set_with_the_origin_sending_it_about_once(
-    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
     files = _upload(seaweed, tmp_path, "ws-peers", {"a.bin": 12 * MiB, "b.bin": 4 * MiB})
     relay = _relay(seaweed, relay_factory)
     cm = ConfigMapDir(tmp_path / "cm")
     cm.write(_warm_set())
-    agents = _cluster(agent_factory, agent_env, tmp_path, 2, relay,
+    agents = _cluster(inproc_factory, None, tmp_path, 2, relay,
                       extra=("--warm-set", str(cm.path), *POLL))
     _wait_peers_up(agents)
     relay.reset_counters()
