@@ -51,9 +51,14 @@ from agent.store.store import Store
 from agent.units import format_size
 from agent.warmset.collector import WarmSetCollector
 from agent.warmset.reconciler import WarmSet
+from client.errors import WarmstartError
 
 log = logging.getLogger(__name__)
 IO_THREADS = 16
+
+
+class SocketInUseError(WarmstartError):
+    """Another agent answers on the socket this one was told to serve."""
 
 
 @dataclass(frozen=True)
@@ -67,17 +72,20 @@ class Agent:
     membership: Membership | None
 
 
-async def _warm_up(origins: Origins) -> None:
-    """Build the origins' clients, then take everything built so far out of the garbage collector's walks.
+async def _warm_up(origins: Origins, freeze_gc: bool) -> None:
+    """Build the origins' clients, then (``freeze_gc``) take everything built so far out of the collector's walks.
 
     botocore's clients hold hundreds of thousands of long-lived objects (service
     models, endpoint rules). Every full collection walked them all again: perf put
     11% of the agent's CPU in the collector while it filled a cold model (many
     short-lived containers per body chunk trigger collections). ``gc.freeze``
     moves what exists now to a generation that is never collected; the fetch
-    path's own garbage is collected as before.
+    path's own garbage is collected as before. Only for a process that is the
+    agent (``serve``): an agent run inside another program leaves its heap alone.
     """
     await origins.warm_up()
+    if not freeze_gc:
+        return
     gc.collect()
     gc.freeze()
     log.debug("froze %d long-lived objects out of the garbage collector's walks", gc.get_freeze_count())
@@ -100,7 +108,7 @@ def _prepare_socket_path(path: str) -> None:
     except OSError:
         os.unlink(path)  # nobody listens: left over from a killed agent
     else:
-        raise SystemExit(f"error: another agent already serves {path}")
+        raise SocketInUseError(f"another agent already serves {path}")
     finally:
         probe.close()
 
@@ -146,8 +154,11 @@ def _peers(
 
 
 @contextlib.asynccontextmanager
-async def running(config: AgentConfig) -> AsyncIterator[Agent]:
-    """The agent, serving on its socket and port until the block exits; then everything is closed in order."""
+async def running(config: AgentConfig, *, freeze_gc: bool = False) -> AsyncIterator[Agent]:
+    """The agent, serving on its socket and port until the block exits; then everything is closed in order.
+
+    ``freeze_gc``: this process is the agent (``serve``): see :func:`_warm_up`.
+    """
     host, port = config.listen_address
     loop = asyncio.get_running_loop()
     async with AsyncExitStack() as stack:
@@ -224,7 +235,7 @@ async def running(config: AgentConfig) -> AsyncIterator[Agent]:
         os.chmod(config.socket, config.socket_mode)
 
         _background(stack, store.sync_loop(), "sync")
-        _background(stack, _warm_up(origins), "warm-up origins")
+        _background(stack, _warm_up(origins, freeze_gc), "warm-up origins")
         if warm_set is not None:
             _background(stack, warm_set.run(), "warm set")
         ready.ready = True
@@ -249,5 +260,5 @@ async def serve(config: AgentConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with running(config):
+    async with running(config, freeze_gc=True):
         await stop.wait()

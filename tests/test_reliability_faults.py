@@ -183,9 +183,13 @@ def faulty(seaweed: SeaweedS3) -> Any:
 
 
 def test_origin_faults_are_retried_and_the_fetch_completes(
-    inproc_factory: Any, seaweed: SeaweedS3, faulty: FaultyOrigin, tmp_path: Path
+    inproc_factory: Any, seaweed: SeaweedS3, faulty: FaultyOrigin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = _upload(seaweed, tmp_path, "faults-ok/w.bin", 4 * MiB, seed=21)
+    # Ten faults in a row on one piece: with the agent's own backoff (full jitter, doubling from 0.2 s up
+    # to 8 s) the waits alone took about 20 s. What is tested is that each fault costs one more try.
+    monkeypatch.setattr("agent.fetch.origin_reader.BACKOFF_BASE", 0.01)
+    monkeypatch.setattr("agent.fetch.origin_reader.BACKOFF_CAP", 0.1)
     agent = inproc_factory(
         env={"AWS_ENDPOINT_URL": faulty.url},
         extra_args=("--piece-size", "1MiB", "--connections", "1", "--read-timeout", "1", "--retries", "12"),

@@ -205,7 +205,7 @@ class InProcessAgent:
     def _start_once(self) -> None:
         try:
             config = self.config()
-        except (ValueError, SystemExit) as exc:
+        except ValueError as exc:
             raise AgentStartError(f"{self.name}: bad settings {self.extra_args}: {exc}") from exc
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         self.starts += 1
