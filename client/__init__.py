@@ -169,7 +169,9 @@ def iter_tensors(
     ``names``, ``device``, ``copy`` and ``ring_bytes`` (host memory for a GPU
     load; default 256 MiB) are as in :func:`iter_safetensors_files`.
     """
-    options: dict[str, Any] = {"device": device, "names": names, "copy": copy, "ring_bytes": ring_bytes}
+    from client.device_ring import check_device
+
+    options: dict[str, Any] = {"device": check_device(device), "names": names, "copy": copy, "ring_bytes": ring_bytes}
     first = _open_stream(ref, socket, timeout)  # here, so a dead agent or a bad reference fail at the call
     return _iterate(ref, socket, timeout, first, options)
 

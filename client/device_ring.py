@@ -27,13 +27,39 @@ from dataclasses import dataclass, field
 import torch
 
 from client._buffers import writable_bytes
-from client.errors import MalformedFileError
+from client.errors import BadRequestError, MalformedFileError
 from client.safetensors_header import TensorInfo
 
 DEFAULT_RING_BYTES = 256 * 1024 * 1024
 DEFAULT_SLOTS = 4
 _ALIGN = 4096
 _MAX_READ = 1 << 30  # Linux returns at most 0x7ffff000 bytes per read
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device tensors go to, refused with one line when this process cannot use it.
+
+    Without this, ``device="cuda:0"`` on a torch build or a node without CUDA
+    failed deep in the first copy with torch's own message, after the agent had
+    been asked for the model.
+    """
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise BadRequestError(f"device {device!r} is not a torch device: {exc}") from None
+    if target.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+            raise BadRequestError(
+                f"device {device!r}: this process sees no CUDA device (torch {torch.__version__}, {build}); "
+                'load to device="cpu", or run where a GPU and a CUDA build of torch are present'
+            )
+        if target.index is not None and target.index >= torch.cuda.device_count():
+            raise BadRequestError(
+                f"device {device!r}: this process sees {torch.cuda.device_count()} CUDA device(s) "
+                "(CUDA_VISIBLE_DEVICES may hide the others)"
+            )
+    return target
 
 
 @dataclass(slots=True)

@@ -40,7 +40,7 @@ import torch
 
 from client._buffers import writable_bytes
 from client._flock import lock_shared as _lock_shared
-from client.device_ring import DEFAULT_RING_BYTES, DeviceRing
+from client.device_ring import DEFAULT_RING_BYTES, DeviceRing, check_device
 from client.errors import MalformedFileError, WarmstartError
 from client.safetensors_header import MAX_HEADER_BYTES, SafetensorsHeader, TensorInfo, read_header
 
@@ -78,7 +78,7 @@ def iter_safetensors_files(
     ``copy``: CPU tensors in memory of their own instead of views of the page
     cache (see module doc).
     """
-    target = torch.device(device)
+    target = check_device(device)
     wanted = None if names is None else _as_name_set(names)
     files = _open_all(paths)
     ring: DeviceRing | None = None
@@ -179,7 +179,7 @@ def iter_streamed_files(
     """
     if sys.byteorder != "little":
         raise WarmstartError("safetensors data is little-endian; this client does not byte-swap on big-endian hosts")
-    target = torch.device(device)
+    target = check_device(device)
     wanted = None if names is None else _as_name_set(names)
     owner: dict[str, str] = {}
     ring = DeviceRing(target, ring_bytes) if target.type != "cpu" else None
