@@ -29,7 +29,6 @@ of a zero-copy tensor that the kernel drops later and reads again from disk.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
 import threading
@@ -44,6 +43,8 @@ except ImportError:  # an image with torch alone: the agent checks instead (see 
     _xxhash = None
 
 AHEAD = 64 * 1024 * 1024  # how far past the furthest byte asked for the checker may read
+CHUNK = 4 * 1024 * 1024  # one positional read of a checker thread (its buffer, reused)
+THREADS = 2  # checker threads per open blob: reads in flight while the other hashes
 MAX_META_BYTES = 16 * 1024 * 1024  # 32 hex digits + quotes per piece: ample for any blob
 _HEX128 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -85,7 +86,7 @@ def expected_hashes(cache_dir: str, digest: str, size: int) -> tuple[int, list[s
 
 
 class BlobCheck:
-    """Pieces of one open blob, hashed on a thread ahead of the loader; :meth:`ensure` blocks until a range passed.
+    """Pieces of one open blob, hashed by threads ahead of the loader; :meth:`ensure` blocks until a range passed.
 
     Thread-safe (the device ring calls :meth:`ensure` from its reader threads).
     """
@@ -99,15 +100,27 @@ class BlobCheck:
         self.piece_size = piece_size
         self.hashes = hashes
         self._ok = [False] * len(hashes)
+        self._busy: set[int] = set()  # pieces a thread is hashing now
         self._asked: set[int] = set()  # pieces a caller waits for, not yet checked
-        self._frontier = -1  # the furthest piece asked for; the thread reads up to AHEAD past it
+        self._frontier = -1  # the furthest piece asked for; the threads read up to AHEAD past it
         self._ahead = max(1, AHEAD // piece_size)
+        self._advised = 0  # bytes below this were already handed to the kernel's read-ahead (fadvise WILLNEED)
         self._error: BaseException | None = None
         self._closed = False
         self._cond = threading.Condition()
-        self._mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) if size else None
-        self._thread = threading.Thread(target=self._run, name="warmstart-check", daemon=True)
-        self._thread.start()
+        # A descriptor of our own: the loader may close its one (and the number be reused) while we still read.
+        self._fd = os.dup(fd)
+        self._threads: list[threading.Thread] = []
+        try:
+            if size and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger kernel read-ahead window
+            for n in range(min(THREADS, len(hashes)) if size else 0):
+                thread = threading.Thread(target=self._run, name=f"warmstart-check-{n}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        except BaseException:
+            self.close()
+            raise
 
     def ensure(self, offset: int, nbytes: int) -> None:
         """Return once every piece holding bytes [offset, offset + nbytes) matched; raise if one did not."""
@@ -132,25 +145,45 @@ class BlobCheck:
 
     def _next(self) -> int | None:
         """The piece to hash now (lowest asked first, then read-ahead); None to wait. Under the lock."""
-        if self._asked:
-            return min(self._asked)
+        asked = [i for i in self._asked if i not in self._busy]
+        if asked:
+            return min(asked)
         for i in range(max(0, self._frontier + 1), min(len(self._ok), self._frontier + 1 + self._ahead)):
-            if not self._ok[i]:
+            if not self._ok[i] and i not in self._busy:
                 return i
         return None
 
+    def _advise(self, i: int) -> tuple[int, int] | None:
+        """The byte range to hand the kernel's read-ahead before hashing piece ``i``; None if already done. Under the lock.
+
+        Up to the end of the read-ahead window (never past it), so the disk has
+        many reads queued while the threads hash what already arrived.
+        """
+        end = min(self.size, (max(i, self._frontier) + 1 + self._ahead) * self.piece_size)
+        start = max(self._advised, i * self.piece_size)
+        if end <= start:
+            return None
+        self._advised = end
+        return start, end - start
+
     def _run(self) -> None:
+        buf = bytearray(min(CHUNK, self.size))
         try:
             while True:
                 with self._cond:
                     i = self._next()
-                    while not self._closed and i is None:
+                    while not self._closed and self._error is None and i is None:
                         self._cond.wait(1.0)
                         i = self._next()
-                    if self._closed or i is None:
+                    if self._closed or self._error is not None or i is None:
                         return
-                ok = self._hash(i) == self.hashes[i]
+                    self._busy.add(i)
+                    advice = self._advise(i)
+                if advice is not None and hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(self._fd, advice[0], advice[1], os.POSIX_FADV_WILLNEED)
+                ok = self._hash(i, buf) == self.hashes[i]
                 with self._cond:
+                    self._busy.discard(i)
                     self._asked.discard(i)
                     if not ok:
                         start = i * self.piece_size
@@ -166,27 +199,39 @@ class BlobCheck:
                     self._cond.notify_all()
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting loader
             with self._cond:
-                self._error = exc
+                if self._error is None:
+                    self._error = exc
                 self._cond.notify_all()
 
-    def _hash(self, i: int) -> str:
-        assert self._mm is not None and _xxhash is not None
+    def _hash(self, i: int, buf: bytearray) -> str:
+        """xxh3-128 of piece ``i``, read with positional reads of up to :data:`CHUNK` bytes into ``buf``."""
+        assert _xxhash is not None
         start = i * self.piece_size
         end = min(self.size, start + self.piece_size) if len(self.hashes) > 1 else self.size
-        with memoryview(self._mm) as view:
-            digest = str(_xxhash.xxh3_128(view[start:end]).hexdigest())
-        # Unmap what was read: the pages stay in the page cache for the loader, not in this process.
-        page_start = start - start % mmap.PAGESIZE
-        self._mm.madvise(mmap.MADV_DONTNEED, page_start, end - page_start)
-        return digest
+        hasher = _xxhash.xxh3_128()
+        with memoryview(buf) as view:
+            pos = start
+            while pos < end:
+                n = os.preadv(self._fd, [view[: min(len(view), end - pos)]], pos)
+                if n <= 0:
+                    raise CorruptPieceError(
+                        f"{self.label}: the cached {self.blob} ended at byte {pos}, inside piece {i}"
+                        f" (bytes {start}-{end}): the file on disk was truncated",
+                        self.blob, i,
+                    )  # fmt: skip
+                hasher.update(view[:n])
+                pos += n
+        return str(hasher.hexdigest())
 
     def close(self) -> None:
-        """Stop the thread and unmap. Idempotent; waiters still blocked raise."""
+        """Stop the threads and close our descriptor. Idempotent; waiters still blocked raise."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+        for thread in self._threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join()
+        with self._cond:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
