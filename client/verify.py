@@ -7,14 +7,21 @@ sees those reads. :class:`BlobCheck` therefore re-hashes (xxh3-128) every piece
 that holds a requested byte, and the loader hands out a tensor only once the
 pieces under it matched.
 
-Why a thread ahead of the loader (meant to be near-free when the disk is the bound): the hashing happens on a thread that walks the
-file through a read-only shared mapping at most :data:`AHEAD` bytes ahead of the
-loader. Its page faults are the disk reads the loader would have made anyway (the
-same page cache, the same large folios a mapped reader gets), and xxh3 runs at
->10 GB/s per core with the GIL released, well above what a disk delivers; the
-loader then finds its pages already cached. Pieces are checked once per open. Measured on
-a shared 2-core machine it is not yet free (bench/RESULTS.md, "Checking cached blobs while
-loading": cold loads 1.5-2.2x the unchecked time, the extra CPU not yet explained).
+Why threads reading ahead of the loader, with positional reads: for a zero-copy
+``open_tensors`` the loader maps the file and touches nothing, so the checker IS the
+cold read of the model and must go as fast as the disk. :data:`THREADS` threads take
+pieces (the lowest one a caller waits for first, then read-ahead, at most
+:data:`AHEAD` bytes past the furthest piece asked for), and before reading a piece
+hand the rest of that window to the kernel (``posix_fadvise(WILLNEED)``), which keeps
+many large reads in flight. Each piece is read with ``os.preadv`` of :data:`CHUNK`
+bytes into a buffer the thread reuses, on a descriptor of the checker's own, and fed
+to an incremental xxh3-128 (>5 GB/s per core, GIL released). The reads fill the page
+cache the loader's mapping or reads then hit. The previous checker, one thread
+page-faulting through a read-only mapping, kept about 2 disk reads in flight and
+made ``open_tensors`` 0.67-0.76x the machine's read limit cold, and a file truncated
+under it killed the process (``SIGBUS``) where now it is a :class:`CorruptPieceError`.
+Pieces are checked once per open. Figures: bench/RESULTS.md, "Checking cached blobs
+while loading".
 
 The expected hashes are ``meta/<digest>.json`` (``{"size", "piece_size",
 "pieces"}``, written by the agent when it published the blob). When that record is
@@ -43,10 +50,30 @@ except ImportError:  # an image with torch alone: the agent checks instead (see 
     _xxhash = None
 
 AHEAD = 64 * 1024 * 1024  # how far past the furthest byte asked for the checker may read
-CHUNK = 4 * 1024 * 1024  # one positional read of a checker thread (its buffer, reused)
+CHUNK = 1024 * 1024  # one positional read of a checker thread: fits a core's L2, where the hash then reads it
 THREADS = 2  # checker threads per open blob: reads in flight while the other hashes
 MAX_META_BYTES = 16 * 1024 * 1024  # 32 hex digits + quotes per piece: ample for any blob
 _HEX128 = re.compile(r"^[0-9a-f]{32}$")
+
+# Read buffers kept between opens: a fresh one per thread per blob costs page faults and zeroing every time.
+_spare_buffers: list[bytearray] = []
+_spare_lock = threading.Lock()
+_MAX_SPARE = 8
+
+
+def _take_buffer(size: int) -> bytearray:
+    with _spare_lock:
+        while _spare_buffers:
+            buf = _spare_buffers.pop()
+            if len(buf) == size:
+                return buf
+    return bytearray(size)
+
+
+def _give_buffer(buf: bytearray) -> None:
+    with _spare_lock:
+        if len(_spare_buffers) < _MAX_SPARE:
+            _spare_buffers.append(buf)
 
 
 def available() -> bool:
@@ -154,7 +181,7 @@ class BlobCheck:
         return None
 
     def _advise(self, i: int) -> tuple[int, int] | None:
-        """The byte range to hand the kernel's read-ahead before hashing piece ``i``; None if already done. Under the lock.
+        """The byte range to hand the kernel's read-ahead before hashing piece ``i``; None if done. Under the lock.
 
         Up to the end of the read-ahead window (never past it), so the disk has
         many reads queued while the threads hash what already arrived.
@@ -167,7 +194,7 @@ class BlobCheck:
         return start, end - start
 
     def _run(self) -> None:
-        buf = bytearray(min(CHUNK, self.size))
+        buf = _take_buffer(CHUNK)
         try:
             while True:
                 with self._cond:
@@ -202,6 +229,8 @@ class BlobCheck:
                 if self._error is None:
                     self._error = exc
                 self._cond.notify_all()
+        finally:
+            _give_buffer(buf)
 
     def _hash(self, i: int, buf: bytearray) -> str:
         """xxh3-128 of piece ``i``, read with positional reads of up to :data:`CHUNK` bytes into ``buf``."""
