@@ -157,8 +157,10 @@ class BlobCheck:
         last = min((offset + nbytes - 1) // self.piece_size, len(self._ok) - 1)
         with self._cond:
             todo = [i for i in range(first, last + 1) if not self._ok[i]]
-            if todo:
-                self._asked.update(todo)
+            self._asked.update(todo)
+            if todo or last > self._frontier:
+                # The frontier moves even over pieces already checked, or read-ahead would stall
+                # there and the loader next wait for a cold read.
                 self._frontier = max(self._frontier, last)
                 self._cond.notify_all()
             while True:

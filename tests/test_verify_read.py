@@ -218,20 +218,28 @@ def test_blob_check_of_a_blob_shorter_than_recorded_raises_corrupt_piece(tmp_pat
         check.close()
 
 
+def _wait_checked(check: Any, pieces: slice) -> None:
+    deadline = time.monotonic() + 10
+    while not all(check._ok[pieces]) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # time enough to go further, were it allowed to
+
+
 def test_blob_check_reads_ahead_of_the_loader_only_so_far(tmp_path: Path, monkeypatch: Any) -> None:
-    """The checker threads hash at most AHEAD bytes past the furthest piece asked for, never the whole blob."""
+    """The checker threads hash up to AHEAD bytes past the furthest piece asked for: no further, and no less
+    (a range of pieces already checked moves that point too, or read-ahead would stall and the loader wait)."""
     from client import verify
 
     monkeypatch.setattr(verify, "AHEAD", 4 * PIECE)
     path, data, hashes = _blob(tmp_path, 40)
     check = _checker(path, len(data), PIECE, hashes)
     try:
-        check.ensure(2 * PIECE, 1)  # the furthest piece asked for: 2; read-ahead: pieces 3-6
-        deadline = time.monotonic() + 5
-        while not all(check._ok[3:7]) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.2)  # time enough to go further, were it allowed to
-        assert all(check._ok[2:7]) and not any(check._ok[7:]), check._ok
+        check.ensure(0, 1)  # the furthest piece asked for: 0; read-ahead: pieces 1-4
+        _wait_checked(check, slice(0, 5))
+        assert all(check._ok[:5]) and not any(check._ok[5:]), check._ok
+        check.ensure(3 * PIECE, 1)  # already checked; read-ahead now reaches piece 7
+        _wait_checked(check, slice(0, 8))
+        assert all(check._ok[:8]) and not any(check._ok[8:]), check._ok
         check.ensure(len(data) - 1, 1)  # a jump: the last piece is checked at once
         assert check._ok[-1]
     finally:
