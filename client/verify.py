@@ -141,7 +141,7 @@ class BlobCheck:
         try:
             if size and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger kernel read-ahead window
-            for n in range(min(THREADS, len(hashes)) if size else 0):
+            for n in range(min(THREADS, len(hashes))):
                 thread = threading.Thread(target=self._run, name=f"warmstart-check-{n}", daemon=True)
                 thread.start()
                 self._threads.append(thread)

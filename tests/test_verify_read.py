@@ -218,6 +218,27 @@ def test_blob_check_of_a_blob_shorter_than_recorded_raises_corrupt_piece(tmp_pat
         check.close()
 
 
+def test_blob_check_of_an_empty_blob_answers(tmp_path: Path) -> None:
+    """An empty file is checked like any other (its name must be the hash of nothing), not waited on forever."""
+    from client import verify
+
+    empty = tmp_path / xxhash.xxh3_128(b"").hexdigest()
+    empty.write_bytes(b"")
+    check = _checker(empty, 0, 1, [empty.name])
+    try:
+        check.ensure(0, 8)
+    finally:
+        check.close()
+    misnamed = tmp_path / ("0" * 32)
+    misnamed.write_bytes(b"")
+    check = _checker(misnamed, 0, 1, [misnamed.name])
+    try:
+        with pytest.raises(verify.CorruptPieceError):
+            check.ensure(0, 8)
+    finally:
+        check.close()
+
+
 def _wait_checked(check: Any, pieces: slice) -> None:
     deadline = time.monotonic() + 10
     while not all(check._ok[pieces]) and time.monotonic() < deadline:
