@@ -24,6 +24,8 @@ destination are outside the clock, opening the files and the agent round trip in
 - ``ws-open-prev``, ``ws-iter-prev``: ``ws-open`` and ``ws-iter`` with the previous checker
   (bench/blobcheck_prev.py: one thread faulting through a mapping of the blob) in place of
   the current one: old against new check, in the same run;
+- ``ws-open-willneed``, ``ws-iter-willneed``: the current checker with ``client.verify.WILLNEED``
+  switched on (it hands its read-ahead window to the kernel with ``posix_fadvise``);
 - ``safetensors``: ``safetensors.torch.load_file(blob)`` per shard, then each tensor copied;
 - ``runai``: Run:ai Model Streamer, ``SafetensorsStreamer().stream_files(blobs)`` and
   ``get_tensors()`` (default settings), each tensor copied as it is yielded;
@@ -267,6 +269,19 @@ def run_prev_check(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
         client.stream.BlobCheck = saved  # type: ignore[misc]
 
 
+def run_willneed(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
+    """``run_ws`` with the checker handing its read-ahead window to the kernel first (client/verify.py
+    ``WILLNEED``, off by default): deeper disk queues against page-cache pages in 4 KiB folios."""
+    from client import verify
+
+    saved = verify.WILLNEED
+    verify.WILLNEED = True
+    try:
+        return run_ws(ctx, dest, t0, how)
+    finally:
+        verify.WILLNEED = saved
+
+
 def run_safetensors(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
     from safetensors.torch import load_file
 
@@ -361,6 +376,8 @@ CONTENDERS: dict[str, Callable[[dict, torch.Tensor, float], dict]] = {
     "ws-iter-nocheck": lambda c, d, t0: run_unchecked(c, d, t0, "iter"),
     "ws-open-prev": lambda c, d, t0: run_prev_check(c, d, t0, "open"),
     "ws-iter-prev": lambda c, d, t0: run_prev_check(c, d, t0, "iter"),
+    "ws-open-willneed": lambda c, d, t0: run_willneed(c, d, t0, "open"),
+    "ws-iter-willneed": lambda c, d, t0: run_willneed(c, d, t0, "iter"),
     "safetensors": run_safetensors,
     "runai": run_runai,
     "pread-buf": lambda c, d, t0: run_pread_buf(c, d, t0, 1),
@@ -370,7 +387,7 @@ CONTENDERS: dict[str, Callable[[dict, torch.Tensor, float], dict]] = {
 }
 FILLS_DEST = {n for n in CONTENDERS if not n.startswith("pread-buf")}
 LIMITS = ("pread-buf", "pread-buf-t4")
-CHECKED = ("ws-open", "ws-iter", "ws-open-prev", "ws-iter-prev")  # each has a -nocheck twin
+CHECKED = ("ws-open", "ws-iter", "ws-open-prev", "ws-iter-prev", "ws-open-willneed", "ws-iter-willneed")  # each has a -nocheck twin
 
 
 def warm_up(plan: Plan, buf: memoryview) -> None:
@@ -575,8 +592,7 @@ def ratios(rounds: list[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for temp in ("cold", "warm"):
-        for ws in ("ws-open", "ws-iter", "ws-copy", "ws-open-prev", "ws-iter-prev", "ws-open-nocheck",
-                   "ws-iter-nocheck"):  # fmt: skip
+        for ws in ("ws-open", "ws-iter", "ws-copy", *CHECKED[2:], "ws-open-nocheck", "ws-iter-nocheck"):
             mine = secs.get((ws, temp))
             if not mine:
                 continue

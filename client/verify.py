@@ -11,17 +11,18 @@ Why threads reading ahead of the loader, with positional reads: for a zero-copy
 ``open_tensors`` the loader maps the file and touches nothing, so the checker IS the
 cold read of the model and must go as fast as the disk. :data:`THREADS` threads take
 pieces (the lowest one a caller waits for first, then read-ahead, at most
-:data:`AHEAD` bytes past the furthest piece asked for), and before reading a piece
-hand the rest of that window to the kernel (``posix_fadvise(WILLNEED)``), which keeps
-many large reads in flight. Each piece is read with ``os.preadv`` of :data:`CHUNK`
-bytes into a buffer the thread reuses, on a descriptor of the checker's own, and fed
-to an incremental xxh3-128 (>5 GB/s per core, GIL released). The reads fill the page
-cache the loader's mapping or reads then hit. The previous checker, one thread
-page-faulting through a read-only mapping, kept about 2 disk reads in flight and
-made ``open_tensors`` 0.67-0.76x the machine's read limit cold, and a file truncated
-under it killed the process (``SIGBUS``) where now it is a :class:`CorruptPieceError`.
-Pieces are checked once per open. Figures: bench/RESULTS.md, "Checking cached blobs
-while loading".
+:data:`AHEAD` bytes past the furthest piece asked for) and read each with ``os.preadv``
+of :data:`CHUNK` bytes into a buffer they reuse, on a descriptor of the checker's own
+(``POSIX_FADV_SEQUENTIAL``: the kernel's read-ahead window doubled), feeding an
+incremental xxh3-128 (GIL released). The kernel's read-ahead keeps several large disk
+reads in flight and fills the page cache with large folios, which the loader's mapping
+or reads then hit. The previous checker, one thread page-faulting through a read-only
+mapping, kept 1-2 disk reads in flight (``open_tensors`` 0.3-0.76x the machine's read
+limit cold), and a file truncated or unreadable under it killed the process
+(``SIGBUS``); a short read is now a :class:`CorruptPieceError`, an I/O error an
+``OSError``. Handing the window to the kernel first (:data:`WILLNEED`) was tried and
+left off. Pieces are checked once per open. Figures: bench/RESULTS.md, "Checking cached
+blobs while loading".
 
 The expected hashes are ``meta/<digest>.json`` (``{"size", "piece_size",
 "pieces"}``, written by the agent when it published the blob). When that record is
@@ -52,6 +53,10 @@ except ImportError:  # an image with torch alone: the agent checks instead (see 
 AHEAD = 64 * 1024 * 1024  # how far past the furthest byte asked for the checker may read
 CHUNK = 1024 * 1024  # one positional read of a checker thread: fits a core's L2, where the hash then reads it
 THREADS = 2  # checker threads per open blob: reads in flight while the other hashes
+# Hand the read-ahead window to the kernel (posix_fadvise WILLNEED) before reading: more disk reads in
+# flight, but the kernel then fills the page cache with 4 KiB folios (not the large ones its own read-ahead
+# makes), so every later mapping of those pages takes ~2.5x the page faults. Off; see bench/RESULTS.md.
+WILLNEED = False
 MAX_META_BYTES = 16 * 1024 * 1024  # 32 hex digits + quotes per piece: ample for any blob
 _HEX128 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -183,7 +188,7 @@ class BlobCheck:
         return None
 
     def _advise(self, i: int) -> tuple[int, int] | None:
-        """The byte range to hand the kernel's read-ahead before hashing piece ``i``; None if done. Under the lock.
+        """The range to hand the kernel (:data:`WILLNEED`) before hashing piece ``i``; None if done. Under the lock.
 
         Up to the end of the read-ahead window (never past it), so the disk has
         many reads queued while the threads hash what already arrived.
@@ -208,7 +213,7 @@ class BlobCheck:
                         return
                     self._busy.add(i)
                     advice = self._advise(i)
-                if advice is not None and hasattr(os, "posix_fadvise"):
+                if advice is not None and WILLNEED and hasattr(os, "posix_fadvise"):
                     os.posix_fadvise(self._fd, advice[0], advice[1], os.POSIX_FADV_WILLNEED)
                 ok = self._hash(i, buf) == self.hashes[i]
                 with self._cond:
