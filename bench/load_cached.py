@@ -21,6 +21,11 @@ destination are outside the clock, opening the files and the agent round trip in
 - ``ws-open-nocheck``, ``ws-iter-nocheck``: ``ws-open`` and ``ws-iter`` with the client's
   check of cached blobs against their piece hashes (client/verify.py) switched off by the
   bench: the A/B of what that check costs, in the same run;
+- ``ws-open-prev``, ``ws-iter-prev``: ``ws-open`` and ``ws-iter`` with the previous checker
+  (bench/blobcheck_prev.py: one thread faulting through a mapping of the blob) in place of
+  the current one: old against new check, in the same run;
+- ``ws-open-willneed``, ``ws-iter-willneed``: the current checker with ``client.verify.WILLNEED``
+  switched on (it hands its read-ahead window to the kernel with ``posix_fadvise``);
 - ``safetensors``: ``safetensors.torch.load_file(blob)`` per shard, then each tensor copied;
 - ``runai``: Run:ai Model Streamer, ``SafetensorsStreamer().stream_files(blobs)`` and
   ``get_tensors()`` (default settings), each tensor copied as it is yielded;
@@ -268,6 +273,34 @@ def run_unchecked(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
         ModelStream.check = saved  # type: ignore[method-assign]
 
 
+def run_prev_check(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
+    """``run_ws`` with the client's previous checker (bench/blobcheck_prev.py: one thread faulting through a
+    mapping) in place of client/verify.py's ``BlobCheck``: old against new check, in the same run."""
+    from blobcheck_prev import PrevBlobCheck
+
+    import client.stream
+
+    saved = client.stream.BlobCheck
+    client.stream.BlobCheck = PrevBlobCheck  # type: ignore[misc]
+    try:
+        return run_ws(ctx, dest, t0, how)
+    finally:
+        client.stream.BlobCheck = saved  # type: ignore[misc]
+
+
+def run_willneed(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
+    """``run_ws`` with the checker handing its read-ahead window to the kernel first (client/verify.py
+    ``WILLNEED``, off by default): deeper disk queues against page-cache pages in 4 KiB folios."""
+    from client import verify
+
+    saved = verify.WILLNEED
+    verify.WILLNEED = True
+    try:
+        return run_ws(ctx, dest, t0, how)
+    finally:
+        verify.WILLNEED = saved
+
+
 def run_safetensors(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
     from safetensors.torch import load_file
 
@@ -463,6 +496,10 @@ CONTENDERS: dict[str, Callable[[dict, torch.Tensor, float], dict]] = {
     "ws-copy": lambda c, d, t0: run_ws(c, d, t0, "copy"),
     "ws-open-nocheck": lambda c, d, t0: run_unchecked(c, d, t0, "open"),
     "ws-iter-nocheck": lambda c, d, t0: run_unchecked(c, d, t0, "iter"),
+    "ws-open-prev": lambda c, d, t0: run_prev_check(c, d, t0, "open"),
+    "ws-iter-prev": lambda c, d, t0: run_prev_check(c, d, t0, "iter"),
+    "ws-open-willneed": lambda c, d, t0: run_willneed(c, d, t0, "open"),
+    "ws-iter-willneed": lambda c, d, t0: run_willneed(c, d, t0, "iter"),
     "safetensors": run_safetensors,
     "runai": run_runai,
     "pread-buf": lambda c, d, t0: run_pread_buf(c, d, t0, 1),
@@ -480,6 +517,7 @@ DEV = [n for n in CONTENDERS if n.endswith("-dev") or n.startswith("pread-dev")]
 CPU_DEST_ONLY = ("pread-dest", "pread-dest-t4")  # they preadv straight into the destination's host memory
 FILLS_DEST = {n for n in CONTENDERS if not n.startswith("pread-buf")}
 LIMITS = ("pread-buf", "pread-buf-t4")
+CHECKED = ("ws-open", "ws-iter", "ws-open-prev", "ws-iter-prev", "ws-open-willneed", "ws-iter-willneed")  # each has a -nocheck twin
 
 
 def warm_up(plan: Plan, buf: memoryview) -> None:
@@ -677,16 +715,20 @@ def ratios(rounds: list[dict]) -> str:
         lim = [secs.get((n, temp), {}) for n in LIMITS]
         secs[("limit", temp)] = {k: min(d[k] for d in lim if k in d) for k in set().union(*lim)}
     lines = [
-        "| | vs safetensors | vs runai | vs the issue's limit (pread-buf) | vs the faster pread-buf line |",
-        "|---|---:|---:|---:|---:|",
+        (
+            "| | vs safetensors | vs runai | vs the issue's limit (pread-buf) | vs the faster pread-buf line "
+            "| vs the unchecked client |"
+        ),
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for temp in ("cold", "warm"):
-        for ws in ("ws-open", "ws-iter", "ws-copy"):
+        for ws in ("ws-open", "ws-iter", "ws-copy", *CHECKED[2:], "ws-open-nocheck", "ws-iter-nocheck"):
             mine = secs.get((ws, temp))
             if not mine:
                 continue
             cells = [f"{ws} {temp}"]
-            for other in ("safetensors", "runai", "pread-buf", "limit"):
+            unchecked = "-".join(ws.split("-")[:2]) + "-nocheck" if ws in CHECKED else ""
+            for other in ("safetensors", "runai", "pread-buf", "limit", unchecked):
                 theirs = secs.get((other, temp), {})
                 common = sorted(mine.keys() & theirs.keys())
                 if not common:

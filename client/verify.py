@@ -7,14 +7,22 @@ sees those reads. :class:`BlobCheck` therefore re-hashes (xxh3-128) every piece
 that holds a requested byte, and the loader hands out a tensor only once the
 pieces under it matched.
 
-Why a thread ahead of the loader (meant to be near-free when the disk is the bound): the hashing happens on a thread that walks the
-file through a read-only shared mapping at most :data:`AHEAD` bytes ahead of the
-loader. Its page faults are the disk reads the loader would have made anyway (the
-same page cache, the same large folios a mapped reader gets), and xxh3 runs at
->10 GB/s per core with the GIL released, well above what a disk delivers; the
-loader then finds its pages already cached. Pieces are checked once per open. Measured on
-a shared 2-core machine it is not yet free (bench/RESULTS.md, "Checking cached blobs while
-loading": cold loads 1.5-2.2x the unchecked time, the extra CPU not yet explained).
+Why threads reading ahead of the loader, with positional reads: for a zero-copy
+``open_tensors`` the loader maps the file and touches nothing, so the checker IS the
+cold read of the model and must go as fast as the disk. :data:`THREADS` threads take
+pieces (the lowest one a caller waits for first, then read-ahead, at most
+:data:`AHEAD` bytes past the furthest piece asked for) and read each with ``os.preadv``
+of :data:`CHUNK` bytes into a buffer they reuse, on a descriptor of the checker's own
+(``POSIX_FADV_SEQUENTIAL``: the kernel's read-ahead window doubled), feeding an
+incremental xxh3-128 (GIL released). The kernel's read-ahead keeps several large disk
+reads in flight and fills the page cache with large folios, which the loader's mapping
+or reads then hit. The previous checker, one thread page-faulting through a read-only
+mapping, kept 1-2 disk reads in flight (``open_tensors`` 0.3-0.76x the machine's read
+limit cold), and a file truncated or unreadable under it killed the process
+(``SIGBUS``); a short read is now a :class:`CorruptPieceError`, an I/O error an
+``OSError``. Handing the window to the kernel first (:data:`WILLNEED`) was tried and
+left off. Pieces are checked once per open. Figures: bench/RESULTS.md, "Checking cached
+blobs while loading".
 
 The expected hashes are ``meta/<digest>.json`` (``{"size", "piece_size",
 "pieces"}``, written by the agent when it published the blob). When that record is
@@ -29,7 +37,6 @@ of a zero-copy tensor that the kernel drops later and reads again from disk.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 import re
 import threading
@@ -44,8 +51,34 @@ except ImportError:  # an image with torch alone: the agent checks instead (see 
     _xxhash = None
 
 AHEAD = 64 * 1024 * 1024  # how far past the furthest byte asked for the checker may read
+CHUNK = 1024 * 1024  # one positional read of a checker thread: fits a core's L2, where the hash then reads it
+THREADS = 2  # checker threads per open blob: reads in flight while the other hashes
+# Hand the read-ahead window to the kernel (posix_fadvise WILLNEED) before reading: more disk reads in
+# flight, but the kernel then fills the page cache with 4 KiB folios (not the large ones its own read-ahead
+# makes), so every later mapping of those pages takes ~2.5x the page faults. Off; see bench/RESULTS.md.
+WILLNEED = False
 MAX_META_BYTES = 16 * 1024 * 1024  # 32 hex digits + quotes per piece: ample for any blob
 _HEX128 = re.compile(r"^[0-9a-f]{32}$")
+
+# Read buffers kept between opens: a fresh one per thread per blob costs page faults and zeroing every time.
+_spare_buffers: list[bytearray] = []
+_spare_lock = threading.Lock()
+_MAX_SPARE = 8
+
+
+def _take_buffer(size: int) -> bytearray:
+    with _spare_lock:
+        while _spare_buffers:
+            buf = _spare_buffers.pop()
+            if len(buf) == size:
+                return buf
+    return bytearray(size)
+
+
+def _give_buffer(buf: bytearray) -> None:
+    with _spare_lock:
+        if len(_spare_buffers) < _MAX_SPARE:
+            _spare_buffers.append(buf)
 
 
 def available() -> bool:
@@ -85,7 +118,7 @@ def expected_hashes(cache_dir: str, digest: str, size: int) -> tuple[int, list[s
 
 
 class BlobCheck:
-    """Pieces of one open blob, hashed on a thread ahead of the loader; :meth:`ensure` blocks until a range passed.
+    """Pieces of one open blob, hashed by threads ahead of the loader; :meth:`ensure` blocks until a range passed.
 
     Thread-safe (the device ring calls :meth:`ensure` from its reader threads).
     """
@@ -99,15 +132,27 @@ class BlobCheck:
         self.piece_size = piece_size
         self.hashes = hashes
         self._ok = [False] * len(hashes)
+        self._busy: set[int] = set()  # pieces a thread is hashing now
         self._asked: set[int] = set()  # pieces a caller waits for, not yet checked
-        self._frontier = -1  # the furthest piece asked for; the thread reads up to AHEAD past it
+        self._frontier = -1  # the furthest piece asked for; the threads read up to AHEAD past it
         self._ahead = max(1, AHEAD // piece_size)
+        self._advised = 0  # bytes below this were already handed to the kernel's read-ahead (fadvise WILLNEED)
         self._error: BaseException | None = None
         self._closed = False
         self._cond = threading.Condition()
-        self._mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ) if size else None
-        self._thread = threading.Thread(target=self._run, name="warmstart-check", daemon=True)
-        self._thread.start()
+        # A descriptor of our own: the loader may close its one (and the number be reused) while we still read.
+        self._fd = os.dup(fd)
+        self._threads: list[threading.Thread] = []
+        try:
+            if size and hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger kernel read-ahead window
+            for n in range(min(THREADS, len(hashes))):
+                thread = threading.Thread(target=self._run, name=f"warmstart-check-{n}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+        except BaseException:
+            self.close()
+            raise
 
     def ensure(self, offset: int, nbytes: int) -> None:
         """Return once every piece holding bytes [offset, offset + nbytes) matched; raise if one did not."""
@@ -117,8 +162,10 @@ class BlobCheck:
         last = min((offset + nbytes - 1) // self.piece_size, len(self._ok) - 1)
         with self._cond:
             todo = [i for i in range(first, last + 1) if not self._ok[i]]
-            if todo:
-                self._asked.update(todo)
+            self._asked.update(todo)
+            if todo or last > self._frontier:
+                # The frontier moves even over pieces already checked, or read-ahead would stall
+                # there and the loader next wait for a cold read.
                 self._frontier = max(self._frontier, last)
                 self._cond.notify_all()
             while True:
@@ -132,25 +179,45 @@ class BlobCheck:
 
     def _next(self) -> int | None:
         """The piece to hash now (lowest asked first, then read-ahead); None to wait. Under the lock."""
-        if self._asked:
-            return min(self._asked)
+        asked = [i for i in self._asked if i not in self._busy]
+        if asked:
+            return min(asked)
         for i in range(max(0, self._frontier + 1), min(len(self._ok), self._frontier + 1 + self._ahead)):
-            if not self._ok[i]:
+            if not self._ok[i] and i not in self._busy:
                 return i
         return None
 
+    def _advise(self, i: int) -> tuple[int, int] | None:
+        """The range to hand the kernel (:data:`WILLNEED`) before hashing piece ``i``; None if done. Under the lock.
+
+        Up to the end of the read-ahead window (never past it), so the disk has
+        many reads queued while the threads hash what already arrived.
+        """
+        end = min(self.size, (max(i, self._frontier) + 1 + self._ahead) * self.piece_size)
+        start = max(self._advised, i * self.piece_size)
+        if end <= start:
+            return None
+        self._advised = end
+        return start, end - start
+
     def _run(self) -> None:
+        buf = _take_buffer(CHUNK)
         try:
             while True:
                 with self._cond:
                     i = self._next()
-                    while not self._closed and i is None:
+                    while not self._closed and self._error is None and i is None:
                         self._cond.wait(1.0)
                         i = self._next()
-                    if self._closed or i is None:
+                    if self._closed or self._error is not None or i is None:
                         return
-                ok = self._hash(i) == self.hashes[i]
+                    self._busy.add(i)
+                    advice = self._advise(i)
+                if advice is not None and WILLNEED and hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(self._fd, advice[0], advice[1], os.POSIX_FADV_WILLNEED)
+                ok = self._hash(i, buf) == self.hashes[i]
                 with self._cond:
+                    self._busy.discard(i)
                     self._asked.discard(i)
                     if not ok:
                         start = i * self.piece_size
@@ -166,27 +233,41 @@ class BlobCheck:
                     self._cond.notify_all()
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting loader
             with self._cond:
-                self._error = exc
+                if self._error is None:
+                    self._error = exc
                 self._cond.notify_all()
+        finally:
+            _give_buffer(buf)
 
-    def _hash(self, i: int) -> str:
-        assert self._mm is not None and _xxhash is not None
+    def _hash(self, i: int, buf: bytearray) -> str:
+        """xxh3-128 of piece ``i``, read with positional reads of up to :data:`CHUNK` bytes into ``buf``."""
+        assert _xxhash is not None
         start = i * self.piece_size
         end = min(self.size, start + self.piece_size) if len(self.hashes) > 1 else self.size
-        with memoryview(self._mm) as view:
-            digest = str(_xxhash.xxh3_128(view[start:end]).hexdigest())
-        # Unmap what was read: the pages stay in the page cache for the loader, not in this process.
-        page_start = start - start % mmap.PAGESIZE
-        self._mm.madvise(mmap.MADV_DONTNEED, page_start, end - page_start)
-        return digest
+        hasher = _xxhash.xxh3_128()
+        with memoryview(buf) as view:
+            pos = start
+            while pos < end:
+                n = os.preadv(self._fd, [view[: min(len(view), end - pos)]], pos)
+                if n <= 0:
+                    raise CorruptPieceError(
+                        f"{self.label}: the cached {self.blob} ended at byte {pos}, inside piece {i}"
+                        f" (bytes {start}-{end}): the file on disk was truncated",
+                        self.blob, i,
+                    )  # fmt: skip
+                hasher.update(view[:n])
+                pos += n
+        return str(hasher.hexdigest())
 
     def close(self) -> None:
-        """Stop the thread and unmap. Idempotent; waiters still blocked raise."""
+        """Stop the threads and close our descriptor. Idempotent; waiters still blocked raise."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
-        if self._mm is not None:
-            self._mm.close()
-            self._mm = None
+        for thread in self._threads:
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join()
+        with self._cond:
+            fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
