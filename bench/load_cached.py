@@ -517,7 +517,8 @@ DEV = [n for n in CONTENDERS if n.endswith("-dev") or n.startswith("pread-dev")]
 CPU_DEST_ONLY = ("pread-dest", "pread-dest-t4")  # they preadv straight into the destination's host memory
 FILLS_DEST = {n for n in CONTENDERS if not n.startswith("pread-buf")}
 LIMITS = ("pread-buf", "pread-buf-t4")
-CHECKED = ("ws-open", "ws-iter", "ws-open-prev", "ws-iter-prev", "ws-open-willneed", "ws-iter-willneed")  # each has a -nocheck twin
+# each has a -nocheck twin
+CHECKED = ("ws-open", "ws-iter", "ws-open-prev", "ws-iter-prev", "ws-open-willneed", "ws-iter-willneed")
 
 
 def warm_up(plan: Plan, buf: memoryview) -> None:

@@ -20,7 +20,7 @@ synchronous copies.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -161,7 +161,7 @@ class DeviceRing:
         path: str,
         infos: Sequence[TensorInfo],
         wait: Callable[[int, int], None] | None = None,
-    ) -> Iterator[tuple[str, torch.Tensor]]:
+    ) -> Generator[tuple[str, torch.Tensor]]:
         """Yield ``infos``' tensors on the device as their bytes arrive (file order).
 
         ``fd`` must stay open until the generator is exhausted or closed.

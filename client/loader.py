@@ -32,7 +32,7 @@ import os
 import struct
 import sys
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -164,7 +164,7 @@ def iter_streamed_files(
     copy: bool = False,
     ring_bytes: int = DEFAULT_RING_BYTES,
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """:func:`iter_safetensors_files` for files that may still be filling: each tensor as soon as its bytes are verified.
+    """:func:`iter_safetensors_files` for files that may still be filling: each tensor once its bytes are verified.
 
     Files are taken in order; a file's header is read once its first bytes are
     there, and each tensor once the pieces holding it are. Names are checked as
@@ -245,7 +245,7 @@ def iter_streamed_files(
 
 def _without_closing(gen: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
     """``gen``'s items; closing this does not close ``gen`` (the caller does, after its own clean-up)."""
-    for item in gen:
+    for item in gen:  # noqa: UP028 (``yield from`` would pass close() on to ``gen``: the point is not to)
         yield item
 
 
@@ -309,7 +309,7 @@ Wait = Callable[[int, int], None]
 
 def _load_one(
     path: str, fd: int, infos: Sequence[TensorInfo], *, copy: bool, wait: Wait | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> Generator[tuple[str, torch.Tensor]]:
     """Yield ``infos``' tensors from the open, share-locked ``fd``; takes ownership of ``fd``.
 
     The descriptor (and with it the lock) is closed here unless some tensor
