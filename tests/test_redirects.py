@@ -32,7 +32,7 @@ from aiohttp import web
 
 from agent.api.node import Readiness, node_app
 from agent.api.peer import PeerState
-from agent.defaults import MIN_PIECE_SIZE
+from agent.config import MIN_PIECE_SIZE
 from agent.artifacts.index import ArtifactIndex
 from agent.artifacts.lookup import Artifacts
 from agent.fetch.fetcher import Fetcher
