@@ -12,6 +12,7 @@ sha1 for the rest.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import os
 import time
 
@@ -30,6 +31,27 @@ from agent.origins.base import HttpOrigin
 from agent.origins.range_http import RangeClient
 from agent.refs import ModelRef, check_relative_path
 from client.errors import AccessDeniedError, FetchFailedError, ModelNotFoundError
+
+
+def _transport_errors() -> tuple[type[BaseException], ...]:
+    """The "could not talk to the server" errors of whichever HTTP library this huggingface_hub uses.
+
+    huggingface_hub 1.x raised requests' errors, 2.x raises httpx2's (earlier ones httpx's): none of them
+    are OSError. They are looked up, not imported by name, so the agent depends on none in particular.
+    """
+    found: list[type[BaseException]] = []
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests", "ConnectionError"), ("requests", "Timeout")):  # fmt: skip
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            continue
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return tuple(found)
+
+
+_UNREACHABLE: tuple[type[BaseException], ...] = (OSError, *_transport_errors())
 
 
 class HfOrigin(HttpOrigin):
@@ -58,8 +80,9 @@ class HfOrigin(HttpOrigin):
             if status in (401, 403):
                 raise AccessDeniedError(f"{self.endpoint} refused access to {where}: set HF_TOKEN") from None
             raise FetchFailedError(f"Hugging Face error resolving {where}: {exc}") from None
-        except OSError as exc:
-            raise FetchFailedError(f"cannot reach {self.endpoint} for {where}: {exc}") from None
+        except _UNREACHABLE as exc:
+            # huggingface_hub 2.x raises its HTTP library's errors (httpx2.ConnectError, ...), not OSError.
+            raise FetchFailedError(f"cannot reach {self.endpoint} for {where}: {type(exc).__name__}: {exc}") from None
         if not info.sha or info.siblings is None:
             raise FetchFailedError(f"{self.endpoint} returned no commit or file list for {where}")
         files = []
