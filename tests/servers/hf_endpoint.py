@@ -214,6 +214,9 @@ class HfEndpoint(ThreadedServer):
         self.require_token = require_token
         #: rfilenames (or "repo_id/rfilename") served with one byte flipped.
         self.corrupt_paths: set[str] = set()
+        #: mirror mode: file listings carry names only (no size, blobId or lfs, even with ?blobs=true), as
+        #: some Hub mirrors and proxies answer; a client must ask per file (HEAD: X-Linked-Size/-Etag, ETag).
+        self.bare_listing = False
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active = 0  # requests being handled: their log entry may not be written yet
@@ -294,6 +297,7 @@ class HfEndpoint(ThreadedServer):
             self._meta_faults.clear()
         self.corrupt_paths.clear()
         self.require_token = None
+        self.bare_listing = False
 
     # ------------------------------------------------------------------ knobs and log
 
@@ -483,7 +487,7 @@ class HfEndpoint(ThreadedServer):
         siblings = []
         for f in sorted(commit.files.values(), key=lambda f: f.path):
             s: dict[str, Any] = {"rfilename": f.path}
-            if blobs:
+            if blobs and not self.bare_listing:
                 s["size"] = f.size
                 s["blobId"] = f.blob_id
                 if f.lfs:
