@@ -301,6 +301,11 @@ class AgentConfig:
         30.0, flag="--read-timeout", env="WARMSTART_READ_TIMEOUT",
         help="seconds an origin or peer body may stall before the request is retried",
         form="a number of seconds above 0", parse=_seconds, check=_positive_seconds)
+    resolve_timeout: float = _setting(
+        5.0, flag="--resolve-timeout", env="WARMSTART_RESOLVE_TIMEOUT",
+        help="seconds a moving reference (no @revision) waits for its origin when a complete revision of it is "
+             "cached; past it, or when the origin refuses or fails, that revision is served (marked stale)",
+        form="a number of seconds above 0", parse=_seconds, check=_positive_seconds)
     drop_behind: bool = _setting(
         False, flag="--drop-behind", env="WARMSTART_DROP_BEHIND",
         help="write back and drop fetched blobs from the page cache as they are verified, so a prefetch does "

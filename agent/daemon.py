@@ -198,7 +198,9 @@ async def running(config: AgentConfig, *, freeze_gc: bool = False) -> AsyncItera
             store, metrics, config.connections, config.retries, peer_reader, open_files=config.open_files
         )
         stack.push_async_callback(fetcher.close)
-        service = ModelService(store, fetcher, origins, config.piece_size)
+        service = ModelService(
+            store, fetcher, origins, config.piece_size, resolve_timeout=config.resolve_timeout, metrics=metrics
+        )
         artifacts = Artifacts(ArtifactIndex(store, node=peers[0].me) if peers else ArtifactIndex(store), metrics, peers)
         metrics.watch(store, fetcher.in_flight, peers[0] if peers is not None else None)
         if peers is not None:

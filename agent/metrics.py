@@ -128,6 +128,14 @@ class Metrics:
             "warmstart_api_errors", "Requests answered with an error, by error kind (client/errors.py)",
             ["kind"], registry=r,
         )
+        self.stale_serves = Counter(
+            "warmstart_stale_serves",
+            "Moving references answered with the newest complete cached revision because the origin refused, "
+            "failed or did not answer within --resolve-timeout, by scheme",
+            ["scheme"], registry=r,
+        )
+        for scheme in ("s3", "hf", "https", "http", "file"):
+            self.stale_serves.labels(scheme)
         self.served_client_bytes = 0  # exported as warmstart_served_bytes_total{to="client"}
         self.transfers = Transfers()
         self.build_info = Gauge("warmstart_build_info", "Always 1; the agent's version", ["version"], registry=r)

@@ -14,8 +14,11 @@ import errno
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import aiohttp
+
+from agent.errors import TransientOriginError
 from agent.fetch.fetcher import Fetcher, PeerContext, ServedPiece, first_error
 from agent.manifest import Blob, FileEntry, FillKey, Manifest
 from agent.origins import Origins
@@ -23,9 +26,22 @@ from agent.origins.base import peer_checkable
 from agent.refs import ModelRef, parse_ref
 from agent.store.fill import file_digests
 from agent.store.store import Store
-from client.errors import CapacityError, FetchFailedError, ModelNotFoundError, ResourceError, WarmstartError
+from client.errors import (
+    AccessDeniedError,
+    BadReferenceError,
+    CapacityError,
+    FetchFailedError,
+    ModelNotFoundError,
+    ResourceError,
+    WarmstartError,
+)
+
+if TYPE_CHECKING:
+    from agent.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+DEFAULT_RESOLVE_TIMEOUT = 5.0  # AgentConfig.resolve_timeout's default (agent/config.py: the verbs never import it)
 
 
 @dataclass
@@ -61,11 +77,25 @@ class Progress:
 
 
 class ModelService:
-    def __init__(self, store: Store, fetcher: Fetcher, origins: Origins, piece_size: int) -> None:
+    def __init__(
+        self,
+        store: Store,
+        fetcher: Fetcher,
+        origins: Origins,
+        piece_size: int,
+        *,
+        resolve_timeout: float = DEFAULT_RESOLVE_TIMEOUT,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.store = store
         self.fetcher = fetcher
         self.origins = origins
         self.piece_size = piece_size
+        self.resolve_timeout = resolve_timeout
+        self.metrics = metrics
+        # Model key -> when a bare reference to it was first served from the cache because its origin was
+        # down; cleared when the origin answers again (``agent ls`` shows it). In memory: a restart forgets.
+        self.stale_since: dict[str, float] = {}
         # Model key -> the revision a bare reference opens while a newer one is being
         # fetched in the background (the warm set's rollover): the newest *complete* one.
         self.serving: dict[str, str] = {}
@@ -107,6 +137,14 @@ class ModelService:
 
         A bare reference whose model is being rolled over names the complete revision
         (``serving``) unless ``fresh``: the warm set itself asks the origin.
+
+        A bare reference with a complete revision cached waits at most
+        ``resolve_timeout`` for the origin; when the origin is down (refuses,
+        fails, answers 5xx, hangs) that revision is served and marked stale
+        (:meth:`_stale`): a node that holds a model must keep serving it through
+        an outage of the origin. An exact revision that is cached never asks the
+        origin at all. With nothing complete cached the origin's own error (or
+        wait) stands: there is nothing better to offer.
         """
         ref = parse_ref(text)
         if ref.revision:
@@ -117,21 +155,65 @@ class ModelService:
             current = await self.store.load_manifest(ref, serving)
             if current is not None and self.is_complete(current):
                 return ref, current
+        fallback = None if ref.revision else await self.newest_complete(ref)
+        origin = self.origins.for_ref(ref)
         try:
-            resolved = await self.origins.for_ref(ref).resolve(ref)
-        except FetchFailedError as exc:
-            rec = self.store.models.get(ref.key)
-            known = await self.store.load_manifest(ref, rec.revision) if rec and not ref.revision else None
-            if known is None:
+            if fallback is None:
+                resolved = await origin.resolve(ref)
+            else:
+                async with asyncio.timeout(self.resolve_timeout):
+                    resolved = await origin.resolve(ref)
+        except TimeoutError:
+            if fallback is None:
+                raise FetchFailedError(f"the origin of {ref.base} did not answer in time") from None
+            return ref, self._stale(ref, fallback, f"no answer within {self.resolve_timeout:g}s")
+        except Exception as exc:
+            if fallback is None and isinstance(exc, FetchFailedError) and not ref.revision:
+                # Nothing complete here, but the record's partial revision may still be completed from peers.
+                rec = self.store.models.get(ref.key)
+                known = await self.store.load_manifest(ref, rec.revision) if rec is not None else None
+                if known is not None:
+                    log.warning("origin unreachable for %s (%s); trying cached revision %s", ref, exc, known.revision)
+                    return ref, known
+            if fallback is None or not _origin_down(exc, ref):
                 raise
-            log.warning("origin unreachable for %s (%s); serving cached revision %s", ref, exc, known.revision)
-            return ref, known
+            return ref, self._stale(ref, fallback, f"{type(exc).__name__}: {exc}")
+        self.stale_since.pop(ref.key, None)
         known = await self.store.load_manifest(ref, resolved.revision)
         if known is not None:
             return ref, known
         manifest = resolved.with_piece_size(self.piece_size, self.store.sources)
         await self.store.save_manifest(ref, manifest)
         return ref, manifest
+
+    async def newest_complete(self, ref: ModelRef) -> Manifest | None:
+        """The revision of a model this node knows that a bare reference falls back to: the model record's
+        when complete (it moves only to complete revisions once it names one), else the newest complete
+        manifest saved for it (resolved last). None for a model the node does not know (never fetched, or
+        evicted)."""
+        rec = self.store.models.get(ref.key)
+        if rec is None:
+            return None
+        current = await self.store.load_manifest(ref, rec.revision)
+        if current is not None and self.is_complete(current):
+            return current
+        complete = []
+        for revision in await self.store.manifest_revisions(ref):
+            manifest = await self.store.load_manifest(ref, revision)
+            if manifest is not None and self.is_complete(manifest):
+                complete.append(manifest)
+        return max(complete, key=lambda m: m.resolved_at, default=None)
+
+    def _stale(self, ref: ModelRef, manifest: Manifest, why: str) -> Manifest:
+        """Serve ``manifest`` for a bare ``ref`` whose origin is down: one log line, the metric, the mark."""
+        since = self.stale_since.setdefault(ref.key, time.time())
+        log.warning(
+            "origin unreachable for %s (%s); serving cached revision %s (stale since %s)",
+            ref.base, why, manifest.revision, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)),
+        )
+        if self.metrics is not None:
+            self.metrics.stale_serves.labels(ref.scheme).inc()
+        return manifest
 
     def progress(self, manifest: Manifest) -> Progress:
         p = Progress(manifest, self.store, self.fetcher, time.monotonic(), 0)
@@ -207,6 +289,7 @@ class ModelService:
                 "files": len(files),
                 "pinned": rec.pinned,
                 "last_used": rec.last_used,
+                "stale_since": self.stale_since.get(rec.key),
             })
         return out
 
@@ -232,6 +315,7 @@ class ModelService:
             else:
                 kept.append({"digest": digest, "reason": "open by a reader; evicted when released"})
         await self.store.forget_model(ref)
+        self.stale_since.pop(ref.key, None)
         return {"ref": ref.base, "freed_bytes": freed, "kept": kept}
 
     async def verify(self, ref: ModelRef, manifest: Manifest) -> dict[str, Any]:
@@ -253,6 +337,20 @@ class ModelService:
         missing = sum(1 for f in manifest.files if self.store.digest_of(f) is None)
         await self.ensure(ref, manifest)
         return {"checked": checked, "corrupt": corrupt, "repaired": missing}
+
+
+def _origin_down(exc: BaseException, ref: ModelRef) -> bool:
+    """Whether a failed resolve means "the origin is unreachable or failing", so a cached revision may stand in.
+
+    Refusals, resets, 5xx and timeouts are; a typed answer from an origin that is up is not (not found,
+    access denied, a bad reference): serving a cached copy then would hide what the user must fix. A
+    local directory that vanished is down, though: an NFS share that went away looks like that.
+    """
+    if isinstance(exc, ModelNotFoundError):
+        return ref.scheme == "file"
+    if isinstance(exc, AccessDeniedError | BadReferenceError | CapacityError | ResourceError):
+        return False
+    return isinstance(exc, FetchFailedError | TransientOriginError | OSError | aiohttp.ClientError | TimeoutError)
 
 
 def _disk_full(exc: BaseException, root: str) -> BaseException:

@@ -36,6 +36,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "connections": [0, -3, "eight", 2.0, True],
     "retries": [0, -1, "6"],
     "read_timeout": [0, -1.0, float("nan"), float("inf"), "30"],
+    "resolve_timeout": [0, -1, float("nan"), "5"],
     "drop_behind": ["yes", 1, None],
     "allow_private_redirects": ["yes", 1, None],
     "open_files": [0, 7, "many", 8.5],

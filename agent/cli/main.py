@@ -352,6 +352,11 @@ def _ls(conn: AgentConnection, as_json: bool) -> int:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    for m in data["models"]:  # below the table, so the table's columns stay what scripts read
+        if m.get("stale_since"):
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["stale_since"]))
+            print(f"{m['ref']}: stale since {since}: its origin is unreachable; serving cached revision "
+                  f"{m['revision'][:12]}")
     print(f"cache: {format_size(data['used_bytes'])} used of {format_size(data['capacity_bytes'])}")
     if warm is not None:
         print()

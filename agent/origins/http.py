@@ -19,6 +19,7 @@ from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import aiohttp
 
+from agent.errors import TransientOriginError
 from agent.manifest import FileEntry, Manifest, listing_revision
 from agent.origins.base import HttpOrigin, check_status
 from agent.origins.policy import AddressPolicy, AddressRefusedError, downgrade
@@ -44,6 +45,9 @@ class PlainHttpOrigin(HttpOrigin):
         probe = FileEntry(path=name, size=0)
         try:
             size, etag, modified = await self._head(url, probe)
+        except TransientOriginError as exc:  # 5xx or 429 from the HEAD: the origin is up but failing
+            log.info("HEAD %s failed: %s", url, exc)
+            raise FetchFailedError(f"{_without_port(url)} is failing ({exc}); try again later") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             # No errno or port in what may go back to a peer (an open port would read differently from a closed one).
             log.info("HEAD %s failed: %s: %s", url, type(exc).__name__, exc)

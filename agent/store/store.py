@@ -301,6 +301,18 @@ class Store:
             self._manifest_cache[(ref.key, revision)] = manifest
         return manifest
 
+    async def manifest_revisions(self, ref: ModelRef) -> list[str]:
+        """Revisions of ``ref`` whose manifests this node saved (complete or not), in no order."""
+
+        def listing() -> list[str]:
+            try:
+                names = os.listdir(self.path("manifests", ref.key))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+            return [n.removesuffix(".json") for n in names if n.endswith(".json") and not n.startswith(".")]
+
+        return await self.run(listing)
+
     async def record_model(self, ref: ModelRef, revision: str, pin: bool | None = None) -> ModelRecord:
         rec = self.models.get(ref.key)
         if rec is None:

@@ -214,6 +214,9 @@ class HfEndpoint(ThreadedServer):
         self.require_token = require_token
         #: rfilenames (or "repo_id/rfilename") served with one byte flipped.
         self.corrupt_paths: set[str] = set()
+        #: mirror mode: file listings carry names only (no size, blobId or lfs, even with ?blobs=true), as
+        #: some Hub mirrors and proxies answer; a client must ask per file (HEAD: X-Linked-Size/-Etag, ETag).
+        self.bare_listing = False
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active = 0  # requests being handled: their log entry may not be written yet
@@ -221,6 +224,7 @@ class HfEndpoint(ThreadedServer):
         self._seq = 0
         self._log: list[HfRequest] = []
         self._faults: list[tuple[int, str | None]] = []  # (status, file or None) consumed in order
+        self._meta_faults: list[int] = []  # statuses for the next metadata requests (API, HEAD of a file)
         self._runner: web.AppRunner | None = None
         super().__init__(host, port, backlog=128, name="hf-endpoint")
 
@@ -290,8 +294,10 @@ class HfEndpoint(ThreadedServer):
             self._repos.clear()
             self._log.clear()
             self._faults.clear()
+            self._meta_faults.clear()
         self.corrupt_paths.clear()
         self.require_token = None
+        self.bare_listing = False
 
     # ------------------------------------------------------------------ knobs and log
 
@@ -304,6 +310,18 @@ class HfEndpoint(ThreadedServer):
         """The next ``count`` GETs of file bytes (of ``file`` only, if given) answer ``status``."""
         with self._lock:
             self._faults.extend([(status, file)] * count)
+
+    def fail_metadata_next(self, count: int = 1, status: int = 500) -> None:
+        """The next ``count`` metadata requests (``/api/models/...``, HEAD of a file) answer ``status``:
+        a hub or mirror that is up but failing, as a 5xx outage looks to a client that resolves first."""
+        with self._lock:
+            self._meta_faults.extend([status] * count)
+
+    def _meta_fault(self) -> None:
+        with self._lock:
+            status = self._meta_faults.pop(0) if self._meta_faults else None
+        if status is not None:
+            raise HubError(status, None, f"injected fault {status}")
 
     @property
     def requests(self) -> list[HfRequest]:
@@ -448,6 +466,7 @@ class HfEndpoint(ThreadedServer):
         repo_id, tail = self._split_repo(rest)
         info["repo_id"] = repo_id
         self._check_auth(request)
+        self._meta_fault()
         if not tail:
             revision = "main"
         elif tail[0] == "revision" and len(tail) == 2:
@@ -468,7 +487,7 @@ class HfEndpoint(ThreadedServer):
         siblings = []
         for f in sorted(commit.files.values(), key=lambda f: f.path):
             s: dict[str, Any] = {"rfilename": f.path}
-            if blobs:
+            if blobs and not self.bare_listing:
                 s["size"] = f.size
                 s["blobId"] = f.blob_id
                 if f.lfs:
@@ -533,6 +552,8 @@ class HfEndpoint(ThreadedServer):
         self, request: web.Request, repo_id: str, revision: str, file: str, info: dict[str, Any]
     ) -> web.StreamResponse:
         self._check_auth(request)
+        if request.method == "HEAD":
+            self._meta_fault()
         with self._lock:
             _repo, commit = self._resolve(repo_id, revision)
             entry = commit.files.get(file)
