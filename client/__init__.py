@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -173,30 +174,44 @@ def iter_tensors(
 
     options: dict[str, Any] = {"device": check_device(device), "names": names, "copy": copy, "ring_bytes": ring_bytes}
     first = _open_stream(ref, socket, timeout)  # here, so a dead agent or a bad reference fail at the call
-    return _iterate(ref, socket, timeout, first, options)
+    iteration = _iterate(ref, socket, timeout, first, options)
+    # A generator dropped before its first next() never runs its finally: let go of the holds then.
+    weakref.finalize(iteration, first[0].release)
+    return iteration
 
 
 def _open_stream(ref: str, socket: str | None, timeout: float) -> tuple[ModelStream, list[str]]:
-    """The agent's open of ``ref`` and the model's weight files.
+    """The agent's open of ``ref`` and the model's weight files, every one held (share-locked) once named.
 
-    A rotted shard index is repaired once, as weights are.
+    A rotted shard index is repaired once, as weights are. A blob evicted
+    between the agent's answer and the client's open is asked for again (up
+    to EVICTED_RETRIES opens): nothing was handed out from this open yet.
     """
-    from client.stream import ModelStream
+    from client.stream import BlobEvictedError, ModelStream
     from client.verify import CorruptPieceError
 
-    for attempt in range(2):
+    repaired = False
+    evicted = 0
+    while True:
         stream = ModelStream(ref, socket, timeout)
         try:
-            return stream, _weight_files(ref, stream.names(), functools.partial(_read_whole, stream, INDEX_FILE))
+            shards = _weight_files(ref, stream.names(), functools.partial(_read_whole, stream, INDEX_FILE))
+            stream.hold(shards)
+            return stream, shards
         except CorruptPieceError as exc:
-            stream.close()
-            if attempt == 1:
+            stream.release()
+            if repaired:
                 raise IntegrityError(f"{exc} (still, after the agent re-verified the blob: not loaded)") from None
+            repaired = True
             _reverify(ref, stream, socket, timeout, str(exc))
+        except BlobEvictedError:
+            stream.release()
+            evicted += 1
+            if evicted >= EVICTED_RETRIES:
+                raise
         except BaseException:
-            stream.close()
+            stream.release()
             raise
-    raise AssertionError("unreachable")
 
 
 def _iterate(
@@ -210,35 +225,55 @@ def _iterate(
 
     Every tensor handed out was checked (client/verify.py); after a repair the
     load starts over on the fresh open and skips the names already yielded.
+    The weight files stay share-locked (held by the stream) until the iteration
+    ends or is closed, so the agent cannot evict what is being read; a file
+    evicted before the stream could hold it (between the agent naming it and
+    the lock, or the lock released for a repair) is opened again the same way,
+    up to EVICTED_RETRIES times.
     """
     from client import verify
     from client.loader import iter_streamed_files
+    from client.stream import BlobEvictedError
 
     if options["ring_bytes"] is None:
         del options["ring_bytes"]
     stream, shards = first
-    if not verify.available():  # no xxhash in this image: the agent re-hashes the blobs before we read them
-        _warn_no_xxhash()
-        stream.close()
-        _reverify(ref, stream, socket, timeout)
-        stream, shards = _open_stream(ref, socket, timeout)
-    yielded: set[str] = set()
-    for attempt in range(2):
-        try:
-            for name, tensor in iter_streamed_files(stream, shards, label=ref, **options):
-                if name not in yielded:
-                    yielded.add(name)
-                    yield name, tensor
-            return
-        except verify.CorruptPieceError as exc:
-            if attempt == 1:
-                raise IntegrityError(
-                    f"{exc} (still, after the agent re-verified the blob: not loaded; see `agent verify {ref}`"
-                    " and the agent's log)"
-                ) from None
-            _reverify(ref, stream, socket, timeout, str(exc))
+    try:
+        if not verify.available():  # no xxhash in this image: the agent re-hashes the blobs before we read them
+            _warn_no_xxhash()
+            stream.release()
+            _reverify(ref, stream, socket, timeout)
             stream, shards = _open_stream(ref, socket, timeout)
-    raise AssertionError("unreachable")
+        yielded: set[str] = set()
+        repaired = False
+        evicted = 0
+        while True:
+            tensors = iter_streamed_files(stream, shards, label=ref, **options)
+            try:
+                for name, tensor in tensors:
+                    if name not in yielded:
+                        yielded.add(name)
+                        yield name, tensor
+                return
+            except verify.CorruptPieceError as exc:
+                if repaired:
+                    raise IntegrityError(
+                        f"{exc} (still, after the agent re-verified the blob: not loaded; see `agent verify {ref}`"
+                        " and the agent's log)"
+                    ) from None
+                repaired = True
+                _reverify(ref, stream, socket, timeout, str(exc))
+            except BlobEvictedError:
+                evicted += 1
+                if evicted >= EVICTED_RETRIES:
+                    raise
+            finally:
+                tensors.close()
+            # the new open holds its files before the old one lets go of its own
+            old, (stream, shards) = stream, _open_stream(ref, socket, timeout)
+            old.release()
+    finally:
+        stream.release()
 
 
 def _reverify(ref: str, stream: ModelStream, socket: str | None, timeout: float, why: str = "") -> None:

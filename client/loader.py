@@ -163,7 +163,7 @@ def iter_streamed_files(
     names: Iterable[str] | None = None,
     copy: bool = False,
     ring_bytes: int = DEFAULT_RING_BYTES,
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> Generator[tuple[str, torch.Tensor]]:
     """:func:`iter_safetensors_files` for files that may still be filling: each tensor once its bytes are verified.
 
     Files are taken in order; a file's header is read once its first bytes are

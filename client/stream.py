@@ -17,6 +17,15 @@ so a load that saw a corrupt file fails instead of returning.
 
 An agent that does not stream (it answers with a final ``complete`` line only)
 works too: every file becomes readable when that line arrives.
+
+Holding: once told which files it will read (:meth:`ModelStream.hold`), the
+stream opens each of them and takes the shared ``flock`` the agent's eviction
+respects as soon as the agent names its blob or partial file (at once for those
+named already, on the reader thread for those named later), and keeps them until
+:meth:`ModelStream.release`. So no file an iteration reads can be evicted while it
+runs, and a file already gone when it starts is a :class:`BlobEvictedError`
+before anything was handed out (the caller opens again). A partial file's lock
+is its blob's: the rename keeps the inode.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+from client._flock import lock_shared
 from client._transport import DEFAULT_TIMEOUT, AgentConnection, NDJSONStream
 from client.errors import AgentUnavailableError, WarmstartError
 from client.verify import BlobCheck, CorruptPieceError, expected_hashes
@@ -81,6 +91,9 @@ class ModelStream:
         self.error: BaseException | None = None
         self._listed = False  # the file list is known (a streaming head, or the complete line)
         self._closed = False
+        self._to_hold: set[str] = set()  # model files to open and share-lock as soon as they are named
+        self._held: dict[str, tuple[int, str]] = {}  # path -> (descriptor holding the flock, local file)
+        self._released = False
         try:
             self._take(next(self._lines))  # the "resolved" head: the file list
         except StopIteration:
@@ -101,6 +114,7 @@ class ModelStream:
                 with self._cond:
                     self._take(line)
                     self._cond.notify_all()
+                self._hold_named()
                 if line.get("event") == "complete":
                     break
             else:
@@ -178,34 +192,108 @@ class ModelStream:
                     raise WarmstartError(f"{self.where}: the stream was closed")
                 self._cond.wait(1.0)
 
-    def open(self, path: str) -> tuple[int, str]:
-        """A read-only descriptor of model file ``path`` as soon as it exists (partial or blob)."""
+    def hold(self, paths: list[str]) -> None:
+        """Open and share-lock model files ``paths`` now if the agent named them, else as soon as it does.
+
+        Raises :class:`BlobEvictedError` when a complete blob is already gone
+        (the caller has handed nothing out yet: it opens the model again).
+        """
+        with self._cond:
+            self._to_hold.update(paths)
+        for path in self._hold_named(strict=True):
+            raise self._missing(path, self._state(path))
+
+    def _hold_named(self, strict: bool = False) -> list[str]:
+        """Hold every file to hold that the agent has named and is not held yet; return those that were missing.
+
+        On the reader thread (``strict`` false) a file that cannot be held is left
+        for :meth:`open` to report when the loader reaches it.
+        """
+        with self._cond:
+            if self._released:
+                return []
+            todo = [(p, self.files[p]) for p in sorted(self._to_hold - self._held.keys()) if p in self.files]
+            named = [(p, f.blob or f.partial, f.blob is not None) for p, f in todo if f.blob or f.partial]
+            cache_dir = self.cache_dir
+        missing: list[str] = []
+        if not isinstance(cache_dir, str):
+            return missing
+        for path, rel, complete in named:
+            try:
+                opened = self._open_locked(cache_dir, path, rel)
+            except (OSError, WarmstartError):
+                if strict:
+                    raise
+                continue  # the loader's own open of it reports what is wrong
+            if opened is None:
+                if complete:  # a partial file missing was renamed to its blob: the next line names it
+                    missing.append(path)
+                continue
+            with self._cond:
+                if self._released or path in self._held:
+                    os.close(opened[0])
+                else:
+                    self._held[path] = opened
+        return missing
+
+    def _open_locked(self, cache_dir: str, path: str, rel: str | None) -> tuple[int, str] | None:
+        """``rel`` opened and share-locked, or None when it is not there (evicted, or renamed to its blob)."""
         from client import _in_cache
 
+        local = _in_cache(cache_dir, rel, f"{self.where}: file path")
+        try:
+            fd = os.open(local, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            lock_shared(fd, f"{self.ref}/{path}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, local
+
+    def _state(self, path: str) -> FileState:
+        with self._cond:
+            return self.files.get(path) or FileState(path)
+
+    def _missing(self, path: str, f: FileState) -> WarmstartError:
+        """The error for a named file that is not on disk."""
+        with self._cond:
+            cache_dir = self.cache_dir
+        if f.blob is not None and isinstance(cache_dir, str) and os.path.isdir(os.path.join(cache_dir, "blobs")):
+            return BlobEvictedError(
+                f"{self.where}: {path!r} was evicted between the agent's answer and this open"
+                " (the node cache is under capacity pressure); open the model again"
+            )
+        local = os.path.join(cache_dir or "?", f.blob or f.partial or "?")
+        return WarmstartError(
+            f"{self.where}: {path!r} is complete but {local} is missing; if this process sees the"
+            f" node cache at another path than the agent, set WARMSTART_CACHE_DIR to it"
+        )
+
+    def open(self, path: str) -> tuple[int, str]:
+        """A read-only descriptor of model file ``path`` as soon as it exists (partial or blob), share-locked.
+
+        A held file comes as a new descriptor of the held one (the same lock):
+        the caller closes it, the hold stays until :meth:`release`.
+        """
         for _ in range(OPEN_RETRIES):
             f = self.wait_readable(path, 0, 0)
-            rel = f.blob or f.partial
             with self._cond:
+                held = self._held.get(path)
                 cache_dir = self.cache_dir
+            if held is not None:
+                return os.dup(held[0]), held[1]
             if not isinstance(cache_dir, str):
                 raise WarmstartError(f"{self.where}: the agent did not say where its cache is")
-            local = _in_cache(cache_dir, rel, f"{self.where}: file path")
-            try:
-                return os.open(local, os.O_RDONLY | os.O_CLOEXEC), local
-            except FileNotFoundError:
-                if f.blob is not None and os.path.isdir(os.path.join(cache_dir, "blobs")):
-                    raise BlobEvictedError(
-                        f"{self.where}: {path!r} was evicted between the agent's answer and this open"
-                        " (the node cache is under capacity pressure); open the model again"
-                    ) from None
-                if f.blob is not None:
-                    raise WarmstartError(
-                        f"{self.where}: {path!r} is complete but {local} is missing; if this process sees the"
-                        f" node cache at another path than the agent, set WARMSTART_CACHE_DIR to it"
-                    ) from None
-                with self._cond:  # renamed to its blob just now: the next line names the blob
-                    if f.blob is None and self.error is None and self.complete is None:
-                        self._cond.wait(1.0)
+            opened = self._open_locked(cache_dir, path, f.blob or f.partial)
+            if opened is not None:
+                return opened
+            if f.blob is not None:
+                raise self._missing(path, f)
+            with self._cond:  # renamed to its blob just now: the next line names the blob
+                if f.blob is None and self.error is None and self.complete is None:
+                    self._cond.wait(1.0)
         raise WarmstartError(f"{self.where}: could not open {path!r}: it kept moving")
 
     def check(self, path: str, fd: int, local: str) -> BlobCheck | None:
@@ -248,3 +336,12 @@ class ModelStream:
         self._lines.abort()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+
+    def release(self) -> None:
+        """Stop following and drop the holds: the agent may evict these files again. Idempotent."""
+        self.close()
+        with self._cond:
+            self._released = True
+            held, self._held = list(self._held.values()), {}
+        for fd, _ in held:
+            os.close(fd)
