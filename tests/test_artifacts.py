@@ -94,9 +94,8 @@ def test_hostile_archive_is_rejected_naming_the_member_and_writes_nothing(tmp_pa
     target.mkdir(parents=True)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     members = [_member("inductor", tarfile.DIRTYPE), *HOSTILE[case]]
-    with pytest.raises(UnsafeBundleError) as err:
-        with Bundle(io.BytesIO(_tar(members))) as b:
-            b.install("inductor", str(target))
+    with pytest.raises(UnsafeBundleError) as err, Bundle(io.BytesIO(_tar(members))) as b:
+        b.install("inductor", str(target))
     assert err.value.member is not None and err.value.member in str(err.value)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert not Path("/tmp/warmstart-evil-abs.txt").exists()
@@ -109,9 +108,8 @@ def test_install_refuses_to_write_through_a_symlink_already_in_the_target(tmp_pa
     target.mkdir()
     (target / "sub").symlink_to(outside)
     data = _tar([_member("inductor", tarfile.DIRTYPE), _member("inductor/sub/evil.txt")])
-    with pytest.raises(UnsafeBundleError, match="target/sub"):
-        with Bundle(io.BytesIO(data)) as b:
-            b.install("inductor", str(target))
+    with pytest.raises(UnsafeBundleError, match="target/sub"), Bundle(io.BytesIO(data)) as b:
+        b.install("inductor", str(target))
     assert list(outside.iterdir()) == []
 
 
@@ -212,9 +210,8 @@ def test_capacity_counts_bundles_and_evicts_them_lru(inproc_factory: Any, tmp_pa
     present = {a["key"]: a["present"] for a in listing["artifacts"]}
     assert present == {"k0": False, "k1": True, "k2": True}, present
     assert listing["used_bytes"] <= 5 * 1024 * 1024
-    with pytest.raises(ArtifactNotFoundError, match="evicted"):
-        with open_bundle("k0", _fp(), socket=sock):
-            pass
+    with pytest.raises(ArtifactNotFoundError, match="evicted"), open_bundle("k0", _fp(), socket=sock):
+        pass
 
 
 # ---------------------------------------------------------------------- peers + real torch.compile

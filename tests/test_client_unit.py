@@ -547,7 +547,7 @@ def test_stream_yields_lines_then_raises_the_typed_error_line(fake_agent: FakeAg
     seen = []
     with pytest.raises(FetchFailedError, match="origin gave 503 five times"):
         for line in AgentConnection(fake_agent.path, timeout=5).stream("POST", "/v1/prefetch", {"ref": "s3://b/m"}):
-            seen.append(line)  # noqa: PERF402 (the lines before the error line)
+            seen.append(line)
     assert seen == lines[:2]
 
 

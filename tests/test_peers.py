@@ -79,7 +79,7 @@ def test_balanced_owners_share_a_model_evenly_in_rendezvous_order() -> None:
     pieces = [(f"src-shard{k}", i, 16 * MiB) for k in range(4) for i in range(4)]
     owners = balanced_owners(members, pieces)
     assert owners == balanced_owners(list(reversed(members)), pieces)  # every node computes the same
-    assert Counter(owners.values()) == {m: 2 for m in members}
+    assert Counter(owners.values()) == dict.fromkeys(members, 2)
     plain = Counter(rendezvous(members, k, i)[0] for k, i, _ in pieces)
     assert max(plain.values()) > 2  # what it fixes (for these names)
     # Each piece goes to the first member in its rendezvous order that still had room.

@@ -22,9 +22,9 @@ from urllib.parse import quote
 import pytest
 from aiohttp import web
 
+from agent.errors import TransientOriginError
 from agent.origins.policy import AddressPolicy
 from agent.origins.range_http import BUFFERS_PER_CONNECTION, MAX_REDIRECTS, SPARE_BUFFERS, RangeClient
-from agent.errors import TransientOriginError
 from client.errors import FetchFailedError
 from tests.servers.http_proxy import HttpProxy
 

@@ -32,12 +32,12 @@ from aiohttp import web
 
 from agent.api.node import Readiness, node_app
 from agent.api.peer import PeerState
-from agent.defaults import MIN_PIECE_SIZE
 from agent.artifacts.index import ArtifactIndex
 from agent.artifacts.lookup import Artifacts
+from agent.config import MIN_PIECE_SIZE
 from agent.fetch.fetcher import Fetcher
-from agent.metrics import Metrics
 from agent.manifest import FileEntry
+from agent.metrics import Metrics
 from agent.origins import AddressPolicy, AddressRefusedError, Origins
 from agent.origins.http import PlainHttpOrigin
 from agent.origins.range_http import RangeClient

@@ -23,18 +23,18 @@ import aiohttp
 import pytest
 import xxhash
 
+from agent.config import MIN_PIECE_SIZE
 from agent.fetch.fetcher import Fetcher
 from agent.fetch.flight import PeerContext
 from agent.fetch.peer_reader import PeerReader
-from agent.metrics import Metrics
-from agent.peers.client import PeerClient
-from agent.config import MIN_PIECE_SIZE
 from agent.manifest import FileEntry
-from agent.service import ModelService
+from agent.metrics import Metrics
 from agent.origins import Origins
 from agent.origins.base import Sink
 from agent.origins.local import LocalOrigin
+from agent.peers.client import PeerClient
 from agent.peers.membership import Membership
+from agent.service import ModelService
 from agent.store.store import Store
 from client.errors import CapacityError, FetchFailedError, IntegrityError, ModelNotFoundError
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from agent.defaults import MIN_PIECE_SIZE
+from agent.config import MIN_PIECE_SIZE
 from agent.manifest import FileEntry
 from agent.store.fill import BlobFill, write_json_atomic
 from client.errors import IntegrityError

@@ -39,7 +39,7 @@ def _upload_model(seaweed: SeaweedS3, tmp_path: Path, prefix: str) -> dict[str, 
         tensors = {f"layers.{shard}.{i}.weight": torch.randn(512, 1024, generator=g).half() for i in range(12)}
         save_file(tensors, str(src / name))
         want.update(load_file(str(src / name)))
-        weight_map.update({k: name for k in tensors})
+        weight_map.update(dict.fromkeys(tensors, name))
     import json
 
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

@@ -9,8 +9,8 @@ kubelet changes it: a new timestamped directory, then an atomic rename of a new
 from __future__ import annotations
 
 import fcntl
-import re
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import xxhash
 
-from agent.warmset.spec import parse_duration, parse_warm_set
 from agent.errors import WarmSetError
+from agent.warmset.spec import parse_duration, parse_warm_set
 from client._transport import AgentConnection
 from tests.servers.configmap import ConfigMapDir
 from tests.servers.hf_endpoint import HfEndpoint
