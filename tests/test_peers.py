@@ -221,7 +221,9 @@ def _stats(agent: Any) -> dict[str, Any]:
     return AgentConnection(str(agent.socket_path), timeout=10).request_json("GET", "/v1/stats")
 
 
-_PEER_STORY = re.compile(r"from peer|for a peer|from the origin for|no answer within|origin range|answered \d{3}|filled ")
+_PEER_STORY = re.compile(
+    r"from peer|for a peer|from the origin for|no answer within|origin range|answered \d{3}|filled "
+)
 
 
 def _peer_story(agents: list[Any], lines: int = 40) -> str:
@@ -332,7 +334,9 @@ def test_concurrent_prefetch_sends_the_model_once_from_the_origin(
 def test_kill9_one_agent_mid_transfer_the_others_finish(
     agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
-    files = _upload(seaweed, tmp_path, "peers/kill", {k: v for k, v in MODEL.items() if not k.startswith("model-00003")})
+    files = _upload(
+        seaweed, tmp_path, "peers/kill", {k: v for k, v in MODEL.items() if not k.startswith("model-00003")}
+    )
     relay = _relay(seaweed, relay_factory, rate=6 * MiB)  # ~24 MiB: about 4 s from the origin
     agents = _cluster(agent_factory, agent_env, tmp_path, 3, relay)
     _wait_peers_up(agents)
@@ -344,8 +348,8 @@ def test_kill9_one_agent_mid_transfer_the_others_finish(
         time.sleep(0.05)
     victim.kill9()
     started = time.monotonic()
-    for a, p in zip(agents, procs):
-        stdout, stderr = p.communicate(timeout=90)
+    for a, p in zip(agents, procs, strict=True):
+        _, stderr = p.communicate(timeout=90)
         if a is not victim:
             assert p.returncode == 0, stderr
     print(f"survivors finished {time.monotonic() - started:.1f}s after the kill")
@@ -361,13 +365,15 @@ def test_kill9_one_agent_mid_transfer_the_others_finish(
 def test_lying_peer_is_detected_penalised_and_worked_around(
     inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
-    files = _upload(seaweed, tmp_path, "peers/liar", {k: v for k, v in MODEL.items() if not k.startswith("model-00003")})
+    files = _upload(
+        seaweed, tmp_path, "peers/liar", {k: v for k, v in MODEL.items() if not k.startswith("model-00003")}
+    )
     relay = _relay(seaweed, relay_factory)
     agents = _cluster(inproc_factory, None, tmp_path, 3, relay, start=1)
     liar, *honest = agents
     assert liar.cli("prefetch", "s3://models/peers/liar").returncode == 0  # alone: all from the origin
     # Its disk goes bad under it: every piece of the big files has a flipped byte.
-    for name, data in files.items():
+    for data in files.values():
         if len(data) > MiB:
             blob = liar.cache_dir / "blobs" / xxhash.xxh3_128_hexdigest(data)
             blob.chmod(0o644)
@@ -530,7 +536,7 @@ def test_consistent_liar_is_caught_by_the_whole_file_check_and_repaired_from_the
     repaired = sum(v["peer_bytes_repaired"] for v in views)
     print(f"origin {relay.bytes_down / model_bytes:.2f}x the model, {repaired / model_bytes:.2f}x repaired; "
           f"liar owned pieces {lying} of {bad_name}")
-    for a, v in zip(honest, views):
+    for a, v in zip(honest, views, strict=True):
         # Each requester took the liar's pieces of the bad file, none was refused piece by piece,
         # the whole file did not match, and only that file was fetched again.
         assert v["peer_files_repaired"] == 1, v
@@ -723,7 +729,7 @@ def test_peer_dns_in_a_network_namespace(
 
             addrs = {a.listen for a in agents}
             views = views_until(lambda vs: all(sum(p["alive"] for p in v["peers"]) == 2 for v in vs), "peers up")
-            for a, v in zip(agents, views):
+            for a, v in zip(agents, views, strict=True):
                 assert v["self"] == a.listen  # itself, as the name resolves to it...
                 assert {p["addr"] for p in v["peers"]} == addrs - {a.listen}  # ... and left out
 

@@ -102,7 +102,9 @@ def test_stopping_early_leaves_the_fetch_running_and_a_later_open_complete(
 def test_streamed_to_cuda_through_the_ring(slow_agent: Any, seaweed: SeaweedS3, tmp_path: Path) -> None:
     want = _upload_model(seaweed, tmp_path, "gpu")
     got = {}
-    for name, t in client.iter_tensors("s3://models/gpu", socket=str(slow_agent.socket_path), device="cuda", ring_bytes=4 * MiB):
+    for name, t in client.iter_tensors(
+        "s3://models/gpu", socket=str(slow_agent.socket_path), device="cuda", ring_bytes=4 * MiB
+    ):
         assert t.device.type == "cuda"
         got[name] = t.cpu()
     assert all(torch.equal(_raw(got[n]), _raw(w)) for n, w in want.items())
