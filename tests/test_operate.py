@@ -264,7 +264,7 @@ NO_SCHEMA = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com
 
 
 def test_manifests_render_and_validate_strictly(tmp_path: Path) -> None:
-    import kubernetes_validate
+    import kubernetes_validate  # type: ignore[import-untyped]
 
     docs = _kustomize(DEPLOY)
     example = _kustomize(DEPLOY / "example")

@@ -89,7 +89,7 @@ def test_balanced_owners_share_a_model_evenly_in_rendezvous_order() -> None:
     assert sum(owners[(k, i)] == rendezvous(members, k, i)[0] for k, i, _ in pieces) >= len(pieces) // 2
     # Unequal sizes (a short last piece, small files): bytes stay within one piece of an even share.
     mixed = [(f"f{k}", i, 16 * MiB if i < 5 else 3 * MiB) for k in range(3) for i in range(6)] + [("cfg", 0, 700)]
-    load = Counter()
+    load: Counter[str] = Counter()
     for (k, i), owner in balanced_owners(members, mixed).items():
         load[owner] += next(n for kk, ii, n in mixed if (kk, ii) == (k, i))
     share = sum(n for *_, n in mixed) / len(members)
@@ -101,8 +101,8 @@ def test_relay_trees_are_rooted_at_the_owner_and_share_the_upload_evenly() -> No
     pieces = [(f"shard{k}", i, 16 * MiB) for k in range(4) for i in range(4)] + [("cfg", 0, 62)]
     owners = balanced_owners(members, pieces)
     orders = relay_orders(members, pieces, owners)
-    children = Counter()
-    upload = Counter()
+    children: Counter[tuple[str, int, str]] = Counter()
+    upload: Counter[str] = Counter()
     for key, index, length in pieces:
         order = orders[(key, index)]
         assert order[0] == owners[(key, index)] and sorted(order) == sorted(members)

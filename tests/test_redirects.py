@@ -333,11 +333,11 @@ async def test_peer_prefetch_of_a_non_public_host_is_refused(servers: dict[str, 
         assert status == 403, text
         message = _one_line_error(text)
         assert "not a public address" in message and port not in message
-    status, text = await peer_node.get(
+    status, body = await peer_node.get(
         "/peer/v1/piece",
         {"ref": f"{https.url}/file/m.bin", "rev": "x", "path": "m.bin", "key": "k", "index": "0", "piece_size": "1"},
     )
-    assert status == 403, text
+    assert status == 403, body
     assert https.seen == []  # nothing was asked of the internal server
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -124,7 +124,7 @@ class FlakyLocal(LocalOrigin):
         self.delivered = 0
 
     async def read_range(self, entry, offset, length, sink: Sink) -> None:  # type: ignore[no-untyped-def]
-        async def counted(chunks: list[bytes]) -> None:
+        async def counted(chunks: Sequence[bytes | memoryview]) -> None:
             n = sum(len(c) for c in chunks)
             if self.delivered + n > self.budget:  # deliver up to the budget, then die
                 rest = self.budget - self.delivered

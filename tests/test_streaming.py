@@ -90,7 +90,7 @@ def test_stopping_early_leaves_the_fetch_running_and_a_later_open_complete(
     ref = "s3://models/early"
     tensors = client.iter_tensors(ref, socket=str(slow_agent.socket_path))
     next(tensors)
-    tensors.close()  # a framework that failed after the first tensor
+    tensors.close()  # type: ignore[attr-defined]  # a framework that failed after the first tensor (it is a generator)
     slow_agent.relay.set_rate(None)
     got = client.open_tensors(ref, socket=str(slow_agent.socket_path))
     assert all(torch.equal(_raw(got[n]), _raw(w)) for n, w in want.items())

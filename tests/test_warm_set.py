@@ -126,8 +126,11 @@ def test_add_remove_symlink_swaps_and_a_bad_file_keeps_the_last_good_set(
     for broken, words in (("models: [\n", "invalid YAML"), ("models: []\nrefresh: 1m\nextra: 1\n", "'extra'"),
                           ("models: [{ref: 's3://models/ws-a', pin: true, size: 3}]", "'size'")):
         cm.write(broken)
-        st = _wait(agent, lambda s, words=words: s["file_error"] is not None and words in s["file_error"]["message"],
-                   10, f"file error {words}")
+
+        def says(s: dict[str, Any], words: str = words) -> bool:
+            return s["file_error"] is not None and words in s["file_error"]["message"]
+
+        st = _wait(agent, says, 10, f"file error {words}")
         assert st["generation"] == 2 and _all_ready(st, 2), st  # the last good set stays in force
         assert agent.alive()
     assert st["file_errors_total"] == 3
