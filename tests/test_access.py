@@ -40,7 +40,9 @@ def test_socket_mode_default_and_configured_with_a_group(
     strict = inproc_factory("strict", extra_args=("--socket-mode", "600", "--socket-group", group.gr_name))
     st = os.stat(strict.socket_path)
     assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_gid == group.gr_gid
-    by_env = agent_factory("env", env={**agent_env, "WARMSTART_SOCKET_MODE": "640", "WARMSTART_SOCKET_GROUP": str(group.gr_gid)})
+    by_env = agent_factory(
+        "env", env={**agent_env, "WARMSTART_SOCKET_MODE": "640", "WARMSTART_SOCKET_GROUP": str(group.gr_gid)}
+    )
     st = os.stat(by_env.socket_path)
     assert stat.S_IMODE(st.st_mode) == 0o640 and st.st_gid == group.gr_gid
     for bad in (("--socket-mode", "rwx"), ("--socket-mode", "1777"), ("--socket-group", "no-such-group-here")):

@@ -199,7 +199,7 @@ def test_concurrent_opens_of_a_cold_model_fetch_it_once(
     def open_one() -> None:
         try:
             results.append(client.open_tensors(s3_model.ref, socket=str(agent.socket_path)))
-        except BaseException as exc:  # collected and asserted below
+        except BaseException as exc:  # noqa: BLE001 (collected and asserted below)
             results.append(exc)
 
     threads = [threading.Thread(target=open_one) for _ in range(12)]
@@ -297,11 +297,13 @@ def test_open_loads_the_indexed_shards_once(inproc_factory: Any, hf_model: Any, 
 
     # Without the index: the top-level files, so here the duplicate is a clear error, not a silent pick.
     (repo / "model.safetensors.index.json").unlink()
-    with pytest.raises(client.MalformedFileError, match="is in both .*/consolidated.safetensors and .*/model-0000"):
+    with pytest.raises(client.MalformedFileError, match=r"is in both .*/consolidated.safetensors and .*/model-0000"):
         client.open_tensors(str(repo), socket=str(agent.socket_path))
 
     # An index naming a shard the model does not have.
-    (repo / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00009-of-00009.safetensors"}}))
+    (repo / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "model-00009-of-00009.safetensors"}})
+    )
     with pytest.raises(client.ModelNotFoundError, match="model-00009-of-00009"):
         client.open_tensors(str(repo), socket=str(agent.socket_path))
 
@@ -331,7 +333,10 @@ def test_snapshot_is_the_repo_as_a_directory_and_goes_with_evict(
         moved = Path(client.snapshot(hf_model.ref, socket=str(agent.socket_path)))
     finally:
         del os.environ["WARMSTART_CACHE_DIR"]
-    assert moved.is_relative_to(mount) and (moved / "config.json").read_bytes() == (hf_model.local_dir / "config.json").read_bytes()
+    assert (
+        moved.is_relative_to(mount)
+        and (moved / "config.json").read_bytes() == (hf_model.local_dir / "config.json").read_bytes()
+    )
 
     agent.cli("evict", hf_model.ref, check=True)
     assert not path.exists()

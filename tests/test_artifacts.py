@@ -54,7 +54,9 @@ def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
     return buf.getvalue()
 
 
-def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "", data: bytes | None = b"x") -> tuple[tarfile.TarInfo, bytes | None]:
+def _member(
+    name: str, kind: bytes = tarfile.REGTYPE, link: str = "", data: bytes | None = b"x"
+) -> tuple[tarfile.TarInfo, bytes | None]:
     info = tarfile.TarInfo(name)
     info.type = kind
     info.linkname = link
@@ -63,7 +65,9 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "", data: byte
 
 
 def test_bundle_round_trip_merges_into_the_target(tmp_path: Path) -> None:
-    src = _tree(tmp_path / "src", {"a/b.so": os.urandom(3000), "c.py": b"print(1)\n", "locks/x.lock": b"", "t.lock": b""})
+    src = _tree(
+        tmp_path / "src", {"a/b.so": os.urandom(3000), "c.py": b"print(1)\n", "locks/x.lock": b"", "t.lock": b""}
+    )
     buf = io.BytesIO()
     build_bundle(buf, {"inductor": str(src)}, {"mega.bin": b"MEGA"})
     dst = _tree(tmp_path / "dst", {"keep.txt": b"mine", "c.py": b"old"})
@@ -94,9 +98,8 @@ def test_hostile_archive_is_rejected_naming_the_member_and_writes_nothing(tmp_pa
     target.mkdir(parents=True)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     members = [_member("inductor", tarfile.DIRTYPE), *HOSTILE[case]]
-    with pytest.raises(UnsafeBundleError) as err:
-        with Bundle(io.BytesIO(_tar(members))) as b:
-            b.install("inductor", str(target))
+    with pytest.raises(UnsafeBundleError) as err, Bundle(io.BytesIO(_tar(members))) as b:
+        b.install("inductor", str(target))
     assert err.value.member is not None and err.value.member in str(err.value)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert not Path("/tmp/warmstart-evil-abs.txt").exists()
@@ -109,9 +112,8 @@ def test_install_refuses_to_write_through_a_symlink_already_in_the_target(tmp_pa
     target.mkdir()
     (target / "sub").symlink_to(outside)
     data = _tar([_member("inductor", tarfile.DIRTYPE), _member("inductor/sub/evil.txt")])
-    with pytest.raises(UnsafeBundleError, match="target/sub"):
-        with Bundle(io.BytesIO(data)) as b:
-            b.install("inductor", str(target))
+    with pytest.raises(UnsafeBundleError, match="target/sub"), Bundle(io.BytesIO(data)) as b:
+        b.install("inductor", str(target))
     assert list(outside.iterdir()) == []
 
 
@@ -133,7 +135,9 @@ def _fp(extra: str | None = None) -> dict[str, str]:
 
 def test_push_pull_directory_cli_and_fingerprint_mismatch(inproc_factory: Any, tmp_path: Path) -> None:
     agent = inproc_factory("a")
-    src = _tree(tmp_path / "vllm-cache", {"torch_compile_cache/abc/rank_0/model.py": b"code", "x/y.bin": os.urandom(70000)})
+    src = _tree(
+        tmp_path / "vllm-cache", {"torch_compile_cache/abc/rank_0/model.py": b"code", "x/y.bin": os.urandom(70000)}
+    )
     out = agent.cli("artifacts", "push", "vllm-8b", "--from", str(src), check=True)
     digest = out.stdout.split()[3]
     assert (agent.cache_dir / "blobs" / digest).is_file(), out.stdout
@@ -176,7 +180,9 @@ def test_hostile_bundle_through_the_agent_is_rejected(inproc_factory: Any, tmp_p
 def test_concurrent_pushes_of_one_key_leave_one_complete_entry(inproc_factory: Any, tmp_path: Path) -> None:
     agent = inproc_factory("a")
     sock = str(agent.socket_path)
-    trees = {n: _tree(tmp_path / f"src-{n}", {f"{n}-{i}.bin": os.urandom(2 * 1024 * 1024) for i in range(4)}) for n in "ab"}
+    trees = {
+        n: _tree(tmp_path / f"src-{n}", {f"{n}-{i}.bin": os.urandom(2 * 1024 * 1024) for i in range(4)}) for n in "ab"
+    }
     results: dict[str, Any] = {}
 
     def push(name: str) -> None:
@@ -212,9 +218,8 @@ def test_capacity_counts_bundles_and_evicts_them_lru(inproc_factory: Any, tmp_pa
     present = {a["key"]: a["present"] for a in listing["artifacts"]}
     assert present == {"k0": False, "k1": True, "k2": True}, present
     assert listing["used_bytes"] <= 5 * 1024 * 1024
-    with pytest.raises(ArtifactNotFoundError, match="evicted"):
-        with open_bundle("k0", _fp(), socket=sock):
-            pass
+    with pytest.raises(ArtifactNotFoundError, match="evicted"), open_bundle("k0", _fp(), socket=sock):
+        pass
 
 
 # ---------------------------------------------------------------------- peers + real torch.compile

@@ -184,7 +184,7 @@ def test_a_member_declaring_more_bytes_than_the_bundle_holds_is_refused(box: tup
     raw = tar([member("t", tarfile.DIRTYPE), member("t/a", data=b"y" * 4096)])
     cut = raw.index(b"y" * 4096) + 100  # the data stops 100 bytes in; the header still says 4096
     with (
-        pytest.raises(UnsafeBundleError, match="not a readable bundle|declares 4096 bytes"),
+        pytest.raises(UnsafeBundleError, match=r"not a readable bundle|declares 4096 bytes"),
         Bundle(io.BytesIO(raw[:cut]), where="probe") as b,
     ):
         b.install("t", str(target))
@@ -215,8 +215,9 @@ def test_a_full_disk_is_a_capacity_error_and_leaves_nothing_half_installed(tmp_p
             print("CAPACITY", exc)
         print("LEFT", sorted(os.listdir({str(mnt / "target")!r})))
     """)
-    out = subprocess.run(["unshare", "-rm", sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)})  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    out = subprocess.run(["unshare", "-rm", sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                         check=False, env=env)  # fmt: skip
     if out.returncode != 0 and "mount" in out.stderr and "CapacityError" not in out.stderr:
         pytest.skip(f"cannot mount a tmpfs here: {out.stderr.strip()[-200:]}")
     assert out.returncode == 0, out.stderr

@@ -312,12 +312,21 @@ MALFORMED: dict[str, tuple[Callable[[Path], Path], str]] = {
         "duplicate key 'a'",
     ),
     "entry_not_object": (lambda p: write_raw(p, {"w": [1, 2]}), "'w': entry must be an object"),
-    "bad_dtype": (lambda p: write_raw(p, {"w": _entry("F33", [1], 0, 4)}, b"\0" * 4), "unknown or unsupported dtype 'F33'"),
+    "bad_dtype": (
+        lambda p: write_raw(p, {"w": _entry("F33", [1], 0, 4)}, b"\0" * 4),
+        "unknown or unsupported dtype 'F33'",
+    ),
     "missing_dtype": (lambda p: write_raw(p, {"w": {"shape": [1], "data_offsets": [0, 1]}}, b"\0"), "dtype"),
-    "offsets_past_data": (lambda p: write_raw(p, {"w": _entry("F32", [4], 0, 16)}, b"\0" * 8), "past the 8-byte data buffer"),
+    "offsets_past_data": (
+        lambda p: write_raw(p, {"w": _entry("F32", [4], 0, 16)}, b"\0" * 8),
+        "past the 8-byte data buffer",
+    ),
     "begin_after_end": (lambda p: write_raw(p, {"w": _entry("U8", [0], 4, 2)}, b"\0" * 8), "begin 4 is after end 2"),
     "negative_offset": (lambda p: write_raw(p, {"w": _entry("U8", [1], -1, 0)}, b"\0"), "data_offsets must be"),
-    "offsets_wrong_arity": (lambda p: write_raw(p, {"w": {"dtype": "U8", "shape": [1], "data_offsets": [0]}}, b"\0"), "data_offsets must be"),
+    "offsets_wrong_arity": (
+        lambda p: write_raw(p, {"w": {"dtype": "U8", "shape": [1], "data_offsets": [0]}}, b"\0"),
+        "data_offsets must be",
+    ),
     "overlap": (
         lambda p: write_raw(p, {"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [2], 4, 12)}, b"\0" * 12),
         "'a' and 'b' overlap",
@@ -333,7 +342,10 @@ MALFORMED: dict[str, tuple[Callable[[Path], Path], str]] = {
     "negative_dim": (lambda p: write_raw(p, {"w": _entry("F32", [-1, 2], 0, 0)}), "non-negative integers"),
     "float_dim": (lambda p: write_raw(p, {"w": _entry("F32", [2.0], 0, 8)}, b"\0" * 8), "non-negative integers"),
     "bool_dim": (lambda p: write_raw(p, {"w": _entry("U8", [True], 0, 1)}, b"\0"), "non-negative integers"),
-    "metadata_not_strings": (lambda p: write_raw(p, {"__metadata__": {"step": 3}}), "__metadata__['step'] must be a string"),
+    "metadata_not_strings": (
+        lambda p: write_raw(p, {"__metadata__": {"step": 3}}),
+        "__metadata__['step'] must be a string",
+    ),
 }
 
 
@@ -349,11 +361,13 @@ def test_malformed_files_raise_malformed_file_error(case: str, tmp_path: Path) -
     assert isinstance(info.value, ValueError)  # callers catching ValueError still catch it
 
 
-def test_truncated_data_is_rejected_before_mapping(model_file: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path) -> None:
+def test_truncated_data_is_rejected_before_mapping(
+    model_file: tuple[Path, dict[str, torch.Tensor]], tmp_path: Path
+) -> None:
     path, _ = model_file
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(path.read_bytes()[:-2])
-    with pytest.raises(MalformedFileError, match="past the .*data buffer"):
+    with pytest.raises(MalformedFileError, match=r"past the .*data buffer"):
         client.load_safetensors_file(cut)
 
 
@@ -396,7 +410,8 @@ def test_the_agent_cli_verbs_start_without_the_daemon_modules() -> None:
     code = (
         "import sys\n"
         "import agent.cli\n"
-        "daemon = {'agent.config', 'agent.manifest', 'agent.store.store', 'agent.daemon', 'aiohttp', 'botocore', 'hashlib'}\n"
+        "daemon = {'agent.config', 'agent.manifest', 'agent.store.store', 'agent.daemon',"
+        " 'aiohttp', 'botocore', 'hashlib'}\n"
         "bad = sorted(daemon & set(sys.modules))\n"
         "assert not bad, bad\n"
     )
@@ -421,7 +436,7 @@ def test_refused_socket_is_agent_unavailable(sock_dir: Path) -> None:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(path)
     s.close()  # bound but never listening, like a crashed agent's leftover
-    with pytest.raises(AgentUnavailableError, match="stale.sock"):
+    with pytest.raises(AgentUnavailableError, match=r"stale.sock"):
         AgentConnection(path, timeout=2).stream("POST", "/v1/open", {"ref": "x"})
 
 
@@ -431,7 +446,7 @@ def test_socket_path_comes_from_env_at_call_time(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("WARMSTART_SOCKET", str(sock_dir / "env.sock"))
     assert AgentConnection().socket_path == str(sock_dir / "env.sock")
     assert AgentConnection("/explicit.sock").socket_path == "/explicit.sock"
-    with pytest.raises(AgentUnavailableError, match="env.sock"):
+    with pytest.raises(AgentUnavailableError, match=r"env.sock"):
         client.open_tensors("s3://b/m")
     with pytest.raises(ValueError):
         AgentConnection(timeout=0)
@@ -532,7 +547,7 @@ def test_request_json_and_typed_error_bodies(fake_agent: FakeAgent) -> None:
     assert conn.request_json("GET", "/v1/models") == {"models": [], "used_bytes": 0}
     with pytest.raises(ModelNotFoundError, match="no bucket nope"):
         conn.request_json("POST", "/v1/resolve", {"ref": "s3://nope/m"})
-    with pytest.raises(WarmstartError, match="HTTP 500.*oops"):
+    with pytest.raises(WarmstartError, match=r"HTTP 500.*oops"):
         conn.request_json("POST", "/v1/evict", {"ref": "s3://nope/m"})
     assert fake_agent.requests[1] == ("POST", "/v1/resolve", {"ref": "s3://nope/m"})
 
@@ -547,7 +562,7 @@ def test_stream_yields_lines_then_raises_the_typed_error_line(fake_agent: FakeAg
     seen = []
     with pytest.raises(FetchFailedError, match="origin gave 503 five times"):
         for line in AgentConnection(fake_agent.path, timeout=5).stream("POST", "/v1/prefetch", {"ref": "s3://b/m"}):
-            seen.append(line)  # noqa: PERF402 (the lines before the error line)
+            seen.append(line)
     assert seen == lines[:2]
 
 
@@ -574,7 +589,7 @@ def test_agent_that_goes_silent_mid_stream_times_out(fake_agent: FakeAgent) -> N
     stream = AgentConnection(fake_agent.path, timeout=0.5).stream("POST", "/v1/open", {"ref": "r"})
     assert next(stream) == {"event": "resolved"}
     started = time.monotonic()
-    with pytest.raises(AgentUnavailableError, match="agent.sock"):
+    with pytest.raises(AgentUnavailableError, match=r"agent.sock"):
         next(stream)
     assert time.monotonic() - started < 3
 
@@ -650,7 +665,9 @@ def cache_with_model(tmp_path: Path) -> tuple[Path, list[dict[str, Any]], dict[s
         blob = f"blobs/{xxhash.xxh3_128(scratch.read_bytes()).hexdigest()}"  # named by its content, as the agent does
         scratch.rename(cache / blob)
         want.update(load_file(str(cache / blob)))
-        files.append({"path": f"model-0000{i + 1}-of-00002.safetensors", "size": (cache / blob).stat().st_size, "blob": blob})
+        files.append(
+            {"path": f"model-0000{i + 1}-of-00002.safetensors", "size": (cache / blob).stat().st_size, "blob": blob}
+        )
     return cache, files, want
 
 
@@ -689,7 +706,7 @@ def test_open_tensors_uses_warmstart_cache_dir_mount(
     """The pod mounts the node cache somewhere else than the agent's own path."""
     cache, files, want = cache_with_model
     fake_agent.routes[("POST", "/v1/open")] = _open_route("/var/lib/warmstart-not-here", files)
-    with pytest.raises(WarmstartError, match="is missing.*WARMSTART_CACHE_DIR"):
+    with pytest.raises(WarmstartError, match=r"is missing.*WARMSTART_CACHE_DIR"):
         client.open_tensors("hf://o/m", socket=fake_agent.path, timeout=5)
     monkeypatch.setenv("WARMSTART_CACHE_DIR", str(cache))
     monkeypatch.setenv("WARMSTART_SOCKET", fake_agent.path)
@@ -698,10 +715,14 @@ def test_open_tensors_uses_warmstart_cache_dir_mount(
 
 def test_open_tensors_protocol_failures(fake_agent: FakeAgent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("WARMSTART_CACHE_DIR", raising=False)
-    fake_agent.routes[("POST", "/v1/open")] = _open_route(str(tmp_path), [{"path": "model.bin", "size": 1, "blob": "blobs/aa"}])
-    with pytest.raises(ModelNotFoundError, match="no .safetensors files.*model.bin"):
+    fake_agent.routes[("POST", "/v1/open")] = _open_route(
+        str(tmp_path), [{"path": "model.bin", "size": 1, "blob": "blobs/aa"}]
+    )
+    with pytest.raises(ModelNotFoundError, match=r"no .safetensors files.*model.bin"):
         client.open_tensors("s3://b/bin-only", socket=fake_agent.path, timeout=5)
-    fake_agent.routes[("POST", "/v1/open")] = _open_route(str(tmp_path), [{"path": "m.safetensors", "size": 1, "blob": "../../etc/passwd"}])
+    fake_agent.routes[("POST", "/v1/open")] = _open_route(
+        str(tmp_path), [{"path": "m.safetensors", "size": 1, "blob": "../../etc/passwd"}]
+    )
     with pytest.raises(WarmstartError, match="not inside the cache"):
         client.open_tensors("s3://b/m", socket=fake_agent.path, timeout=5)
     fake_agent.routes[("POST", "/v1/open")] = lambda h, b: h.send_ndjson([{"event": "resolved"}])

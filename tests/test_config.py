@@ -100,7 +100,7 @@ def setting_show(name: str) -> str:
 def test_peers_need_a_readable_token(tmp_path: Path) -> None:
     with pytest.raises(SettingError, match="--peer-token-file / WARMSTART_PEER_TOKEN_FILE"):
         AgentConfig(peers=("127.0.0.1:7071",))
-    with pytest.raises(SettingError, match="--peer-token-file.*given without it"):
+    with pytest.raises(SettingError, match=r"--peer-token-file.*given without it"):
         AgentConfig(peer_dns="warmstart-peers.kube-system.svc")
     short = tmp_path / "short"
     short.write_text("abc\n")
@@ -193,7 +193,11 @@ def test_a_bad_setting_is_one_line_and_exit_2(tmp_path: Path, source: str, flag:
 
 def test_serve_env_vars_are_read_only_by_serve(tmp_path: Path) -> None:
     """A bad serve setting in the environment used to break every verb (the parser read serve's env defaults)."""
-    bad = {"WARMSTART_CONNECTIONS": "eight", "WARMSTART_READ_TIMEOUT": "x", "WARMSTART_SOCKET": str(tmp_path / "n.sock")}
+    bad = {
+        "WARMSTART_CONNECTIONS": "eight",
+        "WARMSTART_READ_TIMEOUT": "x",
+        "WARMSTART_SOCKET": str(tmp_path / "n.sock"),
+    }
     for verb in (("ls",), ("stats", "--json"), ("prefetch", "s3://b/m"), ("verify", "s3://b/m")):
         done = _agent(*verb, env=bad)
         assert done.returncode == 1, (verb, done.stderr)  # no agent there: the verb ran and said so

@@ -95,7 +95,7 @@ def test_stopping_early_leaves_the_ring_usable(model: Path) -> None:
             gen = ring.load(f.fileno(), str(model), infos)
             next(gen)
             next(gen)
-            gen.close()
+            gen.close()  # type: ignore[attr-defined]  # load() is a generator; its annotation says Iterator
             again = dict(ring.load(f.fileno(), str(model), infos))
     assert len(again) == len(infos)
 
@@ -156,7 +156,9 @@ def test_cpu_load_peak_rss_is_about_the_model_not_twice(big_model: tuple[Path, i
     path, size = big_model
     growth = _peak_growth(path, mode)
     # at least the model (else the measurement saw nothing), and far from twice it
-    assert 0.9 * size < growth < 1.3 * size, f"peak RSS grew by {growth / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model"
+    assert 0.9 * size < growth < 1.3 * size, (
+        f"peak RSS grew by {growth / 2**20:.0f} MiB for a {size / 2**20:.0f} MiB model"
+    )
 
 
 def test_device_load_peak_rss_is_about_the_ring(big_model: tuple[Path, int]) -> None:

@@ -11,7 +11,9 @@ a minute; the counts are in docs/RELIABILITY.md.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import json
 import os
 import socket
@@ -81,7 +83,7 @@ def _check_header(h: SafetensorsHeader, file_size: int) -> None:
     spans = sorted((t.offset, t.offset + t.nbytes) for t in h.tensors if t.nbytes)
     for lo, hi in spans:
         assert h.data_start <= lo <= hi <= file_size
-    for (_, a_hi), (b_lo, _) in zip(spans, spans[1:]):
+    for (_, a_hi), (b_lo, _) in itertools.pairwise(spans):
         assert a_hi <= b_lo  # no tensor aliases another
 
 
@@ -99,7 +101,9 @@ def test_fuzz_safetensors_header_bytes(case: tuple[bytes, int]) -> None:
 
 @settings(max_examples=150, deadline=None, derandomize=True, database=None)
 @given(case=header_json(), length=st.one_of(st.none(), st.integers(0, 2**64 - 1)))
-def test_fuzz_safetensors_file_with_a_lying_length(tmp_path_factory: Any, case: tuple[bytes, int], length: int | None) -> None:
+def test_fuzz_safetensors_file_with_a_lying_length(
+    tmp_path_factory: Any, case: tuple[bytes, int], length: int | None
+) -> None:
     raw, extra = case
     path = tmp_path_factory.mktemp("st") / "f.safetensors"
     n = len(raw) if length is None else length
@@ -115,7 +119,11 @@ def test_fuzz_safetensors_file_with_a_lying_length(tmp_path_factory: Any, case: 
 
 REF = st.one_of(
     TEXT,
-    st.builds(lambda s, r: s + r, st.sampled_from(["s3://", "hf://", "https://", "http://", "file://", "/", "S3://", "gopher://"]), TEXT),
+    st.builds(
+        lambda s, r: s + r,
+        st.sampled_from(["s3://", "hf://", "https://", "http://", "file://", "/", "S3://", "gopher://"]),
+        TEXT,
+    ),
     st.builds(lambda a, b, c: f"s3://{a}/{b}@{c}", TEXT, TEXT, TEXT),
     st.builds(lambda a, b: f"hf://{a}/{b}", TEXT, TEXT),
     st.builds(lambda a, b: f"https://{a}/{b}", TEXT, TEXT),
@@ -146,7 +154,9 @@ MEMBER_NAME = st.one_of(
     st.builds(lambda t, r: f"{t}/{r}", st.sampled_from(["dir", "inductor", "x"]), TEXT),
     NASTY, st.sampled_from(["dir", "dir/", "warmstart.json", "dir/a", "dir/sub/b"]),
 )  # fmt: skip
-KIND = st.sampled_from([tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.FIFOTYPE])
+KIND = st.sampled_from(
+    [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.CHRTYPE, tarfile.FIFOTYPE]
+)
 
 
 @st.composite
@@ -165,10 +175,8 @@ def archive(draw: Any) -> bytes:
             elif info.type == tarfile.REGTYPE:
                 data = draw(st.binary(max_size=64))
                 info.size = len(data)
-            try:
+            with contextlib.suppress(ValueError, UnicodeError):
                 tar.addfile(info, io.BytesIO(data) if data else None)
-            except (ValueError, UnicodeError):
-                pass
     raw = buf.getvalue()
     if draw(st.booleans()):
         cut = draw(st.integers(0, len(raw)))
@@ -240,7 +248,10 @@ def shaped_bundle(draw: Any) -> bytes:
             info.linkname = draw(SHAPE_LINKS if kind == "link" else SHAPE_HARD)
             out += _raw_member(info)
         elif kind == "sparse-pax-0.1":
-            info.pax_headers = {"GNU.sparse.map": f"0,4,{SPARSE_DECLARED - 1},1", "GNU.sparse.size": str(SPARSE_DECLARED)}
+            info.pax_headers = {
+                "GNU.sparse.map": f"0,4,{SPARSE_DECLARED - 1},1",
+                "GNU.sparse.size": str(SPARSE_DECLARED),
+            }
             out += _raw_member(info, b"abcde")
         elif kind == "sparse-pax-1.0":
             info.pax_headers = {"GNU.sparse.major": "1", "GNU.sparse.minor": "0",
@@ -287,7 +298,9 @@ def test_fuzz_bundle_shapes_never_leave_the_install_directory(tmp_path_factory: 
 # ---------------------------------------------------------------------- the local API of a real agent
 
 
-def _unix_request(sock_path: str, method: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+def _unix_request(
+    sock_path: str, method: str, path: str, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(15)
     try:
@@ -351,7 +364,8 @@ def local_body(draw: Any) -> tuple[bytes, dict[str, str]]:
         return b'{"ref": ' + draw(st.binary(max_size=64)) + b"}", headers
     obj: Any = {
         "ref": draw(SAFE_REF), "pin": draw(st.one_of(st.booleans(), TEXT)), "snapshot": draw(st.booleans()),
-        "key": draw(st.one_of(TEXT, st.integers())), "fingerprint": draw(st.one_of(st.dictionaries(TEXT, TEXT, max_size=3), TEXT)),
+        "key": draw(st.one_of(TEXT, st.integers())),
+        "fingerprint": draw(st.one_of(st.dictionaries(TEXT, TEXT, max_size=3), TEXT)),
         "fingerprint_id": draw(TEXT), "peers": draw(st.booleans()),
     }  # fmt: skip
     if how == 3:
@@ -406,7 +420,8 @@ def test_fuzz_peer_api_requests(fuzz_agent: Any, s3_model: Any) -> None:
     @given(
         route=st.sampled_from(["/peer/v1/piece", "/peer/v1/artifacts/entry", "/peer/v1/artifacts/blob", "/peer/v1/ping",
                                "/peer/v1/../../etc/passwd", "/peer/v1/piece/../../x"]),
-        params=st.dictionaries(st.sampled_from(["ref", "rev", "path", "key", "piece_size", "index", "digest", "fp"]), q, max_size=8),
+        params=st.dictionaries(st.sampled_from(["ref", "rev", "path", "key", "piece_size", "index", "digest", "fp"]), q,
+                               max_size=8),
         auth=st.booleans(),
     )  # fmt: skip
     def one(route: str, params: dict[str, str], auth: bool) -> None:

@@ -40,7 +40,7 @@ def _upload_model(seaweed: SeaweedS3, tmp_path: Path, prefix: str) -> dict[str, 
         tensors = {f"layers.{shard}.{i}.weight": torch.randn(256, 1024, generator=g).half() for i in range(8)}
         save_file(tensors, str(src / name))
         want.update(load_file(str(src / name)))
-        weight_map.update({k: name for k in tensors})
+        weight_map.update(dict.fromkeys(tensors, name))
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     seaweed.make_bucket("models")
     for p in sorted(src.iterdir()):

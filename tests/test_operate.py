@@ -216,7 +216,8 @@ def test_metrics_of_two_peers_bytes_by_source_and_peer_states(
     assert got[1] > 0 and got[1] + origin[1] >= total  # node1 took the pieces node0 owns from node0
     assert got == [served[1], served[0]]
     assert got == [_stats(n)["peer_bytes_received"] for n in nodes]
-    for m, nbytes in zip((m0, m1), got):  # one observation per piece from a peer: 1 MiB ones, and the 900 and 5 B ones
+    # One observation per piece from a peer: 1 MiB ones, and the 900 and 5 B ones.
+    for m, nbytes in zip((m0, m1), got, strict=True):
         small = {0: 0, 5: 1, 900: 1, 905: 2}[int(nbytes) % MiB]
         assert value(m, "warmstart_piece_fetch_duration_seconds_count", source="peer") == nbytes // MiB + small
     assert value(m0, "warmstart_cache_misses_total", kind="model") == pieces(sizes)
@@ -244,7 +245,9 @@ def test_metrics_route_needs_no_token_and_peer_routes_still_do(inproc_factory: A
 
 def _tool(name: str) -> str:
     """A command-line tool scripts/install.sh installs; missing is a failure, not a skip (CI installs it)."""
-    path = shutil.which(name) or (str(Path(sys.executable).parent / name) if (Path(sys.executable).parent / name).exists() else None)
+    path = shutil.which(name) or (
+        str(Path(sys.executable).parent / name) if (Path(sys.executable).parent / name).exists() else None
+    )
     assert path, f"{name} is not installed: run scripts/install.sh"
     return path
 
@@ -261,7 +264,7 @@ NO_SCHEMA = {("monitoring.coreos.com/v1", "PodMonitor"), ("monitoring.coreos.com
 
 
 def test_manifests_render_and_validate_strictly(tmp_path: Path) -> None:
-    import kubernetes_validate
+    import kubernetes_validate  # type: ignore[import-untyped]
 
     docs = _kustomize(DEPLOY)
     example = _kustomize(DEPLOY / "example")
@@ -360,7 +363,11 @@ def test_the_documented_overlay_sets_token_image_cache_path_and_capacity(tmp_pat
     env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
     assert env["WARMSTART_CAPACITY"] == "3TiB"
     assert next(v for v in pod["volumes"] if v["name"] == "cache")["hostPath"]["path"] == "/mnt/nvme0/warmstart"
-    assert pod["containers"][0]["image"] == pod["initContainers"][0]["image"] == "registry.example.com/warmstart-agent:0.1.0"
+    assert (
+        pod["containers"][0]["image"]
+        == pod["initContainers"][0]["image"]
+        == "registry.example.com/warmstart-agent:0.1.0"
+    )
     secret = next(d for d in docs if d["kind"] == "Secret")
     import base64
 

@@ -82,7 +82,7 @@ def test_balanced_owners_share_a_model_evenly_in_rendezvous_order() -> None:
     pieces = [(f"src-shard{k}", i, 16 * MiB) for k in range(4) for i in range(4)]
     owners = balanced_owners(members, pieces)
     assert owners == balanced_owners(list(reversed(members)), pieces)  # every node computes the same
-    assert Counter(owners.values()) == {m: 2 for m in members}
+    assert Counter(owners.values()) == dict.fromkeys(members, 2)
     plain = Counter(rendezvous(members, k, i)[0] for k, i, _ in pieces)
     assert max(plain.values()) > 2  # what it fixes (for these names)
     # Each piece goes to the first member in its rendezvous order that still had room.
@@ -92,7 +92,7 @@ def test_balanced_owners_share_a_model_evenly_in_rendezvous_order() -> None:
     assert sum(owners[(k, i)] == rendezvous(members, k, i)[0] for k, i, _ in pieces) >= len(pieces) // 2
     # Unequal sizes (a short last piece, small files): bytes stay within one piece of an even share.
     mixed = [(f"f{k}", i, 16 * MiB if i < 5 else 3 * MiB) for k in range(3) for i in range(6)] + [("cfg", 0, 700)]
-    load = Counter()
+    load: Counter[str] = Counter()
     for (k, i), owner in balanced_owners(members, mixed).items():
         load[owner] += next(n for kk, ii, n in mixed if (kk, ii) == (k, i))
     share = sum(n for *_, n in mixed) / len(members)
@@ -104,8 +104,8 @@ def test_relay_trees_are_rooted_at_the_owner_and_share_the_upload_evenly() -> No
     pieces = [(f"shard{k}", i, 16 * MiB) for k in range(4) for i in range(4)] + [("cfg", 0, 62)]
     owners = balanced_owners(members, pieces)
     orders = relay_orders(members, pieces, owners)
-    children = Counter()
-    upload = Counter()
+    children: Counter[tuple[str, int, str]] = Counter()
+    upload: Counter[str] = Counter()
     for key, index, length in pieces:
         order = orders[(key, index)]
         assert order[0] == owners[(key, index)] and sorted(order) == sorted(members)
@@ -224,7 +224,9 @@ def _stats(agent: Any) -> dict[str, Any]:
     return AgentConnection(str(agent.socket_path), timeout=10).request_json("GET", "/v1/stats")
 
 
-_PEER_STORY = re.compile(r"from peer|for a peer|from the origin for|no answer within|origin range|answered \d{3}|filled ")
+_PEER_STORY = re.compile(
+    r"from peer|for a peer|from the origin for|no answer within|origin range|answered \d{3}|filled "
+)
 
 
 def _peer_story(agents: list[Any], lines: int = 40) -> str:
@@ -335,7 +337,9 @@ def test_concurrent_prefetch_sends_the_model_once_from_the_origin(
 def test_kill9_one_agent_mid_transfer_the_others_finish(
     agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
-    files = _upload(seaweed, tmp_path, "peers/kill", {k: v for k, v in MODEL.items() if not k.startswith("model-00003")})
+    files = _upload(
+        seaweed, tmp_path, "peers/kill", {k: v for k, v in MODEL.items() if not k.startswith("model-00003")}
+    )
     relay = _relay(seaweed, relay_factory, rate=6 * MiB)  # ~24 MiB: about 4 s from the origin
     agents = _cluster(agent_factory, agent_env, tmp_path, 3, relay)
     _wait_peers_up(agents)
@@ -347,8 +351,8 @@ def test_kill9_one_agent_mid_transfer_the_others_finish(
         time.sleep(0.05)
     victim.kill9()
     started = time.monotonic()
-    for a, p in zip(agents, procs):
-        stdout, stderr = p.communicate(timeout=90)
+    for a, p in zip(agents, procs, strict=True):
+        _, stderr = p.communicate(timeout=90)
         if a is not victim:
             assert p.returncode == 0, stderr
     print(f"survivors finished {time.monotonic() - started:.1f}s after the kill")
@@ -364,13 +368,15 @@ def test_kill9_one_agent_mid_transfer_the_others_finish(
 def test_lying_peer_is_detected_penalised_and_worked_around(
     inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
-    files = _upload(seaweed, tmp_path, "peers/liar", {k: v for k, v in MODEL.items() if not k.startswith("model-00003")})
+    files = _upload(
+        seaweed, tmp_path, "peers/liar", {k: v for k, v in MODEL.items() if not k.startswith("model-00003")}
+    )
     relay = _relay(seaweed, relay_factory)
     agents = _cluster(inproc_factory, None, tmp_path, 3, relay, start=1)
     liar, *honest = agents
     assert liar.cli("prefetch", "s3://models/peers/liar").returncode == 0  # alone: all from the origin
     # Its disk goes bad under it: every piece of the big files has a flipped byte.
-    for name, data in files.items():
+    for data in files.values():
         if len(data) > MiB:
             blob = liar.cache_dir / "blobs" / xxhash.xxh3_128_hexdigest(data)
             blob.chmod(0o644)
@@ -533,7 +539,7 @@ def test_consistent_liar_is_caught_by_the_whole_file_check_and_repaired_from_the
     repaired = sum(v["peer_bytes_repaired"] for v in views)
     print(f"origin {relay.bytes_down / model_bytes:.2f}x the model, {repaired / model_bytes:.2f}x repaired; "
           f"liar owned pieces {lying} of {bad_name}")
-    for a, v in zip(honest, views):
+    for a, v in zip(honest, views, strict=True):
         # Each requester took the liar's pieces of the bad file, none was refused piece by piece,
         # the whole file did not match, and only that file was fetched again.
         assert v["peer_files_repaired"] == 1, v
@@ -726,7 +732,7 @@ def test_peer_dns_in_a_network_namespace(
 
             addrs = {a.listen for a in agents}
             views = views_until(lambda vs: all(sum(p["alive"] for p in v["peers"]) == 2 for v in vs), "peers up")
-            for a, v in zip(agents, views):
+            for a, v in zip(agents, views, strict=True):
                 assert v["self"] == a.listen  # itself, as the name resolves to it...
                 assert {p["addr"] for p in v["peers"]} == addrs - {a.listen}  # ... and left out
 

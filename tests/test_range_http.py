@@ -22,9 +22,9 @@ from urllib.parse import quote
 import pytest
 from aiohttp import web
 
+from agent.errors import TransientOriginError
 from agent.origins.policy import AddressPolicy
 from agent.origins.range_http import BUFFERS_PER_CONNECTION, MAX_REDIRECTS, SPARE_BUFFERS, RangeClient
-from agent.errors import TransientOriginError
 from client.errors import FetchFailedError
 from tests.servers.http_proxy import HttpProxy
 
@@ -74,7 +74,9 @@ async def _chunked(request: web.Request) -> web.StreamResponse:
 
 async def _wrong_range(request: web.Request) -> web.StreamResponse:
     start, end = _range(request)
-    return web.Response(status=206, body=DATA[: end - start + 1], headers={"Content-Range": f"bytes 0-{end - start}/{len(DATA)}"})
+    return web.Response(
+        status=206, body=DATA[: end - start + 1], headers={"Content-Range": f"bytes 0-{end - start}/{len(DATA)}"}
+    )
 
 
 def _app(server: Server) -> web.Application:
@@ -125,7 +127,9 @@ class Collect:
             await asyncio.sleep(self.delay)
 
 
-async def _get(client: RangeClient, url: str, offset: int, length: int, headers: dict[str, str] | None = None) -> Collect:
+async def _get(
+    client: RangeClient, url: str, offset: int, length: int, headers: dict[str, str] | None = None
+) -> Collect:
     sink = Collect()
     head = await client.get_range(url, headers or {}, offset, length, sink, what="w.bin")
     assert head.status == 206
@@ -256,7 +260,7 @@ async def test_tls_uses_the_trust_store_and_refuses_an_unknown_certificate(
     runner, server = await _serve(tls)
     try:
         untrusting = RangeClient(read_timeout=5)
-        with pytest.raises(FetchFailedError, match="TLS certificate of 127.0.0.1 is not trusted"):
+        with pytest.raises(FetchFailedError, match=r"TLS certificate of 127.0.0.1 is not trusted"):
             await _get(untrusting, f"{server.url}/blob", 0, 10)
         await untrusting.close()
         monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # how a cluster adds its own CA
@@ -295,7 +299,7 @@ async def test_https_goes_through_a_connect_tunnel_of_https_proxy(
     try:
         monkeypatch.setenv("HTTPS_PROXY", _with_credentials(url, "ws", "wrong"))
         client = RangeClient(read_timeout=5)
-        with pytest.raises(FetchFailedError, match="refused a tunnel .* check the proxy's credentials"):
+        with pytest.raises(FetchFailedError, match=r"refused a tunnel .* check the proxy's credentials"):
             await _get(client, f"{server.url}/blob", 0, 10)
         await client.close()
         assert p.refused == 1 and not p.tunnels
@@ -304,7 +308,8 @@ async def test_https_goes_through_a_connect_tunnel_of_https_proxy(
         client = RangeClient(read_timeout=5)
         try:
             for offset in (0, 1 << 20, 2 << 20):  # one tunnel, kept alive
-                assert (await _get(client, f"{server.url}/blob", offset, 1 << 20)).data == DATA[offset : offset + (1 << 20)]
+                got = await _get(client, f"{server.url}/blob", offset, 1 << 20)
+                assert got.data == DATA[offset : offset + (1 << 20)]
         finally:
             await client.close()
         assert p.tunnels == [server.url.removeprefix("https://")]

@@ -32,12 +32,12 @@ from aiohttp import web
 
 from agent.api.node import Readiness, node_app
 from agent.api.peer import PeerState
-from agent.config import MIN_PIECE_SIZE
 from agent.artifacts.index import ArtifactIndex
 from agent.artifacts.lookup import Artifacts
+from agent.config import MIN_PIECE_SIZE
 from agent.fetch.fetcher import Fetcher
-from agent.metrics import Metrics
 from agent.manifest import FileEntry
+from agent.metrics import Metrics
 from agent.origins import AddressPolicy, AddressRefusedError, Origins
 from agent.origins.http import PlainHttpOrigin
 from agent.origins.range_http import RangeClient
@@ -174,7 +174,7 @@ async def test_range_redirect_to_a_refused_address_is_not_followed(servers: dict
         assert await _range(client, f"{internal.url}/file/m.bin") == DATA[:1000]
         assert await _range(client, _via(trusted, f"{trusted.url}/file/m.bin")) == DATA[:1000]  # same origin: followed
         internal.seen.clear()
-        with pytest.raises(AddressRefusedError, match="127.0.0.2 is not a public address") as refused:
+        with pytest.raises(AddressRefusedError, match=r"127.0.0.2 is not a public address") as refused:
             await _range(client, _via(trusted, f"{internal.url}/file/m.bin"))
         assert internal.seen == []  # not even over the kept-alive connection
         assert internal.url.rsplit(":", 1)[1] not in str(refused.value)
@@ -243,14 +243,16 @@ async def _resolve(servers: dict[str, Server], url: str, policy: AddressPolicy) 
 
 async def test_head_redirect_never_goes_from_https_to_http(servers: dict[str, Server]) -> None:
     with pytest.raises(AddressRefusedError, match="from https to plain http"):
-        await _resolve(servers, _via(servers["https"], f"{servers['http'].url}/file/m.bin"), AddressPolicy(allow_private=True))
+        await _resolve(
+            servers, _via(servers["https"], f"{servers['http'].url}/file/m.bin"), AddressPolicy(allow_private=True)
+        )
     assert servers["http"].seen == []
 
 
 async def test_head_redirect_to_a_refused_address_is_not_followed(servers: dict[str, Server]) -> None:
     https, internal_tls = servers["https"], servers["internal_tls"]
     target = f"{internal_tls.url}/file/m.bin"
-    with pytest.raises(AddressRefusedError, match="127.0.0.3 is not a public address"):
+    with pytest.raises(AddressRefusedError, match=r"127.0.0.3 is not a public address"):
         await _resolve(servers, _via(https, target), TESTS)
     with pytest.raises(AddressRefusedError, match="localhost is not a public address"):
         await _resolve(servers, _via(https, f"https://localhost:{internal_tls.url.rsplit(':', 1)[1]}/file/m.bin"),
@@ -331,11 +333,11 @@ async def test_peer_prefetch_of_a_non_public_host_is_refused(servers: dict[str, 
         assert status == 403, text
         message = _one_line_error(text)
         assert "not a public address" in message and port not in message
-    status, text = await peer_node.get(
+    status, body = await peer_node.get(
         "/peer/v1/piece",
         {"ref": f"{https.url}/file/m.bin", "rev": "x", "path": "m.bin", "key": "k", "index": "0", "piece_size": "1"},
     )
-    assert status == 403, text
+    assert status == 403, body
     assert https.seen == []  # nothing was asked of the internal server
 
 

@@ -102,7 +102,9 @@ def test_kill9_at_random_moments_of_a_fetch_loses_nothing_and_resumes(
     assert blob_digest(data) in check_cache(agent.cache_dir)
     assert not list((agent.cache_dir / "partial").glob("*.part"))
     relay.reset_counters()
-    assert_bit_exact(client.open_tensors(s3_model.ref, socket=str(agent.socket_path)), expected_tensors(s3_model.local_dir))
+    assert_bit_exact(
+        client.open_tensors(s3_model.ref, socket=str(agent.socket_path)), expected_tensors(s3_model.local_dir)
+    )
     assert relay.bytes_down < MiB  # the pinned model came from the cache, not the origin
 
 
@@ -148,13 +150,13 @@ def test_kill9_at_random_moments_of_a_publish_leaves_whole_bundles_or_none(
     for _ in range(KILLS):
         errors: list[BaseException] = []
 
-        def publish() -> None:
+        def publish(errors: list[BaseException]) -> None:
             try:
                 push_bundle("big", fp, {}, {"w.bin": payload}, socket=sock)
-            except BaseException as exc:  # the agent died under it: expected
+            except BaseException as exc:  # noqa: BLE001 (the agent died under it: expected, counted below)
                 errors.append(exc)
 
-        t = threading.Thread(target=publish)
+        t = threading.Thread(target=publish, args=(errors,))
         t.start()
         time.sleep(rng.uniform(0.05, 0.6))
         agent.kill9()
@@ -225,7 +227,8 @@ def test_origin_that_keeps_failing_gives_up_bounded_with_a_clear_error(
     err = one_line_error(agent.cli("prefetch", "s3://models/faults-bad", timeout=120))
     took = time.monotonic() - start
     assert "w.bin" in err and "failed 4 times" in err, err  # names the file and the bound
-    cause = {"500": "500", "503": "503 for 'w.bin' (<?xml", "reset": "", "stall": "Timeout", "short": "content length"}[fault]
+    causes = {"500": "500", "503": "503 for 'w.bin' (<?xml", "reset": "", "stall": "Timeout", "short": "content length"}
+    cause = causes[fault]
     assert cause in err and ("SlowDown" in err) == (fault == "503"), err
     gets = faulty.ranged_gets
     # Bounded: exactly --retries tries (the range client sends a request again once by itself

@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,18 +23,18 @@ import aiohttp
 import pytest
 import xxhash
 
+from agent.config import MIN_PIECE_SIZE
 from agent.fetch.fetcher import Fetcher
 from agent.fetch.flight import PeerContext
 from agent.fetch.peer_reader import PeerReader
-from agent.metrics import Metrics
-from agent.peers.client import PeerClient
-from agent.config import MIN_PIECE_SIZE
 from agent.manifest import FileEntry
-from agent.service import ModelService
+from agent.metrics import Metrics
 from agent.origins import Origins
 from agent.origins.base import Sink
 from agent.origins.local import LocalOrigin
+from agent.peers.client import PeerClient
 from agent.peers.membership import Membership
+from agent.service import ModelService
 from agent.store.store import Store
 from client.errors import CapacityError, FetchFailedError, IntegrityError, ModelNotFoundError
 
@@ -47,6 +47,13 @@ def write_random(path: Path, size: int, seed: int) -> bytes:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return data
+
+
+def overwrite(path: Path, offset: int, data: bytes) -> None:
+    """Write ``data`` over ``path`` at ``offset`` in place: damage on disk. Blocking: async tests run it in a thread."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
 
 
 class Node:
@@ -117,7 +124,7 @@ class FlakyLocal(LocalOrigin):
         self.delivered = 0
 
     async def read_range(self, entry, offset, length, sink: Sink) -> None:  # type: ignore[no-untyped-def]
-        async def counted(chunks: list[bytes]) -> None:
+        async def counted(chunks: Sequence[bytes | memoryview]) -> None:
             n = sum(len(c) for c in chunks)
             if self.delivered + n > self.budget:  # deliver up to the budget, then die
                 rest = self.budget - self.delivered
@@ -244,9 +251,8 @@ async def test_torn_piece_is_refetched_on_resume(node: Node, tmp_path: Path) -> 
         state = json.loads(next((n.root / "partial").glob("*.json")).read_text())
         assert sorted(state["done"]) == ["0", "1", "2"]
         part = next((n.root / "partial").glob("*.part"))
-        with open(part, "r+b") as f:  # damage a recorded piece, as a power loss could
-            f.seek(MiB + 10)
-            f.write(b"\xff\xff")
+        # Damage a recorded piece, as a power loss could.
+        await asyncio.to_thread(overwrite, part, MiB + 10, b"\xff\xff")
         counting = FlakyLocal(n.pool, budget=1 << 40)
         n.origins._by_scheme["file"] = counting
         await n.service.ensure(ref, manifest)
@@ -334,8 +340,7 @@ async def test_corrupt_blob_after_unsynced_restart_is_dropped(node: Node, tmp_pa
     digest = xxhash.xxh3_128_hexdigest(data)
     blob = node.root / "blobs" / digest
     os.chmod(blob, 0o644)
-    with open(blob, "r+b") as f:  # a torn write the power loss left behind
-        f.write(b"\0" * 16)
+    await asyncio.to_thread(overwrite, blob, 0, b"\0" * 16)  # a torn write the power loss left behind
     await node.stop()
     again = Node(node.root, 1 << 40)  # no sync happened: the blob is re-checked
     await again.start()
@@ -357,9 +362,7 @@ async def test_verify_detects_and_repairs(node: Node, tmp_path: Path) -> None:
     await node.prefetch(str(tmp_path / "m"))
     blob = node.root / "blobs" / xxhash.xxh3_128_hexdigest(data)
     os.chmod(blob, 0o644)
-    with open(blob, "r+b") as f:
-        f.seek(2 * MiB)
-        f.write(b"rot")
+    await asyncio.to_thread(overwrite, blob, 2 * MiB, b"rot")
     ref, manifest = await node.service.resolve(str(tmp_path / "m"))
     result = await node.service.verify(ref, manifest)
     assert result == {"checked": 1, "corrupt": 1, "repaired": 1}
@@ -455,7 +458,9 @@ async def test_pieces_are_fetched_front_of_the_model_first(tmp_path: Path, monke
     assert recording.starts[-1] == ("shard-2.bin", 3)
 
 
-async def test_consecutive_missing_pieces_go_in_one_origin_request(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_consecutive_missing_pieces_go_in_one_origin_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Without peers a fill asks the origin for up to ORIGIN_RANGE_MAX of consecutive missing pieces
     at once (a long range costs the origin less), and still hashes and records every piece on its own."""
     monkeypatch.setattr("agent.fetch.origin_reader.ORIGIN_RANGE_MAX", 2 * MiB)
@@ -544,7 +549,9 @@ def test_recording_a_piece_leaves_the_whole_file_hash_to_a_follow_that_close_wai
     fill.follow()  # late: nothing to do, no error
 
 
-def test_fill_writes_in_bounded_calls_and_survives_short_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fill_writes_in_bounded_calls_and_survives_short_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Every pwritev of a fill is at most 32 KiB (the kernel sizes page-cache folios by the write,
     and larger fresh folios cost several times the copy on a VM whose free memory the host takes
     back), and a short write carries on where it stopped: the file holds exactly the chunks, in
@@ -648,7 +655,10 @@ async def test_fill_keeps_its_pages_unless_told_to_drop_behind(
 
     monkeypatch.setattr("agent.fetch.origin_reader.ORIGIN_RANGE_MAX", MIN_PIECE_SIZE)
 
-    fs = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()
+    stat = await asyncio.to_thread(
+        subprocess.run, ["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True
+    )
+    fs = stat.stdout.strip()
     if drop and fs == "tmpfs":
         pytest.skip("on tmpfs the page cache is the storage: nothing can be dropped (set --basetemp on a disk)")
     size = 3 * DROP_LAG

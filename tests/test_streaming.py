@@ -39,7 +39,7 @@ def _upload_model(seaweed: SeaweedS3, tmp_path: Path, prefix: str) -> dict[str, 
         tensors = {f"layers.{shard}.{i}.weight": torch.randn(512, 1024, generator=g).half() for i in range(12)}
         save_file(tensors, str(src / name))
         want.update(load_file(str(src / name)))
-        weight_map.update({k: name for k in tensors})
+        weight_map.update(dict.fromkeys(tensors, name))
     import json
 
     (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -90,7 +90,7 @@ def test_stopping_early_leaves_the_fetch_running_and_a_later_open_complete(
     ref = "s3://models/early"
     tensors = client.iter_tensors(ref, socket=str(slow_agent.socket_path))
     next(tensors)
-    tensors.close()  # a framework that failed after the first tensor
+    tensors.close()  # type: ignore[attr-defined]  # a framework that failed after the first tensor (it is a generator)
     slow_agent.relay.set_rate(None)
     got = client.open_tensors(ref, socket=str(slow_agent.socket_path))
     assert all(torch.equal(_raw(got[n]), _raw(w)) for n, w in want.items())
@@ -102,7 +102,9 @@ def test_stopping_early_leaves_the_fetch_running_and_a_later_open_complete(
 def test_streamed_to_cuda_through_the_ring(slow_agent: Any, seaweed: SeaweedS3, tmp_path: Path) -> None:
     want = _upload_model(seaweed, tmp_path, "gpu")
     got = {}
-    for name, t in client.iter_tensors("s3://models/gpu", socket=str(slow_agent.socket_path), device="cuda", ring_bytes=4 * MiB):
+    for name, t in client.iter_tensors(
+        "s3://models/gpu", socket=str(slow_agent.socket_path), device="cuda", ring_bytes=4 * MiB
+    ):
         assert t.device.type == "cuda"
         got[name] = t.cpu()
     assert all(torch.equal(_raw(got[n]), _raw(w)) for n, w in want.items())

@@ -9,8 +9,8 @@ kubelet changes it: a new timestamped directory, then an atomic rename of a new
 from __future__ import annotations
 
 import fcntl
-import re
 import os
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 import xxhash
 
-from agent.warmset.spec import parse_duration, parse_warm_set
 from agent.errors import WarmSetError
+from agent.warmset.spec import parse_duration, parse_warm_set
 from client._transport import AgentConnection
 from tests.servers.configmap import ConfigMapDir
 from tests.servers.hf_endpoint import HfEndpoint
@@ -126,8 +126,11 @@ def test_add_remove_symlink_swaps_and_a_bad_file_keeps_the_last_good_set(
     for broken, words in (("models: [\n", "invalid YAML"), ("models: []\nrefresh: 1m\nextra: 1\n", "'extra'"),
                           ("models: [{ref: 's3://models/ws-a', pin: true, size: 3}]", "'size'")):
         cm.write(broken)
-        st = _wait(agent, lambda s: s["file_error"] is not None and words in s["file_error"]["message"], 10,
-                   f"file error {words}")
+
+        def says(s: dict[str, Any], words: str = words) -> bool:
+            return s["file_error"] is not None and words in s["file_error"]["message"]
+
+        st = _wait(agent, says, 10, f"file error {words}")
         assert st["generation"] == 2 and _all_ready(st, 2), st  # the last good set stays in force
         assert agent.alive()
     assert st["file_errors_total"] == 3
@@ -239,7 +242,8 @@ def test_moving_main_rolls_over_while_a_reader_keeps_the_old_revision(
 
     # A client opens the bare reference and keeps the old weights open (shared flock, as client readers do).
     opened = _conn(agent).stream("POST", "/v1/open", {"ref": f"hf://{repo}"})
-    complete = [line for line in opened if line.get("event") == "complete"][0]
+    # (a list, not next(): it reads the stream to its end)
+    complete = [line for line in opened if line.get("event") == "complete"][0]  # noqa: RUF015
     assert complete["revision"] == c1
     blob = next(f["blob"] for f in complete["files"] if f["path"] == "model.safetensors")
     fd = os.open(agent.cache_dir / blob, os.O_RDONLY)
@@ -267,7 +271,8 @@ def test_moving_main_rolls_over_while_a_reader_keeps_the_old_revision(
     finally:
         os.close(fd)
     opened = _conn(agent).stream("POST", "/v1/open", {"ref": f"hf://{repo}"})
-    complete = [line for line in opened if line.get("event") == "complete"][0]
+    # (a list, not next(): it reads the stream to its end)
+    complete = [line for line in opened if line.get("event") == "complete"][0]  # noqa: RUF015
     assert complete["revision"] == c2 and complete["fetched_bytes"] == 0
     blob = next(f["blob"] for f in complete["files"] if f["path"] == "model.safetensors")
     assert (agent.cache_dir / blob).read_bytes() == new["model.safetensors"]

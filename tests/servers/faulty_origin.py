@@ -118,9 +118,9 @@ class FaultyOrigin(ThreadedServer):
             )
             return web.Response(status=status, text=body, content_type="application/xml")
         headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP}
-        body = await request.read()
+        sent = await request.read()
         async with self._session.request(
-            request.method, self.upstream + request.rel_url.raw_path_qs, headers=headers, data=body or None,
+            request.method, self.upstream + request.rel_url.raw_path_qs, headers=headers, data=sent or None,
             allow_redirects=False,
         ) as up:
             data = await up.read()

@@ -124,7 +124,7 @@ _hash_lock = threading.Lock()
 
 def git_blob_sha1(data: bytes) -> str:
     """The git object id of a blob with this content (what the hub calls blobId)."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    return hashlib.sha1(b"blob %d\0" % len(data) + data, usedforsecurity=False).hexdigest()
 
 
 def lfs_pointer(sha256: str, size: int) -> bytes:
@@ -139,7 +139,7 @@ def _digests(path: Path, size: int, mtime_ns: int) -> tuple[str, str]:
         hit = _hash_cache.get(key)
     if hit:
         return hit
-    sha1 = hashlib.sha1(b"blob %d\0" % size)
+    sha1 = hashlib.sha1(b"blob %d\0" % size, usedforsecurity=False)
     sha256 = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(8 * CHUNK):
@@ -263,7 +263,8 @@ class HfEndpoint(ThreadedServer):
             self._seq += 1
             repo = self._repos.setdefault(repo_id, Repo(repo_id=repo_id, created=time.time()))
             parent = repo.branches.get(branch, "")
-            h = hashlib.sha1(f"commit\n{repo_id}\n{branch}\n{parent}\n{self._seq}\n{time.time_ns()}\n".encode())
+            head = f"commit\n{repo_id}\n{branch}\n{parent}\n{self._seq}\n{time.time_ns()}\n"
+            h = hashlib.sha1(head.encode(), usedforsecurity=False)
             for f in files.values():
                 h.update(f"{f.path}\0{f.blob_id}\n".encode())
             sha = h.hexdigest()
@@ -495,7 +496,7 @@ class HfEndpoint(ThreadedServer):
             siblings.append(s)
         author = repo.repo_id.split("/")[0] if "/" in repo.repo_id else None
         full: dict[str, Any] = {
-            "_id": hashlib.sha1(repo.repo_id.encode()).hexdigest()[:24],
+            "_id": hashlib.sha1(repo.repo_id.encode(), usedforsecurity=False).hexdigest()[:24],
             "id": repo.repo_id,
             "modelId": repo.repo_id,
             "author": author,
@@ -537,7 +538,7 @@ class HfEndpoint(ThreadedServer):
                 d = prefix + "/".join(parts[:depth])
                 if (recursive or depth == 1) and d not in dirs:
                     dirs.add(d)
-                    oid = hashlib.sha1(f"tree\0{commit.sha}\0{d}".encode()).hexdigest()
+                    oid = hashlib.sha1(f"tree\0{commit.sha}\0{d}".encode(), usedforsecurity=False).hexdigest()
                     entries.append({"type": "directory", "oid": oid, "size": 0, "path": d})
             if len(parts) > 1 and not recursive:
                 continue

@@ -338,8 +338,8 @@ class InProcessAgent:
         run_env = {**self.env, **(env or {}), "WARMSTART_SOCKET": str(self.socket_path)}
         cmd = [sys.executable, "-m", "agent", *args]
         done = subprocess.run(
-            cmd, env=run_env, check=False, capture_output=True, text=True, timeout=timeout, input=input, cwd=self.workdir,
-            stdin=None if input is not None else subprocess.DEVNULL,
+            cmd, env=run_env, check=False, capture_output=True, text=True, timeout=timeout, input=input,
+            cwd=self.workdir, stdin=None if input is not None else subprocess.DEVNULL,
         )  # fmt: skip
         if check and done.returncode != 0:
             raise AgentCliError(done.returncode, cmd, done.stdout, done.stderr)

@@ -123,7 +123,7 @@ class Netns:
                 sock.bind((host, port))
                 sock.listen(backlog)
                 result.append(sock)
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 (handed to the caller's thread, which raises it)
                 result.append(exc)
 
         t = threading.Thread(target=inside, name=f"setns-{self.name}")

@@ -57,7 +57,7 @@ class ThreadedServer(abc.ABC):
         asyncio.set_event_loop(self._loop)
         try:
             self._loop.run_until_complete(self._start())
-        except BaseException as exc:  # reported to the constructor, never left unhandled in the thread
+        except BaseException as exc:  # noqa: BLE001 (reported to the constructor, never left unhandled in the thread)
             self._start_error = exc
             self._started.set()
             return
