@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from agent.units import parse_size
-from client._transport import DEFAULT_SOCKET
+from client.transport import DEFAULT_SOCKET
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB

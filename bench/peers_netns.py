@@ -445,7 +445,7 @@ def agent_env(code: Path) -> dict[str, str]:
 
 def agent_stats(sock: Path) -> dict[str, Any] | None:
     """The agent's own byte counters and peer states (GET /v1/stats), or None where this agent has none."""
-    from client._transport import AgentConnection
+    from client.transport import AgentConnection
 
     try:
         return AgentConnection(str(sock), timeout=5).request_json("GET", "/v1/stats")
@@ -458,7 +458,7 @@ def prefetch(sock: Path, ref: str, out: dict[str, Any], barrier: threading.Barri
     import io
 
     from agent.cli.main import _follow
-    from client._transport import AgentConnection
+    from client.transport import AgentConnection
 
     conn = AgentConnection(str(sock))
     try:

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import xxhash
 
 from agent.units import format_size, parse_size
-from client._transport import AgentConnection
+from client.transport import AgentConnection
 from tests.servers.agent_proc import AgentProcess
 from tests.servers.configmap import ConfigMapDir
 from tests.servers.ports import free_ports

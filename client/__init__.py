@@ -11,7 +11,7 @@ alone, for files already on local disk, with no agent involved.
 This package needs only the standard library and torch, so inference
 images need nothing else (never the agent's aiohttp, boto3, ...). torch
 itself is imported on first use of a loading function, not by ``import
-client``: the agent imports ``client.errors`` and ``client._transport`` (which
+client``: the agent imports ``client.errors`` and ``client.transport`` (which
 runs this file) and must not pay torch's seconds and hundreds of MB for it.
 
 CPU tensors are zero-copy views of the cache files by default (see
@@ -28,7 +28,6 @@ import weakref
 from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
-from client._transport import DEFAULT_TIMEOUT, AgentConnection
 from client.errors import (
     AccessDeniedError,
     AgentUnavailableError,
@@ -43,6 +42,7 @@ from client.errors import (
     UnsafeBundleError,
     WarmstartError,
 )
+from client.transport import DEFAULT_TIMEOUT, AgentConnection
 
 # open_tensors asks again when a blob is evicted between the agent's answer and the open (client/stream.py).
 EVICTED_RETRIES = 3

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 import client
-from client._transport import DEFAULT_TIMEOUT
+from client.transport import DEFAULT_TIMEOUT
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,9 +22,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from client._flock import lock_shared as _lock_shared
-from client._transport import AgentConnection
 from client.bundles import Bundle, build_bundle
 from client.errors import WarmstartError
+from client.transport import AgentConnection
 
 HEADER = "X-Warmstart-Artifact"
 TIMEOUT = 300.0  # a peer transfer of a GB bundle answers in one piece: allow for it

@@ -37,8 +37,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from client._flock import lock_shared
-from client._transport import DEFAULT_TIMEOUT, AgentConnection, NDJSONStream
 from client.errors import AgentUnavailableError, WarmstartError
+from client.transport import DEFAULT_TIMEOUT, AgentConnection, NDJSONStream
 from client.verify import BlobCheck, CorruptPieceError, expected_hashes
 
 _HEX128 = re.compile(r"^[0-9a-f]{32}$")

@@ -49,8 +49,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import client
-from client._transport import DEFAULT_TIMEOUT
 from client.errors import WarmstartError
+from client.transport import DEFAULT_TIMEOUT
 
 if TYPE_CHECKING:
     import torch

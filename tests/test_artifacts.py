@@ -166,7 +166,7 @@ def test_hostile_bundle_through_the_agent_is_rejected(inproc_factory: Any, tmp_p
     sock = str(agent.socket_path)
     hostile = _tar([_member("dir", tarfile.DIRTYPE), _member("dir/ok.txt"), _member("dir/../../escaped.txt")])
     f = io.BytesIO(hostile)
-    from client._transport import AgentConnection
+    from client.transport import AgentConnection
 
     AgentConnection(sock).send_file("POST", "/v1/artifacts/publish", f, len(hostile),
                                     headers={"X-Warmstart-Artifact": json.dumps({"key": "evil", "fingerprint": _fp()})})

@@ -33,7 +33,6 @@ import xxhash
 from safetensors.torch import load_file, save_file
 
 import client
-from client._transport import AgentConnection
 from client.errors import (
     AgentUnavailableError,
     FetchFailedError,
@@ -42,6 +41,7 @@ from client.errors import (
     WarmstartError,
 )
 from client.safetensors_header import MAX_HEADER_BYTES, read_header
+from client.transport import AgentConnection
 
 # ---------------------------------------------------------------------- helpers
 
@@ -390,7 +390,7 @@ def test_zero_size_tensors_may_share_offsets_and_header_may_be_padded(tmp_path: 
 def test_import_client_pulls_in_no_agent_dependencies() -> None:
     code = (
         "import sys\n"
-        "import client.errors, client._transport\n"
+        "import client.errors, client.transport\n"
         "assert 'torch' not in sys.modules, 'the agent imports these two and must not pay for torch'\n"
         "import client, client.loader, client.safetensors_header\n"
         "heavy = {'aiohttp', 'boto3', 'botocore', 'huggingface_hub', 'prometheus_client', 'yaml', 'agent'}\n"

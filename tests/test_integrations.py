@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 import client
 from client import vllm_plugin
-from client._transport import DEFAULT_TIMEOUT
+from client.transport import DEFAULT_TIMEOUT
 from client.vllm_plugin import LoaderConfigError, LoaderSettings
 
 MODEL_FILE = "model.safetensors"

@@ -34,7 +34,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from client._transport import AgentConnection
+from client.transport import AgentConnection
 from tests.servers.faulty_origin import FaultyOrigin
 from tests.servers.ports import free_port, free_ports
 from tests.servers.proc import kill_group, spawn_logged, stop_group

@@ -39,8 +39,8 @@ from agent.fetch.flight import PeerContext
 from agent.manifest import Manifest
 from agent.peers.membership import Membership
 from agent.peers.placement import RELAY_FANOUT, balanced_owners, relay_orders, rendezvous, tree_parent
-from client._transport import AgentConnection
 from client.errors import WarmstartError
+from client.transport import AgentConnection
 from tests.servers.agent_proc import AgentProcess, AgentStartError
 from tests.servers.netns import Netns
 from tests.servers.netns import unavailable as netns_unavailable

@@ -25,8 +25,8 @@ import torch
 from safetensors.torch import save_file
 
 import client
-from client._transport import AgentConnection
 from client.errors import CapacityError, ModelNotFoundError, WarmstartError
+from client.transport import AgentConnection
 from tests.servers.ports import free_ports
 from tests.servers.seaweedfs import SeaweedS3
 

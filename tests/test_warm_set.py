@@ -21,7 +21,7 @@ import xxhash
 
 from agent.errors import WarmSetError
 from agent.warmset.spec import parse_duration, parse_warm_set
-from client._transport import AgentConnection
+from client.transport import AgentConnection
 from tests.servers.configmap import ConfigMapDir
 from tests.servers.hf_endpoint import HfEndpoint
 from tests.servers.seaweedfs import SeaweedS3

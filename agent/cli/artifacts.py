@@ -59,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     verb = args.artifacts_command
     if verb == "rm":
-        from client._transport import AgentConnection
+        from client.transport import AgentConnection
 
         body: dict[str, Any] = {"key": args.key}
         if args.fingerprint_id:

@@ -21,8 +21,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any, TextIO
 
 from agent.units import format_size
-from client._transport import DEFAULT_SOCKET, SOCKET_ENV, AgentConnection
 from client.errors import WarmstartError
+from client.transport import DEFAULT_SOCKET, SOCKET_ENV, AgentConnection
 
 PLAIN_PROGRESS_SECONDS = 2.0
 

@@ -6,8 +6,8 @@ import json
 from typing import Any
 
 from agent.units import format_size
-from client._transport import AgentConnection
 from client.errors import ModelNotFoundError
+from client.transport import AgentConnection
 
 
 def warm_set_status(conn: AgentConnection) -> dict[str, Any] | None:
