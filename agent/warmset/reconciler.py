@@ -1,26 +1,15 @@
-"""The declarative warm set: a YAML file (a mounted ConfigMap) naming what this node keeps warm.
+"""The declarative warm set: keeps the node's cache in line with a YAML file (a mounted ConfigMap).
 
-```yaml
-models:
-  - ref: hf://meta-llama/Llama-3.1-8B-Instruct@main   # a moving revision: followed
-    pin: true
-  - ref: s3://models/qwen2.5-7b@v3
-    pin: true
-  - ref: s3://models/embedder
-    pin: false                                        # prefetched, evictable
-refresh: 10m                                          # how often references are re-resolved
-```
-
-One asyncio task (:meth:`WarmSet.run`) owns it all. Every ``poll`` seconds it looks
-at the file (its resolved path, inode, mtime, size; the content hash when any of
-them moved, so a ConfigMap's atomic ``..data`` symlink swap is seen), and on a
-change parses it strictly. A bad file (YAML error, unknown key, bad reference)
-leaves the last good set in force; the error is in the status, the log and a
+The file's format is agent/warmset/spec.py's. One asyncio task (:meth:`WarmSet.run`)
+owns it all. Every ``poll`` seconds it looks at the file (its resolved path, inode,
+mtime, size; the content hash when any of them moved, so a ConfigMap's atomic
+``..data`` symlink swap is seen), and on a change parses it strictly. A bad file
+(YAML error, unknown key, bad reference) leaves the last good set in force; the error is in the status, the log and a
 counter. A good one is reconciled: new entries start, removed ones are let go
 (their pins dropped, their blobs evictable, never deleted under a reader).
 
-Each entry is a small state machine (:class:`Entry`): ``pending`` -> ``fetching``
--> ``ready``, or ``failed`` with a reason. Its work runs as a task of its own
+Each entry is a small state machine (:class:`Entry`, :class:`EntryState`): ``pending``
+-> ``fetching`` -> ``ready``, or ``failed`` with a reason. Its work runs as a task of its own
 (bounded in number by a semaphore) through the same ModelService as
 ``agent prefetch``, so peers share the origin's bytes.
 
