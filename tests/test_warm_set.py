@@ -285,13 +285,13 @@ def test_moving_main_rolls_over_while_a_reader_keeps_the_old_revision(
 
 
 def test_two_peers_warm_the_same_set_with_the_origin_sending_it_about_once(
-    inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+    agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
     files = _upload(seaweed, tmp_path, "ws-peers", {"a.bin": 12 * MiB, "b.bin": 4 * MiB})
     relay = _relay(seaweed, relay_factory)
     cm = ConfigMapDir(tmp_path / "cm")
     cm.write(_warm_set())
-    agents = _cluster(inproc_factory, None, tmp_path, 2, relay,
+    agents = _cluster(agent_factory, agent_env, tmp_path, 2, relay,
                       extra=("--warm-set", str(cm.path), *POLL))
     _wait_peers_up(agents)
     relay.reset_counters()
