@@ -115,6 +115,10 @@ class OpenFills:
     def __contains__(self, fill_key: object) -> bool:
         return fill_key in self._open
 
+    def __len__(self) -> int:
+        """Partial files open now (at most ``limit``)."""
+        return len(self._open)
+
     async def acquire(self, entry: FileEntry, protect: AbstractSet[str]) -> OpenFill:
         """The open fill of ``entry`` (opened, room made for it, if need be), with one more user."""
         h = self._open.get(entry.fill_key)
