@@ -239,21 +239,32 @@ class ModelService:
         protect = {d for f in manifest.files if (d := self.store.digest_of(f))}
         blobs: dict[FillKey, Blob] = {}
 
-        # Connections go to files in this order (agent/fetch/slots.py): the small ones first
-        # (config, tokenizer, the shard index: what a loader reads before any weight), then
-        # the rest in manifest order. At most parallel_files of them at once: a model of
-        # 50,000 files must not hold 50,000 tasks and descriptors (measured: 19,932 fds and
-        # 867 MB before this bound, then "Too many open files" for every request).
-        todo = iter(sorted(manifest.files, key=lambda f: f.size > f.piece_size))
+        # The small files first, all of them before any weight file starts (config, tokenizer,
+        # the shard index: what a loader reads before any weight): started together, a weight
+        # file's span could take every connection before the index asked for one and hold it
+        # for the whole file (seen: a streaming load's first tensor waited for both 12 MiB
+        # shards because the 1 KiB index came last). That costs one round trip of small
+        # requests. Then the weights in manifest order (agent/fetch/slots.py admits them so).
+        # At most parallel_files files at once: a model of 50,000 files must not hold 50,000
+        # tasks and descriptors (measured: 19,932 fds and 867 MB before this bound, then "Too
+        # many open files" for every request).
+        small = [f for f in manifest.files if f.size <= f.piece_size]
+        large = [f for f in manifest.files if f.size > f.piece_size]
 
-        async def worker() -> None:
-            for entry in todo:
-                blobs[entry.fill_key] = await self.fetcher.ensure_blob(entry, origin, protect, ctx)
+        async def fill_all(entries: list[FileEntry]) -> None:
+            todo = iter(entries)
+
+            async def worker() -> None:
+                for entry in todo:
+                    blobs[entry.fill_key] = await self.fetcher.ensure_blob(entry, origin, protect, ctx)
+
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(min(len(entries), self.fetcher.parallel_files)):
+                    tg.create_task(worker())
 
         try:
-            async with asyncio.TaskGroup() as tg:
-                for _ in range(min(len(manifest.files), self.fetcher.parallel_files)):
-                    tg.create_task(worker())
+            await fill_all(small)
+            await fill_all(large)
         except BaseExceptionGroup as group:
             raise _disk_full(first_error(group), self.store.root) from None
         except OSError as exc:
