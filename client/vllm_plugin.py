@@ -59,7 +59,7 @@ LOAD_FORMAT = "warmstart"
 EXTRA_CONFIG_KEYS = ("ref", "socket", "timeout", "device")
 # What the agent takes as a model reference (README "Model references"); anything
 # else would only fail later, inside a vLLM worker, with the agent's message.
-REF_PREFIXES = ("s3://", "hf://", "https://", "http://", "file://", "/")
+REF_PREFIXES = ("s3://", "gs://", "az://", "hf://", "https://", "http://", "file://", "/")
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
 # Under vLLM's own logger tree, so the lines show in vLLM's output with its format.
