@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
+import aiohttp
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
@@ -30,8 +31,9 @@ import client
 from agent.origins import azure, gcs
 from agent.refs import parse_ref
 from client.errors import BadReferenceError
+from client.transport import AgentConnection
 from tests.servers.clouds import Azurite, FakeGcs
-from tests.servers.ports import free_port
+from tests.servers.ports import free_port, free_ports
 from tests.test_agent_e2e import assert_bit_exact, expected_tensors
 
 MODEL_SIZE = 90_868_376  # model.safetensors of MiniLM: no blob of this size may appear after a refused fill
@@ -111,24 +113,40 @@ def test_gs_prefetch_and_open_tensors_from_the_emulator(
 
 
 class _TokenServer:
-    """An OAuth2 token endpoint for a service account's JWT bearer grant; checks the RS256 signature."""
+    """An OAuth2 token endpoint (and a GCE metadata server's token route), recording what it was sent.
 
-    def __init__(self, public_key: rsa.RSAPublicKey, *, refuse: bool = False) -> None:
+    A JWT bearer grant's RS256 signature is checked with ``public_key``; other grants and the
+    metadata GET are recorded as they came (``forms``, ``gets``). ``refuse`` answers 400 to all.
+    """
+
+    def __init__(self, public_key: rsa.RSAPublicKey | None = None, *, refuse: bool = False) -> None:
         self.grants: list[dict[str, Any]] = []
+        self.forms: list[dict[str, list[str]]] = []
+        self.gets: list[tuple[str, str]] = []  # (path, Metadata-Flavor header)
         self.errors: list[str] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
-                try:
-                    claims = outer.check(form)
-                except Exception as exc:  # noqa: BLE001 - recorded for the test to assert on
-                    outer.errors.append(repr(exc))
-                    claims = None
-                body = (json.dumps({"error": "invalid_grant"}) if refuse or claims is None else
-                        json.dumps({"access_token": "ya29.test-token", "expires_in": 3600, "token_type": "Bearer"}))
-                self.send_response(400 if refuse or claims is None else 200)
+                outer.forms.append(form)
+                ok = not refuse
+                if ok and form.get("grant_type") == ["urn:ietf:params:oauth:grant-type:jwt-bearer"]:
+                    try:
+                        outer.check(form)
+                    except Exception as exc:  # noqa: BLE001 - recorded for the test to assert on
+                        outer.errors.append(repr(exc))
+                        ok = False
+                self.answer(ok)
+
+            def do_GET(self) -> None:
+                outer.gets.append((self.path, self.headers.get("Metadata-Flavor", "")))
+                self.answer(not refuse and self.headers.get("Metadata-Flavor") == "Google")
+
+            def answer(self, ok: bool) -> None:
+                body = (json.dumps({"access_token": "ya29.test-token", "expires_in": 3600, "token_type": "Bearer"})
+                        if ok else json.dumps({"error": "invalid_grant"}))
+                self.send_response(200 if ok else 400)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -139,7 +157,8 @@ class _TokenServer:
 
         self.public_key = public_key
         self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/token"
+        self.host = f"127.0.0.1:{self.server.server_port}"
+        self.url = f"http://{self.host}/token"
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -147,6 +166,7 @@ class _TokenServer:
         assert form["grant_type"] == ["urn:ietf:params:oauth:grant-type:jwt-bearer"]
         head, payload, sig = form["assertion"][0].split(".")
         pad = lambda s: s + "=" * (-len(s) % 4)  # noqa: E731
+        assert self.public_key is not None
         self.public_key.verify(base64.urlsafe_b64decode(pad(sig)), f"{head}.{payload}".encode(),
                                padding.PKCS1v15(), hashes.SHA256())
         claims: dict[str, Any] = json.loads(base64.urlsafe_b64decode(pad(payload)))
@@ -208,6 +228,44 @@ def test_gs_refused_token_is_one_clear_error(inproc_factory: Any, fake_gcs: Fake
         assert agent.cli("stats", timeout=30).returncode == 0  # the agent keeps serving
     finally:
         server.close()
+
+
+def test_gs_authorized_user_refresh_token_is_exchanged(
+    inproc_factory: Any, fake_gcs: FakeGcs, gcs_model: str, minilm_dir: Path, tmp_path: Path
+) -> None:
+    """A user's key file (``gcloud auth application-default login``): its refresh token at its token_uri."""
+    server = _TokenServer()
+    try:
+        path = tmp_path / "adc.json"
+        path.write_text(json.dumps({"type": "authorized_user", "client_id": "cid", "client_secret": "cs",
+                                    "refresh_token": "rt-1", "token_uri": server.url}))
+        agent = inproc_factory(env={**fake_gcs.env, "GOOGLE_APPLICATION_CREDENTIALS": str(path)})
+        _check_model(agent, gcs_model, minilm_dir)
+        assert server.forms and server.forms[0] == {"grant_type": ["refresh_token"], "client_id": ["cid"],
+                                                    "client_secret": ["cs"], "refresh_token": ["rt-1"]}
+    finally:
+        server.close()
+
+
+async def test_gs_token_from_the_metadata_server_as_on_gke() -> None:
+    """No key file and no emulator: the token comes from the metadata server (GKE workload identity),
+    asked as Google's libraries ask (Metadata-Flavor), once for many requests."""
+    server = _TokenServer()
+    try:
+        async with aiohttp.ClientSession() as session:
+            creds = gcs.GoogleCredentials(session, environ={"GCE_METADATA_HOST": server.host})
+            for _ in range(3):
+                assert await creds.headers() == {"Authorization": "Bearer ya29.test-token"}
+        assert server.gets == [("/computeMetadata/v1/instance/service-accounts/default/token", "Google")]
+    finally:
+        server.close()
+
+
+async def test_gs_without_any_credentials_goes_anonymous() -> None:
+    """No key, no emulator, no metadata server answering: unauthenticated requests (public buckets)."""
+    async with aiohttp.ClientSession() as session:
+        creds = gcs.GoogleCredentials(session, environ={"GCE_METADATA_HOST": f"127.0.0.1:{free_port()}"})
+        assert await creds.headers() == {}
 
 
 def test_gs_object_whose_bytes_do_not_match_its_crc32c_is_refused(
@@ -301,3 +359,80 @@ def test_account_sas_is_signed_for_read_and_list_only() -> None:
     """The SAS the agent makes from a key can read and list, nothing else, and expires within the hour."""
     sas = parse_qs(azure.account_sas("acct", base64.b64encode(b"k" * 32).decode(), time.time()))
     assert sas["sp"] == ["rl"] and sas["ss"] == ["b"] and sas["sv"] == [azure.API_VERSION]
+
+
+async def test_az_workload_identity_exchanges_the_projected_token(tmp_path: Path) -> None:
+    """AKS workload identity: the projected token file (read again per exchange) becomes a storage token.
+
+    Azurite accepts bearer tokens only over HTTPS with a certificate of its own, so this exchange is
+    checked against a token endpoint the test runs; the SAS and key paths above go through Azurite.
+    """
+    server = _TokenServer()
+    token_file = tmp_path / "azure-identity-token"
+    token_file.write_text("projected.jwt.one\n")
+    try:
+        settings = azure.AzureSettings.from_environ({
+            "AZURE_FEDERATED_TOKEN_FILE": str(token_file), "AZURE_CLIENT_ID": "client-1",
+            "AZURE_TENANT_ID": "tenant-1", "AZURE_AUTHORITY_HOST": f"http://{server.host}/",
+        })
+        async with aiohttp.ClientSession() as session:
+            creds = azure.AzureCredentials(session, settings)
+            assert creds.endpoint("acct") == "https://acct.blob.core.windows.net"
+            for _ in range(2):
+                sas, headers = await creds.auth("acct")
+                assert sas == "" and headers["Authorization"] == "Bearer ya29.test-token"
+                assert headers["x-ms-version"] == azure.API_VERSION
+        assert server.forms == [{
+            "client_id": ["client-1"],
+            "client_assertion_type": ["urn:ietf:params:oauth:client-assertion-type:jwt-bearer"],
+            "client_assertion": ["projected.jwt.one"],
+            "grant_type": ["client_credentials"],
+            "scope": ["https://storage.azure.com/.default"],
+        }]
+    finally:
+        server.close()
+
+
+def test_connection_string_for_another_account_is_refused(
+    inproc_factory: Any, azurite: Azurite, az_model: str
+) -> None:
+    agent = inproc_factory(env={"AZURE_STORAGE_CONNECTION_STRING": azurite.connection_string()})
+    done = agent.cli("prefetch", "az://otheraccount/models/minilm", timeout=60)
+    assert done.returncode != 0 and "otheraccount" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+# ---------------------------------------------------------------------- peers
+
+
+def test_gs_pieces_come_from_a_peer_and_are_checked_against_the_md5(
+    agent_factory: Any, agent_env: dict[str, str], fake_gcs: FakeGcs, gcs_model: str, minilm_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Two nodes: the second takes the first's pieces (gs:// is a peer scheme; GCS's md5Hash checks them)."""
+    token_file = tmp_path / "peer-token"
+    token_file.write_text("clouds-peer-token\n")
+    ports = free_ports(2)
+    peers = ",".join(f"127.0.0.1:{p}" for p in ports)
+    env = {**agent_env, **fake_gcs.env}
+    agents = [
+        agent_factory(f"node{i}", env=env, port=port, start=True,
+                      extra_args=("--peers", peers, "--peer-token-file", str(token_file), "--piece-size", "1MiB"))
+        for i, port in enumerate(ports)
+    ]
+    deadline = time.monotonic() + 60
+    while not all(sum(p["alive"] for p in _stats(a)["peers"]) == 1 for a in agents):
+        assert time.monotonic() < deadline, [_stats(a)["peers"] for a in agents]
+        time.sleep(0.2)
+    first = agents[0].cli("prefetch", gcs_model, timeout=240)
+    assert first.returncode == 0, first.stderr
+    second = agents[1].cli("prefetch", gcs_model, timeout=240)
+    assert second.returncode == 0, second.stderr
+    stats = _stats(agents[1])
+    assert stats["peer_bytes_received"] > 10 * 1024 * 1024, stats
+    assert stats["peer_pieces_rejected"] == 0, stats
+    assert_bit_exact(client.open_tensors(gcs_model, socket=str(agents[1].socket_path), timeout=60),
+                     expected_tensors(minilm_dir))
+
+
+def _stats(agent: Any) -> dict[str, Any]:
+    return AgentConnection(str(agent.socket_path), timeout=10).request_json("GET", "/v1/stats")

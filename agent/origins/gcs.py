@@ -18,7 +18,8 @@ libraries look for them:
    or an ``authorized_user`` (its refresh token exchanged).
 3. The metadata server (GKE workload identity, or the node's service
    account): ``GCE_METADATA_HOST`` or ``metadata.google.internal``.
-4. None of these answering: anonymous requests (public buckets only).
+4. None of these answering: anonymous requests (public buckets only); the
+   metadata server is asked again each minute.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from agent.manifest import FileEntry, Manifest, listing_revision
 from agent.origins.base import HttpOrigin
 from agent.origins.cloud_http import (
+    TOKEN_MARGIN,
     TokenCache,
     b64_hex,
     check_listing_status,
@@ -59,6 +61,7 @@ PAGE_SIZE = 1000  # objects.list's own maximum
 GCS_ENDPOINT = "https://storage.googleapis.com"
 SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
 JWT_LIFETIME = 3600
+ANONYMOUS_RETRY = 60.0  # seconds between asks of a metadata server that did not answer
 CREDENTIALS_HINT = (
     "check GOOGLE_APPLICATION_CREDENTIALS, or the workload identity binding of the node's Kubernetes "
     "service account (docs/OPERATIONS.md, \"Google Cloud Storage\")"
@@ -75,12 +78,13 @@ class GoogleCredentials:
         self.key_file = env.get("GOOGLE_APPLICATION_CREDENTIALS", "")
         self.metadata_host = env.get("GCE_METADATA_HOST", "metadata.google.internal")
         self._tokens = TokenCache(self._exchange)
-        self._anonymous = False
+        self._warned = False
 
     async def headers(self) -> dict[str, str]:
-        if (self.emulator and not self.key_file) or self._anonymous:
+        if self.emulator and not self.key_file:
             return {}
-        return {"Authorization": f"Bearer {await self._tokens.token()}"}
+        token = await self._tokens.token()
+        return {"Authorization": f"Bearer {token}"} if token else {}  # "": anonymous, see _exchange
 
     async def _exchange(self) -> tuple[str, float]:
         if self.key_file:
@@ -94,10 +98,12 @@ class GoogleCredentials:
                 headers={"Metadata-Flavor": "Google"},
             )
         except FetchFailedError as exc:  # no metadata server: not on GCP; public buckets still answer
-            log.warning("no Google credentials (no GOOGLE_APPLICATION_CREDENTIALS, %s); gs:// requests go "
-                        "unauthenticated (public buckets only)", exc)
-            self._anonymous = True
-            return "", 0.0
+            if not self._warned:
+                log.warning("no Google credentials (no GOOGLE_APPLICATION_CREDENTIALS, %s); gs:// requests go "
+                            "unauthenticated (public buckets only) and the metadata server is asked again "
+                            "each minute", exc)
+                self._warned = True
+            return "", ANONYMOUS_RETRY + TOKEN_MARGIN  # "": no token; a metadata server back later is used
 
     async def _from_key_file(self) -> tuple[str, float]:
         where = f"the Google credentials file {self.key_file}"
