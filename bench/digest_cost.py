@@ -82,8 +82,8 @@ def main() -> int:
                 before = time.thread_time()
                 hash_file(fd, 0, size, [h])
                 runs[name].append((time.thread_time() - before) / (size / 2**30))
-    print(f"CPU s/GiB, median of {args.rounds} alternated rounds over {args.size} (min-max); "
-          f"load {open('/proc/loadavg').read().split()[:3]}")
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"CPU s/GiB, median of {args.rounds} alternated rounds over {args.size} (min-max); load {load}")
     base = statistics.median(runs["crc32c (package crc32c)"])
     for name, values in runs.items():
         med = statistics.median(values)

@@ -6,10 +6,10 @@ a listing call and a token exchange). Bytes still move through the shared range
 client (agent/origins/range_http.py), like S3's.
 
 Digests: both clouds list an MD5 (GCS ``md5Hash``, Azure ``Content-MD5``) and GCS
-a CRC32C, base64 of the raw bytes; the agent keeps them as hex. Measured on this
-machine (one core, 256 MiB in memory): CRC32C (the ``crc32c`` package, hardware
-instructions) 0.09 CPU s/GiB, MD5 1.9 CPU s/GiB, so a fill checks the CRC32C
-where there is one and the MD5 only where it is the sole digest or where pieces
+a CRC32C, base64 of the raw bytes; the agent keeps them as hex. Measured through
+the fill's hashing path (bench/digest_cost.py, bench/RESULTS.md "Digests a fill
+checks"): CRC32C (the ``crc32c`` package, hardware instructions) 0.10 CPU s/GiB,
+MD5 1.76, so a fill checks the CRC32C where there is one and the MD5 only where it is the sole digest or where pieces
 came from peers (agent/store/fill.py ``origin_md5_only``).
 """
 

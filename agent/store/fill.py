@@ -140,8 +140,8 @@ class S3EtagHasher:
 def origin_md5_only(entry: FileEntry) -> bool:
     """Whether the origin's MD5 is the only digest it gave for ``entry`` (then it must be checked).
 
-    MD5 costs about 1.9 CPU s/GiB here against CRC32C's 0.09 (measured on this
-    machine, see agent/origins/cloud_http.py), so a fill from the origin checks
+    MD5 costs about 1.76 CPU s/GiB here against CRC32C's 0.10 (bench/digest_cost.py,
+    bench/RESULTS.md), so a fill from the origin checks
     the cheapest digest the origin gave; the MD5 is hashed as well only where it
     is the sole one, or where pieces come from peers (a CRC is no check against
     a peer that lies: agent/fetch/peer_reader.py).
