@@ -135,8 +135,8 @@ def _check_ref(ref: Any, what: str) -> str:
         raise LoaderConfigError(f"{what} must be a model reference string, got {ref!r}")
     if not ref.startswith(REF_PREFIXES):
         raise LoaderConfigError(
-            f"{what} {ref!r} is not a model reference: use s3://BUCKET/PREFIX, hf://ORG/NAME[@REV], "
-            "https://HOST/PATH, file:///ABS/PATH or /ABS/PATH"
+            f"{what} {ref!r} is not a model reference: use s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, "
+            "az://ACCOUNT/CONTAINER/PREFIX, hf://ORG/NAME[@REV], https://HOST/PATH, file:///ABS/PATH or /ABS/PATH"
         )
     return ref
 
