@@ -29,8 +29,9 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 import client
 from agent.origins import azure, gcs
+from agent.origins.range_http import RangeClient
 from agent.refs import parse_ref
-from client.errors import BadReferenceError
+from client.errors import BadReferenceError, WarmstartError
 from client.transport import AgentConnection
 from tests.servers.clouds import Azurite, FakeGcs
 from tests.servers.ports import free_port, free_ports
@@ -436,3 +437,82 @@ def test_gs_pieces_come_from_a_peer_and_are_checked_against_the_md5(
 
 def _stats(agent: Any) -> dict[str, Any]:
     return AgentConnection(str(agent.socket_path), timeout=10).request_json("GET", "/v1/stats")
+
+
+# ---------------------------------------------------------------------- hostile answers
+
+
+class _Answering:
+    """An HTTP server that answers every GET with one fixed body (a listing an origin should not give)."""
+
+    def __init__(self, body: bytes, content_type: str) -> None:
+        self.requests = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                outer.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.host = f"127.0.0.1:{self.server.server_port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)
+
+
+def _gcs_item(name: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "size": "5", "generation": "7", "crc32c": "mnG7TA==", **extra}
+
+
+@pytest.mark.parametrize(
+    ("listing", "says"),
+    [
+        ({"items": [_gcs_item("elsewhere/x")]}, "outside the prefix"),
+        ({"items": [_gcs_item("m/../../etc/passwd")]}, "unsafe object name"),
+        ({"items": [_gcs_item("m/a", crc32c="not base64!")]}, "malformed crc32c"),
+        ({"items": [_gcs_item("m/a", md5Hash="AAAA")]}, "md5Hash of 3 bytes"),
+        ({"items": [_gcs_item("m/a", size="-1")]}, "negative size"),
+        ({"items": [_gcs_item("m/a", generation="x")]}, "no valid size or generation"),
+        ({"items": [], "nextPageToken": "again"}, "did not end"),
+    ],
+)
+async def test_gs_hostile_listing_is_refused_in_one_line(
+    listing: dict[str, Any], says: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gcs, "MAX_OBJECTS", 3 * gcs.PAGE_SIZE)  # a listing that never ends: 5 pages, not 102
+    server = _Answering(json.dumps(listing).encode(), "application/json")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.host)
+    try:
+        async with aiohttp.ClientSession() as session:
+            origin = gcs.GcsOrigin(session, RangeClient(10))
+            with pytest.raises(WarmstartError) as info:
+                await origin.resolve(parse_ref("gs://bucket/m"))
+        assert says in str(info.value) and "\n" not in str(info.value)
+        assert server.requests <= 5
+    finally:
+        server.close()
+
+
+async def test_az_listing_that_is_not_xml_is_refused_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = _Answering(b"<EnumerationResults><Blobs><Blob>", "application/xml")
+    env = {"AZURE_STORAGE_CONNECTION_STRING": f"AccountName=acct;BlobEndpoint=http://{server.host}/acct;"}
+    try:
+        async with aiohttp.ClientSession() as session:
+            origin = azure.AzureOrigin(session, RangeClient(10), environ=env)
+            with pytest.raises(WarmstartError) as info:
+                await origin.resolve(parse_ref("az://acct/cont/m"))
+        assert "not XML" in str(info.value) and "\n" not in str(info.value)
+    finally:
+        server.close()
