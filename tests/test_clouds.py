@@ -443,9 +443,12 @@ def _stats(agent: Any) -> dict[str, Any]:
 
 
 class _Answering:
-    """An HTTP server that answers every GET with one fixed body (a listing an origin should not give)."""
+    """An HTTP server that answers every GET with one fixed body (a listing an origin should not give).
 
-    def __init__(self, body: bytes, content_type: str) -> None:
+    ``pieces`` sends the body in that many writes 50 ms apart, as a slow or loaded server's answer comes.
+    """
+
+    def __init__(self, body: bytes, content_type: str, pieces: int = 1) -> None:
         self.requests = 0
         outer = self
 
@@ -456,7 +459,11 @@ class _Answering:
                 self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(body)
+                step = -(-len(body) // pieces)
+                for start in range(0, len(body), step):
+                    self.wfile.write(body[start : start + step])
+                    self.wfile.flush()
+                    time.sleep(0.05 if pieces > 1 else 0)
 
             def log_message(self, *args: Any) -> None:
                 pass
@@ -514,5 +521,19 @@ async def test_az_listing_that_is_not_xml_is_refused_in_one_line(monkeypatch: py
             with pytest.raises(WarmstartError) as info:
                 await origin.resolve(parse_ref("az://acct/cont/m"))
         assert "not XML" in str(info.value) and "\n" not in str(info.value)
+    finally:
+        server.close()
+
+
+async def test_gs_listing_that_arrives_in_pieces_is_read_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listing body that comes in several TCP segments is gathered whole (a loaded server's answer)."""
+    items = [_gcs_item(f"m/file-{i:03d}.bin") for i in range(200)]
+    server = _Answering(json.dumps({"items": items}).encode(), "application/json", pieces=4)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.host)
+    try:
+        async with aiohttp.ClientSession() as session:
+            manifest = await gcs.GcsOrigin(session, RangeClient(10)).resolve(parse_ref("gs://bucket/m"))
+        assert [f.path for f in manifest.files] == [f"file-{i:03d}.bin" for i in range(200)]
+        assert {f.crc32c for f in manifest.files} == {"9a71bb4c"}
     finally:
         server.close()

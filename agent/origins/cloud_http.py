@@ -60,10 +60,15 @@ async def fetch(
         async with session.request(
             method, url, headers=headers, data=data, timeout=METADATA_TIMEOUT, allow_redirects=False
         ) as resp:
-            body = await resp.content.read(MAX_METADATA_BYTES + 1)
-            if len(body) > MAX_METADATA_BYTES:
-                raise FetchFailedError(f"{where}: the answer is larger than {MAX_METADATA_BYTES} bytes")
-            return resp.status, dict(resp.headers), body
+            chunks: list[bytes] = []
+            total = 0
+            # read(n) returns what has arrived, not n bytes: the whole body is gathered chunk by chunk
+            async for chunk in resp.content.iter_any():
+                total += len(chunk)
+                if total > MAX_METADATA_BYTES:
+                    raise FetchFailedError(f"{where}: the answer is larger than {MAX_METADATA_BYTES} bytes")
+                chunks.append(chunk)
+            return resp.status, dict(resp.headers), b"".join(chunks)
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         bare = url.split("?", 1)[0]  # a SAS in the query is a secret: never in a message
         raise FetchFailedError(f"cannot reach {bare} for {where}: {type(exc).__name__}: {exc}") from None
@@ -86,7 +91,8 @@ def parse_json(body: bytes, where: str) -> dict[str, Any]:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        raise FetchFailedError(f"{where}: the answer is not JSON") from None
+        start = body[:120].decode("utf-8", "replace").replace("\n", " ")
+        raise FetchFailedError(f"{where}: the answer is not JSON ({len(body)} bytes: {start!r})") from None
     if not isinstance(data, dict):
         raise FetchFailedError(f"{where}: the answer is not a JSON object")
     return data
