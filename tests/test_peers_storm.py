@@ -14,6 +14,8 @@ the restart test's prefetch failed (the resumed file's peer pieces were not repa
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -25,6 +27,7 @@ from typing import Any
 import pytest
 import xxhash
 
+from agent.peers.membership import Membership
 from tests.servers.flaky_peer import FlakyPeer
 from tests.servers.ports import free_port, free_ports
 from tests.servers.seaweedfs import SeaweedS3
@@ -112,6 +115,35 @@ def _assert_origin(relay: Any, agents: list[Any], model_bytes: int, limit: float
 
 
 # ---------------------------------------------------------------------- item 1: the storm's first seconds
+
+
+async def test_membership_settles_when_every_member_spoke_and_probes_fast_until_then() -> None:
+    """Unit: the start phase ends when every member answered a probe or spoke to this node (from=)."""
+    members = ["198.18.1.1:7070", "198.18.1.2:7070", "198.18.1.3:7070"]
+    m = Membership(members[0], static=members, advertise=members[0])
+    await m.refresh()
+    assert not m.settled and not await m.wait_settled(0.05)
+    answered: list[str] = []
+
+    async def ping(addr: str) -> None:  # only 198.18.1.2 answers probes
+        answered.append(addr)
+        if addr != members[1]:
+            raise ConnectionRefusedError("nothing listens")
+
+    runner = asyncio.create_task(m.run(ping))
+    try:
+        await asyncio.sleep(0.5)
+        assert answered.count(members[2]) >= 2  # probed every START_PROBE_INTERVAL, not every 2 s
+        assert m.live() == [members[1]] and not m.settled
+        m.heard_from("198.18.9.9:7070")  # not a member: ignored
+        assert not m.settled
+        m.heard_from(members[2])  # its piece request or ping named it
+        assert m.settled and await m.wait_settled(0)
+        assert sorted(m.live()) == members[1:]
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
 
 
 @pytest.mark.parametrize("rate", [None, 16 * MiB], ids=["fast-origin", "shaped-origin"])
