@@ -21,6 +21,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +227,39 @@ def test_a_node_joining_where_another_holds_the_model_takes_it_from_the_holder(
     _assert_bit_exact(newcomer, files)
     _assert_origin(relay, [holder, newcomer], model_bytes, JOIN_LIMIT, "a node joining where one holds the model")
     assert _stats(newcomer)["peer_bytes_received"] >= 0.95 * model_bytes
+
+
+def test_have_answers_only_what_is_held_and_refuses_bad_bodies(
+    inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+) -> None:
+    """``/peer/v1/have``: the token is needed; junk bodies get 400 in one line; a held file is listed
+    complete for its own piece size only; an unknown key is not listed; nothing is fetched to answer."""
+    files = _upload(seaweed, tmp_path, "storm/have", {"w.bin": 3 * MiB + 5})
+    relay = _relay(seaweed, relay_factory)
+    agent = inproc_factory("h", env={"AWS_ENDPOINT_URL": relay.url},
+                           extra_args=("--peer-token-file", str(_token(tmp_path)), "--piece-size", "1MiB"))
+    assert agent.cli("prefetch", "s3://models/storm/have").returncode == 0
+    key = next(p.name for p in (agent.cache_dir / "sources").iterdir())
+    relay.reset_counters()
+
+    def post(body: object, token: str | None = TOKEN) -> tuple[int, Any]:
+        req = urllib.request.Request(agent.url + "/peer/v1/have", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {token}"} if token else {})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return int(r.status), json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            return int(exc.code), exc.read().decode()
+
+    assert post({"keys": [key], "piece_size": MiB}, token=None)[0] == 401
+    for bad in ({"keys": key, "piece_size": MiB}, {"keys": [key], "piece_size": 0}, {"keys": [1], "piece_size": MiB},
+                {"keys": ["k"] * 10001, "piece_size": MiB}, {"keys": [key], "piece_size": True}, [key]):
+        status, text = post(bad)
+        assert status == 400 and "\n" not in str(text).strip(), (bad, status, text)
+    assert post({"keys": [key, "nope"], "piece_size": MiB}) == (200, {"complete": [key], "pieces": {}})
+    assert post({"keys": [key], "piece_size": 2 * MiB}) == (200, {"complete": [], "pieces": {}})
+    assert relay.bytes_down == 0
+    assert len(files) == 1
 
 
 @pytest.mark.parametrize("refusals", [2, None], ids=["busy-twice", "always-busy-beside-a-good-one"])
