@@ -729,6 +729,10 @@ def storm_finish(
         "seconds": max(done) if len(done) == n else None,
         "busiest_upload_bound_s": max(max(p["upload_bytes"] for p in per_node), ctx["total"]) * 8 / (args.rate * 1e6),
         "first_done_s": min(done) if done else None,
+        # from the first node ready to the last one done: the spawn-to-ready part is interpreter and
+        # store start-up, which a loaded machine stretches by seconds and which is not the storm's
+        "ready_to_done_s": (max(done) - min(o["t_ready"] - t0 for o in outs if "t_ready" in o))
+        if len(done) == n else None,
         "origin_egress_bytes": origin_tx,
         "origin_egress_x_model": origin_tx / ctx["total"],
         "per_node": per_node,
