@@ -259,7 +259,9 @@ class Membership:
     def _check_settled(self) -> None:
         if self._settled.is_set():
             return
-        if self._listed and all(a in self._answered for a in self.peers):
+        # A DNS name that lists no peer yet is not a cluster of one: pods that start together
+        # appear in it over seconds (the start wait bounds how long a real cluster of one waits).
+        if self._listed and (self.peers or not self.dns_name) and all(a in self._answered for a in self.peers):
             log.info("peers: every member answered (%d) after %.2fs", len(self.peers), time.monotonic() - self._started)
             self._settled.set()
         elif time.monotonic() - self._started >= START_PHASE:
@@ -300,7 +302,8 @@ class Membership:
             starting = not self._settled.is_set()
             try:
                 dns_every = min(self.dns_interval, START_DNS_INTERVAL) if starting else self.dns_interval
-                if not self._listed or (self.dns_name and time.monotonic() - self._dns_at >= dns_every):
+                due = self.dns_name and time.monotonic() - self._dns_at >= dns_every
+                if not self._listed or not self.peers or due:
                     await self.refresh()
                 await asyncio.gather(*(self._probe(a, ping) for a in list(self.peers)))
             except Exception:  # the loop must outlive any one bad round
