@@ -383,7 +383,7 @@ def test_a_relay_parent_killed_mid_piece_its_children_finish_bit_exact(
     for a in rest:
         _assert_bit_exact(a, files)
     print(f"relay parent {victim.name} killed; origin {_origin_ratio(relay, model_bytes):.3f}x")
-    _assert_origin(relay, agents, model_bytes, 1.25, "a relay parent killed mid-piece")
+    _assert_origin(relay, agents, model_bytes, CHURN_LIMIT, "a relay parent killed mid-piece")
 
 
 def test_a_restart_mid_fill_keeps_which_pieces_came_from_peers(
