@@ -162,14 +162,16 @@ def test_relay_trees_stay_even_when_they_are_rotations() -> None:
 @pytest.mark.serial
 def test_placement_of_25000_pieces_over_2600_members_takes_under_a_second() -> None:
     """Issue 24: rendezvous took about 81 s here (every member scored for every piece); the ring
-    walks a few points per piece. Target 1 s; asserted at 3 s because the test machine is shared."""
+    walks a few points per piece. Target 1 s (0.42 s measured on an idle core). Asserted on the
+    thread's CPU time, at 3 s: wall time on this shared 2-core machine was 6.7 s at load 18,
+    which measures the neighbours, not the placement."""
     members = [f"198.18.{i // 250}.{i % 250 + 1}:7070" for i in range(2600)]
     pieces = [(f"shard{k:03d}", i, 16 * MiB) for k in range(500) for i in range(50)]
-    placement._ring.cache_clear()
-    started = time.perf_counter()
+    placement._ring.cache_clear()  # the ring is remembered per member list: time a fresh one
+    started, wall = time.thread_time(), time.perf_counter()
     p = placement.compute_placement(members, pieces)
-    took = time.perf_counter() - started
-    assert took < 3.0, f"placement took {took:.2f} s"
+    took, took_wall = time.thread_time() - started, time.perf_counter() - wall
+    assert took < 3.0, f"placement took {took:.2f} CPU s ({took_wall:.2f} s wall)"
     load = Counter(p.owners.values())
     share = len(pieces) / len(members)
     assert max(load.values()) <= share + 1, max(load.values())  # bounded loads: at most one piece over even

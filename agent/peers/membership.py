@@ -295,6 +295,13 @@ class Membership:
         relay = [(parent, True)] if parent is not None and parent != owner else []
         return relay + [(a, False) for a in owners[:limit]]
 
+    def tree_level(self, fill_key: str, index: int, model: tuple[str, Sequence[PieceSpec]]) -> int:
+        """This node's level in the piece's relay tree (0: it owns the piece), for the order it asks in."""
+        members = tuple(sorted([self.me, *self.live()]))
+        orders = self._balanced(model, members).orders
+        piece = (fill_key, index)
+        return orders.level(piece, self.me) if piece in orders else 0
+
     async def prepare(self, model: tuple[str, Sequence[PieceSpec]]) -> None:
         """Compute the model's placement for the current members off the event loop, once.
 

@@ -32,8 +32,8 @@ RELAY_FANOUT = 2
 # over many pieces; the balanced owners bound each member's share anyway.
 RING_POINTS = 64
 # Relay trees are listed in full, each built least-loaded-first, while members x pieces stays
-# under this (N=16 with 31,000 pieces, N=64 with 7,800); bigger ones are rotations (RelayOrders).
-LISTED_ENTRIES = 500_000
+# under this (N=8 with 25,000 pieces, N=64 with 3,100); bigger ones are rotations (RelayOrders).
+LISTED_ENTRIES = 200_000
 
 
 def rendezvous(members: Iterable[str], fill_key: str, index: int) -> list[str]:
@@ -218,6 +218,14 @@ class RelayOrders(Mapping[tuple[str, int], list[str]]):
         q = place - 1 if place - 1 < q_owner else place
         return self._base[(q + rot) % len(self._base)]
 
+    def level(self, piece: tuple[str, int], member: str) -> int:
+        """How many hops ``member`` is below the owner in the piece's tree (0: the owner).
+
+        A node asks for its pieces level by level (agent/fetch/peer_reader.py ``_order``): then by
+        the time it asks a parent for a piece, the parent, one level up, has asked for it too.
+        """
+        return place_level(self.place(piece, member), self.fanout)
+
     def parent(self, piece: tuple[str, int], member: str) -> str | None:
         """``member``'s parent in the piece's relay tree (the root, the owner, has none)."""
         place = self.place(piece, member)
@@ -244,6 +252,26 @@ class RelayOrders(Mapping[tuple[str, int], list[str]]):
         return super().__eq__(other)
 
     __hash__ = None  # type: ignore[assignment]
+
+
+def place_level(place: int, fanout: int = RELAY_FANOUT) -> int:
+    """The level of ``place`` in a relay tree: 0 the owner, 1 its children, and so on."""
+    level, width, first = 0, 1, 0
+    while place >= first + width:
+        first, width, level = first + width, width * fanout, level + 1
+    return level
+
+
+def request_key(level: int, position: int, rank: int, members: int, pieces: int) -> tuple[int, int]:
+    """Where a node's request for a piece waits among its others (lowest first): by the node's
+    level in the piece's relay tree, then through the model from k/N of the way in for node k of N.
+
+    Level first: a node asks its parent for a piece about when the parent, one level up, has asked
+    its own parent, so the parent is receiving it and the child follows, instead of waiting out
+    RELAY_WAIT and going to the owner (bench/fleet_sim.py showed the owners swamped so at 100 nodes
+    and more). The rotation spreads the asking over all owners (bench/RESULTS.md "Peers").
+    """
+    return (level, (position - rank * pieces // max(1, members)) % max(1, pieces))
 
 
 def relay_orders(
