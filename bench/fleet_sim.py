@@ -370,6 +370,7 @@ def main() -> int:
     ap.add_argument("--link", default="300MB", help="every node's link, each way (300MB = 300 MB/s; 25Gbit)")
     ap.add_argument("--origin-links", type=float, default=3.0, help="the origin's upload, in node links")
     ap.add_argument("--piece-size", default=str(DEFAULT_PIECE_SIZE))
+    ap.add_argument("--peer-slots", type=int, default=PEER_CONNECTIONS_MIN, help="pieces a node asks of peers at once")
     ap.add_argument("--goodput", type=float, default=GOODPUT, help="payload bytes per link byte (headers)")
     ap.add_argument("--relay-wait", type=float, default=RELAY_WAIT, help="s a relay child waits for its parent")
     ap.add_argument("--no-levels", action="store_true", help="ask in rotated model order only (before issue 24)")
@@ -389,6 +390,7 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     for n, size, link, piece in runs:
         r = simulate(n, size, link, args.origin_links, shards=args.shards, piece_size=piece, goodput=args.goodput,
+                     peer_slots=args.peer_slots,
                      relay_wait=args.relay_wait, levels=not args.no_levels, check=not args.no_check)
         print(show(r), f"<!-- sim {r.sim_s:.0f} s -->", flush=True)
         results.append(asdict(r))

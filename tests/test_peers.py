@@ -181,6 +181,30 @@ def test_placement_of_25000_pieces_over_2600_members_takes_under_a_second() -> N
     assert sum(upload.values()) == len(sample) * (len(members) - 1) * 16 * MiB
 
 
+def test_a_node_asks_level_by_level_so_its_relay_parents_ask_before_it() -> None:
+    """request_key puts a node's pieces in order of its level in their trees: each parent sits one
+    level up, so (every node asking alike) it asks for a piece before its children do."""
+    assert [placement.place_level(k) for k in range(8)] == [0, 1, 1, 2, 2, 2, 2, 3]
+    members = sorted(f"198.18.{i // 200}.{i % 200 + 1}:7070" for i in range(300))
+    pieces = [(f"shard{k}", i, 16 * MiB) for k in range(20) for i in range(50)]
+    orders = placement.compute_placement(members, pieces).orders
+    for key, index, _ in pieces[::37]:
+        for m in members[::23]:
+            parent = orders.parent((key, index), m)
+            level = orders.level((key, index), m)
+            assert (level == 0) if parent is None else (orders.level((key, index), parent) == level - 1)
+    rank = 7
+    keys = sorted(
+        (placement.request_key(orders.level(p[:2], members[rank]), n, rank, len(members), len(pieces)), n)
+        for n, p in enumerate(pieces)
+    )
+    levels = [orders.level(pieces[n][:2], members[rank]) for _, n in keys]
+    assert levels == sorted(levels) and levels[0] < levels[-1]
+    # Within a level, node k of N starts k/N of the way into the model (the rotation kept from before).
+    same = [n for (lvl, _), n in keys if lvl == levels[-1]]
+    assert same[0] >= rank * len(pieces) // len(members)
+
+
 async def test_placement_is_computed_off_the_event_loop_once_per_member_list() -> None:
     """A big model's placement (owners and relay trees) takes seconds for big clusters; the fetcher
     asks for it with ``prepare`` (a thread, one computation for all callers), never on the loop."""
