@@ -31,6 +31,7 @@ from agent.artifacts.lookup import Artifacts
 from agent.metrics import Metrics
 from agent.peers.client import PeerClient
 from agent.peers.membership import Membership
+from agent.selection import Selection
 from agent.service import ModelService
 from agent.warmset.reconciler import WarmSet
 from client.errors import WarmstartError
@@ -41,7 +42,8 @@ PEERS: web.AppKey[tuple[Membership, PeerClient] | None] = web.AppKey("peers")
 async def prefetch(request: web.Request) -> web.StreamResponse:
     body = await read_body(request)
     ref, pin = ref_field(request, body), flag(body, "pin")
-    return await ensure_job(request, request.app[SERVICE], request.app[METRICS], ref, pin, with_files=False)
+    return await ensure_job(request, request.app[SERVICE], request.app[METRICS], ref, pin, with_files=False,
+                            selection=Selection.of_body(body))
 
 
 async def open_model(request: web.Request) -> web.StreamResponse:
@@ -50,7 +52,7 @@ async def open_model(request: web.Request) -> web.StreamResponse:
     stream = bool(flag(body, "stream"))
     return await ensure_job(
         request, request.app[SERVICE], request.app[METRICS], ref_field(request, body), None,
-        with_files=True, with_snapshot=snapshot, stream=stream,
+        with_files=True, with_snapshot=snapshot, stream=stream, selection=Selection.of_body(body),
     )
 
 
@@ -104,7 +106,8 @@ async def prefetch_all(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     body = await read_body(request)
     pin = flag(body, "pin")
-    ref, manifest = await service.resolve(ref_field(request, body))
+    selection = Selection.of_body(body)
+    ref, manifest = await service.resolve(ref_field(request, body), selection=selection)
     pinned_ref = f"{ref.base}@{manifest.revision}"
     membership, client = request.app[PEERS] or (None, None)
     nodes = [membership.me] if membership is not None else ["self"]
@@ -120,7 +123,7 @@ async def prefetch_all(request: web.Request) -> web.StreamResponse:
     async def here() -> None:
         started = time.monotonic()
         try:
-            await service.ensure(ref, manifest, pin)
+            await service.ensure(ref, manifest, pin, selection)
             record({"node": nodes[0], "status": "complete", "seconds": round(time.monotonic() - started, 3)})
         except WarmstartError as exc:
             record({"node": nodes[0], "status": "error", "message": str(exc)})
@@ -130,7 +133,7 @@ async def prefetch_all(request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         try:
             last: dict[str, Any] = {}
-            async for line in client.prefetch(addr, pinned_ref, pin):
+            async for line in client.prefetch(addr, pinned_ref, pin, selection.to_body()):
                 last = line
                 if line.get("event") in ("complete", "error"):
                     break
