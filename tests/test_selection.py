@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -222,3 +223,27 @@ def test_s3_prefix_gets_the_same_rule(inproc_factory: Any, seaweed: Any, minilm_
     stats = json.loads(agent.cli("stats", "--json", check=True).stdout)
     assert stats["origin_bytes"] == result["total_bytes"]
     assert snapshot_files(agent, "s3://selection/multi") == loader_files(repo)
+
+
+def test_warm_set_entries_fetch_their_selection(inproc_factory: Any, hf_endpoint: Any, multi: Path,
+                                                tmp_path: Path) -> None:
+    """A default entry warms the loader's files only and stays ready (not re-fetched as incomplete); an entry
+    with include fetches just what it names."""
+    from tests.servers.configmap import ConfigMapDir
+    from tests.test_warm_set import POLL, _all_ready, _entry, _wait
+
+    cm = ConfigMapDir(tmp_path / "cm")
+    cm.write(f"models:\n  - ref: hf://{REPO}\n    pin: true\nrefresh: 10m\n")
+    agent = inproc_factory(extra_args=("--warm-set", str(cm.path), *POLL))
+    st = _wait(agent, lambda s: _all_ready(s, 1), timeout=60, what="ready")
+    sizes = all_files(multi)
+    assert _entry(st, f"hf://{REPO}")["total_bytes"] == sum(sizes[n] for n in loader_files(multi))
+    assert set(file_gets(hf_endpoint)) == loader_files(multi)
+    hf_endpoint.clear_log()
+    time.sleep(1.0)  # several polls: a ready entry of a selection is not taken for a partial one
+    assert _entry(_wait(agent, lambda s: _all_ready(s, 1)), f"hf://{REPO}")["state"] == "ready"
+    assert not file_gets(hf_endpoint)
+    cm.write(f"models:\n  - ref: hf://{REPO}\n    pin: true\n    include: ['onnx/']\nrefresh: 10m\n")
+    _wait(agent, lambda s: _all_ready(s, 1) and _entry(s, f"hf://{REPO}")["total_bytes"] == sum(
+        sizes[n] for n in ("onnx/model.onnx", "onnx/config.json")), timeout=60, what="onnx ready")
+    assert set(file_gets(hf_endpoint)) == {"onnx/model.onnx", "onnx/config.json"}
