@@ -166,6 +166,10 @@ def test_default_prefetch_skips_other_weight_formats(inproc_factory: Any, hf_end
                      expected_tensors(multi))
     plain = agent.cli("prefetch", f"hf://{REPO}")
     assert plain.returncode == 0 and f"skipped {len(EXTRA)} files" in plain.stdout, plain.stdout
+    hf_endpoint.clear_log()
+    verified = agent.cli("verify", f"hf://{REPO}", "--json")  # re-hashes what is held; grows nothing
+    assert verified.returncode == 0, verified.stderr
+    assert json.loads(verified.stdout)["checked"] == len(wanted) and not file_gets(hf_endpoint)
 
 
 def test_later_patterns_fill_only_what_is_missing(inproc_factory: Any, hf_endpoint: Any, multi: Path) -> None:
