@@ -150,3 +150,48 @@ def test_endpoint_with_digests_marks_nothing(inproc_factory: Any, hf_model: Any,
     assert "without an origin digest" not in agent.cli("ls").stdout
     assert "without an origin digest" not in agent.cli("verify", hf_model.ref).stdout
     assert 'warmstart_files_without_origin_digest_total{scheme="hf"} 0.0' in agent.http_get("/metrics")[1].decode()
+
+
+async def test_sequential_reader_hands_out_ranges_in_offset_order(hf_model: Any, hf_endpoint: Any) -> None:
+    """Three ranges of one file asked at once, out of order, from a server that ignores Range: each gets
+    exactly its bytes from one whole-body stream; a range behind the stream, asked after it passed, starts
+    one more stream (never one per range)."""
+    import asyncio
+
+    import aiohttp
+
+    from agent.origins.policy import AddressPolicy
+    from agent.origins.sequential import SequentialReader
+
+    hf_endpoint.ignore_range = True
+    url = f"{hf_endpoint.endpoint}/{hf_model.repo_id}/resolve/main/model.safetensors"
+    data = (hf_model.local_dir / "model.safetensors").read_bytes()
+    mib = 1024 * 1024
+
+    def check(status: int, reason: str) -> None:
+        raise AssertionError(f"{status} {reason}")
+
+    async with aiohttp.ClientSession() as session:
+        reader = SequentialReader(session, AddressPolicy(allow_private=True), read_timeout=30)
+        got: dict[int, bytearray] = {}
+
+        async def read(offset: int, length: int) -> None:
+            out = got.setdefault(offset, bytearray())
+
+            async def sink(chunks: Any) -> None:
+                for c in chunks:
+                    out.extend(c)
+
+            await reader.read("k", url, {}, offset, length, len(data), sink, what="model.safetensors", check=check)
+
+        hf_endpoint.clear_log()
+        await asyncio.gather(read(8 * mib, 3 * mib), read(0, mib), read(4 * mib, 2 * mib))
+        for offset, length in ((0, mib), (4 * mib, 2 * mib), (8 * mib, 3 * mib)):
+            assert bytes(got[offset]) == data[offset: offset + length], offset
+        gets = [r for r in hf_endpoint.requests if r.method == "GET"]
+        assert len(gets) <= 2, gets  # one stream; one more only if the first range came in after a later one
+        await read(mib, mib)  # behind the stream now: a new stream from the start
+        assert bytes(got[mib]) == data[mib: 2 * mib]
+        await read(len(data) - 100, 100)  # the rest of the file: the stream ends and is closed
+        assert bytes(got[len(data) - 100]) == data[-100:]
+        await reader.close()

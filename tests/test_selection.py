@@ -251,3 +251,14 @@ def test_warm_set_entries_fetch_their_selection(inproc_factory: Any, hf_endpoint
     _wait(agent, lambda s: _all_ready(s, 1) and _entry(s, f"hf://{REPO}")["total_bytes"] == sum(
         sizes[n] for n in ("onnx/model.onnx", "onnx/config.json")), timeout=60, what="onnx ready")
     assert set(file_gets(hf_endpoint)) == {"onnx/model.onnx", "onnx/config.json"}
+
+
+def test_local_directory_gets_the_same_rule(inproc_factory: Any, minilm_dir: Path, tmp_path: Path) -> None:
+    repo = make_repo(minilm_dir, tmp_path / "repo")
+    agent = inproc_factory()
+    done = agent.cli("prefetch", str(repo), "--json", timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["skipped_files"] == len(EXTRA) and result["skipped_bytes"] == sum(EXTRA.values())
+    assert snapshot_files(agent, str(repo)) == loader_files(repo)
+    assert snapshot_files(agent, str(repo), all_files=True) == set(all_files(repo))
