@@ -19,6 +19,13 @@ from https to http, and to another origin only where the
 ``HTTP_PROXY``, ``NO_PROXY``, as boto3 and huggingface_hub read it): https
 through a ``CONNECT`` tunnel, http in absolute form. No chunked bodies for 2xx
 answers (a clear error). Resolving, listing and HEAD requests stay on aiohttp.
+
+Two behaviours of Hub mirrors and CDNs are handled here: a ``200`` answer that is
+not exactly the range (a server that ignores ``Range``, chunked or not) raises
+``RangeIgnoredError`` for the origin to read the file as one stream
+(agent/origins/sequential.py); and the URL a redirect led to (a CDN's signed URL)
+is remembered per requested URL and asked directly for the next ranges until it
+expires or is refused, then signed anew (:meth:`RangeClient.get_range`).
 """
 
 from __future__ import annotations
