@@ -9,6 +9,7 @@ artifact routes (agent/api/artifacts.py) and the warm set's status
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -31,7 +32,7 @@ from agent.artifacts.lookup import Artifacts
 from agent.metrics import Metrics
 from agent.peers.client import PeerClient
 from agent.peers.membership import Membership
-from agent.selection import Selection
+from agent.selection import DEFAULT, Selection
 from agent.service import ModelService
 from agent.warmset.reconciler import WarmSet
 from client.errors import WarmstartError
@@ -84,8 +85,13 @@ async def evict(request: web.Request) -> web.Response:
 async def verify(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     ref, manifest = await service.resolve(ref_field(request, await read_body(request)))
-    head = {"event": "resolved", "ref": ref.base, "revision": manifest.revision, "total_bytes": manifest.total_size}
-    return await stream_job(request, service.progress(manifest), service.verify(ref, manifest), head)
+    # Progress over what verify looks at: the files held now and the loader's (not the whole revision).
+    held = frozenset(f.path for f in manifest.files if service.store.digest_of(f) is not None)
+    loader = await service.chosen(manifest, DEFAULT)
+    shown = Selection(paths=held | {f.path for f in loader or manifest.files})
+    progress = service.progress(dataclasses.replace(manifest, files=shown.pick(manifest.files)))
+    head = {"event": "resolved", "ref": ref.base, "revision": manifest.revision, "total_bytes": progress.total_bytes}
+    return await stream_job(request, progress, service.verify(ref, manifest), head)
 
 
 async def stats(request: web.Request) -> web.Response:
