@@ -136,11 +136,11 @@ class Metrics:
         )
         self.files_without_origin_digest = Counter(
             "warmstart_files_without_origin_digest",
-            "Files fetched whose origin gave no digest (no sha256, git blob id or MD5 ETag): checked against "
+            "Files fetched whose origin gave no digest (no sha256, git blob id, MD5 or CRC32C): checked against "
             "their own bytes only (agent ls / agent verify mark them), by scheme",
             ["scheme"], registry=r,
         )
-        for scheme in ("s3", "hf", "https", "http", "file"):
+        for scheme in ("s3", "gs", "az", "hf", "https", "http", "file"):
             self.stale_serves.labels(scheme)
             self.files_without_origin_digest.labels(scheme)
         self.served_client_bytes = 0  # exported as warmstart_served_bytes_total{to="client"}

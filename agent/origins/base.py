@@ -39,7 +39,7 @@ FLUSH_SECONDS = 0.1
 
 
 class Origin(abc.ABC):
-    """One kind of model source (s3, hf, http, file)."""
+    """One kind of model source (s3, gs, az, hf, http, file)."""
 
     scheme: str
 
@@ -63,7 +63,7 @@ class Origin(abc.ABC):
         """Whether the origin gave no digest of ``entry`` to check its bytes against (only their own).
 
         False by default: a local directory's bytes are the node's own. Network origins say
-        (:class:`HttpOrigin`: no sha256 and no git blob id; S3 also counts an MD5 ETag)."""
+        (:class:`HttpOrigin`: no sha256, git blob id, CRC32C or MD5; S3 also counts an MD5 ETag)."""
         return False
 
     async def warm_up(self) -> None:  # noqa: B027 - optional hook: most origins have nothing to warm up
@@ -87,7 +87,7 @@ class HttpOrigin(Origin):
         self.sequential = SequentialReader(session, ranges.policy, ranges.read_timeout)
 
     def without_digest(self, entry: FileEntry) -> bool:
-        return not (entry.sha256 or entry.git_sha1)
+        return not (entry.sha256 or entry.git_sha1 or entry.crc32c or entry.md5)
 
     @abc.abstractmethod
     async def request_target(self, entry: FileEntry) -> tuple[str, dict[str, str]]:
