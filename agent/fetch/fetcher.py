@@ -15,7 +15,7 @@ The parts, each owning its state::
 
     Fetcher        flights (fill key -> Flight), finishing, repair; the facade the service calls
     OpenFills      partial files open in this process, their per-piece tasks and streams
-    OriginReader   origin connection slots, spans of pieces, retries with backoff
+    OriginReader   origin request windows per host (agent/fetch/concurrency.py), spans of pieces, retries
     PeerReader     peer connection slots, whom to ask, what failures say about a peer
     PieceServer    answers peers' piece requests (blob, partial, running fetch, or a new origin fetch)
 """
@@ -61,6 +61,8 @@ class Fetcher:
         peers: PeerReader | None = None,
         *,
         open_files: int = 256,
+        origin_ceiling: int = 128,
+        origin_inflight: int = 512 * 1024 * 1024,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -69,7 +71,9 @@ class Fetcher:
         self._flights: dict[str, Flight] = {}
         self._fill_tasks: SingleFlight[str, Blob] = SingleFlight()
         self.fills = OpenFills(store, open_files)
-        self.origin = OriginReader(store, metrics, connections, retries, self._changed.wake)
+        self.origin = OriginReader(
+            store, metrics, connections, retries, self._changed.wake, ceiling=origin_ceiling, inflight=origin_inflight
+        )
         self.peers = peers
         self.server = PieceServer(store, self.fills, self.origin, peers, lambda key: key in self._flights)
 

@@ -280,7 +280,9 @@ class _Connection(asyncio.BufferedProtocol):
         if self.error is not None:
             if isinstance(self.error, (FetchFailedError, TransientOriginError)):
                 raise self.error
-            raise TransientOriginError(f"{what}: {type(self.error).__name__}: {self.error}")
+            # A reset is how a loaded store sheds connections: it counts as throttling (fewer requests at once).
+            raise TransientOriginError(f"{what}: {type(self.error).__name__}: {self.error}",
+                                       throttle=isinstance(self.error, ConnectionResetError))
         if self.eof:
             raise TransientOriginError(what)
 

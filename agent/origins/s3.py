@@ -109,6 +109,10 @@ class S3Origin(HttpOrigin):
             self._part_sizes[key] = part if uniform else None
         return self._part_sizes[key]
 
+    def host_key(self, entry: FileEntry) -> str:
+        """One window per bucket: S3 scales (and throttles) request rates per bucket and prefix."""
+        return f"s3://{entry.source['bucket']}"
+
     async def request_target(self, entry: FileEntry) -> tuple[str, dict[str, str]]:
         src = entry.source
         key = (src["bucket"], src["key"])
