@@ -18,6 +18,12 @@ fault from a queue, or a fault set for every request (:attr:`always`):
 :attr:`FaultyOrigin.max_in_flight` is the most ranged GETs it was answering at once (the
 agent's request window, as the origin sees it).
 
+:attr:`FaultyOrigin.region` set: the bucket "lives" in that region, as S3 sees it: any
+request whose SigV4 credential scope names another region gets 301 PermanentRedirect
+with ``x-amz-bucket-region`` (:attr:`FaultyOrigin.claimed_region`, the same by default),
+as S3 answers a client configured for the wrong region. :attr:`FaultyOrigin.requests`
+lists every request's method and path (path-style or virtual-hosted addressing shows there).
+
 Every ranged GET is logged (time, range, fault) so tests can count tries and
 measure the gaps between them (backoff). SeaweedFS here is anonymous, so the
 forwarded (re-hosted) SigV4 signature is not checked.
@@ -59,6 +65,9 @@ class FaultyOrigin(ThreadedServer):
         self._log: list[RangedGet] = []
         self._in_flight = 0
         self.max_in_flight = 0
+        self.region: str | None = None
+        self.claimed_region: str | None = None
+        self.requests: list[str] = []
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closing: asyncio.Event
@@ -125,8 +134,27 @@ class FaultyOrigin(ThreadedServer):
                 with self._lock:
                     self._in_flight -= 1
 
+    def _signed_region(self, request: web.Request) -> str:
+        scope = request.query.get("X-Amz-Credential", "")
+        if not scope:
+            auth = request.headers.get("Authorization", "")
+            scope = auth.split("Credential=", 1)[1].split(",", 1)[0] if "Credential=" in auth else ""
+        parts = scope.split("/")
+        return parts[2] if len(parts) > 2 else ""
+
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
+        with self._lock:
+            self.requests.append(f"{request.method} {request.path}")
+        if self.region is not None and self._signed_region(request) != self.region:
+            claimed = self.claimed_region or self.region
+            body = (
+                '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>PermanentRedirect</Code>'
+                "<Message>The bucket you are attempting to access must be addressed using the specified "
+                f"endpoint.</Message><Region>{claimed}</Region></Error>"
+            )
+            return web.Response(status=301, text=body, content_type="application/xml",
+                                headers={"x-amz-bucket-region": claimed})
         fault = self._next_fault(request)
         if fault == "429":
             return web.Response(status=429, text="slow down", headers={"Retry-After": "1"})
