@@ -15,9 +15,13 @@ one https server) has a :class:`HostWindow` that
 - never exceeds ``--origin-connections`` requests, nor ``--origin-inflight``
   bytes leased to requests that have not yet been written to their files.
 
-The range size follows from the two: the byte budget divided by the window
+The range size follows from the two and from what is wanted: the byte budget
+divided by the window, and no more than the bytes still wanted from the host
+divided by the window, so that what is wanted fills every slot
 (:meth:`HostWindow.range_size`), between :data:`MIN_RANGE` and :data:`MAX_RANGE`,
-a power of two. Eight requests on loopback SeaweedFS stay 64 MiB long (one
+a power of two. Without the second bound a 64 MiB model would go as a few 64 MiB
+requests, the window would never be full, and it could never learn that more
+requests pay (bench/RESULTS.md "Object store"). Eight requests on loopback SeaweedFS stay 64 MiB long (one
 range costs the server less than several: bench/RESULTS.md "Cold miss"); 64
 requests to a store that caps each connection are 8 MiB long, shorter than a
 piece, so a piece arrives over several connections at once
@@ -84,6 +88,7 @@ class HostWindow:
         self.step_seconds = step_seconds
         self.clock = clock
         self.inflight = 0  # bytes leased now
+        self.demand = 0  # bytes wanted from this host and not yet leased (spans being fetched)
         self.peak_size = self.lowest_size = self.slots.size
         self.peak_inflight = 0
         self.throttles = 0
@@ -102,9 +107,15 @@ class HostWindow:
         return self.slots.size
 
     def range_size(self) -> int:
-        """Bytes per request: the budget shared by the window, as a power of two in [MIN_RANGE, MAX_RANGE]."""
-        share = max(MIN_RANGE, min(MAX_RANGE, self.budget // self.size))
+        """Bytes per request: the budget, and what is still wanted, shared by the window (a power of two
+        in [MIN_RANGE, MAX_RANGE])."""
+        wanted = -(-self.demand // self.size) if self.demand else MAX_RANGE
+        share = max(MIN_RANGE, min(MAX_RANGE, self.budget // self.size, wanted))
         return 1 << (share.bit_length() - 1)
+
+    def want(self, nbytes: int) -> None:
+        """``nbytes`` more are wanted from this host (negative: no longer wanted); they shape the range size."""
+        self.demand = max(0, self.demand + nbytes)
 
     async def lease(self, key: Any, want: int) -> Lease:
         """A slot (lowest ``key`` first) and up to ``want`` bytes of budget; waits for both.
@@ -116,8 +127,12 @@ class HostWindow:
         if self.slots.free <= 0 or self.slots.waiting:
             self._limited = True
         await self.slots.acquire(key)
+        if self.slots.free <= 0:
+            self._limited = True  # every slot is busy: more slots might pay
         try:
             nbytes = min(want, self.range_size())
+            if want - nbytes < MIN_RANGE:  # no tail shorter than a range of its own
+                nbytes = min(want, self.budget)
             while self.inflight + nbytes > self.budget:
                 fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
                 self._room.append(fut)
@@ -130,6 +145,7 @@ class HostWindow:
             self.slots.release()
             raise
         self.inflight += nbytes
+        self.demand = max(0, self.demand - nbytes)
         self.peak_inflight = max(self.peak_inflight, self.inflight)
         return Lease(self, nbytes)
 
@@ -148,7 +164,7 @@ class HostWindow:
         if elapsed < self.step_seconds:
             return
         rate = self._step_bytes / elapsed
-        limited = self._limited or self.slots.waiting > 0
+        limited = self._limited or self.slots.waiting > 0 or self.slots.free <= 0
         self._step_start, self._step_bytes, self._limited = now, 0, False
         self.rate = rate
         if not limited:

@@ -221,9 +221,10 @@ class _Assembly:
         self.writing = False  # one coroutine writes at a time, in order
 
     async def run(self, offset: int, end: int) -> None:
+        pos = offset
+        self.window.want(end - offset)
         try:
             async with asyncio.TaskGroup() as tg:
-                pos = offset
                 while pos < end:
                     lease = await self.window.lease((*self.key, pos), end - pos)
                     request = _Request(pos, lease)
@@ -233,6 +234,7 @@ class _Assembly:
         except BaseExceptionGroup as group:
             raise _first(group) from None
         finally:
+            self.window.want(-(end - pos))  # what this try will no longer ask for
             for request in self.requests:
                 request.lease.release()
                 request.waiting.clear()

@@ -77,7 +77,10 @@ class TcpRelay(ThreadedServer):
     ``rate`` (bytes/s) throttles the upstream-to-client direction when set.
     ``per_connection_rate`` (bytes/s) caps each connection on its own as well, as
     object stores do (S3 gives one connection tens of MB/s): only requests in
-    parallel get more.
+    parallel get more. ``delay`` (seconds) is a round trip: a new connection waits it
+    before it reaches the upstream (the handshake), and every client-to-upstream write
+    waits it before it is passed on, so each request's first byte comes at least one
+    round trip after it was sent (bench/object_store.py: a store tens of ms away).
     ``sock``: listen on this socket instead (bound and listening already), e.g.
     one made inside a network namespace (tests/servers/netns.py): clients there
     reach an upstream in this process's namespace.
@@ -86,8 +89,10 @@ class TcpRelay(ThreadedServer):
     def __init__(
         self, upstream_host: str, upstream_port: int, *, rate: float | None = None, listen_host: str = "127.0.0.1",
         sock: socket.socket | None = None, capture: bool = False, per_connection_rate: float | None = None,
+        delay: float = 0.0,
     ) -> None:
         self.per_connection_rate = per_connection_rate
+        self.delay = delay
         self.upstream = (upstream_host, upstream_port)
         #: with ``capture``: every byte relayed, both directions, in arrival order (for "what went
         #: over the wire" assertions, e.g. that no credential crosses to a peer).
@@ -213,6 +218,8 @@ class TcpRelay(ThreadedServer):
             number = self._connections
         upstream_w: asyncio.StreamWriter | None = None
         try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
             try:
                 upstream_r, upstream = await asyncio.wait_for(asyncio.open_connection(*self.upstream), 10)
             except (TimeoutError, OSError):
@@ -260,6 +267,8 @@ class TcpRelay(ThreadedServer):
                     await self._bucket.take(len(data))
                     if own is not None:
                         await own.take(len(data))
+                elif self.delay:
+                    await asyncio.sleep(self.delay)
                 await self._flowing.wait()
                 if writer.is_closing():  # aborted (drop_connections) or gone: asyncio would drop writes silently
                     raise ConnectionResetError("relay side closed")
