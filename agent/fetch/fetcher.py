@@ -248,7 +248,9 @@ class Fetcher:
             streams = {i: h.announce(i) for i in span}
             # This node owns the piece: the other nodes will ask for it, so it goes first.
             owned = peers is not None and peers.has_peers()
-            task = asyncio.create_task(self.origin.span(h, span, origin, flight, streams, first=owned))
+            task = asyncio.create_task(
+                self.origin.span(h, span, origin, flight, streams, first=owned, whole_pieces=peers is not None)
+            )
             for i in span[1:]:
                 h.track(i, task)  # their own _piece tasks join this one
         h.track(index, task)

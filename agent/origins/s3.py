@@ -186,12 +186,14 @@ class S3Origin(HttpOrigin):
         """A presigned range GET; a wrong-region answer re-signs for the bucket's region and asks once more."""
         bucket = entry.source["bucket"]
         for _ in range(2):
+            signed_for = self._bucket_regions.get(bucket)  # None: the client's own region
             url, headers = await self.request_target(entry)
             head = await self.ranges.get_range(url, headers, offset, length, sink, what=entry.path)
             region = head.headers.get("x-amz-bucket-region", "")
             if head.status in WRONG_REGION and region:
-                if self._moved(bucket, region):
-                    log.info("bucket %s is in %s: signing its requests for that region", bucket, region)
+                if region != signed_for:  # learned now, or by a request in flight beside this one
+                    if self._moved(bucket, region):
+                        log.info("bucket %s is in %s: signing its requests for that region", bucket, region)
                     continue
                 raise _region_error(bucket, region)
             check_status(head.status, entry, head.reason)
