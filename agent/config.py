@@ -30,6 +30,8 @@ GiB = 1024 * MiB
 DEFAULT_PIECE_SIZE = 16 * MiB
 MIN_PIECE_SIZE = 1 * MiB
 MAX_PIECE_SIZE = 256 * MiB
+MIN_INFLIGHT = 8 * MiB  # origin bytes in flight per host: at least a few 1 MiB ranges
+MAX_INFLIGHT = 64 * GiB
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _YES = ("1", "true", "yes", "on")
 _NO = ("0", "false", "no", "off")
@@ -134,6 +136,12 @@ def show_size(n: int) -> str:
 
 def _capacity_check(value: Any) -> str | None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        return f"got {value!r}"
+    return None
+
+
+def _inflight_check(value: Any) -> str | None:
+    if not isinstance(value, int) or isinstance(value, bool) or not MIN_INFLIGHT <= value <= MAX_INFLIGHT:
         return f"got {value!r}"
     return None
 
@@ -292,8 +300,19 @@ class AgentConfig:
         parse=_size, check=_piece_size_check, show=show_size)
     connections: int = _setting(
         8, flag="--connections", env="WARMSTART_CONNECTIONS",
-        help="concurrent range requests to the origins",
+        help="range requests each origin host starts with; the window then grows while throughput grows, up to "
+             "--origin-connections, and halves when the origin throttles (503 SlowDown, 429, resets)",
         form="a whole number of at least 1", parse=_whole, check=_at_least_one)
+    origin_connections: int = _setting(
+        128, flag="--origin-connections", env="WARMSTART_ORIGIN_CONNECTIONS",
+        help="the most range requests in flight to one origin host (an S3 bucket, the Hub, one https server)",
+        form="a whole number of at least 1", parse=_whole, check=_at_least_one)
+    origin_inflight: int = _setting(
+        512 * MiB, flag="--origin-inflight", env="WARMSTART_ORIGIN_INFLIGHT",
+        help="memory budget per origin host: bytes of range requests in flight that are not yet written; "
+             "range size is this divided by the window (1MiB to 64MiB)",
+        form=f"a size from {show_size(MIN_INFLIGHT)} to {show_size(MAX_INFLIGHT)}",
+        parse=_size, check=_inflight_check, show=show_size)
     open_files: int = _setting(
         256, flag="--open-files", env="WARMSTART_OPEN_FILES",
         help="the most files the agent fills at once (each holds a file descriptor while it is open); a model "

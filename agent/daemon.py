@@ -197,7 +197,8 @@ async def running(config: AgentConfig, *, freeze_gc: bool = False) -> AsyncItera
             store, metrics, *peers, config.connections, start_wait=config.peer_start_wait
         ) if peers is not None else None
         fetcher = Fetcher(
-            store, metrics, config.connections, config.retries, peer_reader, open_files=config.open_files
+            store, metrics, config.connections, config.retries, peer_reader, open_files=config.open_files,
+            origin_ceiling=config.origin_connections, origin_inflight=config.origin_inflight,
         )
         stack.push_async_callback(fetcher.close)
         service = ModelService(

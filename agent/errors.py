@@ -27,7 +27,16 @@ from __future__ import annotations
 
 
 class TransientOriginError(Exception):
-    """A failure that another attempt may not see (the fetcher retries these)."""
+    """A failure that another attempt may not see (the fetcher retries these).
+
+    ``throttle``: the origin said it is overloaded (S3 503 SlowDown, 429) or
+    dropped the connection; the fetcher then halves the requests it keeps in
+    flight to that host (agent/fetch/concurrency.py), besides retrying.
+    """
+
+    def __init__(self, message: str, *, throttle: bool = False) -> None:
+        super().__init__(message)
+        self.throttle = throttle
 
 
 class RangeIgnoredError(Exception):

@@ -34,6 +34,8 @@ BAD_VALUES: dict[str, list[Any]] = {
     "capacity": [0, -1, "100GiB", 1.5, True],
     "piece_size": [1, MIN_PIECE_SIZE - 1, MAX_PIECE_SIZE + 1, 0, "16MiB"],
     "connections": [0, -3, "eight", 2.0, True],
+    "origin_connections": [0, -1, "many", 1.5],
+    "origin_inflight": [0, 1024, 65 * 1024**3, "512MiB", True],
     "retries": [0, -1, "6"],
     "read_timeout": [0, -1.0, float("nan"), float("inf"), "30"],
     "resolve_timeout": [0, -1, float("nan"), "5"],

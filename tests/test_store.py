@@ -138,7 +138,12 @@ class FlakyLocal(LocalOrigin):
         await super().read_range(entry, offset, length, counted)
 
 
-async def test_interrupted_fill_resumes_with_only_missing_pieces(node: Node, tmp_path: Path) -> None:
+async def test_interrupted_fill_resumes_with_only_missing_pieces(tmp_path: Path) -> None:
+    # One request at a time: with several in flight, which pieces are whole when the origin
+    # dies depends on the order their bytes came in (parts after the first unwritten one are
+    # held in memory and dropped, never recorded), and this test wants some pieces recorded.
+    node = Node(tmp_path / "cache", 1 << 40, connections=1)
+    await node.start()
     data = write_random(tmp_path / "m" / "w.bin", 10 * MiB, seed=2)
     ref, manifest = await node.service.resolve(str(tmp_path / "m"))
     flaky = FlakyLocal(node.pool, budget=int(4.5 * MiB))

@@ -95,8 +95,9 @@ async def verify(request: web.Request) -> web.StreamResponse:
 
 
 async def stats(request: web.Request) -> web.Response:
-    """Byte counters (origin vs peers) and what this node knows of its peers."""
+    """Byte counters (origin vs peers), each origin host's request window, and what this node knows of its peers."""
     out: dict[str, Any] = request.app[METRICS].transfers.to_json()
+    out["origin_hosts"] = request.app[SERVICE].fetcher.origin.hosts()
     peers = request.app[PEERS]
     out.update(peers[0].snapshot() if peers is not None else {"self": None, "peers": []})
     return web.json_response(out)

@@ -99,7 +99,7 @@ def build_parser(serve_flags: bool = True) -> argparse.ArgumentParser:
     c.add_argument("--all-nodes", action="store_true", help="also on every live peer (before a scale-up)")
     c.add_argument("--json", action="store_true", help="print the result as JSON (progress still on stderr)")
     add_selection_flags(c)
-    c = with_socket("stats", "byte counters (origin, peers) and peer states")
+    c = with_socket("stats", "byte counters (origin, peers), origin request windows and peer states")
     c.add_argument("--json", action="store_true", help="print the counters as JSON")
     c = with_socket("ls", "list cached models (and the warm set, if the agent has one)")
     c.add_argument("--json", action="store_true", help="print the list as JSON")
@@ -313,6 +313,9 @@ def _stats(conn: AgentConnection, as_json: bool) -> int:
     print(f"peer pieces rejected {data['peer_pieces_rejected']}")
     print(f"peer files repaired  {data.get('peer_files_repaired', 0)} "
           f"({format_size(data.get('peer_bytes_repaired', 0))} fetched again from the origin)")
+    for h in data.get("origin_hosts", []):
+        print(f"origin {h['host']}: {h['window']} requests of {format_size(h['range_bytes'])} ({h['state']}; "
+              f"peak {h['peak_window']}, ceiling {h['ceiling']}, {h['throttles']} throttled)")
     if data.get("self"):
         print(f"this node            {data['self']}")
     for p in data.get("peers", []):

@@ -15,7 +15,7 @@ The parts, each owning its state::
 
     Fetcher        flights (fill key -> Flight), finishing, repair; the facade the service calls
     OpenFills      partial files open in this process, their per-piece tasks and streams
-    OriginReader   origin connection slots, spans of pieces, retries with backoff
+    OriginReader   origin request windows per host (agent/fetch/concurrency.py), spans of pieces, retries
     PeerReader     peer connection slots, whom to ask, what failures say about a peer
     PieceServer    answers peers' piece requests (blob, partial, running fetch, or a new origin fetch)
 """
@@ -63,6 +63,8 @@ class Fetcher:
         peers: PeerReader | None = None,
         *,
         open_files: int = 256,
+        origin_ceiling: int = 128,
+        origin_inflight: int = 512 * 1024 * 1024,
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -71,7 +73,9 @@ class Fetcher:
         self._flights: dict[str, Flight] = {}
         self._fill_tasks: SingleFlight[str, Blob] = SingleFlight()
         self.fills = OpenFills(store, open_files)
-        self.origin = OriginReader(store, metrics, connections, retries, self._changed.wake)
+        self.origin = OriginReader(
+            store, metrics, connections, retries, self._changed.wake, ceiling=origin_ceiling, inflight=origin_inflight
+        )
         self.peers = peers
         self.server = PieceServer(store, self.fills, self.origin, peers, lambda key: key in self._flights)
 
@@ -259,7 +263,9 @@ class Fetcher:
             if owned:
                 task = asyncio.create_task(self._own_piece(h, index, origin, flight, streams[index]))
             else:
-                task = asyncio.create_task(self.origin.span(h, span, origin, flight, streams))
+                task = asyncio.create_task(
+                    self.origin.span(h, span, origin, flight, streams, whole_pieces=peers is not None)
+                )
             for i in span[1:]:
                 h.track(i, task)  # their own _piece tasks join this one
         h.track(index, task)
@@ -280,7 +286,9 @@ class Fetcher:
             return not peers.sources(flight, index)
 
         try:
-            await self.origin.span(h, [index], origin, flight, {index: stream}, first=True, still_mine=still_mine)
+            await self.origin.span(
+                h, [index], origin, flight, {index: stream}, first=True, whole_pieces=True, still_mine=still_mine
+            )
         except PieceMovedError:
             sources = peers.sources(flight, index)
             log.debug("piece %d of %s: re-placed, asking %s", index, flight.entry.path, sources)

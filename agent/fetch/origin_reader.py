@@ -1,15 +1,27 @@
-"""Pieces from the origin: range requests in model order, retried with backoff, recorded as they complete.
+"""Pieces from the origin: range requests in model order, many per host, retried, recorded as they complete.
 
-Up to ``connections`` origin requests run at once across the whole agent;
-waiting requests are admitted in the order their files were asked for, then
-piece order (agent/fetch/slots.py), so the front of a model lands first. One
-request may cover a span of consecutive missing pieces (up to
-:data:`ORIGIN_RANGE_MAX`): one long range costs the origin less than several
-short ones (SeaweedFS served 64 MiB ranges in 0.7-0.75x the time and CPU of
-16 MiB ones: bench/RESULTS.md "Cold miss"), while pieces stay the unit that is
-hashed, recorded, followed and served to peers. Transient failures retry with
-exponential backoff and full jitter, a bounded number of times; a try that
-fails goes on from the first piece it did not complete.
+Each origin host has a window of requests in flight (agent/fetch/concurrency.py:
+it grows while throughput grows, halves when the origin throttles, within
+``--origin-connections`` and a byte budget ``--origin-inflight``); waiting
+requests are admitted in the order their files were asked for, then byte
+order (agent/fetch/slots.py), so the front of a model lands first.
+
+A fetch covers a span of consecutive missing pieces (up to
+:data:`ORIGIN_RANGE_MAX`), cut into requests of the window's range size: one
+long range costs a local server less than several short ones (SeaweedFS served
+64 MiB ranges in 0.7-0.75x the time and CPU of 16 MiB ones: bench/RESULTS.md
+"Cold miss"), while a store that caps each connection's rate is only filled by
+many shorter ones, several inside one piece. Pieces stay the unit that is
+hashed, recorded, followed and served to peers: the requests of a span are
+assembled in byte order (:class:`_Assembly`): the first one not yet written
+goes straight to the file, the ones after it wait in memory (within the byte
+budget) until it is done, so every byte is hashed once, in order, and a piece
+is recorded only when all of it arrived and matched.
+
+A request that fails with a transient error goes on from its first byte not
+received, with exponential backoff and full jitter, ``--retries`` tries in all
+(then the fill fails); a span whose piece did not match is fetched again from
+that piece, as many times.
 """
 
 from __future__ import annotations
@@ -19,12 +31,14 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 from agent.errors import PieceMovedError, TransientOriginError
+from agent.fetch.concurrency import HostWindow, Lease
 from agent.fetch.flight import Flight
 from agent.fetch.open_fills import OpenFill, PieceStream
 from agent.fetch.sinks import PieceSink, record_piece
-from agent.fetch.slots import OrderedSlots
+from agent.manifest import FileEntry
 from agent.metrics import Metrics
 from agent.origins import Origin
 from agent.store.store import Store
@@ -34,23 +48,45 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE = 0.2
 BACKOFF_CAP = 8.0
-# The most one origin range request asks for when a node fills without peers: several
-# consecutive pieces in one request. SeaweedFS served the 1 GiB bench model in 64 MiB
-# ranges in 0.7-0.75x the time and server CPU of 16 MiB ones (bench/RESULTS.md "Cold miss").
+# The most one origin fetch (a span of consecutive pieces) covers when a node fills without
+# peers; it is cut into requests of the host window's range size (64 MiB at the start on
+# loopback: bench/RESULTS.md "Cold miss").
 ORIGIN_RANGE_MAX = 64 * 1024 * 1024
+DEFAULT_CEILING = 128
+DEFAULT_INFLIGHT = 512 * 1024 * 1024
 
 
 class OriginReader:
-    """The agent's origin requests: connection slots, spans, retries, and the pieces they record."""
+    """The agent's origin requests: a window per host, spans, retries, and the pieces they record."""
 
     def __init__(
-        self, store: Store, metrics: Metrics, connections: int, retries: int, changed: Callable[[], None]
+        self,
+        store: Store,
+        metrics: Metrics,
+        connections: int,
+        retries: int,
+        changed: Callable[[], None],
+        *,
+        ceiling: int = DEFAULT_CEILING,
+        inflight: int = DEFAULT_INFLIGHT,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.retries = retries
         self.changed = changed  # a piece was recorded (wakes streaming readers)
-        self._slots = OrderedSlots(connections)
+        self.start, self.ceiling, self.inflight = connections, max(connections, ceiling), inflight
+        self._windows: dict[str, HostWindow] = {}
+
+    def window(self, host: str) -> HostWindow:
+        """The window of ``host`` (made at its first request)."""
+        window = self._windows.get(host)
+        if window is None:
+            window = self._windows[host] = HostWindow(host, self.start, self.ceiling, self.inflight)
+        return window
+
+    def hosts(self) -> list[dict[str, Any]]:
+        """What each origin host's window settled on (``agent stats`` ``origin_hosts``)."""
+        return [w.snapshot() for w in self._windows.values()]
 
     def span_from(self, h: OpenFill, index: int, flight: Flight) -> list[int]:
         """Piece ``index`` and the missing pieces right after it that nothing fetches yet (ORIGIN_RANGE_MAX in all)."""
@@ -73,8 +109,13 @@ class OriginReader:
         *,
         first: bool = False,
     ) -> None:
-        """Fetch one piece from the origin into the partial file, with retries; readers may follow it."""
-        await self.span(h, [index], origin, flight, {index: stream or h.announce(index)}, first=first)
+        """Fetch one piece from the origin into the partial file, with retries; readers may follow it.
+
+        In one request (peers follow it as it lands, in order), however short the host's ranges are.
+        """
+        await self.span(
+            h, [index], origin, flight, {index: stream or h.announce(index)}, first=first, whole_pieces=True
+        )
 
     async def span(
         self,
@@ -85,9 +126,20 @@ class OriginReader:
         streams: dict[int, PieceStream],
         *,
         first: bool = False,
+        whole_pieces: bool = False,
         still_mine: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
-        """Fetch consecutive pieces from the origin in one range request per try; readers may follow each.
+        """Fetch consecutive pieces from the origin; readers may follow each as it lands.
+
+        ``still_mine`` is asked once the first request's connection slot is held,
+        before any byte is asked for: False raises PieceMovedError (the piece has
+        a peer source now; nothing was asked of the origin).
+
+        ``whole_pieces``: no request shorter than a piece. Where peers follow pieces
+        as they land (cut-through), a piece cut into parallel requests reaches them
+        only as fast as its first part (measured: a 8 MiB piece in 1 MiB parts over a
+        2 MiB/s origin had passed 0.3 MiB on when the origin had sent 3 MiB;
+        tests/test_peers.py cut-through).
 
         ``still_mine`` is asked once a connection slot is free, before the first
         request: False raises PieceMovedError (the piece has a peer source now;
@@ -105,6 +157,7 @@ class OriginReader:
         last: Exception | None = None
         order = -1 if first or flight is None else flight.order  # -1: peers are (or will be) waiting on it
         transfers = self.metrics.transfers
+        window = self.window(origin.host_key(fill.entry))
 
         def landed(n: int) -> None:
             transfers.origin_bytes += n
@@ -119,31 +172,30 @@ class OriginReader:
                 offset = fill.entry.piece_range(remaining[0])[0]
                 end = sum(fill.entry.piece_range(remaining[-1]))
                 sink = _SpanSink(self, h, remaining, landed, streams, flight)
-                # Every origin request, for tracing where origin bytes go (a cluster should fetch
+                # Every origin fetch, for tracing where origin bytes go (a cluster should fetch
                 # each piece from the origin about once): whose fill it is, which try.
                 log.debug("origin range %d-%d of %s (pieces %d-%d, try %d, %s)", offset, end - 1, fill.entry.path,
                           remaining[0], remaining[-1], attempt + 1,
                           "own fill" if flight is not None else "for a peer or a repair")
-                async with self._slots.hold((order, remaining[0])):
-                    if still_mine is not None and not attempt and not await still_mine():
-                        raise PieceMovedError(f"piece {remaining[0]} of {fill.entry.path} has a peer source now")
-                    try:
-                        with self.metrics.fetch_running("origin"):
-                            if end > offset:
-                                await origin.read_range(fill.entry, offset, end - offset, sink)
-                            await sink.complete()
+                try:
+                    if end > offset:
+                        assembly = _Assembly(self, window, origin, fill.entry, sink, (order, remaining[0]),
+                                             fill.entry.piece_size if whole_pieces else 0,
+                                             None if attempt else still_mine)
+                        await assembly.run(offset, end)
+                    await sink.complete()
+                    return
+                except (TransientOriginError, IntegrityError) as exc:
+                    last = exc
+                    self.metrics.fetch_error("origin", "transient")
+                    sink.abandon()
+                    remaining = remaining[sink.recorded :]
+                    if not remaining:  # every piece arrived and was recorded before the error
                         return
-                    except (TransientOriginError, IntegrityError) as exc:
-                        last = exc
-                        self.metrics.fetch_error("origin", "transient")
-                        sink.abandon()
-                        remaining = remaining[sink.recorded :]
-                        if not remaining:  # every piece arrived and was recorded before the error
-                            return
-                        log.warning(
-                            "piece %d of %s failed (attempt %d/%d): %s",
-                            remaining[0], fill.entry.path, attempt + 1, self.retries, exc,
-                        )
+                    log.warning(
+                        "piece %d of %s failed (attempt %d/%d): %s",
+                        remaining[0], fill.entry.path, attempt + 1, self.retries, exc,
+                    )
             self.metrics.fetch_error("origin", "failed")
             raise FetchFailedError(
                 f"{fill.entry.path!r}: piece {remaining[0]} failed {self.retries} times, last: {last}"
@@ -151,6 +203,151 @@ class OriginReader:
         finally:
             for index in indices:
                 h.unannounce(index, streams[index])
+
+
+class _Request:
+    """One range request of a span: its bytes, and those that arrived before their turn to be written."""
+
+    def __init__(self, offset: int, lease: Lease) -> None:
+        self.offset, self.lease = offset, lease
+        self.length = lease.nbytes
+        self.received = 0
+        self.waiting: list[bytes] = []  # copies: the range client reuses its buffers
+        self.done = False
+
+
+class _Assembly:
+    """One try of a span: requests of the window's range size in flight at once, written in byte order.
+
+    A request is admitted by the host window (a slot and its bytes of the
+    budget), in byte order within the span. The request at the write cursor
+    hands its bytes straight to the span's sink (written and hashed in
+    place); later ones keep theirs in memory until every request before them
+    is written. A request's bytes go back to the budget once written; its slot
+    as soon as its answer ended. A transient failure retries the request from
+    its first missing byte (``retries`` tries); the span fails if one runs out.
+    """
+
+    def __init__(
+        self,
+        reader: OriginReader,
+        window: HostWindow,
+        origin: Origin,
+        entry: FileEntry,
+        sink: _SpanSink,
+        key: tuple[int, int],
+        floor: int = 0,
+        still_mine: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
+        self.reader, self.window, self.origin, self.entry, self.sink = reader, window, origin, entry, sink
+        self.key, self.floor, self.still_mine = key, floor, still_mine
+        self.requests: list[_Request] = []
+        self.cursor = 0  # the first request not wholly written
+        self.writing = False  # one coroutine writes at a time, in order
+
+    async def run(self, offset: int, end: int) -> None:
+        pos = offset
+        self.window.want(end - offset)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                while pos < end:
+                    lease = await self.window.lease((*self.key, pos), end - pos, self.floor)
+                    if self.still_mine is not None and pos == offset and not await self.still_mine():
+                        lease.release()
+                        raise PieceMovedError(f"{self.entry.path}: the piece at byte {offset} has a peer source now")
+                    request = _Request(pos, lease)
+                    self.requests.append(request)
+                    tg.create_task(self._fetch(request))
+                    pos += request.length
+        except BaseExceptionGroup as group:
+            raise _first(group) from None
+        finally:
+            self.window.want(-(end - pos))  # what this try will no longer ask for
+            for request in self.requests:
+                request.lease.release()
+                request.waiting.clear()
+
+    async def _fetch(self, request: _Request) -> None:
+        tries = self.reader.retries
+        metrics = self.reader.metrics
+        for attempt in range(tries):
+            if attempt:
+                await asyncio.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
+            start = request.offset + request.received
+            try:
+                with metrics.fetch_running("origin"):
+                    await self.origin.read_range(
+                        self.entry, start, request.length - request.received, lambda c: self._deliver(request, c)
+                    )
+                break
+            except TransientOriginError as exc:
+                if exc.throttle:
+                    self.window.throttled()
+                if attempt + 1 == tries:
+                    metrics.fetch_error("origin", "failed")
+                    piece = (request.offset + request.received) // self.entry.piece_size
+                    message = f"{self.entry.path!r}: piece {piece} failed {tries} times, last: {exc}"
+                    raise FetchFailedError(message) from None
+                metrics.fetch_error("origin", "transient")
+                log.warning("range %d-%d of %s failed (attempt %d/%d) at byte %d, going on from there: %s",
+                            request.offset, request.offset + request.length - 1, self.entry.path, attempt + 1, tries,
+                            request.offset + request.received, exc)
+        if request.received != request.length:
+            raise TransientOriginError(
+                f"{self.entry.path!r}: the origin's range ended {request.length - request.received} bytes early"
+            )
+        request.lease.end_request()
+        request.done = True
+        await self._write()
+
+    async def _deliver(self, request: _Request, chunks: Sequence[bytes | memoryview]) -> None:
+        n = sum(len(c) for c in chunks)
+        if request.received + n > request.length:
+            raise TransientOriginError("origin sent more bytes than the range holds")
+        request.received += n
+        self.window.landed(n)
+        if self.writing or request is not self.requests[self.cursor]:
+            request.waiting.extend(bytes(c) for c in chunks)
+            return
+        self.writing = True
+        try:
+            await self._drain()  # what this request kept before its turn came
+            await self.sink(chunks)
+            await self._drain()
+        finally:
+            self.writing = False
+
+    async def _write(self) -> None:
+        """A request ended: write what waited behind it, unless another coroutine is writing."""
+        if self.writing:
+            return
+        self.writing = True
+        try:
+            await self._drain()
+        finally:
+            self.writing = False
+
+    async def _drain(self) -> None:
+        """Write kept bytes from the cursor on; move past requests wholly written (their bytes go back)."""
+        while self.cursor < len(self.requests):
+            head = self.requests[self.cursor]
+            if head.waiting:
+                batch, head.waiting = head.waiting, []
+                await self.sink(batch)
+                continue
+            if not head.done:
+                return
+            head.lease.release()
+            self.cursor += 1
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            return _first(exc)
+        if not isinstance(exc, asyncio.CancelledError):
+            return exc
+    return group.exceptions[0]
 
 
 class _SpanSink:

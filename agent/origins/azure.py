@@ -251,6 +251,10 @@ class AzureOrigin(HttpOrigin):
         """0 (a plain MD5 checks peers' bytes) when the blob has a Content-MD5; None otherwise."""
         return 0 if entry.md5 else None
 
+    def host_key(self, entry: FileEntry) -> str:
+        """One request window per storage account (Azure throttles per account: 503 ServerBusy)."""
+        return f"az://{entry.source['account']}"
+
     async def request_target(self, entry: FileEntry) -> tuple[str, dict[str, str]]:
         src = entry.source
         sas, headers = await self.credentials.auth(src["account"])

@@ -51,6 +51,10 @@ class Origin(abc.ABC):
     async def read_range(self, entry: FileEntry, offset: int, length: int, sink: Sink) -> None:
         """Deliver exactly ``length`` bytes of ``entry`` from ``offset`` to ``sink``, in order."""
 
+    def host_key(self, entry: FileEntry) -> str:
+        """Which origin host serves ``entry``: requests to one host share one window (agent/fetch/concurrency.py)."""
+        return self.scheme
+
     async def etag_part_size(self, entry: FileEntry) -> int | None:
         """How to recompute the origin's ETag of ``entry`` (0: a plain MD5; else the multipart part size).
 
@@ -164,7 +168,9 @@ def check_status(status: int, entry: FileEntry, reason: str = "") -> None:
     if status in (200, 206):
         return
     detail = f" ({reason[:200]})" if reason else ""
-    if status in (429, 500, 502, 503, 504):
+    if status in (429, 503):  # S3's SlowDown is a 503: the origin asks for fewer requests at once
+        raise TransientOriginError(f"origin answered {status} for {entry.path!r}{detail}", throttle=True)
+    if status in (500, 502, 504):
         raise TransientOriginError(f"origin answered {status} for {entry.path!r}{detail}")
     if status == 404:
         raise ModelNotFoundError(f"{entry.path!r} is gone from the origin (404){detail}")

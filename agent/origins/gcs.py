@@ -236,6 +236,10 @@ class GcsOrigin(HttpOrigin):
         """0 (a plain MD5 checks peers' bytes) when GCS gave the object's md5Hash; None for composite objects."""
         return 0 if entry.md5 else None
 
+    def host_key(self, entry: FileEntry) -> str:
+        """One request window per bucket (agent/fetch/concurrency.py), as for S3."""
+        return f"gs://{entry.source['bucket']}"
+
     async def request_target(self, entry: FileEntry) -> tuple[str, dict[str, str]]:
         src = entry.source
         query = urlencode({"alt": "media", "generation": src["generation"]})

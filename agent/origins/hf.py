@@ -142,6 +142,9 @@ class HfOrigin(HttpOrigin):
         found = await asyncio.gather(*(one(p) for p in paths))
         return dict(zip(paths, found, strict=True))
 
+    def host_key(self, entry: FileEntry) -> str:
+        return f"hf {self.endpoint}"
+
     async def request_target(self, entry: FileEntry) -> tuple[str, dict[str, str]]:
         src = entry.source
         url = hf_hub_url(src["repo"], src["path"], revision=src["commit"], endpoint=self.endpoint)

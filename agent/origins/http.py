@@ -97,6 +97,10 @@ class PlainHttpOrigin(HttpOrigin):
         pinned = urlunsplit((scheme, netloc, parts.path or "/", parts.query, ""))
         return pinned, parts.netloc.rsplit("@", 1)[-1], host if scheme == "https" else None
 
+    def host_key(self, entry: FileEntry) -> str:
+        scheme, host, port = _origin_of(entry.source["url"])
+        return f"{scheme}://{host}:{port}"
+
     async def request_target(self, entry: FileEntry) -> tuple[str, dict[str, str]]:
         etag = entry.source.get("etag", "")
         headers = {"If-Match": etag} if etag and not etag.startswith("W/") else {}

@@ -6,11 +6,28 @@ Bytes move through aiohttp range requests on presigned URLs (the Range and
 If-Match headers are not part of a presigned GET's signature), many at a time.
 Every range carries ``If-Match: <ETag at resolve time>``, so pieces of two
 different versions of an object can never be mixed.
+
+S3 as it is run:
+
+- **Regions.** A bucket in another region than the client's answers 301
+  PermanentRedirect or 400 AuthorizationHeaderMalformed with an
+  ``x-amz-bucket-region`` header. Listing and presigned range GETs both follow
+  it once: the bucket's region is remembered and a client for it signs from
+  then on. A second refusal ends in one error naming the bucket's region.
+- **Addressing.** ``AWS_S3_ADDRESSING_STYLE`` (``auto``, ``path``, ``virtual``;
+  the variable the AWS SDKs' ``s3.addressing_style`` setting goes by) picks
+  bucket-in-host or bucket-in-path URLs; most S3-compatible servers want ``path``.
+- **Credentials.** botocore's chain: environment keys, web identity (IRSA:
+  ``AWS_ROLE_ARN`` + ``AWS_WEB_IDENTITY_TOKEN_FILE``), EKS Pod Identity
+  (``AWS_CONTAINER_CREDENTIALS_FULL_URI``), the shared files, the instance
+  profile; none found means unsigned requests (public buckets). The DaemonSet
+  settings for each are in docs/OPERATIONS.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import time
@@ -23,13 +40,25 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from agent.manifest import FileEntry, Manifest, listing_revision
-from agent.origins.base import HttpOrigin
+from agent.origins.base import HttpOrigin, Sink, check_status
 from agent.origins.range_http import RangeClient
 from agent.refs import ModelRef, check_relative_path
 from client.errors import AccessDeniedError, FetchFailedError, ModelNotFoundError
 
+log = logging.getLogger(__name__)
+
 MAX_OBJECTS = 100_000
 PRESIGN_SECONDS = 3600
+ADDRESSING_STYLES = ("auto", "path", "virtual")
+WRONG_REGION = (301, 400)  # PermanentRedirect, AuthorizationHeaderMalformed: both name the bucket's region
+
+
+class _WrongRegion(Exception):
+    """The bucket lives in ``region``; the request was signed for another."""
+
+    def __init__(self, region: str) -> None:
+        super().__init__(region)
+        self.region = region
 
 
 class S3Origin(HttpOrigin):
@@ -38,15 +67,31 @@ class S3Origin(HttpOrigin):
     def __init__(self, session: aiohttp.ClientSession, ranges: RangeClient) -> None:
         super().__init__(session, ranges)
         self._client: Any = None
+        self._regional: dict[str, Any] = {}  # clients for buckets outside the default region, by region
+        self._bucket_regions: dict[str, str] = {}  # buckets known to live elsewhere
         self._lock = asyncio.Lock()
         self._urls: dict[tuple[str, str], tuple[float, str]] = {}
         self._part_sizes: dict[tuple[str, str, str], int | None] = {}
 
-    async def client(self) -> Any:
+    async def client(self, bucket: str | None = None) -> Any:
+        """The S3 client (for ``bucket``: one signing for the region the bucket is known to be in)."""
+        region = self._bucket_regions.get(bucket or "")
         async with self._lock:
             if self._client is None:
                 self._client = await asyncio.to_thread(_make_client)
-        return self._client
+            if region is None or region == self._client.meta.region_name:
+                return self._client
+            if region not in self._regional:
+                self._regional[region] = await asyncio.to_thread(_make_client, region)
+            return self._regional[region]
+
+    def _moved(self, bucket: str, region: str) -> bool:
+        """Remember that ``bucket`` is in ``region``; False when that was known already (do not loop)."""
+        if not _REGION.fullmatch(region) or self._bucket_regions.get(bucket) == region:
+            return False
+        self._bucket_regions[bucket] = region
+        self._urls = {k: v for k, v in self._urls.items() if k[0] != bucket}
+        return True
 
     async def warm_up(self) -> None:
         """Build the client and load what the first prefetch would otherwise load from disk.
@@ -62,8 +107,15 @@ class S3Origin(HttpOrigin):
 
     async def resolve(self, ref: ModelRef) -> Manifest:
         bucket, prefix = ref.location.split("/", 1)
-        s3 = await self.client()
-        objects = await asyncio.to_thread(_list, s3, bucket, prefix)
+        try:
+            objects = await asyncio.to_thread(_list, await self.client(bucket), bucket, prefix)
+        except _WrongRegion as moved:
+            if not self._moved(bucket, moved.region):
+                raise _region_error(bucket, moved.region) from None
+            try:
+                objects = await asyncio.to_thread(_list, await self.client(bucket), bucket, prefix)
+            except _WrongRegion:
+                raise _region_error(bucket, moved.region) from None
         files = [
             FileEntry(
                 path=check_relative_path(rel, "object key"),
@@ -101,7 +153,7 @@ class S3Origin(HttpOrigin):
             return None
         key = (entry.source["bucket"], entry.source["key"], etag)
         if key not in self._part_sizes:
-            s3 = await self.client()
+            s3 = await self.client(key[0])
             try:
                 head = await asyncio.to_thread(
                     s3.head_object, Bucket=key[0], Key=key[1], PartNumber=1, IfMatch=entry.source["etag"]
@@ -114,13 +166,17 @@ class S3Origin(HttpOrigin):
             self._part_sizes[key] = part if uniform else None
         return self._part_sizes[key]
 
+    def host_key(self, entry: FileEntry) -> str:
+        """One window per bucket: S3 scales (and throttles) request rates per bucket and prefix."""
+        return f"s3://{entry.source['bucket']}"
+
     async def request_target(self, entry: FileEntry) -> tuple[str, dict[str, str]]:
         src = entry.source
         key = (src["bucket"], src["key"])
         now = time.monotonic()
         cached = self._urls.get(key)
         if cached is None or cached[0] < now:
-            s3 = await self.client()
+            s3 = await self.client(src["bucket"])
             url = await asyncio.to_thread(
                 s3.generate_presigned_url,
                 "get_object",
@@ -131,13 +187,54 @@ class S3Origin(HttpOrigin):
             self._urls[key] = cached
         return cached[1], {"If-Match": src["etag"]}
 
+    async def read_range(self, entry: FileEntry, offset: int, length: int, sink: Sink) -> None:
+        """A presigned range GET; a wrong-region answer re-signs for the bucket's region and asks once more."""
+        bucket = entry.source["bucket"]
+        for _ in range(2):
+            signed_for = self._bucket_regions.get(bucket)  # None: the client's own region
+            url, headers = await self.request_target(entry)
+            head = await self.ranges.get_range(url, headers, offset, length, sink, what=entry.path)
+            region = head.headers.get("x-amz-bucket-region", "")
+            if head.status in WRONG_REGION and region:
+                if region != signed_for:  # learned now, or by a request in flight beside this one
+                    if self._moved(bucket, region):
+                        log.info("bucket %s is in %s: signing its requests for that region", bucket, region)
+                    continue
+                raise _region_error(bucket, region)
+            check_status(head.status, entry, head.reason)
+            return
+        raise _region_error(bucket, self._bucket_regions.get(bucket, "?"))
 
-def _make_client() -> Any:
+
+_REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+){1,4}")  # us-east-1, eu-central-2, us-gov-west-1, cn-north-1
+
+
+def _region_error(bucket: str, region: str) -> FetchFailedError:
+    return FetchFailedError(
+        f"bucket {bucket!r} is in region {region} and refused requests signed for it; set AWS_REGION={region} "
+        "(and AWS_ENDPOINT_URL to that region's endpoint, if one is set)"
+    )
+
+
+def addressing_style() -> str:
+    """``AWS_S3_ADDRESSING_STYLE``, checked: auto (empty or unset), path or virtual."""
+    style = os.environ.get("AWS_S3_ADDRESSING_STYLE", "").strip().lower() or "auto"
+    if style not in ADDRESSING_STYLES:
+        raise FetchFailedError(
+            f"AWS_S3_ADDRESSING_STYLE={style!r} is not one of {', '.join(ADDRESSING_STYLES)}; fix the variable"
+        )
+    return style
+
+
+def _make_client(region: str | None = None) -> Any:
     session = boto3.session.Session()
-    config = Config(retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60)
+    config = Config(
+        retries={"max_attempts": 5, "mode": "standard"}, connect_timeout=10, read_timeout=60,
+        s3={"addressing_style": addressing_style()},
+    )
     if session.get_credentials() is None:
         config = config.merge(Config(signature_version=botocore.UNSIGNED))
-    region = session.region_name or os.environ.get("AWS_REGION") or "us-east-1"
+    region = region or session.region_name or os.environ.get("AWS_REGION") or "us-east-1"
     return session.client("s3", region_name=region, config=config)
 
 
@@ -167,8 +264,12 @@ def _list(s3: Any, bucket: str, prefix: str) -> list[tuple[str, str, int, str]]:
         return [(prefix.rsplit("/", 1)[-1], prefix, int(head["ContentLength"]), head["ETag"])]
     except ClientError as exc:
         code = str(exc.response.get("Error", {}).get("Code", ""))
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        meta = exc.response.get("ResponseMetadata", {})
+        status = meta.get("HTTPStatusCode")
         where = f"s3://{bucket}/{prefix}"
+        region = str(meta.get("HTTPHeaders", {}).get("x-amz-bucket-region", ""))
+        if status in WRONG_REGION and region:
+            raise _WrongRegion(region) from None
         if code in ("NoSuchBucket",):
             raise ModelNotFoundError(f"bucket {bucket!r} does not exist ({where})") from None
         if code in ("404", "NoSuchKey", "NotFound") or status == 404:

@@ -11,7 +11,18 @@ fault from a queue, or a fault set for every request (:attr:`always`):
 - ``"503"``: 503 SlowDown (S3 XML, as S3 throttles);
 - ``"reset"``: the connection is aborted before any answer;
 - ``"stall"``: headers and half the body, then nothing until the client gives up;
-- ``"short"``: the promised ``Content-Length``, half the body, then the connection closes.
+- ``"short"``: the promised ``Content-Length``, half the body, then the connection closes;
+- ``"429"``: 429 Too Many Requests (:data:`THROTTLES`, not in :data:`FAULTS`: the tests that run
+  every fault of FAULTS expect S3's own answers).
+
+:attr:`FaultyOrigin.max_in_flight` is the most ranged GETs it was answering at once (the
+agent's request window, as the origin sees it).
+
+:attr:`FaultyOrigin.region` set: the bucket "lives" in that region, as S3 sees it: any
+request whose SigV4 credential scope names another region gets 301 PermanentRedirect
+with ``x-amz-bucket-region`` (:attr:`FaultyOrigin.claimed_region`, the same by default),
+as S3 answers a client configured for the wrong region. :attr:`FaultyOrigin.requests`
+lists every request's method and path (path-style or virtual-hosted addressing shows there).
 
 Every ranged GET is logged (time, range, fault) so tests can count tries and
 measure the gaps between them (backoff). SeaweedFS here is anonymous, so the
@@ -32,6 +43,7 @@ from aiohttp import web
 from tests.servers.threaded import ThreadedServer
 
 FAULTS = ("500", "503", "reset", "stall", "short")
+THROTTLES = ("503", "429")
 _HOP = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 
 
@@ -51,6 +63,11 @@ class FaultyOrigin(ThreadedServer):
         self._queue: list[str] = []
         self._lock = threading.Lock()
         self._log: list[RangedGet] = []
+        self._in_flight = 0
+        self.max_in_flight = 0
+        self.region: str | None = None
+        self.claimed_region: str | None = None
+        self.requests: list[str] = []
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closing: asyncio.Event
@@ -63,8 +80,8 @@ class FaultyOrigin(ThreadedServer):
     def inject(self, *faults: str) -> None:
         """Queue faults for the next ranged GETs, in order."""
         for f in faults:
-            if f not in FAULTS:
-                raise ValueError(f"unknown fault {f!r}; one of {FAULTS}")
+            if f not in FAULTS + THROTTLES:
+                raise ValueError(f"unknown fault {f!r}; one of {FAULTS + THROTTLES}")
         with self._lock:
             self._queue.extend(faults)
 
@@ -73,6 +90,7 @@ class FaultyOrigin(ThreadedServer):
             self._queue.clear()
             self._log.clear()
             self.always = None
+            self.max_in_flight = 0
 
     @property
     def ranged_gets(self) -> list[RangedGet]:
@@ -104,8 +122,42 @@ class FaultyOrigin(ThreadedServer):
         return fault
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        ranged = request.method == "GET" and "Range" in request.headers
+        if ranged:
+            with self._lock:
+                self._in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            return await self._answer(request)
+        finally:
+            if ranged:
+                with self._lock:
+                    self._in_flight -= 1
+
+    def _signed_region(self, request: web.Request) -> str:
+        scope = request.query.get("X-Amz-Credential", "")
+        if not scope:
+            auth = request.headers.get("Authorization", "")
+            scope = auth.split("Credential=", 1)[1].split(",", 1)[0] if "Credential=" in auth else ""
+        parts = scope.split("/")
+        return parts[2] if len(parts) > 2 else ""
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
+        with self._lock:
+            self.requests.append(f"{request.method} {request.path}")
+        if self.region is not None and self._signed_region(request) != self.region:
+            claimed = self.claimed_region or self.region
+            body = (
+                '<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>PermanentRedirect</Code>'
+                "<Message>The bucket you are attempting to access must be addressed using the specified "
+                f"endpoint.</Message><Region>{claimed}</Region></Error>"
+            )
+            return web.Response(status=301, text=body, content_type="application/xml",
+                                headers={"x-amz-bucket-region": claimed})
         fault = self._next_fault(request)
+        if fault == "429":
+            return web.Response(status=429, text="slow down", headers={"Retry-After": "1"})
         if fault == "reset":
             assert request.transport is not None
             request.transport.abort()

@@ -75,6 +75,12 @@ class TcpRelay(ThreadedServer):
     """Listen on 127.0.0.1 (a free port), relay each connection to ``upstream_host:upstream_port``.
 
     ``rate`` (bytes/s) throttles the upstream-to-client direction when set.
+    ``per_connection_rate`` (bytes/s) caps each connection on its own as well, as
+    object stores do (S3 gives one connection tens of MB/s): only requests in
+    parallel get more. ``delay`` (seconds) is a round trip: a new connection waits it
+    before it reaches the upstream (the handshake), and every client-to-upstream write
+    waits it before it is passed on, so each request's first byte comes at least one
+    round trip after it was sent (bench/object_store.py: a store tens of ms away).
     ``sock``: listen on this socket instead (bound and listening already), e.g.
     one made inside a network namespace (tests/servers/netns.py): clients there
     reach an upstream in this process's namespace.
@@ -82,8 +88,11 @@ class TcpRelay(ThreadedServer):
 
     def __init__(
         self, upstream_host: str, upstream_port: int, *, rate: float | None = None, listen_host: str = "127.0.0.1",
-        sock: socket.socket | None = None, capture: bool = False,
+        sock: socket.socket | None = None, capture: bool = False, per_connection_rate: float | None = None,
+        delay: float = 0.0,
     ) -> None:
+        self.per_connection_rate = per_connection_rate
+        self.delay = delay
         self.upstream = (upstream_host, upstream_port)
         #: with ``capture``: every byte relayed, both directions, in arrival order (for "what went
         #: over the wire" assertions, e.g. that no credential crosses to a peer).
@@ -209,14 +218,17 @@ class TcpRelay(ThreadedServer):
             number = self._connections
         upstream_w: asyncio.StreamWriter | None = None
         try:
+            if self.delay:
+                await asyncio.sleep(self.delay)
             try:
                 upstream_r, upstream = await asyncio.wait_for(asyncio.open_connection(*self.upstream), 10)
             except (TimeoutError, OSError):
                 return  # the client sees the connection close, as if the origin refused it
             upstream_w = upstream
             self._writers.add(upstream)
+            own = TokenBucket(self.per_connection_rate) if self.per_connection_rate else None
             up = asyncio.create_task(self._pump(client_r, upstream, client_w, down=False, number=number))
-            down = asyncio.create_task(self._pump(upstream_r, client_w, upstream, down=True, number=number))
+            down = asyncio.create_task(self._pump(upstream_r, client_w, upstream, down=True, number=number, own=own))
             try:
                 await asyncio.gather(up, down)
             finally:
@@ -234,7 +246,7 @@ class TcpRelay(ThreadedServer):
 
     async def _pump(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: asyncio.StreamWriter, *, down: bool,
-        number: int = 0,
+        number: int = 0, own: TokenBucket | None = None,
     ) -> None:
         """Copy one direction until EOF, then half-close the other side (HTTP keeps working).
 
@@ -245,13 +257,18 @@ class TcpRelay(ThreadedServer):
         try:
             while True:
                 await self._flowing.wait()
-                data = await reader.read(self._bucket.read_size() if down else READ_SIZE)
+                size = min(self._bucket.read_size(), own.read_size() if own else READ_SIZE) if down else READ_SIZE
+                data = await reader.read(size)
                 if not data:
                     if writer.can_write_eof() and not writer.is_closing():
                         writer.write_eof()
                     return
                 if down:
                     await self._bucket.take(len(data))
+                    if own is not None:
+                        await own.take(len(data))
+                elif self.delay:
+                    await asyncio.sleep(self.delay)
                 await self._flowing.wait()
                 if writer.is_closing():  # aborted (drop_connections) or gone: asyncio would drop writes silently
                     raise ConnectionResetError("relay side closed")
