@@ -43,7 +43,7 @@ import torch
 
 from client._buffers import writable_bytes
 from client._flock import lock_shared as _lock_shared
-from client.copy_read import FileCopy, PieceCheck
+from client.copy_read import CHUNK, STREAM_CHUNK, FileCopy, PieceCheck
 from client.device_ring import DEFAULT_RING_BYTES, DeviceRing, check_device
 from client.errors import MalformedFileError, WarmstartError
 from client.safetensors_header import MAX_HEADER_BYTES, SafetensorsHeader, TensorInfo, read_header
@@ -201,7 +201,9 @@ def iter_streamed_files(
                 check = source.check(shard, fd, local)
                 if ring is None and copy:
                     # read once into memory of its own, hashing what it read (client/copy_read.py)
-                    copier = FileCopy(fd, display, check=check, wait=partial(_arrived, source, shard))
+                    # no checker: a file still arriving, read in small chunks so tensors come as their bytes do
+                    chunk = CHUNK if check is not None else STREAM_CHUNK
+                    copier = FileCopy(fd, display, check=check, wait=partial(_arrived, source, shard), chunk=chunk)
                     selected = _select(copier.header, display, owner, wanted)
                     handed_over = True
                     tensors = _copied(fd, copier, selected)
