@@ -28,7 +28,9 @@ _MAX_READ = 1 << 30
 class PrevFileCopy:
     """The old copy path behind ``FileCopy``'s interface: header through the checker, then one read per tensor."""
 
-    def __init__(self, fd: int, name: str, *, check: PieceCheck | None = None, wait: Wait | None = None) -> None:
+    def __init__(
+        self, fd: int, name: str, *, check: PieceCheck | None = None, wait: Wait | None = None, chunk: int = 0
+    ) -> None:
         self.name, self._fd, self._check, self._wait = name, fd, check, wait
         self._ensure(0, 8)
         raw = os.pread(fd, 8, 0)

@@ -18,6 +18,7 @@ destination are outside the clock, opening the files and the agent round trip in
 - ``ws-iter``: ``client.iter_tensors(ref)``, each tensor copied as it is yielded;
 - ``ws-copy``: ``client.open_tensors(ref, copy=True)`` (client/copy_read.py: each file read
   once into one buffer of its own, O_DIRECT where not cached), then each tensor copied;
+- ``ws-copy-4k``: ``ws-copy`` without its huge-page advice (``client.copy_read.HUGE_PAGES`` off);
 - ``ws-copy-prev``: ``ws-copy`` through the previous copy path (bench/copy_prev.py: per tensor,
   the checker's read into the page cache, then a read into fresh memory): old against new;
 - ``ws-open-nocheck``, ``ws-iter-nocheck``: ``ws-open`` and ``ws-iter`` with the client's
@@ -305,6 +306,19 @@ def run_copy_prev(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
         client.loader.FileCopy = saved  # type: ignore[misc]
 
 
+def run_copy_small_pages(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
+    """``ws-copy`` without the huge-page advice on its buffer (client/copy_read.py ``HUGE_PAGES`` off here):
+    4 KiB first-touch faults, for an A/B of that advice in the same run."""
+    from client import copy_read
+
+    saved = copy_read.HUGE_PAGES
+    copy_read.HUGE_PAGES = False
+    try:
+        return run_ws(ctx, dest, t0, "copy")
+    finally:
+        copy_read.HUGE_PAGES = saved
+
+
 def run_willneed(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
     """``run_ws`` with the checker handing its read-ahead window to the kernel first (client/verify.py
     ``WILLNEED``, off by default): deeper disk queues against page-cache pages in 4 KiB folios."""
@@ -512,6 +526,7 @@ CONTENDERS: dict[str, Callable[[dict, torch.Tensor, float], dict]] = {
     "ws-iter": lambda c, d, t0: run_ws(c, d, t0, "iter"),
     "ws-copy": lambda c, d, t0: run_ws(c, d, t0, "copy"),
     "ws-copy-prev": lambda c, d, t0: run_copy_prev(c, d, t0),
+    "ws-copy-4k": run_copy_small_pages,
     "ws-open-nocheck": lambda c, d, t0: run_unchecked(c, d, t0, "open"),
     "ws-iter-nocheck": lambda c, d, t0: run_unchecked(c, d, t0, "iter"),
     "ws-open-prev": lambda c, d, t0: run_prev_check(c, d, t0, "open"),
@@ -741,7 +756,8 @@ def ratios(rounds: list[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for temp in ("cold", "warm"):
-        for ws in ("ws-open", "ws-iter", "ws-copy", "ws-copy-prev", *CHECKED[2:], "ws-open-nocheck", "ws-iter-nocheck"):
+        copies = ("ws-copy", "ws-copy-4k", "ws-copy-prev")
+        for ws in ("ws-open", "ws-iter", *copies, *CHECKED[2:], "ws-open-nocheck", "ws-iter-nocheck"):
             mine = secs.get((ws, temp))
             if not mine:
                 continue

@@ -24,6 +24,11 @@ limit cold), and a file truncated or unreadable under it killed the process
 left off. Pieces are checked once per open. Figures: bench/RESULTS.md, "Checking cached
 blobs while loading".
 
+The threads start on the first :meth:`BlobCheck.ensure`. A loader that reads the blob into
+memory of its own (``copy=True``, client/copy_read.py) starts none: it hashes each piece
+from its buffer with :meth:`BlobCheck.check_piece`, so the file is read once, and the
+bytes it hands out are the very bytes that matched.
+
 The expected hashes are ``meta/<digest>.json`` (``{"size", "piece_size",
 "pieces"}``, written by the agent when it published the blob). When that record is
 missing or malformed the whole file is checked against its name (the blob's
