@@ -29,7 +29,8 @@ class PrevFileCopy:
     """The old copy path behind ``FileCopy``'s interface: header through the checker, then one read per tensor."""
 
     def __init__(
-        self, fd: int, name: str, *, check: PieceCheck | None = None, wait: Wait | None = None, chunk: int = 0
+        self, fd: int, name: str, *, check: PieceCheck | None = None, wait: Wait | None = None, chunk: int = 0,
+        direct: bool = True,
     ) -> None:
         self.name, self._fd, self._check, self._wait = name, fd, check, wait
         self._ensure(0, 8)

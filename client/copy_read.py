@@ -81,10 +81,22 @@ class FileCopy:
     trusted for what it says once the pieces under it matched (a header that does
     not parse, with a checker, is checked first, so a corrupt one is reported as
     such). ``fd`` stays the caller's to close, after :meth:`tensors` ended.
+
+    ``chunk``: bytes per read (a multiple of :data:`ALIGN`). ``direct=False``: never
+    O_DIRECT (a file still being written: its new pages are in the page cache, and an
+    O_DIRECT read would first force their write-back). Where ``mincore`` cannot tell
+    what is cached, every aligned read is O_DIRECT.
     """
 
     def __init__(
-        self, fd: int, name: str, *, check: PieceCheck | None = None, wait: Wait | None = None, chunk: int = CHUNK
+        self,
+        fd: int,
+        name: str,
+        *,
+        check: PieceCheck | None = None,
+        wait: Wait | None = None,
+        chunk: int = CHUNK,
+        direct: bool = True,
     ) -> None:
         if chunk <= 0 or chunk % ALIGN:
             raise ValueError(f"chunk must be a positive multiple of {ALIGN}, got {chunk}")
@@ -93,6 +105,7 @@ class FileCopy:
         self._fd = fd
         self._check = check
         self._wait = wait
+        self._direct = direct
         self.file_size = os.fstat(fd).st_size
         try:
             self.header, self._prefix = read_header_with(self._read_exact, self.file_size, name=name)
@@ -213,9 +226,9 @@ class FileCopy:
             over = self._pieces_over(t.offset, t.offset + t.nbytes) if t.nbytes else []
             return all(i in ok_pieces for i in header_pieces) and all(i in ok_pieces for i in over)
 
-        resident = self._resident_pages() if chunk_ids else None
+        resident = self._resident_pages() if chunk_ids and self._direct else None
         try:
-            if chunk_ids and (resident is None or resident.count(0)):
+            if chunk_ids and self._direct and (resident is None or resident.count(0)):
                 self._direct_fd = _open_direct(self._fd)
             for n in range(min(THREADS, len(chunk_ids))):
                 thread = threading.Thread(target=work, name=f"warmstart-copy-{n}", daemon=True)

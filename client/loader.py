@@ -201,9 +201,13 @@ def iter_streamed_files(
                 check = source.check(shard, fd, local)
                 if ring is None and copy:
                     # read once into memory of its own, hashing what it read (client/copy_read.py)
-                    # no checker: a file still arriving, read in small chunks so tensors come as their bytes do
-                    chunk = CHUNK if check is not None else STREAM_CHUNK
-                    copier = FileCopy(fd, display, check=check, wait=partial(_arrived, source, shard), chunk=chunk)
+                    # no checker: a file still arriving, read from the page cache in small chunks, so
+                    # tensors come as their bytes do
+                    arriving = check is None
+                    copier = FileCopy(
+                        fd, display, check=check, wait=partial(_arrived, source, shard),
+                        chunk=STREAM_CHUNK if arriving else CHUNK, direct=not arriving,
+                    )  # fmt: skip
                     selected = _select(copier.header, display, owner, wanted)
                     handed_over = True
                     tensors = _copied(fd, copier, selected)
