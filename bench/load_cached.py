@@ -16,8 +16,11 @@ destination are outside the clock, opening the files and the agent round trip in
 
 - ``ws-open``: ``client.open_tensors(ref)`` (zero-copy mmap views), then each tensor copied;
 - ``ws-iter``: ``client.iter_tensors(ref)``, each tensor copied as it is yielded;
-- ``ws-copy``: ``client.open_tensors(ref, copy=True)`` (positional reads into memory of
-  its own), then each tensor copied;
+- ``ws-copy``: ``client.open_tensors(ref, copy=True)`` (client/copy_read.py: each file read
+  once into one buffer of its own, O_DIRECT where not cached), then each tensor copied;
+- ``ws-copy-4k``: ``ws-copy`` without its huge-page advice (``client.copy_read.HUGE_PAGES`` off);
+- ``ws-copy-prev``: ``ws-copy`` through the previous copy path (bench/copy_prev.py: per tensor,
+  the checker's read into the page cache, then a read into fresh memory): old against new;
 - ``ws-open-nocheck``, ``ws-iter-nocheck``: ``ws-open`` and ``ws-iter`` with the client's
   check of cached blobs against their piece hashes (client/verify.py) switched off by the
   bench: the A/B of what that check costs, in the same run;
@@ -288,6 +291,34 @@ def run_prev_check(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
         client.stream.BlobCheck = saved  # type: ignore[misc]
 
 
+def run_copy_prev(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
+    """``open_tensors(copy=True)`` through the previous copy path (bench/copy_prev.py: per tensor, the checker's
+    read into the page cache, then a read into fresh memory) in place of client/copy_read.py's ``FileCopy``."""
+    from copy_prev import PrevFileCopy
+
+    import client.loader
+
+    saved = client.loader.FileCopy
+    client.loader.FileCopy = PrevFileCopy  # type: ignore[misc,assignment]
+    try:
+        return run_ws(ctx, dest, t0, "copy")
+    finally:
+        client.loader.FileCopy = saved  # type: ignore[misc]
+
+
+def run_copy_small_pages(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
+    """``ws-copy`` without the huge-page advice on its buffer (client/copy_read.py ``HUGE_PAGES`` off here):
+    4 KiB first-touch faults, for an A/B of that advice in the same run."""
+    from client import copy_read
+
+    saved = copy_read.HUGE_PAGES
+    copy_read.HUGE_PAGES = False
+    try:
+        return run_ws(ctx, dest, t0, "copy")
+    finally:
+        copy_read.HUGE_PAGES = saved
+
+
 def run_willneed(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
     """``run_ws`` with the checker handing its read-ahead window to the kernel first (client/verify.py
     ``WILLNEED``, off by default): deeper disk queues against page-cache pages in 4 KiB folios."""
@@ -494,6 +525,8 @@ CONTENDERS: dict[str, Callable[[dict, torch.Tensor, float], dict]] = {
     "ws-open": lambda c, d, t0: run_ws(c, d, t0, "open"),
     "ws-iter": lambda c, d, t0: run_ws(c, d, t0, "iter"),
     "ws-copy": lambda c, d, t0: run_ws(c, d, t0, "copy"),
+    "ws-copy-prev": lambda c, d, t0: run_copy_prev(c, d, t0),
+    "ws-copy-4k": run_copy_small_pages,
     "ws-open-nocheck": lambda c, d, t0: run_unchecked(c, d, t0, "open"),
     "ws-iter-nocheck": lambda c, d, t0: run_unchecked(c, d, t0, "iter"),
     "ws-open-prev": lambda c, d, t0: run_prev_check(c, d, t0, "open"),
@@ -723,7 +756,8 @@ def ratios(rounds: list[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for temp in ("cold", "warm"):
-        for ws in ("ws-open", "ws-iter", "ws-copy", *CHECKED[2:], "ws-open-nocheck", "ws-iter-nocheck"):
+        copies = ("ws-copy", "ws-copy-4k", "ws-copy-prev")
+        for ws in ("ws-open", "ws-iter", *copies, *CHECKED[2:], "ws-open-nocheck", "ws-iter-nocheck"):
             mine = secs.get((ws, temp))
             if not mine:
                 continue
@@ -868,7 +902,7 @@ def main() -> int:
 
         for p in blobs:
             with safe_open(p, "pt") as f:
-                for k in f:
+                for k in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     off, n = plan.where[k]
                     if not torch.equal(f.get_tensor(k).reshape(-1).view(torch.uint8), ref[off : off + n]):
                         raise RuntimeError(f"reference differs from safetensors at {k}")

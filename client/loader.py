@@ -8,9 +8,11 @@ them; a write (an in-place op on a returned tensor) copies just that page
 into the process and never reaches the file. A read-only mapping would save
 nothing and turn an innocent in-place op into a segfault, so it is not used.
 
-``copy=True`` instead reads each tensor with large positional reads into
-memory of its own (no page-cache sharing, no file kept open afterwards);
-peak memory is the selected tensors' bytes either way.
+``copy=True`` instead reads each file once into one buffer of its own and
+hands out views of it (client/copy_read.py: O_DIRECT for pages not in the page
+cache, each piece hashed from the buffer before a tensor over it is handed out);
+no page-cache sharing, no file kept open afterwards. The buffer is freed when
+the last tensor viewing it is.
 
 While any tensor mapped from a file is alive, the file stays open with a
 shared ``flock`` on it: the agent evicts only blobs it can lock exclusively,
@@ -34,12 +36,14 @@ import sys
 import weakref
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import torch
 
 from client._buffers import writable_bytes
 from client._flock import lock_shared as _lock_shared
+from client.copy_read import CHUNK, STREAM_CHUNK, FileCopy, PieceCheck
 from client.device_ring import DEFAULT_RING_BYTES, DeviceRing, check_device
 from client.errors import MalformedFileError, WarmstartError
 from client.safetensors_header import MAX_HEADER_BYTES, SafetensorsHeader, TensorInfo, read_header
@@ -144,8 +148,11 @@ class ShardSource(Protocol):
         """What checks the bytes of ``path`` (open as ``fd``, the file ``local``) before they are handed out."""
 
 
-class Checker(Protocol):
-    """Verifies ranges of one open file against recorded hashes (client/verify.py's BlobCheck)."""
+class Checker(PieceCheck, Protocol):
+    """Verifies ranges of one open file against recorded hashes (client/verify.py's BlobCheck).
+
+    Checks ranges itself (:meth:`ensure`) or pieces read by the loader (:class:`PieceCheck`).
+    """
 
     def ensure(self, offset: int, nbytes: int) -> None:
         """Block until bytes [offset, offset + nbytes) are checked; raise IntegrityError if they are not intact."""
@@ -192,6 +199,25 @@ def iter_streamed_files(
             try:
                 _lock_shared(fd, display)
                 check = source.check(shard, fd, local)
+                if ring is None and copy:
+                    # read once into memory of its own, hashing what it read (client/copy_read.py)
+                    # no checker: a file still arriving, read from the page cache in small chunks, so
+                    # tensors come as their bytes do
+                    arriving = check is None
+                    copier = FileCopy(
+                        fd, display, check=check, wait=partial(_arrived, source, shard),
+                        chunk=STREAM_CHUNK if arriving else CHUNK, direct=not arriving,
+                    )  # fmt: skip
+                    selected = _select(copier.header, display, owner, wanted)
+                    handed_over = True
+                    tensors = _copied(fd, copier, selected)
+                    try:
+                        yield from _without_closing(tensors)
+                    except BaseException:
+                        source.close()
+                        tensors.close()
+                        raise
+                    continue
                 source.wait_readable(shard, 0, 8)
                 if check is not None:
                     check.ensure(0, 8)
@@ -201,13 +227,7 @@ def iter_streamed_files(
                 if check is not None:
                     check.ensure(0, 8 + min(length, MAX_HEADER_BYTES))
                 header = read_header(fd, name=display)
-                selected = []
-                for t in header.tensors:
-                    if t.name in owner:
-                        raise MalformedFileError(f"tensor {t.name!r} is in both {owner[t.name]} and {display}")
-                    owner[t.name] = display
-                    if wanted is None or t.name in wanted:
-                        selected.append(t)
+                selected = _select(header, display, owner, wanted)
 
                 def wait(offset: int, nbytes: int, shard: str = shard, check: Checker | None = check) -> None:
                     source.wait_readable(shard, offset, offset + nbytes)
@@ -241,6 +261,34 @@ def iter_streamed_files(
         source.close()
         if ring is not None:
             ring.close()
+
+
+def _arrived(source: ShardSource, shard: str, offset: int, nbytes: int) -> None:
+    """Block until bytes [offset, offset + nbytes) of ``shard`` are on disk (verified by the agent as written)."""
+    source.wait_readable(shard, offset, offset + nbytes)
+
+
+def _select(
+    header: SafetensorsHeader, display: str, owner: dict[str, str], wanted: set[str] | None
+) -> list[TensorInfo]:
+    """The tensors of ``header`` to load; records each name's file in ``owner``, refusing one two files have."""
+    selected = []
+    for t in header.tensors:
+        if t.name in owner:
+            raise MalformedFileError(f"tensor {t.name!r} is in both {owner[t.name]} and {display}")
+        owner[t.name] = display
+        if wanted is None or t.name in wanted:
+            selected.append(t)
+    return selected
+
+
+def _copied(fd: int, copier: FileCopy, infos: Sequence[TensorInfo]) -> Generator[tuple[str, torch.Tensor]]:
+    """``copier``'s tensors; closes ``fd`` (its own, share-locked descriptor) at the end, whatever happens."""
+    try:
+        yield from copier.tensors(infos)
+    finally:
+        copier.close()
+        os.close(fd)
 
 
 def _without_closing(gen: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -318,11 +366,17 @@ def _load_one(
     if not copy and any(t.nbytes for t in infos):
         yield from _map_tensors(path, fd, infos, wait)
         return
+    if copy:
+        try:
+            copier = FileCopy(fd, path, wait=wait)
+        except BaseException:
+            os.close(fd)
+            raise
+        yield from _copied(fd, copier, infos)
+        return
     try:
         for t in infos:
-            if wait is not None:
-                wait(t.offset, t.nbytes)
-            yield t.name, _read_tensor(fd, t, path)
+            yield t.name, torch.empty(t.shape, dtype=t.dtype)
     finally:
         os.close(fd)
 

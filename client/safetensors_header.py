@@ -24,7 +24,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -118,6 +118,36 @@ def read_header(source: int | str | os.PathLike[str], *, name: str | None = None
         os.close(fd)
 
 
+def read_header_with(
+    read: Callable[[int, int], bytes], file_size: int, *, name: str
+) -> tuple[SafetensorsHeader, bytes]:
+    """Read and validate a header through ``read(offset, nbytes)``; also return the file's bytes before its data.
+
+    For a loader that reads files its own way (client/copy_read.py: waiting for
+    bytes still arriving, hashing them itself): ``read`` must return exactly
+    ``nbytes`` bytes or raise. The bytes returned (length prefix and header,
+    ``header.data_start`` of them) are what that loader hashes with the first piece.
+    """
+    if file_size < 8:
+        raise MalformedFileError(f"{name}: {file_size} bytes is too short for a safetensors file (truncated?)")
+    prefix = read(0, 8)
+    (n,) = struct.unpack("<Q", prefix)
+    _check_length(n, file_size, name)
+    raw = read(8, n)
+    return parse_header_bytes(raw, file_size=file_size, name=name), prefix + raw
+
+
+def _check_length(n: int, file_size: int, name: str) -> None:
+    if n > MAX_HEADER_BYTES:
+        raise MalformedFileError(
+            f"{name}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit (not a safetensors file?)"
+        )
+    if n > file_size - 8:
+        raise MalformedFileError(
+            f"{name}: header length {n} runs past the end of the {file_size}-byte file (truncated?)"
+        )
+
+
 def _pread_exact(fd: int, size: int, offset: int, name: str, what: str) -> bytes:
     chunks: list[bytes] = []
     got = 0
@@ -135,14 +165,7 @@ def _read_header_fd(fd: int, name: str) -> SafetensorsHeader:
     if file_size < 8:
         raise MalformedFileError(f"{name}: {file_size} bytes is too short for a safetensors file (truncated?)")
     (n,) = struct.unpack("<Q", _pread_exact(fd, 8, 0, name, "header length"))
-    if n > MAX_HEADER_BYTES:
-        raise MalformedFileError(
-            f"{name}: header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit (not a safetensors file?)"
-        )
-    if n > file_size - 8:
-        raise MalformedFileError(
-            f"{name}: header length {n} runs past the end of the {file_size}-byte file (truncated?)"
-        )
+    _check_length(n, file_size, name)
     raw = _pread_exact(fd, n, 8, name, "header")
     return parse_header_bytes(raw, file_size=file_size, name=name)
 

@@ -24,6 +24,11 @@ limit cold), and a file truncated or unreadable under it killed the process
 left off. Pieces are checked once per open. Figures: bench/RESULTS.md, "Checking cached
 blobs while loading".
 
+The threads start on the first :meth:`BlobCheck.ensure`. A loader that reads the blob into
+memory of its own (``copy=True``, client/copy_read.py) starts none: it hashes each piece
+from its buffer with :meth:`BlobCheck.check_piece`, so the file is read once, and the
+bytes it hands out are the very bytes that matched.
+
 The expected hashes are ``meta/<digest>.json`` (``{"size", "piece_size",
 "pieces"}``, written by the agent when it published the blob). When that record is
 missing or malformed the whole file is checked against its name (the blob's
@@ -40,6 +45,7 @@ import json
 import os
 import re
 import threading
+from collections.abc import Sequence
 from types import ModuleType
 
 from client.errors import IntegrityError, WarmstartError
@@ -143,16 +149,68 @@ class BlobCheck:
         # A descriptor of our own: the loader may close its one (and the number be reused) while we still read.
         self._fd = os.dup(fd)
         self._threads: list[threading.Thread] = []
+        self._started = False  # threads start on the first ensure(): a caller that hashes its own reads needs none
         try:
             if size and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)  # a larger kernel read-ahead window
-            for n in range(min(THREADS, len(hashes))):
-                thread = threading.Thread(target=self._run, name=f"warmstart-check-{n}", daemon=True)
-                thread.start()
-                self._threads.append(thread)
         except BaseException:
             self.close()
             raise
+
+    @property
+    def pieces(self) -> int:
+        """How many pieces the blob has (one when no piece record was found: the whole file)."""
+        return len(self.hashes)
+
+    def piece_range(self, i: int) -> tuple[int, int]:
+        """Bytes ``[start, end)`` of the blob that piece ``i`` covers."""
+        start = i * self.piece_size
+        end = min(self.size, start + self.piece_size) if len(self.hashes) > 1 else self.size
+        return start, end
+
+    def check_piece(self, i: int, parts: Sequence[memoryview | bytes]) -> None:
+        """Hash piece ``i`` from ``parts`` (its bytes, in order, read by the caller) and record the verdict.
+
+        For a loader that reads the blob into memory of its own (client/copy_read.py):
+        the bytes it hands out are the very bytes hashed here, not a second read of the
+        file. Raises :class:`CorruptPieceError` (and fails every later :meth:`ensure`)
+        when they do not match, or are not exactly the piece's length.
+        """
+        assert _xxhash is not None
+        start, end = self.piece_range(i)
+        hasher = _xxhash.xxh3_128()
+        got = 0
+        for part in parts:
+            hasher.update(part)
+            got += len(part)
+        ok = got == end - start and str(hasher.hexdigest()) == self.hashes[i]
+        with self._cond:
+            if not ok:
+                error = self._corrupt(i)
+                if self._error is None:
+                    self._error = error
+                self._cond.notify_all()
+                raise error
+            self._ok[i] = True
+            self._cond.notify_all()
+
+    def _corrupt(self, i: int) -> CorruptPieceError:
+        start, end = self.piece_range(i)
+        return CorruptPieceError(
+            f"{self.label}: piece {i} (bytes {start}-{end}) of the cached {self.blob} does not"
+            " match its recorded xxh3-128 hash: the file on disk is corrupt",
+            self.blob, i,
+        )  # fmt: skip
+
+    def _start(self) -> None:
+        """Start the hashing threads, once. Under the lock."""
+        if self._started or self._closed:
+            return
+        self._started = True
+        for n in range(min(THREADS, len(self.hashes))):
+            thread = threading.Thread(target=self._run, name=f"warmstart-check-{n}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
 
     def ensure(self, offset: int, nbytes: int) -> None:
         """Return once every piece holding bytes [offset, offset + nbytes) matched; raise if one did not."""
@@ -162,6 +220,8 @@ class BlobCheck:
         last = min((offset + nbytes - 1) // self.piece_size, len(self._ok) - 1)
         with self._cond:
             todo = [i for i in range(first, last + 1) if not self._ok[i]]
+            if todo:
+                self._start()
             self._asked.update(todo)
             if todo or last > self._frontier:
                 # The frontier moves even over pieces already checked, or read-ahead would stall
@@ -220,13 +280,7 @@ class BlobCheck:
                     self._busy.discard(i)
                     self._asked.discard(i)
                     if not ok:
-                        start = i * self.piece_size
-                        end = min(self.size, start + self.piece_size)
-                        self._error = CorruptPieceError(
-                            f"{self.label}: piece {i} (bytes {start}-{end}) of the cached {self.blob} does not"
-                            " match its recorded xxh3-128 hash: the file on disk is corrupt",
-                            self.blob, i,
-                        )  # fmt: skip
+                        self._error = self._corrupt(i)
                         self._cond.notify_all()
                         return
                     self._ok[i] = True
@@ -242,8 +296,7 @@ class BlobCheck:
     def _hash(self, i: int, buf: bytearray) -> str:
         """xxh3-128 of piece ``i``, read with positional reads of up to :data:`CHUNK` bytes into ``buf``."""
         assert _xxhash is not None
-        start = i * self.piece_size
-        end = min(self.size, start + self.piece_size) if len(self.hashes) > 1 else self.size
+        start, end = self.piece_range(i)
         hasher = _xxhash.xxh3_128()
         with memoryview(buf) as view:
             pos = start

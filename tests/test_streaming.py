@@ -83,6 +83,27 @@ def test_first_tensor_arrives_after_a_piece_not_after_the_model(
     assert t_all > 2.0  # the link really was slow: the test measured streaming, not a cache hit
 
 
+def test_copies_stream_too(slow_agent: Any, seaweed: SeaweedS3, tmp_path: Path) -> None:
+    """``copy=True`` on a model still arriving: tensors of memory of their own, the first long before the end."""
+    want = _upload_model(seaweed, tmp_path, "copied")
+    t0 = time.monotonic()
+    tensors = client.iter_tensors("s3://models/copied", socket=str(slow_agent.socket_path), copy=True)
+    name, first = next(tensors)
+    t_first = time.monotonic() - t0
+    blobs_at_first = [p.name for p in (slow_agent.cache_dir / "blobs").iterdir()]
+    got = {name: first}
+    for name, t in tensors:
+        got[name] = t
+    t_all = time.monotonic() - t0
+
+    assert sorted(got) == sorted(want)
+    for n, w in want.items():
+        assert torch.equal(_raw(got[n]), _raw(w)), n
+    assert len(blobs_at_first) <= 1, blobs_at_first  # the shards were still partial files at the first tensor
+    assert t_first < 0.35 * t_all, f"first tensor after {t_first:.2f}s of {t_all:.2f}s"
+    assert t_all > 2.0  # the link really was slow: the test measured streaming, not a cache hit
+
+
 def test_stopping_early_leaves_the_fetch_running_and_a_later_open_complete(
     slow_agent: Any, seaweed: SeaweedS3, tmp_path: Path
 ) -> None:

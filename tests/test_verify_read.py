@@ -127,7 +127,7 @@ def test_a_mismatch_the_agent_cannot_repair_raises_integrity_error(agent_factory
     os.chmod(meta_path, 0o644)
     meta_path.write_text(json.dumps(meta))
 
-    for how in ("open", "iter"):
+    for how in ("open", "iter", "copy"):
         with pytest.raises(IntegrityError) as caught:
             _load(how, s3_model.ref, str(agent.socket_path))
         message = str(caught.value)
