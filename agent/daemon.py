@@ -37,6 +37,7 @@ from agent.api.node import Readiness, node_app
 from agent.api.peer import PeerState
 from agent.artifacts.index import ArtifactIndex
 from agent.artifacts.lookup import Artifacts
+from agent.artifacts.signing import ArtifactTrust
 from agent.config import AgentConfig
 from agent.fetch.fetcher import Fetcher
 from agent.fetch.peer_reader import PeerReader
@@ -201,7 +202,12 @@ async def running(config: AgentConfig, *, freeze_gc: bool = False) -> AsyncItera
         service = ModelService(
             store, fetcher, origins, config.piece_size, resolve_timeout=config.resolve_timeout, metrics=metrics
         )
-        artifacts = Artifacts(ArtifactIndex(store, node=peers[0].me) if peers else ArtifactIndex(store), metrics, peers)
+        trust = await asyncio.to_thread(
+            ArtifactTrust.from_files, config.artifact_trust, config.artifact_signing_key, config.artifact_trusted_keys
+        )
+        artifacts = Artifacts(
+            ArtifactIndex(store, node=peers[0].me) if peers else ArtifactIndex(store), metrics, peers, trust
+        )
         metrics.watch(store, fetcher.in_flight, peers[0] if peers is not None else None)
         if peers is not None:
             membership, client = peers
