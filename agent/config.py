@@ -371,6 +371,18 @@ class AgentConfig:
         help="seconds to wait for a peer's answer before asking the next owner",
         form="a number of seconds above 0", parse=_seconds, check=_positive_seconds)
     # Trust (agent/peers/tls.py, agent/artifacts/signing.py).
+    peer_tls_dir: str | None = _setting(
+        None, flag="--peer-tls-dir", env="WARMSTART_PEER_TLS_DIR",
+        help="directory holding tls.crt, tls.key and ca.crt (a cert-manager Certificate's Secret): the --listen "
+             "port speaks HTTPS and peers are served and asked over mutually verified TLS; needs "
+             "--peer-token-file and --peer-tls-name",
+        form="a directory with tls.crt, tls.key and ca.crt (PEM)", parse=_optional_text,
+        check=_optional_path_check, show=_none_or("none (peer traffic in clear)"))
+    peer_tls_name: str | None = _setting(
+        None, flag="--peer-tls-name", env="WARMSTART_PEER_TLS_NAME",
+        help="DNS name every peer's certificate must carry (in its subjectAltName), checked both ways; with "
+             "--peer-tls-dir",
+        form="a DNS name", parse=_optional_text, check=_dns_name_check, show=_none_or("none"))
     artifact_trust: str = _setting(
         "off", flag="--artifact-trust", env="WARMSTART_ARTIFACT_TRUST",
         help="which compile-artifact bundles from peers this node loads (they are code it runs): off = none, "
@@ -423,9 +435,30 @@ class AgentConfig:
             except ValueError as exc:
                 problem = str(exc).replace("--peer-token-file ", "")
                 raise SettingError(setting_of("peer_token_file"), problem) from None
+        tls = self.peer_tls_problem()
+        if tls is not None:
+            raise SettingError(setting_of(tls[0]), tls[1])
         trust = self.artifact_trust_problem()
         if trust is not None:
             raise SettingError(setting_of(trust[0]), trust[1])
+
+    def peer_tls_problem(self) -> tuple[str, str] | None:
+        """(field, problem) when the peer TLS settings cannot work together or the directory is unusable."""
+        if self.peer_tls_name and not self.peer_tls_dir:
+            return "peer_tls_dir", "--peer-tls-name was given without it"
+        if not self.peer_tls_dir:
+            return None
+        if not self.peer_token_file:
+            return "peer_tls_dir", "TLS is for the peer API, which is off without --peer-token-file"
+        if not self.peer_tls_name:
+            return "peer_tls_name", "--peer-tls-dir needs the name peers' certificates carry"
+        from agent.peers.tls import PeerTLS, PeerTLSError  # only with TLS set
+
+        try:
+            PeerTLS.load(self.peer_tls_dir, self.peer_tls_name)
+        except PeerTLSError as exc:
+            return "peer_tls_dir", str(exc)
+        return None
 
     def artifact_trust_problem(self) -> tuple[str, str] | None:
         """(field, problem) when the trust settings cannot work together or their key files are unusable."""

@@ -1,6 +1,10 @@
-"""Trust between nodes (issue 24 item 6): which compile-artifact bundles from peers a node loads.
+"""Trust between nodes (issue 24 item 6): peer TLS, and which compile-artifact bundles from peers a node loads.
 
-Real agents, real peer API over loopback, keys made by tests/servers/pki.py.
+Real agents, real peer API over loopback, keys and certificates made by
+tests/servers/pki.py. TLS: two agents serve and ask each other over mutually
+verified HTTPS (one of them through a capturing relay, which must see no token
+byte); clients without a certificate of the CA carrying ``--peer-tls-name``
+are refused.
 A bundle pushed on node A is asked for on node B (``open_bundle``, peers on):
 under ``--artifact-trust signed`` it loads only when A signed it with a key B
 trusts and its bytes match what was signed; every refusal is counted in
@@ -9,19 +13,25 @@ trusts and its bytes match what was signed; every refusal is counted in
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import ssl
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 
 from client.artifacts import open_bundle, push_bundle
 from client.errors import ArtifactNotFoundError
 from client.fingerprint import current_fingerprint
-from tests.servers.pki import make_signing_key
+from tests.servers.pki import issue, make_ca, make_signing_key
 from tests.servers.ports import free_ports
+from tests.servers.relay import TcpRelay
 
 TOKEN = "trust-peer-token-0123456789abcdef"
 KEY = "signed-bundle"
@@ -133,3 +143,75 @@ def test_trust_settings_that_cannot_work_stop_the_agent_with_one_line(tmp_path: 
     with pytest.raises(SettingError, match=r"--artifact-signing-key.*not an unencrypted PEM private key"):
         AgentConfig(artifact_signing_key=str(not_a_key))
     assert AgentConfig(artifact_signing_key=str(private)).artifact_trust == "off"
+
+
+# ---------------------------------------------------------------------- peer TLS
+
+NAME = "warmstart-peer"
+
+
+def _https(port: int, path: str, ctx: ssl.SSLContext, token: str | None = TOKEN) -> int:
+    """Status of GET ``path`` on 127.0.0.1:``port`` over TLS with ``ctx`` (raises what the handshake raises)."""
+    req = urllib.request.Request(f"https://127.0.0.1:{port}{path}",
+                                 headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+            return int(r.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def _client_ctx(ca_dir: Path, cert_dir: Path | None) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=str(ca_dir / "ca.crt"))
+    ctx.check_hostname = False  # these checks are about the client's certificate, not the server's name
+    if cert_dir is not None:
+        ctx.load_cert_chain(str(cert_dir / "tls.crt"), str(cert_dir / "tls.key"))
+    return ctx
+
+
+def test_peers_over_tls_verify_each_other_and_the_token_never_crosses_in_clear(
+    inproc_factory: Any, tmp_path: Path
+) -> None:
+    ca = make_ca()
+    dirs = {n: issue(ca, tmp_path / f"tls-{n}", (NAME,)) for n in "ab"}
+    token = tmp_path / "peer-token"
+    token.write_text(TOKEN)
+    pa, pb = free_ports(2)
+    with TcpRelay("127.0.0.1", pa, capture=True) as relay:  # B reaches A only through the relay
+        tls = ("--peer-token-file", str(token), "--peer-tls-name", NAME, "--artifact-trust", "token")
+        a = inproc_factory("a", port=pa, extra_args=(*tls, "--peer-tls-dir", str(dirs["a"]),
+                                                      "--peers", f"127.0.0.1:{pa},127.0.0.1:{pb}"))
+        b = inproc_factory("b", port=pb, extra_args=(*tls, "--peer-tls-dir", str(dirs["b"]),
+                                                      "--peers", f"127.0.0.1:{relay.port},127.0.0.1:{pb}"))
+        _, data = _push(a)
+        answer, got = _ask(b)
+        assert answer["source"] == f"peer 127.0.0.1:{relay.port}" and got == data
+        wire = bytes(relay.captured or b"")
+    assert len(wire) > len(data) and wire[:1] == b"\x16"  # the bundle crossed, inside a TLS record
+    assert TOKEN.encode() not in wire and b"Bearer" not in wire and b"/peer/v1" not in wire
+
+    # A refuses what is not a verified peer; probes still work without a certificate.
+    no_cert = _client_ctx(dirs["a"], None)
+    assert _https(pa, "/livez", no_cert, token=None) == 200
+    assert _https(pa, "/peer/v1/ping", no_cert) == 403
+    assert _https(pa, "/peer/v1/ping", _client_ctx(dirs["a"], dirs["b"])) == 200
+    wrong_name = issue(ca, tmp_path / "tls-wrong-name", ("someone-else",))
+    assert _https(pa, "/peer/v1/ping", _client_ctx(dirs["a"], wrong_name)) == 403
+    other_ca = issue(make_ca("another CA"), tmp_path / "tls-other-ca", (NAME,), ca_pem=ca.pem)
+    with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+        _https(pa, "/peer/v1/ping", _client_ctx(dirs["a"], other_ca))
+    with pytest.raises((urllib.error.URLError, ConnectionError, OSError)):  # plain HTTP gets no answer
+        urllib.request.urlopen(f"http://127.0.0.1:{pa}/peer/v1/ping", timeout=5).close()
+    assert "refused: no client certificate" in a.log_text()
+
+    # As a client, the agent refuses a server whose certificate lacks --peer-tls-name.
+    from agent.peers.client import PeerClient
+    from agent.peers.tls import PeerTLS
+
+    async def ping(name: str) -> None:
+        async with aiohttp.ClientSession() as session:
+            await PeerClient(session, TOKEN, 2.0, 5.0, PeerTLS.load(str(dirs["b"]), name)).ping(f"127.0.0.1:{pa}")
+
+    asyncio.run(ping(NAME))
+    with pytest.raises(aiohttp.ClientConnectorCertificateError, match="not-the-peer-name"):
+        asyncio.run(ping("not-the-peer-name"))

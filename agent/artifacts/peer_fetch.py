@@ -21,9 +21,8 @@ async def fetch_entry(client: PeerClient, addr: str, key: str, fpid: str) -> Ent
     """The peer's entry for (key, fingerprint id), None when it has none; ArtifactPeerError when it failed."""
     timeout = aiohttp.ClientTimeout(total=client.hedge_timeout + 5, sock_connect=client.hedge_timeout)
     try:
-        async with client.session.get(
-            f"http://{addr}/peer/v1/artifacts/entry", params={"key": key, "fp": fpid},
-            headers=client.headers, timeout=timeout,
+        async with client.request(
+            "GET", addr, "/peer/v1/artifacts/entry", params={"key": key, "fp": fpid}, timeout=timeout
         ) as resp:
             if resp.status == 404:
                 return None
@@ -51,9 +50,8 @@ async def fetch_blob(client: PeerClient, addr: str, index: ArtifactIndex, found:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=client.hedge_timeout, sock_read=client.read_timeout)
     got = 0
     try:
-        async with client.session.get(
-            f"http://{addr}/peer/v1/artifacts/blob", params={"digest": found.digest},
-            headers=client.headers, timeout=timeout,
+        async with client.request(
+            "GET", addr, "/peer/v1/artifacts/blob", params={"digest": found.digest}, timeout=timeout
         ) as resp:
             if resp.status != 200:
                 raise ArtifactPeerError(f"blob answered {resp.status}")
