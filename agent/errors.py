@@ -9,10 +9,12 @@ user-facing errors:
 
     TransientOriginError      origins -> fetch: retry this range (5xx, SlowDown, reset, stall, short body)
     BusyError                 fetch -> api.peer: this node cannot serve the piece now (503; the peer moves on)
+    PieceMovedError           fetch.origin_reader -> fetch: a piece waiting for an origin slot is now another's
     PeerError                 peers.client -> fetch: a peer did not deliver; try the next source
       PeerDownError             nothing answered: the peer leaves placement until a ping works
       PeerSlowError             no answer within the hedge timeout, or the body stalled
       PeerRefusedError          it answered, but not with the piece
+        PeerBusyError             it answered 5xx: busy, or finishing the file; a retry may get it
       PeerCutShortError         the answer ended early (its own source failed, or it died)
       PeerLiedError             the bytes did not match the hash it stated, or the known one
     ArtifactPeerError         artifacts -> artifacts: this peer could not provide the bundle; ask the next
@@ -31,6 +33,13 @@ class BusyError(Exception):
     """This node cannot serve the piece right now (the requester moves on)."""
 
 
+class PieceMovedError(Exception):
+    """A piece this node was to fetch from the origin (it owned it) has a peer source now: members appeared.
+
+    Raised before any byte was asked for; the fetcher asks the peers instead.
+    """
+
+
 class PeerError(Exception):
     """A peer did not deliver: try the next owner, finally the origin."""
 
@@ -45,6 +54,15 @@ class PeerSlowError(PeerError):
 
 class PeerRefusedError(PeerError):
     """The peer answered, but not with the piece (it does not know the model, is busy, ...)."""
+
+
+class PeerBusyError(PeerRefusedError):
+    """The peer answered 5xx (busy, between two tries of the piece, the file moving into place): retry later.
+
+    Unlike a 4xx (another piece size, a file it cannot check), asking the same
+    peer again shortly may get the piece; a holder that refuses this way is
+    retried (bounded) before the origin is asked (agent/fetch/fetcher.py).
+    """
 
 
 class PeerCutShortError(PeerError):

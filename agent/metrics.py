@@ -135,7 +135,7 @@ class Metrics:
             "failed or did not answer within --resolve-timeout, by scheme",
             ["scheme"], registry=r,
         )
-        for scheme in ("s3", "hf", "https", "http", "file"):
+        for scheme in ("s3", "gs", "az", "hf", "https", "http", "file"):
             self.stale_serves.labels(scheme)
         self.artifact_refused = Counter(
             "warmstart_artifact_refused",

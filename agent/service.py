@@ -132,6 +132,10 @@ class ModelService:
         """Where a peer can read piece ``index`` of ``entry`` (see :meth:`Fetcher.serve_piece`)."""
         return await self.fetcher.serve_piece(entry, index, self.origins.for_ref(ref), relay=relay, requester=requester)
 
+    async def holds(self, keys: list[str], piece_size: int) -> tuple[list[str], dict[str, list[int]]]:
+        """Which of these files (fill keys) this node holds, for a peer (see :meth:`Fetcher.holds`)."""
+        return await self.fetcher.holds(keys, piece_size)
+
     async def resolve(self, text: str, fresh: bool = False) -> tuple[ModelRef, Manifest]:
         """The manifest ``text`` names now; raises BadReferenceError, ModelNotFoundError, ...
 

@@ -185,7 +185,8 @@ def main() -> int:
     trust = ["--artifact-trust", args.trust, "--artifact-trusted-keys", str(public)]
     signing = [["--artifact-signing-key", str(private)], []]
     agents = [AgentProcess(work / f"node{i}", name=f"node{i}", port=p, env=base,
-                           extra_args=["--peers", peers, "--peer-token-file", str(token), *trust, *signing[i]])
+                           extra_args=["--peers", peers, "--peer-token-file", str(token), *trust, *signing[i],
+                                       "--peer-start-wait", "0"])
               for i, p in enumerate(ports)]
     for a in agents:
         a.start()

@@ -282,7 +282,8 @@ def test_compile_on_one_node_restores_from_a_peer_and_hits_the_caches(inproc_fac
     trust = ("--artifact-trust", "signed", "--artifact-trusted-keys", str(public))
     signing = (("--artifact-signing-key", str(private)), ())
     a, b = (inproc_factory(f"node{i}", port=p,
-                           extra_args=("--peers", peers, "--peer-token-file", str(token), *trust, *signing[i]))
+                           extra_args=("--peers", peers, "--peer-token-file", str(token), *trust, *signing[i],
+                                       "--peer-start-wait", "0"))
             for i, p in enumerate(ports))
     cold = _compile(a, tmp_path, "a")
     assert cold["restored"] is None and cold["errors"] == [], cold
