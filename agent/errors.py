@@ -8,6 +8,8 @@ caught by a named part and turned into a retry, another source, or one of the
 user-facing errors:
 
     TransientOriginError      origins -> fetch: retry this range (5xx, SlowDown, reset, stall, short body)
+    RangeIgnoredError         origins.range_http -> origins: the server sent the whole body for a range
+                              (a mirror that ignores Range): read the file as one stream (origins/sequential.py)
     BusyError                 fetch -> api.peer: this node cannot serve the piece now (503; the peer moves on)
     PieceMovedError           fetch.origin_reader -> fetch: a piece waiting for an origin slot is now another's
     PeerError                 peers.client -> fetch: a peer did not deliver; try the next source
@@ -27,6 +29,17 @@ from __future__ import annotations
 
 class TransientOriginError(Exception):
     """A failure that another attempt may not see (the fetcher retries these)."""
+
+
+class RangeIgnoredError(Exception):
+    """The server answered a range request with the whole body (200, maybe chunked).
+
+    ``url`` is the URL that answered (after redirects): the one to stream the file from.
+    """
+
+    def __init__(self, message: str, url: str) -> None:
+        super().__init__(message)
+        self.url = url
 
 
 class BusyError(Exception):

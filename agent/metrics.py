@@ -135,8 +135,15 @@ class Metrics:
             "failed or did not answer within --resolve-timeout, by scheme",
             ["scheme"], registry=r,
         )
+        self.files_without_origin_digest = Counter(
+            "warmstart_files_without_origin_digest",
+            "Files fetched whose origin gave no digest (no sha256, git blob id, MD5 or CRC32C): checked against "
+            "their own bytes only (agent ls / agent verify mark them), by scheme",
+            ["scheme"], registry=r,
+        )
         for scheme in ("s3", "gs", "az", "hf", "https", "http", "file"):
             self.stale_serves.labels(scheme)
+            self.files_without_origin_digest.labels(scheme)
         self.artifact_refused = Counter(
             "warmstart_artifact_refused",
             "Compile-artifact bundles from peers not loaded because --artifact-trust does not trust them, by reason "

@@ -33,6 +33,7 @@ from agent.manifest import Manifest
 from agent.metrics import Metrics, Transfers
 from agent.peers.tls import PeerTLS
 from agent.refs import ModelRef, check_relative_path, parse_ref
+from agent.selection import Selection
 from agent.service import ModelService
 from agent.singleflight import SingleFlight
 from client.errors import BadReferenceError, BadRequestError, CapacityError, WarmstartError
@@ -260,7 +261,7 @@ async def have(request: web.Request) -> web.Response:
         raise BadRequestError('"piece_size" must be a positive integer')
     if isinstance(sender, str) and 0 < len(sender) <= MAX_SENDER:
         state.heard(sender)
-    complete, pieces = await state.service.holds(keys, piece_size)
+    complete, pieces = await state.service.held_for_peer(keys, piece_size)
     return web.json_response({"complete": complete, "pieces": pieces})
 
 
@@ -271,7 +272,8 @@ async def prefetch(request: web.Request) -> web.StreamResponse:
     body = await read_body(request)
     ref = ref_field(request, body)
     await state.service.check_peer_ref(_peer_ref(ref, allow_revision=True))
-    return await ensure_job(request, state.service, state.metrics, ref, flag(body, "pin"), with_files=False)
+    return await ensure_job(request, state.service, state.metrics, ref, flag(body, "pin"), with_files=False,
+                            selection=Selection.of_body(body))
 
 
 def add_peer_routes(app: web.Application, state: PeerState) -> None:

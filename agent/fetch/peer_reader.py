@@ -40,7 +40,7 @@ from agent.metrics import Metrics
 from agent.origins import Origin
 from agent.peers.client import PeerClient, PieceRequest
 from agent.peers.membership import Membership
-from agent.peers.placement import rendezvous
+from agent.peers.placement import rendezvous, request_key
 from agent.singleflight import SingleFlight
 from agent.store.store import Store
 from client.errors import IntegrityError
@@ -290,8 +290,9 @@ class PeerReader:
         elif isinstance(exc, PeerSlowError):
             self.membership.mark_slow(addr, str(exc))
 
-    def _order(self, flight: Flight, index: int) -> tuple[int, int]:
-        """Where a piece asked of a peer waits for a connection: the model's pieces, rotated per node.
+    def _order(self, flight: Flight, index: int) -> tuple[int, ...]:
+        """Where a piece asked of a peer waits for a connection: level by level in the pieces' relay
+        trees, then the model's pieces rotated per node (:func:`~agent.peers.placement.request_key`).
 
         If every node asked for the pieces in model order, all of them would ask the
         owners of the first pieces at once while the owners of the last ones idle,
@@ -305,5 +306,6 @@ class PeerReader:
         if ctx is None or pos is None:
             return (flight.order, index)
         members = sorted([self.me, *self.membership.live()])
-        shift = members.index(self.me) * len(ctx.pieces) // len(members)
-        return (0, (pos - shift) % len(ctx.pieces))
+        assert ctx.model is not None
+        level = self.membership.tree_level(flight.entry.fill_key, index, ctx.model)
+        return (0, *request_key(level, pos, members.index(self.me), len(members), len(ctx.pieces)))

@@ -163,10 +163,13 @@ class PeerClient:
             raise PeerRefusedError("have answered something other than a JSON object")
         return data
 
-    async def prefetch(self, addr: str, ref: str, pin: bool | None) -> AsyncIterator[dict[str, object]]:
-        """Ask ``addr`` to prefetch ``ref``; yield its NDJSON lines (progress, then complete or error)."""
+    async def prefetch(
+        self, addr: str, ref: str, pin: bool | None, selection: dict[str, object] | None = None
+    ) -> AsyncIterator[dict[str, object]]:
+        """Ask ``addr`` to prefetch ``ref`` (the files ``selection``'s request fields pick); yield its NDJSON
+        lines (progress, then complete or error)."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)  # progress lines come every 0.5 s
-        body = {"ref": ref, "pin": pin}
+        body: dict[str, object] = {"ref": ref, "pin": pin, **(selection or {})}
         try:
             async with self.request("POST", addr, "/peer/v1/prefetch", json=body, timeout=timeout) as resp:
                 if resp.status != 200:

@@ -1,11 +1,12 @@
 """Peers: who else caches for this cluster, which of them answer, and who owns a piece.
 
-Placement is rendezvous (highest-random-weight) hashing: for piece ``index`` of
-the bytes named ``fill_key``, every member (peers and this node) gets the score
-``xxh3_64(f"{member}|{fill_key}|{index}")`` and the highest score owns the
-piece. Every node computes the same owner from the same member list without
-talking to anyone; when a member leaves only its own pieces move (each to its
-next-highest member), and the pieces spread evenly over the members.
+Placement is a consistent-hash ring (agent/peers/placement.py): each member
+(peers and this node) has points on a circle, piece ``index`` of the bytes named
+``fill_key`` has one, and the walk clockwise from the piece names its members in
+order, owner first. Every node computes the same owner from the same member
+list without talking to anyone; when a member leaves only its own pieces move
+(each to the next member on the walk), and the pieces spread evenly over the
+members.
 
 Members are named ``HOST:PORT`` exactly as they appear in ``--peers`` or as
 ``--peer-dns`` resolves them (``IP:PORT``), so all nodes name each other the
@@ -38,7 +39,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from agent.peers.placement import PieceSpec, Placement, compute_placement, rendezvous, tree_parent
+from agent.peers.placement import PieceSpec, Placement, compute_placement, ring
 from agent.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
@@ -326,8 +327,7 @@ class Membership:
 
     def owners(self, fill_key: str, index: int) -> list[str]:
         """Live members (this node included) ranked for the piece, owner first."""
-        return rendezvous([self.me, *self.live()], fill_key, index)
-
+        return ring([self.me, *self.live()]).ranked(fill_key, index)
 
     def sources(
         self, fill_key: str, index: int, limit: int, model: tuple[str, Sequence[PieceSpec]] | None = None
@@ -345,47 +345,34 @@ class Membership:
         which passes the piece on as it lands. A parent that neither holds nor is
         receiving the piece says so at once (it never goes to the origin for a
         relay request); then the owners are asked: the piece's owner (the
-        balanced one with ``model``, else the top of the rendezvous ranking),
-        then those ranked above this node, at most ``limit``.
+        balanced one with ``model``, else the first on the piece's ring walk),
+        then those ahead of this node on the walk, at most ``limit``.
         """
-        ranked, order = self._placed(fill_key, index, model)
-        owners = self._owners_to_ask(ranked, order, limit)
-        if not owners:
-            return []
-        parent = self._relay_parent(order)
-        return ([(parent, True)] if parent is not None else []) + [(a, False) for a in owners]
-
-    def _placed(
-        self, fill_key: str, index: int, model: tuple[str, Sequence[PieceSpec]] | None
-    ) -> tuple[list[str], list[str]]:
-        """The piece's rendezvous ranking of the live members, and its relay order (owner first).
-
-        With ``model`` the owner is the balanced one and the order the balanced
-        relay tree (:func:`balanced_owners`, :func:`relay_orders`); without it,
-        both are the plain ranking.
-        """
-        ranked = self.owners(fill_key, index)
-        order = None
+        members = tuple(sorted([self.me, *self.live()]))
+        on_ring = ring(members)
+        owner, parent = next(on_ring.walk(fill_key, index)), None
         if model is not None:
-            order = self._balanced(model, tuple(sorted(ranked))).orders.get((fill_key, index))
-        return ranked, order or ranked
-
-    def _owners_to_ask(self, ranked: list[str], order: list[str], limit: int) -> list[str]:
-        owner = order[0]
+            placement = self._balanced(model, members)
+            piece = (fill_key, index)
+            if piece in placement.orders:
+                owner, parent = placement.owners.get(piece, owner), placement.orders.parent(piece, self.me)
         if owner == self.me:
             return []
-        out = [owner]
-        for addr in ranked:
-            if addr == self.me or len(out) >= limit:
+        owners = [owner]
+        for addr in on_ring.walk(fill_key, index):  # then those ahead of this node on the piece's walk
+            if addr == self.me or len(owners) >= limit:
                 break
             if addr != owner:
-                out.append(addr)
-        return out[:limit]
+                owners.append(addr)
+        relay = [(parent, True)] if parent is not None and parent != owner else []
+        return relay + [(a, False) for a in owners[:limit]]
 
-    def _relay_parent(self, order: list[str]) -> str | None:
-        parent = tree_parent(order, self.me)
-        return None if parent == order[0] else parent
-
+    def tree_level(self, fill_key: str, index: int, model: tuple[str, Sequence[PieceSpec]]) -> int:
+        """This node's level in the piece's relay tree (0: it owns the piece), for the order it asks in."""
+        members = tuple(sorted([self.me, *self.live()]))
+        orders = self._balanced(model, members).orders
+        piece = (fill_key, index)
+        return orders.level(piece, self.me) if piece in orders else 0
 
     async def prepare(self, model: tuple[str, Sequence[PieceSpec]]) -> None:
         """Compute the model's placement for the current members off the event loop, once.
