@@ -251,6 +251,17 @@ def _warm_set_file(value: str) -> str | None:
     return os.path.abspath(value) if value else None
 
 
+def _lower(value: str) -> str:
+    return value.strip().lower()
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        return None if value in choices else f"got {value!r}"
+
+    return check
+
+
 def _log_level(value: str) -> str:
     return value.strip().upper()
 
@@ -389,6 +400,37 @@ class AgentConfig:
         5.0, flag="--peer-start-wait", env="WARMSTART_PEER_START_WAIT",
         help="at start-up, seconds readiness and fills wait for every peer to answer once (0: do not wait)",
         form="a number of seconds from 0 to 600", parse=_seconds, check=_wait_seconds)
+    # Trust (agent/peers/tls.py, agent/artifacts/signing.py).
+    peer_tls_dir: str | None = _setting(
+        None, flag="--peer-tls-dir", env="WARMSTART_PEER_TLS_DIR",
+        help="directory holding tls.crt, tls.key and ca.crt (a cert-manager Certificate's Secret): the --listen "
+             "port speaks HTTPS and peers are served and asked over mutually verified TLS; needs "
+             "--peer-token-file and --peer-tls-name",
+        form="a directory with tls.crt, tls.key and ca.crt (PEM)", parse=_optional_text,
+        check=_optional_path_check, show=_none_or("none (peer traffic in clear)"))
+    peer_tls_name: str | None = _setting(
+        None, flag="--peer-tls-name", env="WARMSTART_PEER_TLS_NAME",
+        help="DNS name every peer's certificate must carry (in its subjectAltName), checked both ways; with "
+             "--peer-tls-dir",
+        form="a DNS name", parse=_optional_text, check=_dns_name_check, show=_none_or("none"))
+    artifact_trust: str = _setting(
+        "off", flag="--artifact-trust", env="WARMSTART_ARTIFACT_TRUST",
+        help="which compile-artifact bundles from peers this node loads (they are code it runs): off = none, "
+             "signed = only those signed by a key of --artifact-trusted-keys, token = any peer holding the peer "
+             "token",
+        form="off, signed or token", parse=_lower, check=_one_of("off", "signed", "token"))
+    artifact_signing_key: str | None = _setting(
+        None, flag="--artifact-signing-key", env="WARMSTART_ARTIFACT_SIGNING_KEY",
+        help="ed25519 private key (PEM, a mounted Secret) this node signs the bundles pushed to it with; give it "
+             "to publishing nodes only",
+        form="a readable PEM file of an unencrypted ed25519 private key", parse=_optional_text,
+        check=_optional_path_check, show=_none_or("none (bundles published here are unsigned)"))
+    artifact_trusted_keys: str | None = _setting(
+        None, flag="--artifact-trusted-keys", env="WARMSTART_ARTIFACT_TRUSTED_KEYS",
+        help="ed25519 public keys (PEM file, or a directory of them) whose signatures --artifact-trust signed "
+             "accepts",
+        form="a PEM file or directory of ed25519 public keys", parse=_optional_text,
+        check=_optional_path_check, show=_none_or("none"))
     # The declarative warm set (agent/warmset/reconciler.py): a YAML file, watched every warm_set_poll seconds.
     warm_set: str | None = _setting(
         None, flag="--warm-set", env="WARMSTART_WARM_SET",
@@ -423,6 +465,50 @@ class AgentConfig:
             except ValueError as exc:
                 problem = str(exc).replace("--peer-token-file ", "")
                 raise SettingError(setting_of("peer_token_file"), problem) from None
+        tls = self.peer_tls_problem()
+        if tls is not None:
+            raise SettingError(setting_of(tls[0]), tls[1])
+        trust = self.artifact_trust_problem()
+        if trust is not None:
+            raise SettingError(setting_of(trust[0]), trust[1])
+
+    def peer_tls_problem(self) -> tuple[str, str] | None:
+        """(field, problem) when the peer TLS settings cannot work together or the directory is unusable."""
+        if self.peer_tls_name and not self.peer_tls_dir:
+            return "peer_tls_dir", "--peer-tls-name was given without it"
+        if not self.peer_tls_dir:
+            return None
+        if not self.peer_token_file:
+            return "peer_tls_dir", "TLS is for the peer API, which is off without --peer-token-file"
+        if not self.peer_tls_name:
+            return "peer_tls_name", "--peer-tls-dir needs the name peers' certificates carry"
+        from agent.peers.tls import PeerTLS, PeerTLSError  # only with TLS set
+
+        try:
+            PeerTLS.load(self.peer_tls_dir, self.peer_tls_name)
+        except PeerTLSError as exc:
+            return "peer_tls_dir", str(exc)
+        return None
+
+    def artifact_trust_problem(self) -> tuple[str, str] | None:
+        """(field, problem) when the trust settings cannot work together or their key files are unusable."""
+        if self.artifact_trust == "signed" and not self.artifact_trusted_keys:
+            return "artifact_trusted_keys", "--artifact-trust signed needs it"
+        if not self.artifact_signing_key and not self.artifact_trusted_keys:
+            return None
+        from agent.artifacts.signing import KeyFileError, load_signing_key, load_trusted_keys  # only with keys set
+
+        try:
+            if self.artifact_signing_key:
+                load_signing_key(self.artifact_signing_key)
+        except KeyFileError as exc:
+            return "artifact_signing_key", str(exc)
+        try:
+            if self.artifact_trusted_keys:
+                load_trusted_keys(self.artifact_trusted_keys)
+        except KeyFileError as exc:
+            return "artifact_trusted_keys", str(exc)
+        return None
 
     @property
     def listen_address(self) -> tuple[str, int]:

@@ -37,6 +37,7 @@ from agent.api.node import Readiness, node_app
 from agent.api.peer import PeerState
 from agent.artifacts.index import ArtifactIndex
 from agent.artifacts.lookup import Artifacts
+from agent.artifacts.signing import ArtifactTrust
 from agent.config import AgentConfig
 from agent.fetch.fetcher import Fetcher
 from agent.fetch.peer_reader import PeerReader
@@ -45,6 +46,7 @@ from agent.origins import Origins
 from agent.origins.policy import AddressPolicy
 from agent.peers.client import PeerClient
 from agent.peers.membership import Membership, read_token
+from agent.peers.tls import PeerTLS
 from agent.service import ModelService
 from agent.store.lock import CacheLock
 from agent.store.store import Store
@@ -113,12 +115,14 @@ def _prepare_socket_path(path: str) -> None:
         probe.close()
 
 
-async def _site(stack: AsyncExitStack, app: web.Application, make_site: type[web.BaseSite], *args: object) -> None:
+async def _site(
+    stack: AsyncExitStack, app: web.Application, make_site: type[web.BaseSite], *args: object, **kw: Any
+) -> None:
     """Serve ``app`` on a site; its runner is cleaned up when the stack unwinds."""
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
-    await make_site(runner, *args).start()
+    await make_site(runner, *args, **kw).start()
 
 
 def _background(stack: AsyncExitStack, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -134,7 +138,7 @@ def _background(stack: AsyncExitStack, coro: Coroutine[Any, Any, None], name: st
 
 
 def _peers(
-    stack: AsyncExitStack, config: AgentConfig, token: str
+    stack: AsyncExitStack, config: AgentConfig, token: str, tls: PeerTLS | None
 ) -> tuple[Membership, PeerClient]:
     """Membership and the peer client (its session closed with the stack)."""
     membership = Membership(
@@ -150,7 +154,7 @@ def _peers(
         read_bufsize=4 * 1024 * 1024,
     )
     stack.push_async_callback(session.close)
-    return membership, PeerClient(session, token, config.peer_hedge_timeout, config.read_timeout)
+    return membership, PeerClient(session, token, config.peer_hedge_timeout, config.read_timeout, tls)
 
 
 @contextlib.asynccontextmanager
@@ -170,11 +174,16 @@ async def running(config: AgentConfig, *, freeze_gc: bool = False) -> AsyncItera
         default_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="warmstart")
         loop.set_default_executor(default_pool)
         token = read_token(config.peer_token_file) if config.peer_token_file else None
+        tls = None
+        if config.peer_tls_dir and config.peer_tls_name:
+            tls = await asyncio.to_thread(PeerTLS.load, config.peer_tls_dir, config.peer_tls_name)
         metrics = Metrics()
         ready = Readiness()
-        peer_state = PeerState(token, metrics)
-        await _site(stack, node_app(ready, peer_state, metrics), web.TCPSite, host, port)
-        log.info("health and metrics on http://%s:%d (/livez, /readyz, /metrics)", host, port)
+        peer_state = PeerState(token, metrics, tls)
+        await _site(stack, node_app(ready, peer_state, metrics), web.TCPSite, host, port,
+                    ssl_context=tls.server if tls is not None else None)
+        log.info("health and metrics on %s://%s:%d (/livez, /readyz, /metrics)%s", "https" if tls else "http",
+                 host, port, f"; peers over TLS, certificates must name {tls.name}" if tls else "")
 
         store = Store(config.cache_dir, config.capacity, pool, config.drop_behind)
         await store.open()
@@ -192,7 +201,7 @@ async def running(config: AgentConfig, *, freeze_gc: bool = False) -> AsyncItera
         )
         stack.push_async_callback(origins.close)
 
-        peers = _peers(stack, config, token) if token is not None else None
+        peers = _peers(stack, config, token, tls) if token is not None else None
         peer_reader = PeerReader(
             store, metrics, *peers, config.connections, start_wait=config.peer_start_wait
         ) if peers is not None else None
@@ -204,7 +213,12 @@ async def running(config: AgentConfig, *, freeze_gc: bool = False) -> AsyncItera
         service = ModelService(
             store, fetcher, origins, config.piece_size, resolve_timeout=config.resolve_timeout, metrics=metrics
         )
-        artifacts = Artifacts(ArtifactIndex(store, node=peers[0].me) if peers else ArtifactIndex(store), metrics, peers)
+        trust = await asyncio.to_thread(
+            ArtifactTrust.from_files, config.artifact_trust, config.artifact_signing_key, config.artifact_trusted_keys
+        )
+        artifacts = Artifacts(
+            ArtifactIndex(store, node=peers[0].me) if peers else ArtifactIndex(store), metrics, peers, trust
+        )
         metrics.watch(store, fetcher.in_flight, peers[0] if peers is not None else None)
         if peers is not None:
             membership, client = peers

@@ -20,6 +20,7 @@ user-facing errors:
       PeerCutShortError         the answer ended early (its own source failed, or it died)
       PeerLiedError             the bytes did not match the hash it stated, or the known one
     ArtifactPeerError         artifacts -> artifacts: this peer could not provide the bundle; ask the next
+      ArtifactRefusedError      its bundle is not trusted under --artifact-trust (counted by reason)
     WarmSetError              warmset.spec -> warmset: the file is not a valid warm set (the last good one stays)
 """
 
@@ -101,6 +102,14 @@ class PeerLiedError(PeerError):
 
 class ArtifactPeerError(Exception):
     """This peer could not provide the artifact; try the next."""
+
+
+class ArtifactRefusedError(ArtifactPeerError):
+    """The peer's bundle is not trusted here (``reason``: a label of warmstart_artifact_refused_total)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        self.reason = reason
+        super().__init__(f"refused ({reason}): {detail}")
 
 
 class WarmSetError(ValueError):

@@ -42,6 +42,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 
+from agent.artifacts.signing import REFUSAL_REASONS
 from client.errors import HTTP_STATUS
 
 if TYPE_CHECKING:
@@ -143,6 +144,14 @@ class Metrics:
         for scheme in ("s3", "gs", "az", "hf", "https", "http", "file"):
             self.stale_serves.labels(scheme)
             self.files_without_origin_digest.labels(scheme)
+        self.artifact_refused = Counter(
+            "warmstart_artifact_refused",
+            "Compile-artifact bundles from peers not loaded because --artifact-trust does not trust them, by reason "
+            "(unsigned, untrusted_key, bad_signature, digest_mismatch)",
+            ["reason"], registry=r,
+        )
+        for reason in REFUSAL_REASONS:
+            self.artifact_refused.labels(reason)
         self.served_client_bytes = 0  # exported as warmstart_served_bytes_total{to="client"}
         self.transfers = Transfers()
         self.build_info = Gauge("warmstart_build_info", "Always 1; the agent's version", ["version"], registry=r)

@@ -2,7 +2,10 @@
 
     python bench/compile_cache.py --rounds 3 [--models small,mlp] [--device cuda]
 
-Two real agents on loopback with a static peer list and a token. Per round and
+Two real agents on loopback with a static peer list and a token, under
+``--artifact-trust signed`` (the default here; ``--trust token`` for the old
+behaviour): A signs what it publishes with an ed25519 key, B loads only what
+that key signed (agent/artifacts/signing.py). Per round and
 model, each contender is a fresh Python process with fresh Inductor
 directories, timed from just before ``compile_cache`` is entered (or the cache
 is loaded) to the first output of the compiled module (torch is imported and
@@ -158,6 +161,8 @@ def main() -> int:
     ap.add_argument("--models", default="small,mlp")
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--device", default="cpu", help="cpu (default: Inductor's C++ kernels) or cuda[:N] (Triton)")
+    ap.add_argument("--trust", default="signed", choices=("signed", "token"),
+                    help="--artifact-trust of both agents (signed: A holds the signing key, B the public key)")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -167,6 +172,7 @@ def main() -> int:
         if not torch.cuda.is_available():
             ap.error(f"--device {DEVICE}: torch {torch.__version__} sees no CUDA device")
     from tests.servers.agent_proc import AgentProcess
+    from tests.servers.pki import make_signing_key
     from tests.servers.ports import free_ports
 
     work = Path(tempfile.mkdtemp(prefix="ws-cc-bench-"))
@@ -175,8 +181,12 @@ def main() -> int:
     ports = free_ports(2)
     peers = ",".join(f"127.0.0.1:{p}" for p in ports)
     base = dict(os.environ)
+    private, public = make_signing_key(work / "keys")
+    trust = ["--artifact-trust", args.trust, "--artifact-trusted-keys", str(public)]
+    signing = [["--artifact-signing-key", str(private)], []]
     agents = [AgentProcess(work / f"node{i}", name=f"node{i}", port=p, env=base,
-                           extra_args=["--peers", peers, "--peer-token-file", str(token), "--peer-start-wait", "0"])
+                           extra_args=["--peers", peers, "--peer-token-file", str(token), *trust, *signing[i],
+                                       "--peer-start-wait", "0"])
               for i, p in enumerate(ports)]
     for a in agents:
         a.start()
@@ -218,7 +228,7 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out_dir / f"compile_cache-{stamp}.json").write_text(json.dumps(raw, indent=1))
     (out_dir / "compile_cache-latest.json").write_text(json.dumps(raw, indent=1))
-    print(f"\nraw: bench/out/compile_cache-{stamp}.json (device {DEVICE})\n")
+    print(f"\nraw: bench/out/compile_cache-{stamp}.json (device {DEVICE}, --artifact-trust {args.trust})\n")
     print("| model | contender | first output, median s | vs cold | restore s | cache counters (last round) |")
     print("|---|---|---:|---:|---:|---|")
     for m in models:

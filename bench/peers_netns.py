@@ -25,6 +25,9 @@ interpreter start), timed until the slowest node's prefetch completes:
 - ``peers``: ``agent serve --peers <all N nodes> --peer-token-file F``;
 - ``nopeers``: the same agents without ``--peers`` (every node from the origin
   alone: a node cache without peers);
+- ``peers-tls`` (``--tls``): ``peers`` over mutually verified TLS (``--peer-tls-dir``
+  with a CA and certificate made here by tests/servers/pki.py), in the same rounds, so
+  the CPU TLS costs per GiB is read side by side with ``peers``;
 - and the limit: model size / node link rate (no node can receive faster).
 
 Origin egress is the origin veth's ``tx_bytes`` (bytes on the wire, headers
@@ -560,8 +563,10 @@ def run_once(ctx: dict[str, Any], n: int, contender: str, rnd: int) -> dict[str,
             sock = d / "agent.sock"
             cmd = [sys.executable, "-m", "agent", "serve", "--cache-dir", str(d / "cache"), "--socket", str(sock),
                    "--listen", f"{node_ip(i)}:{AGENT_PORT}", "--capacity", "8GiB", *args.agent_arg]  # fmt: skip
-            if contender in ("peers", "base"):
+            if contender in ("peers", "base", "peers-tls"):
                 cmd += ["--peers", peers, "--peer-token-file", str(ctx["token_file"])]
+            if contender == "peers-tls":
+                cmd += ["--peer-tls-dir", str(ctx["tls_dir"]), "--peer-tls-name", TLS_NAME]
             if args.storm == "warmset":
                 cmd += ["--warm-set", str(ctx["warm_set"])]
             logs.append(d / "agent.log")
@@ -574,20 +579,21 @@ def run_once(ctx: dict[str, Any], n: int, contender: str, rnd: int) -> dict[str,
         if args.storm:
             return storm_finish(ctx, rec, n, run_dir, procs, socks, storm_before)
         deadline = time.monotonic() + 90
+        scheme = "https" if contender == "peers-tls" else "http"
         for i, p in enumerate(procs):  # ready: socket up, S3 client built, /readyz answers on the node's address
             while True:
                 if p.poll() is not None:
                     raise RuntimeError(f"node{i + 1} agent exited with {p.returncode}:\n{logs[i].read_text()[-3000:]}")
                 if socks[i].exists() and "origin clients ready" in logs[i].read_text(errors="replace"):
                     code = sh(*nsexec(net.node_ns[i], "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-                                      "-m", "2", f"http://{node_ip(i)}:{AGENT_PORT}/readyz"),
+                                      "-m", "2", "-k", f"{scheme}://{node_ip(i)}:{AGENT_PORT}/readyz"),
                               check=False).stdout  # fmt: skip
                     if code == "200":
                         break
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"node{i + 1} agent not ready in 90 s:\n{logs[i].read_text()[-3000:]}")
                 time.sleep(0.1)
-        if contender == "peers":  # a node's agent has been up long enough to see its peers alive
+        if contender.startswith("peers"):  # a node's agent has been up long enough to see its peers alive
             while time.monotonic() < deadline:
                 st = [agent_stats(sk) for sk in socks]
                 if all(x is None for x in st):
@@ -803,6 +809,33 @@ def check_links(net: Net, ctx: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------- report
 
 
+TLS_NAME = "warmstart-peer"
+
+
+def make_tls(work: Path) -> Path:
+    """A CA and one certificate all nodes share (cert-manager's Secret shape), as deploy/peer-tls-certificate.yaml."""
+    from tests.servers.pki import issue, make_ca
+
+    directory = issue(make_ca(), work / "peer-tls", (TLS_NAME,), ips=())
+    for f in directory.iterdir():
+        f.chmod(0o644)  # the agents run as root here; readable is enough
+    return directory
+
+
+def tls_cost(med: dict[str, Any], nodes: list[int], total: int) -> str:
+    """Agents' CPU per GiB the nodes received, peers in clear vs over TLS (medians of the same rounds)."""
+    lines = ["| N | agents CPU s, peers / peers-tls | per GiB received, peers / peers-tls | TLS / clear |",
+             "|---:|---:|---:|---:|"]
+    for n in nodes:
+        p, t = med.get(f"{n}/peers"), med.get(f"{n}/peers-tls")
+        if not p or not t:
+            continue
+        gib = n * total / 2**30
+        lines.append(f"| {n} | {p['agents_cpu_s']:.2f} / {t['agents_cpu_s']:.2f} | {p['agents_cpu_s'] / gib:.2f} / "
+                     f"{t['agents_cpu_s'] / gib:.2f} | {t['agents_cpu_s'] / p['agents_cpu_s']:.2f}x |")
+    return "\n".join(lines)
+
+
 def summarize(runs: list[dict[str, Any]], limit_s: float) -> dict[str, Any]:
     """Medians per N/contender over the runs without errors; disturbed runs count only where nothing else ran."""
     ok = [r for r in runs if r["error"] is None]
@@ -896,6 +929,8 @@ def main() -> int:
                     "at N=8 with peers the agents then leave a quarter of this 2-core machine idle)")
     ap.add_argument("--origin-rate", type=float, default=None,
                     help="the origin's link, Mbit/s (default: --rate; 0: unlimited)")
+    ap.add_argument("--tls", action="store_true",
+                    help="add the peers-tls contender (peers over --peer-tls-dir) to the same rounds")
     ap.add_argument("--burst", default="256kb", help="tbf burst (default 256kb)")
     ap.add_argument("--latency-ms", type=int, default=50, help="tbf queue, as latency (default 50)")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds between all agents ready and the prefetch")
@@ -934,8 +969,10 @@ def main() -> int:
     if args.storm and args.only == ap.get_default("only"):
         names = ["peers"]  # a storm is about peers: the origin-only contender has nothing to show there
     for c in names:
-        if c not in ("peers", "nopeers"):
+        if c not in ("peers", "nopeers", "peers-tls"):
             ap.error(f"unknown contender {c}")
+    if args.tls and "peers-tls" not in names:
+        names.append("peers-tls")
     if args.base_rev:
         names.append("base")
     origin_rate = args.rate if args.origin_rate is None else args.origin_rate
@@ -1003,6 +1040,7 @@ def main() -> int:
         sampler = start_sampler(net, samples)
         procs.append(sampler)
         ctx: dict[str, Any] = {
+            "tls_dir": make_tls(work) if "peers-tls" in names else None,
             "net": net, "args": args, "work": work, "src": src, "keys": [k for k in keys if k.endswith(".safetensors")],
             "sizes": sizes, "total": total, "want": want, "limit_s": limit_s, "token_file": token, "weed": weed,
             "ref": f"s3://{BUCKET}/{PREFIX}", "env": env, "sampler": sampler, "out_dir": out_dir, "stamp": stamp,
@@ -1034,7 +1072,7 @@ def main() -> int:
                         brief["bound_s"] = rec.get("busiest_upload_bound_s")
                         brief["stalls"] = rec.get("stalls")
                         print(json.dumps(brief), flush=True)
-                        if not rec.get("disturbed") or c not in ("peers", "base"):
+                        if not rec.get("disturbed") or c not in ("peers", "base", "peers-tls"):
                             break
                         print(f"  (disturbed: other processes used {rec['other_cores']} cores during the run)",
                               flush=True)
@@ -1070,6 +1108,9 @@ def main() -> int:
     (out_dir / "peers-latest.json").write_text(json.dumps(raw, indent=1))
     print()
     print(table(med, nodes, limit_s))
+    if "peers-tls" in names:
+        print()
+        print(tls_cost(med, nodes, total))
     failed = [r for r in runs if r["error"] is not None]
     print(f"\n{len(runs) - len(failed)} of {len(runs)} runs ok; raw numbers: {out}")
     for r in failed:

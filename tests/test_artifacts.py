@@ -28,6 +28,7 @@ from client.artifacts import list_artifacts, open_bundle, pull_dir, push_bundle,
 from client.bundles import Bundle, build_bundle
 from client.errors import ArtifactNotFoundError, UnsafeBundleError
 from client.fingerprint import current_fingerprint, fingerprint_id
+from tests.servers.pki import make_signing_key
 from tests.servers.ports import free_ports
 
 TOKEN = "artifact-peer-token-0123456789abcdef"
@@ -277,8 +278,12 @@ def test_compile_on_one_node_restores_from_a_peer_and_hits_the_caches(inproc_fac
     token.write_text(TOKEN)
     ports = free_ports(2)
     peers = ",".join(f"127.0.0.1:{p}" for p in ports)
-    a, b = (inproc_factory(f"node{i}", port=p, extra_args=("--peers", peers, "--peer-token-file", str(token),
-                                                                  "--peer-start-wait", "0"))
+    private, public = make_signing_key(tmp_path / "keys")  # A publishes signed; B loads only what A's key signed
+    trust = ("--artifact-trust", "signed", "--artifact-trusted-keys", str(public))
+    signing = (("--artifact-signing-key", str(private)), ())
+    a, b = (inproc_factory(f"node{i}", port=p,
+                           extra_args=("--peers", peers, "--peer-token-file", str(token), *trust, *signing[i],
+                                       "--peer-start-wait", "0"))
             for i, p in enumerate(ports))
     cold = _compile(a, tmp_path, "a")
     assert cold["restored"] is None and cold["errors"] == [], cold

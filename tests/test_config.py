@@ -54,6 +54,11 @@ BAD_VALUES: dict[str, list[Any]] = {
     "warm_set": ["", 1],
     "warm_set_poll": [0, -0.5],
     "log_level": ["verbose", "info", "", None],
+    "artifact_trust": ["on", "", None, 1],
+    "peer_tls_dir": ["", 3, "/nonexistent/warmstart-tls"],
+    "peer_tls_name": ["", "a b", "host:7070", 3],
+    "artifact_signing_key": ["", 3, "/nonexistent/warmstart-signing.key"],
+    "artifact_trusted_keys": ["", 3, "/nonexistent/warmstart-trusted.pub"],
 }
 
 

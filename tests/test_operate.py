@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -524,3 +525,35 @@ def test_real_prometheus_scrapes_an_agent_and_the_alerts_hit_ratio_is_exact(
     finally:
         stop_group(proc, 5)
         kill_group(proc)
+
+
+def test_the_trust_overlay_turns_on_peer_tls_and_signed_artifacts_consistently() -> None:
+    """deploy/overlays/trust + deploy/peer-tls-certificate.yaml: every path and name agrees with the agent."""
+    import kubernetes_validate  # type: ignore[import-untyped]
+
+    docs = _kustomize(DEPLOY.parent / "overlays" / "trust")
+    for doc in docs:
+        with contextlib.suppress(kubernetes_validate.SchemaNotFoundError):
+            kubernetes_validate.validate(doc, kubernetes_validate.latest_version(), strict=True)
+    ds = next(d for d in docs if d["kind"] == "DaemonSet")
+    pod = ds["spec"]["template"]["spec"]
+    agent = pod["containers"][0]
+    env = {e["name"]: e.get("value") for e in agent["env"]}
+    assert env["WARMSTART_ARTIFACT_TRUST"] == "signed"
+    mounts = {m["name"]: m["mountPath"] for m in agent["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert env["WARMSTART_PEER_TLS_DIR"] == mounts["peer-tls"]
+    assert env["WARMSTART_ARTIFACT_TRUSTED_KEYS"] == mounts["artifact-keys"]
+    helptext = subprocess.run([sys.executable, "-m", "agent", "serve", "--help"], capture_output=True, text=True).stdout
+    for name in env:
+        if name.startswith("WARMSTART_"):
+            assert "--" + name.removeprefix("WARMSTART_").lower().replace("_", "-") in helptext, name
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert agent[probe]["httpGet"]["scheme"] == "HTTPS", probe
+    pm = next(d for d in docs if d["kind"] == "PodMonitor")["spec"]["podMetricsEndpoints"][0]
+    assert pm["scheme"] == "https"
+    certs = [d for d in yaml.safe_load_all((DEPLOY.parent / "peer-tls-certificate.yaml").read_text()) if d]
+    peer = next(d for d in certs if d["kind"] == "Certificate" and not d["spec"].get("isCA"))
+    assert peer["spec"]["secretName"] == secrets["peer-tls"]
+    assert env["WARMSTART_PEER_TLS_NAME"] in peer["spec"]["dnsNames"]
+    assert {"server auth", "client auth"} <= set(peer["spec"]["usages"])

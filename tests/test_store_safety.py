@@ -173,7 +173,7 @@ async def test_under_umask_000_nothing_in_the_cache_is_writable_by_others(tmp_pa
         async def read(_: int) -> bytes:
             return sent.pop() if sent else b""
 
-        digest = await index.adopt(read, len(bundle))
+        digest, _ = await index.adopt(read, len(bundle))
         await index.publish("k/ey", {"torch": "2"}, digest, len(bundle))
         # An interrupted fill leaves a partial file and its state behind.
         write_random(tmp_path / "big" / "w.bin", 3 * MiB, seed=105)
@@ -285,7 +285,7 @@ async def test_an_artifact_upload_replaces_a_corrupt_blob_of_the_same_bundle(nod
         async def read(_: int) -> bytes:
             return sent.pop() if sent else b""
 
-        return await index.adopt(read, len(bundle))
+        return (await index.adopt(read, len(bundle)))[0]
 
     assert await upload() == digest
     blob = node.root / "blobs" / digest

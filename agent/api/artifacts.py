@@ -54,9 +54,7 @@ async def publish(request: web.Request) -> web.Response:
     size = request.content_length
     if size is None:
         raise BadRequestError("publish needs a Content-Length (the bundle's size)")
-    index = artifacts.index
-    digest = await index.adopt(request.content.read, size)
-    entry, replaced = await index.publish(key, fingerprint, digest, size)
+    entry, replaced = await artifacts.publish_upload(key, fingerprint, request.content.read, size)
     return web.json_response({**entry.to_json(), "replaced": replaced})
 
 

@@ -31,6 +31,7 @@ from agent.errors import BusyError
 from agent.fetch.fetcher import PEER_SCHEMES, ServedPiece
 from agent.manifest import Manifest
 from agent.metrics import Metrics, Transfers
+from agent.peers.tls import PeerTLS
 from agent.refs import ModelRef, check_relative_path, parse_ref
 from agent.selection import Selection
 from agent.service import ModelService
@@ -55,9 +56,10 @@ def _nobody(addr: str) -> None:
 class PeerState:
     """What the peer routes need: the token from the start, the node's parts once its store is open."""
 
-    def __init__(self, token: str | None, metrics: Metrics) -> None:
+    def __init__(self, token: str | None, metrics: Metrics, tls: PeerTLS | None = None) -> None:
         self.token = token.encode() if token else None
         self.metrics = metrics
+        self.tls = tls  # with --peer-tls-dir: the client's certificate is checked before the token
         self.service: ModelService | None = None
         self.artifacts: Artifacts | None = None
         self.me: str | None = None  # this node's name among its peers
@@ -103,6 +105,10 @@ async def peer_auth(
     state = request.app[PEER]
     if state.token is None:
         raise web.HTTPNotFound(text="peer API is off on this node (no --peer-token-file)\n")
+    problem = state.tls.client_problem(request.transport) if state.tls is not None else None
+    if problem is not None:
+        log.warning("peer request from %s refused: %s", request.remote, problem)
+        raise web.HTTPForbidden(text=f"peer API needs a verified peer certificate: {problem}\n")
     given = request.headers.get("Authorization", "")
     scheme, _, token = given.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), state.token):

@@ -46,6 +46,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.artifacts.signing import SHA256_RE, Signature
 from agent.store.fill import write_json_atomic
 from agent.store.safeio import ensure_dir
 from agent.store.store import Store
@@ -81,6 +82,9 @@ class Entry:
     size: int
     created: float
     publisher: str
+    sha256: str = ""  # of the bundle's bytes: what a signature covers besides the xxh128 (signing.py)
+    signature: str = ""  # base64 ed25519 by key ``signer``; empty: unsigned
+    signer: str = ""
     fingerprint_id: str = ""
 
     def __post_init__(self) -> None:
@@ -90,13 +94,22 @@ class Entry:
         return {
             "key": self.key, "fingerprint": self.fingerprint, "fingerprint_id": self.fingerprint_id,
             "digest": self.digest, "size": self.size, "created": self.created, "publisher": self.publisher,
+            "sha256": self.sha256, "signature": self.signature, "signer": self.signer,
         }
+
+    @property
+    def sig(self) -> Signature:
+        return Signature(self.signature, self.signer)
 
     @classmethod
     def from_json(cls, data: Any) -> Entry:
         """Parse a record (from disk or a peer); ValueError when anything is off."""
         if not isinstance(data, dict):
             raise ValueError("entry must be an object")
+        sig = Signature.from_json(data)
+        sha256 = data.get("sha256", "")
+        if not isinstance(sha256, str) or (sha256 and not SHA256_RE.match(sha256)):
+            raise ValueError("bad artifact entry: sha256")
         try:
             entry = cls(
                 key=check_key(data["key"]),
@@ -105,6 +118,7 @@ class Entry:
                 size=int(data["size"]),
                 created=float(data["created"]),
                 publisher=str(data.get("publisher", "?"))[:200],
+                sha256=sha256, signature=sig.signature, signer=sig.signer,
             )
         except (KeyError, TypeError, BadRequestError) as exc:
             raise ValueError(f"bad artifact entry: {exc}") from None
@@ -173,21 +187,24 @@ class ArtifactIndex:
 
     # -- bytes in -----------------------------------------------------------
     async def adopt(
-        self, read: Callable[[int], Awaitable[bytes]], size: int, expect: str | None = None
-    ) -> str:
-        """Store a bundle's ``size`` bytes from ``read`` as a blob (Store.adopt_stream); returns the digest."""
+        self, read: Callable[[int], Awaitable[bytes]], size: int, expect: str | None = None,
+        expect_sha256: str | None = None,
+    ) -> tuple[str, str]:
+        """Store a bundle's ``size`` bytes from ``read`` as a blob (Store.adopt_stream): (xxh128, sha256)."""
         await self.load()
-        return await self.store.adopt_stream(read, size, expect)
+        return await self.store.adopt_stream(read, size, expect, expect_sha256)
 
     async def publish(self, key: str, fingerprint: dict[str, str], digest: str, size: int,
-                      publisher: str | None = None, created: float | None = None) -> tuple[Entry, str | None]:
+                      publisher: str | None = None, created: float | None = None, sha256: str = "",
+                      sig: Signature | None = None) -> tuple[Entry, str | None]:
         """Make ``digest`` the entry for (key, fingerprint): atomic, last complete wins.
 
         Returns (entry, replaced digest).
         """
         await self.load()
         entry = Entry(key=check_key(key), fingerprint=fingerprint, digest=digest, size=size,
-                      created=time.time() if created is None else created, publisher=publisher or self.node)
+                      created=time.time() if created is None else created, publisher=publisher or self.node,
+                      sha256=sha256, signature=sig.signature if sig else "", signer=sig.signer if sig else "")
         async with self._lock:  # disk and memory agree on which publish was last
             if not self.store.has_blob(digest):
                 raise CapacityError(f"bundle {digest} was evicted before it could be published; push again")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import aiohttp
 
 from agent.artifacts.index import ArtifactIndex, Entry
-from agent.errors import ArtifactPeerError
+from agent.errors import ArtifactPeerError, ArtifactRefusedError
 from agent.peers.client import PeerClient
 from client.errors import CapacityError, IntegrityError
 
@@ -21,9 +21,8 @@ async def fetch_entry(client: PeerClient, addr: str, key: str, fpid: str) -> Ent
     """The peer's entry for (key, fingerprint id), None when it has none; ArtifactPeerError when it failed."""
     timeout = aiohttp.ClientTimeout(total=client.hedge_timeout + 5, sock_connect=client.hedge_timeout)
     try:
-        async with client.session.get(
-            f"http://{addr}/peer/v1/artifacts/entry", params={"key": key, "fp": fpid},
-            headers=client.headers, timeout=timeout,
+        async with client.request(
+            "GET", addr, "/peer/v1/artifacts/entry", params={"key": key, "fp": fpid}, timeout=timeout
         ) as resp:
             if resp.status == 404:
                 return None
@@ -42,21 +41,37 @@ async def fetch_entry(client: PeerClient, addr: str, key: str, fpid: str) -> Ent
 
 
 async def fetch_blob(client: PeerClient, addr: str, index: ArtifactIndex, found: Entry) -> str:
-    """Stream the bundle of ``found`` from ``addr`` into the store; verified against its digest."""
+    """Stream the bundle of ``found`` from ``addr`` into the store; verified against its digests.
+
+    The xxh128 always; the SHA-256 too when the entry carries one (a signed
+    entry must: agent/artifacts/signing.py). Bytes matching neither are
+    refused (ArtifactRefusedError "digest_mismatch") and never stored.
+    """
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=client.hedge_timeout, sock_read=client.read_timeout)
+    got = 0
     try:
-        async with client.session.get(
-            f"http://{addr}/peer/v1/artifacts/blob", params={"digest": found.digest},
-            headers=client.headers, timeout=timeout,
+        async with client.request(
+            "GET", addr, "/peer/v1/artifacts/blob", params={"digest": found.digest}, timeout=timeout
         ) as resp:
             if resp.status != 200:
                 raise ArtifactPeerError(f"blob answered {resp.status}")
             if resp.content_length != found.size:
                 raise ArtifactPeerError(f"blob is {resp.content_length} bytes, the entry says {found.size}")
-            return await index.adopt(resp.content.read, found.size, expect=found.digest)
+            got = 0
+
+            async def read(n: int) -> bytes:
+                nonlocal got
+                data = await resp.content.read(n)
+                got += len(data)
+                return data
+
+            digest, _ = await index.adopt(read, found.size, expect=found.digest, expect_sha256=found.sha256 or None)
+            return digest
     except CapacityError:
         raise  # this node is full: no other peer changes that
     except IntegrityError as exc:
-        raise ArtifactPeerError(str(exc)) from None
+        if got < found.size:  # cut short: the peer failed, it did not lie
+            raise ArtifactPeerError(str(exc)) from None
+        raise ArtifactRefusedError("digest_mismatch", str(exc)) from None
     except (TimeoutError, aiohttp.ClientError, ConnectionError, OSError) as exc:
         raise ArtifactPeerError(f"{type(exc).__name__}: {exc}") from None

@@ -7,6 +7,12 @@ timeout. A piece's body is exactly its length, then 32 hex characters: the
 owner's xxh3-128 of the piece as it recorded it when the bytes were verified
 (docs/API.md). This module only moves and frames bytes; the fetcher hashes what
 it writes and compares.
+
+Every peer request, the artifact routes' too (agent/artifacts/peer_fetch.py),
+goes through :meth:`PeerClient.request`: the one place that picks the scheme,
+adds the token and, with ``--peer-tls-dir``, the TLS context and the name the
+peer's certificate must carry (agent/peers/tls.py), so no request can go out
+in clear when TLS is on.
 """
 
 from __future__ import annotations
@@ -15,11 +21,17 @@ import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from agent.errors import PeerBusyError, PeerCutShortError, PeerDownError, PeerRefusedError, PeerSlowError
 from agent.origins.base import Sink, pump_body
+
+if TYPE_CHECKING:
+    from aiohttp.client import _RequestContextManager
+
+    from agent.peers.tls import PeerTLS
 
 HASH_LEN = 32  # xxh3-128 hex
 PING_TIMEOUT = 1.5
@@ -64,18 +76,30 @@ class PieceRequest:
 
 
 class PeerClient:
-    def __init__(self, session: aiohttp.ClientSession, token: str, hedge_timeout: float, read_timeout: float) -> None:
+    def __init__(self, session: aiohttp.ClientSession, token: str, hedge_timeout: float, read_timeout: float,
+                 tls: PeerTLS | None = None) -> None:
         self.session = session
-        self.headers = {"Authorization": f"Bearer {token}"}
+        self._headers = {"Authorization": f"Bearer {token}"}
         self.hedge_timeout = hedge_timeout
         self.read_timeout = read_timeout
+        self.tls = tls
+        self.scheme = "https" if tls is not None else "http"
+
+    def request(self, method: str, addr: str, path: str, **kw: Any) -> _RequestContextManager:
+        """``method`` ``path`` (``/peer/v1/...``) on peer ``addr``: awaitable or ``async with``, as aiohttp's.
+
+        With TLS: HTTPS, this node's client certificate, and the peer's checked
+        against ca.crt and ``--peer-tls-name`` (whatever its address).
+        """
+        if self.tls is not None:
+            kw.update(ssl=self.tls.client, server_hostname=self.tls.name)
+        return self.session.request(method, f"{self.scheme}://{addr}{path}", headers=self._headers, **kw)
 
     async def ping(self, addr: str, sender: str = "") -> None:
         """Raise unless ``addr`` answers; ``sender`` (this node's name) tells it that this node is alive."""
         timeout = aiohttp.ClientTimeout(total=PING_TIMEOUT)
         params = {"from": sender} if sender else None
-        url = f"http://{addr}/peer/v1/ping"
-        async with self.session.get(url, params=params, headers=self.headers, timeout=timeout) as resp:
+        async with self.request("GET", addr, "/peer/v1/ping", params=params, timeout=timeout) as resp:
             if resp.status != 200:
                 raise PeerRefusedError(f"ping answered {resp.status}")
             await resp.read()
@@ -88,10 +112,9 @@ class PeerClient:
         ``on_answer`` is called once the peer has agreed to send the piece (200, the right length).
         """
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.hedge_timeout, sock_read=self.read_timeout)
-        url = f"http://{addr}/peer/v1/piece"
         try:
             async with asyncio.timeout(self.hedge_timeout) as deadline:
-                resp = await self.session.get(url, params=req.params(), headers=self.headers, timeout=timeout)
+                resp = await self.request("GET", addr, "/peer/v1/piece", params=req.params(), timeout=timeout)
                 deadline.reschedule(None)
         except TimeoutError:
             raise PeerSlowError(f"no answer within {self.hedge_timeout}s") from None
@@ -128,9 +151,7 @@ class PeerClient:
         timeout = aiohttp.ClientTimeout(total=self.hedge_timeout)
         body = {"keys": keys, "piece_size": piece_size, "from": sender}
         try:
-            async with self.session.post(
-                f"http://{addr}/peer/v1/have", json=body, headers=self.headers, timeout=timeout
-            ) as resp:
+            async with self.request("POST", addr, "/peer/v1/have", json=body, timeout=timeout) as resp:
                 if resp.status != 200:
                     raise PeerRefusedError(f"have answered {resp.status}: {(await _safe_read(resp))[:200]}")
                 data = await resp.json(content_type=None)
@@ -150,9 +171,7 @@ class PeerClient:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)  # progress lines come every 0.5 s
         body: dict[str, object] = {"ref": ref, "pin": pin, **(selection or {})}
         try:
-            async with self.session.post(
-                f"http://{addr}/peer/v1/prefetch", json=body, headers=self.headers, timeout=timeout
-            ) as resp:
+            async with self.request("POST", addr, "/peer/v1/prefetch", json=body, timeout=timeout) as resp:
                 if resp.status != 200:
                     raise PeerRefusedError(f"answered {resp.status}: {(await _safe_read(resp))[:300]}")
                 async for raw in resp.content:

@@ -43,6 +43,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -426,14 +427,17 @@ class Store:
         self.partial_sizes.pop(fill.key, None)
 
     async def adopt_stream(
-        self, read: Callable[[int], Awaitable[bytes]], size: int, expect: str | None = None
-    ) -> str:
-        """Store ``size`` bytes from ``read`` as a blob, hashing as they land; returns the digest.
+        self, read: Callable[[int], Awaitable[bytes]], size: int, expect: str | None = None,
+        expect_sha256: str | None = None,
+    ) -> tuple[str, str]:
+        """Store ``size`` bytes from ``read`` as a blob, hashing as they land; returns (xxh128, SHA-256).
 
         For blobs that arrive as one stream with no origin behind them (compile
         artifact bundles, from a local upload or a peer). Room is made first
         (LRU eviction, or CapacityError). With ``expect``, bytes whose xxh128
-        differ are discarded (IntegrityError) and never become a blob. The
+        differ are discarded (IntegrityError) and never become a blob; the same
+        with ``expect_sha256`` (a signed artifact's, agent/artifacts/signing.py:
+        xxh128 names the blob, the SHA-256 is what cannot be forged). The
         partial file (``partial/artifact-<random>.part``, removed at the next
         start if a crash cut it off) counts in capacity while it fills.
         """
@@ -444,6 +448,7 @@ class Store:
         self.partial_sizes[key] = size
         part = self.path("partial", f"{key}.part")
         hasher = xxhash.xxh3_128()
+        strong = hashlib.sha256()
         fd = await self.run(create_exclusive, part, PARTIAL_MODE)
         published = False
         try:
@@ -454,6 +459,7 @@ class Store:
             def flush(chunks: list[bytes], offset: int) -> None:
                 for c in chunks:
                     hasher.update(c)
+                    strong.update(c)
                 os.pwritev(fd, chunks, offset)
 
             while True:
@@ -475,6 +481,9 @@ class Store:
             digest = hasher.hexdigest()
             if expect is not None and digest != expect:
                 raise IntegrityError(f"bundle bytes hash to {digest}, not the {expect} they were asked for")
+            sha256 = strong.hexdigest()
+            if expect_sha256 is not None and sha256 != expect_sha256:
+                raise IntegrityError(f"bundle bytes' SHA-256 is {sha256}, not the signed {expect_sha256}")
 
             def publish() -> None:
                 if not same_file(part, fd):
@@ -489,7 +498,7 @@ class Store:
             self.blob_sizes[digest] = size
             self._dirty = True
             self._pinned_cache = None
-            return digest
+            return digest, sha256
         finally:
             self.partial_sizes.pop(key, None)
             await self.run(_close_and_drop, fd, None if published else part)
