@@ -22,7 +22,7 @@ Parallel runs (pytest-xdist, as scripts/test.sh runs the suite: ``-n 4``):
   Serial tests hold an exclusive file lock for their whole run (setup to
   teardown) and every other test a shared one, so a serial test starts once the
   tests running on other workers have ended, and none start beside it. Without
-  xdist nothing is locked.
+  xdist nothing is locked. (The hooks: tests/parallel.py.)
 - Tests run serial ones first, then ``@pytest.mark.slow`` ones (mark a test that
   takes more than ~10 s slow), then the rest in file order, so the long tests
   do not end up as the run's tail on one worker.
