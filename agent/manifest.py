@@ -42,8 +42,10 @@ class FileEntry:
     """One file of a model.
 
     ``source`` holds what the origin needs to fetch it and what identifies the
-    exact bytes at resolve time (ETag, version id, mtime...). ``sha256`` and
-    ``git_sha1`` are the origin's own whole-file digests, checked when present.
+    exact bytes at resolve time (ETag, version id, mtime...). ``sha256``,
+    ``git_sha1``, ``crc32c`` and ``md5`` (hex) are the origin's own whole-file
+    digests, checked when present (md5 only where it is the only one: it costs
+    ten times a CRC32C per byte; see agent/store/fill.py ``origin_md5_only``).
     ``digest`` (xxh3-128 of the whole file, hex) and ``pieces`` are filled in
     once the blob is in the store.
     """
@@ -53,6 +55,8 @@ class FileEntry:
     source: dict[str, Any] = field(default_factory=dict)
     sha256: str | None = None
     git_sha1: str | None = None
+    crc32c: str | None = None
+    md5: str | None = None
     piece_size: int = DEFAULT_PIECE_SIZE
     digest: BlobDigest | None = None
     pieces: tuple[str, ...] | None = None

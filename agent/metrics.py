@@ -134,7 +134,7 @@ class Metrics:
             "failed or did not answer within --resolve-timeout, by scheme",
             ["scheme"], registry=r,
         )
-        for scheme in ("s3", "hf", "https", "http", "file"):
+        for scheme in ("s3", "gs", "az", "hf", "https", "http", "file"):
             self.stale_serves.labels(scheme)
         self.served_client_bytes = 0  # exported as warmstart_served_bytes_total{to="client"}
         self.transfers = Transfers()

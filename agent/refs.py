@@ -3,6 +3,8 @@
 Forms accepted (see README "Model references"):
 
     s3://BUCKET/PREFIX[@REVISION]     every object under PREFIX/ (or the object PREFIX)
+    gs://BUCKET/PREFIX[@REVISION]     the same in Google Cloud Storage
+    az://ACCOUNT/CONTAINER/PREFIX[@REVISION]  the same in Azure Blob Storage
     hf://ORG/NAME[@REVISION]          a Hugging Face model repo; REVISION a branch, tag or commit
     https://HOST/PATH[@REVISION]      one file (http:// too, for mirrors inside a cluster)
     /ABS/DIR  or  file:///ABS/DIR     a local or NFS directory (or one file)
@@ -22,7 +24,10 @@ from dataclasses import dataclass
 from client.errors import BadReferenceError
 
 MAX_REF_LENGTH = 1024
-_SCHEMES = ("s3", "hf", "https", "http", "file")
+_SCHEMES = ("s3", "gs", "az", "hf", "https", "http", "file")
+_GCS_BUCKET = re.compile(r"^[a-z0-9][a-z0-9._\-]{1,220}[a-z0-9]$")
+_AZ_ACCOUNT = re.compile(r"^[a-z0-9]{3,24}$")
+_AZ_CONTAINER = re.compile(r"^[a-z0-9](?!.*--)[a-z0-9\-]{1,61}[a-z0-9]$")
 _S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 _HF_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,95}$")
 _REVISION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-/]{0,127}$")
@@ -33,7 +38,8 @@ _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9a-fA-F:]+\](:[0-9]{1
 class ModelRef:
     """A parsed, validated model reference.
 
-    ``location`` is scheme-specific: ``bucket/prefix`` for s3, ``org/name`` for hf,
+    ``location`` is scheme-specific: ``bucket/prefix`` for s3 and gs,
+    ``account/container/prefix`` for az, ``org/name`` for hf,
     ``host/path`` for http(s), an absolute path for file.
     """
 
@@ -87,7 +93,8 @@ def parse_ref(ref: object) -> ModelRef:
         return _parse_file(ref, ref)
     if "://" not in ref:
         raise BadReferenceError(
-            f"cannot tell what {ref!r} is: use s3://BUCKET/PREFIX, hf://ORG/NAME, https://URL or an absolute path"
+            f"cannot tell what {ref!r} is: use s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, az://ACCOUNT/CONTAINER/PREFIX, "
+            "hf://ORG/NAME, https://URL or an absolute path"
         )
     scheme, rest = ref.split("://", 1)
     scheme = scheme.lower()
@@ -97,6 +104,10 @@ def parse_ref(ref: object) -> ModelRef:
         return _parse_file(rest, ref)
     if scheme == "s3":
         return _parse_s3(rest, ref)
+    if scheme == "gs":
+        return _parse_gs(rest, ref)
+    if scheme == "az":
+        return _parse_az(rest, ref)
     if scheme == "hf":
         return _parse_hf(rest, ref)
     return _parse_http(scheme, rest, ref)
@@ -121,6 +132,35 @@ def _parse_s3(rest: str, ref: str) -> ModelRef:
         raise BadReferenceError(f"{ref!r} names a whole bucket; give a prefix or key: s3://{bucket}/PREFIX")
     _check_path_segments(prefix, "key", ref)
     return ModelRef("s3", f"{bucket}/{prefix}", rev)
+
+
+def _parse_gs(rest: str, ref: str) -> ModelRef:
+    rest, rev = _split_revision(rest, ref)
+    bucket, _, prefix = rest.partition("/")
+    if not _GCS_BUCKET.match(bucket) or ".." in bucket:
+        raise BadReferenceError(f"bad GCS bucket name {bucket!r} in {ref!r}")
+    prefix = prefix.strip("/")
+    if not prefix:
+        raise BadReferenceError(f"{ref!r} names a whole bucket; give a prefix or object: gs://{bucket}/PREFIX")
+    _check_path_segments(prefix, "object name", ref)
+    return ModelRef("gs", f"{bucket}/{prefix}", rev)
+
+
+def _parse_az(rest: str, ref: str) -> ModelRef:
+    rest, rev = _split_revision(rest, ref)
+    account, _, rest = rest.partition("/")
+    container, _, prefix = rest.partition("/")
+    if not _AZ_ACCOUNT.match(account):
+        raise BadReferenceError(f"bad Azure storage account {account!r} in {ref!r} (3-24 lowercase letters, digits)")
+    if not _AZ_CONTAINER.match(container):
+        raise BadReferenceError(f"bad Azure container name {container!r} in {ref!r}")
+    prefix = prefix.strip("/")
+    if not prefix:
+        raise BadReferenceError(
+            f"{ref!r} names a whole container; give a prefix or blob: az://{account}/{container}/PREFIX"
+        )
+    _check_path_segments(prefix, "blob name", ref)
+    return ModelRef("az", f"{account}/{container}/{prefix}", rev)
 
 
 def _parse_hf(rest: str, ref: str) -> ModelRef:

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m client", description="warmstart client commands")
     sub = parser.add_subparsers(dest="command", required=True)
     snap = sub.add_parser("snapshot", help="print the read-only directory of a model in the node cache (fetching it)")
-    snap.add_argument("ref", help="model reference: s3://..., hf://..., https://..., /ABS/PATH")
+    snap.add_argument("ref", help="model reference: s3://..., gs://..., az://..., hf://..., https://..., /ABS/PATH")
     snap.add_argument("--socket", help="the agent's socket (default $WARMSTART_SOCKET, else /run/warmstart/agent.sock)")
     snap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                       help="seconds of agent silence before giving up (default %(default)s)")

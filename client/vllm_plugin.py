@@ -59,7 +59,7 @@ LOAD_FORMAT = "warmstart"
 EXTRA_CONFIG_KEYS = ("ref", "socket", "timeout", "device")
 # What the agent takes as a model reference (README "Model references"); anything
 # else would only fail later, inside a vLLM worker, with the agent's message.
-REF_PREFIXES = ("s3://", "hf://", "https://", "http://", "file://", "/")
+REF_PREFIXES = ("s3://", "gs://", "az://", "hf://", "https://", "http://", "file://", "/")
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 
 # Under vLLM's own logger tree, so the lines show in vLLM's output with its format.
@@ -135,8 +135,8 @@ def _check_ref(ref: Any, what: str) -> str:
         raise LoaderConfigError(f"{what} must be a model reference string, got {ref!r}")
     if not ref.startswith(REF_PREFIXES):
         raise LoaderConfigError(
-            f"{what} {ref!r} is not a model reference: use s3://BUCKET/PREFIX, hf://ORG/NAME[@REV], "
-            "https://HOST/PATH, file:///ABS/PATH or /ABS/PATH"
+            f"{what} {ref!r} is not a model reference: use s3://BUCKET/PREFIX, gs://BUCKET/PREFIX, "
+            "az://ACCOUNT/CONTAINER/PREFIX, hf://ORG/NAME[@REV], https://HOST/PATH, file:///ABS/PATH or /ABS/PATH"
         )
     return ref
 

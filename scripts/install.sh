@@ -115,6 +115,11 @@ PYEOF
 #                        root) and its two binaries are unpacked into .venv/bin.
 #   ip (iproute2)        the --peer-dns test's network namespace (tests/test_peers.py; skipped unless root).
 #   openssl              a self-signed certificate for the TLS tests (test_range_http.py, test_redirects.py).
+#   azurite              Microsoft's own Azure Storage emulator, for the az:// origin's tests (tests/test_clouds.py).
+#                        It is published on npm only, so it needs Node.js 18+ and npm; `npm install` puts it in
+#                        .venv/node (not global, no root), where tests/servers/clouds.py looks. Without npm this
+#                        script stops with an error after everything else is installed. (The GCS emulator,
+#                        fake-gcs-server, comes in a wheel of the test extra.)
 # scripts/test.sh puts .venv/bin first on PATH, so the tests find what lands there.
 VENV_BIN=$PWD/.venv/bin
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "$VENV_BIN/$1" ]; }
@@ -155,6 +160,18 @@ if ! have promtool || ! have prometheus; then
     fi
 fi
 
+AZURITE_VERSION="3"  # npm's semver range: the newest Azurite 3.x
+azurite_missing=""
+if [ ! -x "$PWD/.venv/node/node_modules/.bin/azurite-blob" ]; then
+    if command -v npm >/dev/null 2>&1; then
+        echo "+ npm install azurite@$AZURITE_VERSION (into .venv/node: the Azure Blob emulator for tests/test_clouds.py)" >&2
+        npm install --silent --no-audit --no-fund --prefix "$PWD/.venv/node" "azurite@$AZURITE_VERSION" >&2 \
+            || azurite_missing="npm install azurite failed (see its output above)"
+    else
+        azurite_missing="npm is not installed: install Node.js 18+ with npm (Debian/Ubuntu: apt-get install nodejs npm) and rerun"
+    fi
+fi
+
 apt_missing=()
 have ip || apt_missing+=(iproute2)
 have openssl || apt_missing+=(openssl)
@@ -184,4 +201,8 @@ if [ ${#not_installed[@]} -gt 0 ]; then
         echo "warning: not installed; the tests that need them will fail (the network namespace test: skip):"
         for line in "${not_installed[@]}"; do echo "  - $line"; done
     } >&2
+fi
+
+if [ -n "$azurite_missing" ]; then
+    die "Azurite (the Azure Blob emulator the az:// tests run, tests/test_clouds.py) is not installed: $azurite_missing"
 fi

@@ -40,6 +40,7 @@ import pytest
 # The hooks that let tests run on several xdist workers (the serial lock, the order): see above.
 from tests.parallel import pytest_collection_modifyitems, pytest_runtest_protocol  # noqa: F401
 from tests.servers.agent_proc import AgentProcess
+from tests.servers.clouds import Azurite, FakeGcs
 from tests.servers.hf_endpoint import HfEndpoint
 from tests.servers.inprocess import InProcessAgent
 from tests.servers.relay import TcpRelay
@@ -58,6 +59,14 @@ _AGENT_ENV_DROP = (
     "AWS_SESSION_TOKEN",
     "AWS_ROLE_ARN",
     "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "STORAGE_EMULATOR_HOST",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "AZURE_STORAGE_KEY",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "AZURE_CLIENT_ID",
+    "AZURE_TENANT_ID",
 )
 
 
@@ -113,6 +122,10 @@ def _set_hermetic_aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", os.devnull)
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"):
         monkeypatch.delenv(name, raising=False)
+    for name in _AGENT_ENV_DROP:  # GCS and Azure credentials of the shell, too
+        if name.startswith(("STORAGE_", "GOOGLE_", "AZURE_")):
+            monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")  # no GCP metadata server lookups (refused at once)
 
 
 # ---------------------------------------------------------------------- S3
@@ -153,6 +166,29 @@ def s3_model(seaweed: SeaweedS3, minilm_dir: Path) -> S3Model:
     seaweed.make_bucket("models")
     seaweed.upload_dir(minilm_dir, "models", "minilm")
     return S3Model(ref="s3://models/minilm", local_dir=minilm_dir)
+
+
+# ---------------------------------------------------------------------- GCS and Azure emulators
+
+
+@pytest.fixture(scope="session")
+def fake_gcs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeGcs]:
+    """One fake-gcs-server for the session (starts in about a second)."""
+    server = FakeGcs(tmp_path_factory.mktemp("fake-gcs")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    """One Azurite (blob service) for the session: a Node start is slow on a loaded machine."""
+    server = Azurite(tmp_path_factory.mktemp("azurite")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------- Hugging Face

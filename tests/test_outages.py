@@ -2,11 +2,12 @@
 origin is down, for every scheme (issue 21, part A).
 
 Each test caches a model through a TCP relay in front of a real origin (SeaweedFS for s3://, the HF endpoint
-for hf:// and https://), then takes the origin away in one of two ways: the relay closes (connections are
-refused) or pauses (it accepts and never answers: the hang a black-holed route gives). The bare reference must
-then open bit-exact within the agent's ``--resolve-timeout`` plus a margin, the stale serve must be counted on
-/metrics and marked in ``agent ls``, and the exact revision must open without the origin at all. A local
-directory's "origin down" is the directory vanishing (an NFS share that went away).
+for hf:// and https://, fake-gcs-server for gs://, Azurite for az://), then takes the origin away in one of
+two ways: the relay closes (connections are refused) or pauses (it accepts and never answers: the hang a
+black-holed route gives). The bare reference must then open bit-exact within the agent's ``--resolve-timeout``
+plus a margin, the stale serve must be counted on /metrics and marked in ``agent ls``, and the exact revision
+must open without the origin at all. A local directory's "origin down" is the directory vanishing (an NFS
+share that went away).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any
 import pytest
 
 import client
+from tests.servers.clouds import Azurite, FakeGcs
 from tests.servers.relay import TcpRelay
 from tests.servers.seaweedfs import SeaweedS3
 from tests.test_agent_e2e import assert_bit_exact, expected_tensors
@@ -81,6 +83,45 @@ def test_s3_outage_serves_the_cached_revision(
         _check_stale_serve(agent, s3_model.ref, "s3", s3_model.local_dir, names)
         got = client.open_tensors(s3_model.ref, socket=str(agent.socket_path), timeout=60)
         assert_bit_exact(got, expected_tensors(s3_model.local_dir))
+    finally:
+        relay.close()
+
+
+@pytest.mark.parametrize("how", ["refused", "hang"])
+def test_gs_outage_serves_the_cached_revision(
+    inproc_factory: Any, fake_gcs: FakeGcs, minilm_dir: Path, how: str
+) -> None:
+    fake_gcs.make_bucket("outage")
+    fake_gcs.put_dir("outage", "minilm", minilm_dir)
+    relay = TcpRelay("127.0.0.1", fake_gcs.port)
+    try:
+        agent = inproc_factory(env={"STORAGE_EMULATOR_HOST": relay.url}, extra_args=ARGS)
+        ref = "gs://outage/minilm"
+        assert agent.cli("prefetch", ref).returncode == 0
+        relay.close() if how == "refused" else relay.pause()
+        names = sorted(p.name for p in minilm_dir.iterdir() if p.is_file())
+        _check_stale_serve(agent, ref, "gs", minilm_dir, names)
+        assert_bit_exact(client.open_tensors(ref, socket=str(agent.socket_path), timeout=60),
+                         expected_tensors(minilm_dir))
+    finally:
+        relay.close()
+
+
+@pytest.mark.parametrize("how", ["refused", "hang"])
+def test_az_outage_serves_the_cached_revision(
+    inproc_factory: Any, azurite: Azurite, minilm_dir: Path, how: str
+) -> None:
+    azurite.make_container("outage")
+    azurite.put_dir("outage", "minilm", minilm_dir)
+    relay = TcpRelay("127.0.0.1", azurite.port)
+    try:
+        conn = azurite.connection_string().replace(azurite.endpoint, f"{relay.url}/{azurite.account}")
+        agent = inproc_factory(env={"AZURE_STORAGE_CONNECTION_STRING": conn}, extra_args=ARGS)
+        ref = f"az://{azurite.account}/outage/minilm"
+        assert agent.cli("prefetch", ref).returncode == 0
+        relay.close() if how == "refused" else relay.pause()
+        names = sorted(p.name for p in minilm_dir.iterdir() if p.is_file())
+        _check_stale_serve(agent, ref, "az", minilm_dir, names)
     finally:
         relay.close()
 

@@ -42,13 +42,16 @@ def test_parse_is_strict_and_names_what_is_wrong() -> None:
     assert [(e.ref, e.pin) for e in spec.entries] == [("hf://org/name@main", True), ("s3://models/embedder", False)]
     assert spec.refresh == 600
     assert parse_warm_set("").entries == ()
+    clouds = parse_warm_set("models: [{ref: 'gs://models/x'}, {ref: 'az://acct/models/x'}]")
+    assert [e.ref for e in clouds.entries] == ["gs://models/x", "az://acct/models/x"]
     assert parse_duration("1h30m") == 5400 and parse_duration("30s") == 30 and parse_duration(45) == 45
     bad = {
         "models: [{ref: s3://models/x, pinned: true}]": "unknown key 'pinned'",
         "modles: []": "unknown key 'modles'",
         "refresh: 10 minutes": "refresh",
         "refresh: 0s": "minimum",
-        "models: [{ref: 'gs://b/x'}]": "models[0]: unknown scheme 'gs'",
+        "models: [{ref: 'ftp://b/x'}]": "models[0]: unknown scheme 'ftp'",
+        "models: [{ref: 'gs://b/x'}]": "models[0]: bad GCS bucket name 'b'",
         "models: [{pin: true}]": "'ref' is required",
         "models: [{ref: s3://models/x, pin: 'yes'}]": "'pin' must be true or false",
         "models: [{ref: s3://models/x}, {ref: s3://models/x@abc}]": "list a model once",

@@ -292,10 +292,15 @@ class Fetcher:
 
 def _mismatch(entry: FileEntry, digests: dict[str, str]) -> str | None:
     """How the finished file differs from every digest the origin or manifest promised (None: it matches)."""
-    for name, expected in (("sha256", entry.sha256), ("git_sha1", entry.git_sha1), ("xxh128", entry.digest)):
+    named = (("sha256", entry.sha256), ("git_sha1", entry.git_sha1), ("crc32c", entry.crc32c), ("xxh128", entry.digest))
+    for name, expected in named:
         if expected and digests.get(name) != expected:
             return f"{entry.path!r}: {name} of the fetched bytes is {digests.get(name)}, the origin says {expected}"
     if "s3_etag" in digests:
+        if entry.md5:  # GCS / Azure: the MD5 the origin lists (agent/store/fill.py origin_md5_only)
+            if digests["s3_etag"] != entry.md5:
+                return f"{entry.path!r}: md5 of the fetched bytes is {digests['s3_etag']}, the origin says {entry.md5}"
+            return None
         expected = str(entry.source.get("etag", "")).strip('"').lower()
         if digests["s3_etag"] != expected:
             return f"{entry.path!r}: the fetched bytes make ETag {digests['s3_etag']}, S3 says {expected}"

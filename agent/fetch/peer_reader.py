@@ -4,7 +4,7 @@ A piece that another live member owns (agent/peers/placement.py) is asked of
 its relay parent, then its owner and the members ranked above this node, and
 only then fetched from the origin (the fetcher's fallback). Trust: a peer's
 piece must match the hash the peer states for it, and the whole file must
-match the origin's own digest (sha256, git blob id or the S3 ETag) before it
+match the origin's own digest (sha256, git blob id, the S3 ETag or a GCS / Azure MD5) before it
 is published; a file whose origin gives no such digest is never taken from
 peers (:meth:`PeerReader.allowed`). Peer pieces are not shown to streaming
 readers before that check passed.
@@ -43,7 +43,7 @@ PEER_TRIES = 2  # owners asked for a piece before the origin
 # the origin was done; bench/RESULTS.md "Peers").
 PEER_CONNECTIONS_FACTOR = 4
 PEER_CONNECTIONS_MIN = 32
-PEER_SCHEMES = ("s3", "hf", "https")  # origins whose references peers may name (never a node's local files)
+PEER_SCHEMES = ("s3", "gs", "az", "hf", "https")  # origins whose references peers may name (never a node's local files)
 
 _PEER_ERROR_KINDS = {
     PeerDownError: "down",

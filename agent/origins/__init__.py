@@ -10,7 +10,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from agent.origins.azure import AzureOrigin
 from agent.origins.base import Origin
+from agent.origins.gcs import GcsOrigin
 from agent.origins.hf import HfOrigin
 from agent.origins.http import PlainHttpOrigin
 from agent.origins.local import LocalOrigin
@@ -47,6 +49,8 @@ class Origins:
         http = PlainHttpOrigin(session, self.ranges, self.policy)
         self._by_scheme: dict[str, Origin] = {
             "s3": S3Origin(session, self.ranges),
+            "gs": GcsOrigin(session, self.ranges),
+            "az": AzureOrigin(session, self.ranges),
             "hf": HfOrigin(session, self.ranges),
             "https": http,
             "http": http,
@@ -78,7 +82,7 @@ class Origins:
         """Refuse (AddressRefusedError) a reference a peer named whose host is not a public address.
 
         A peer is trusted less than the local socket: its ``https://`` URL is
-        judged like a redirect. s3 and hf references go to the operator's own
+        judged like a redirect. s3, gs, az and hf references go to the operator's own
         endpoints and are not judged.
         """
         if ref.scheme not in ("https", "http") or self.policy.allow_private:

@@ -38,7 +38,7 @@ FLUSH_SECONDS = 0.1
 
 
 class Origin(abc.ABC):
-    """One kind of model source (s3, hf, http, file)."""
+    """One kind of model source (s3, gs, az, hf, http, file)."""
 
     scheme: str
 

@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import crc32c
 import xxhash
 
 from agent.manifest import FileEntry
@@ -136,10 +137,34 @@ class S3EtagHasher:
         return f"{hashlib.md5(b''.join(parts)).hexdigest()}-{len(parts)}"  # noqa: S324
 
 
-class WholeFileHasher:
-    """xxh3-128 (always) plus the origin's own digests (when given) over a file, in order."""
+def origin_md5_only(entry: FileEntry) -> bool:
+    """Whether the origin's MD5 is the only digest it gave for ``entry`` (then it must be checked).
 
-    def __init__(self, size: int, want_sha256: bool, want_git_sha1: bool, etag_part_size: int | None = None) -> None:
+    MD5 costs about 1.76 CPU s/GiB here against CRC32C's 0.10 (bench/digest_cost.py,
+    bench/RESULTS.md), so a fill from the origin checks
+    the cheapest digest the origin gave; the MD5 is hashed as well only where it
+    is the sole one, or where pieces come from peers (a CRC is no check against
+    a peer that lies: agent/fetch/peer_reader.py).
+    """
+    return bool(entry.md5) and not (entry.sha256 or entry.git_sha1 or entry.crc32c)
+
+
+class WholeFileHasher:
+    """xxh3-128 (always) plus the origin's own digests (when given) over a file, in order.
+
+    ``etag_part_size`` adds an MD5-based digest under the name ``s3_etag``: an S3
+    ETag (see :class:`S3EtagHasher`), or with 0 a plain MD5, which is also how the
+    GCS / Azure ``md5`` of an entry is checked.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        want_sha256: bool,
+        want_git_sha1: bool,
+        etag_part_size: int | None = None,
+        want_crc32c: bool = False,
+    ) -> None:
         self.size = size
         self.offset = 0
         self.etag_part_size = etag_part_size
@@ -150,6 +175,8 @@ class WholeFileHasher:
             git = hashlib.sha1()  # noqa: S324 - git's blob id, not a security boundary
             git.update(f"blob {size}\0".encode())
             self.hashers["git_sha1"] = git
+        if want_crc32c:
+            self.hashers["crc32c"] = crc32c.CRC32CHash()  # takes memoryviews of the mapping as they are (no copy)
         if etag_part_size is not None:
             self.hashers["s3_etag"] = S3EtagHasher(etag_part_size)
 
@@ -298,7 +325,7 @@ class BlobFill:
         self._write_lock = threading.Lock()
         # The whole-file digests follow the contiguous completed prefix while the
         # rest is still arriving, so finishing a blob costs only the last pieces.
-        self._whole = WholeFileHasher(entry.size, bool(entry.sha256), bool(entry.git_sha1))
+        self._whole = _whole_hasher(entry, 0 if origin_md5_only(entry) else None)
         self._whole_lock = threading.Lock()
 
     # -- opening -------------------------------------------------------------
@@ -452,7 +479,7 @@ class BlobFill:
         with self._whole_lock:
             if etag_part_size is None:
                 etag_part_size = self._whole.etag_part_size
-            self._whole = WholeFileHasher(entry.size, bool(entry.sha256), bool(entry.git_sha1), etag_part_size)
+            self._whole = _whole_hasher(entry, etag_part_size)
         self._follow(blocking=True)
 
     def forget_piece(self, index: int) -> None:
@@ -515,7 +542,7 @@ class BlobFill:
 
     # -- finishing -----------------------------------------------------------
     def digests(self) -> dict[str, str]:
-        """The whole file's digests (xxh128, and sha256 / git blob id / S3 ETag as the entry asks), caught up."""
+        """The whole file's digests (xxh128; sha256 / git blob id / CRC32C / MD5 or S3 ETag as asked), caught up."""
         self._follow(blocking=True)
         return self._whole.digests()
 
@@ -569,6 +596,11 @@ class BlobFill:
             if self.fd >= 0:
                 os.close(self.fd)
                 self.fd = -1
+
+
+def _whole_hasher(entry: FileEntry, etag_part_size: int | None) -> WholeFileHasher:
+    """The whole-file hasher for the digests ``entry`` carries (the MD5-based one only when asked)."""
+    return WholeFileHasher(entry.size, bool(entry.sha256), bool(entry.git_sha1), etag_part_size, bool(entry.crc32c))
 
 
 def _unlink_quietly(path: str) -> None:
