@@ -33,8 +33,8 @@ echo "+ mypy tests" >&2
 # pytest-xdist: WARMSTART_TEST_WORKERS workers (default 4; 0 runs the tests in this one process,
 # one after another). 4 on 2 cores pays: most tests wait on agents, servers and sockets, not on the
 # CPU. --maxschedchunk 1 hands each worker a test or two at a time, so the slow tests that run first
-# (tests/conftest.py orders them) spread over the workers instead of queueing on one; tests marked
-# serial run alone (tests/conftest.py says how).
+# (tests/parallel.py orders them) spread over the workers instead of queueing on one; tests marked
+# serial run alone (tests/parallel.py; the rules for new tests: tests/conftest.py).
 set +e
 .venv/bin/python -m pytest -q -ra --durations=25 \
     -n "${WARMSTART_TEST_WORKERS:-4}" --dist load --maxschedchunk 1 \
