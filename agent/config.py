@@ -113,6 +113,13 @@ def _positive_seconds(value: Any) -> str | None:
     return None
 
 
+def _wait_seconds(value: Any) -> str | None:
+    number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not number or not 0 <= value <= 600:
+        return f"got {value!r}"
+    return None
+
+
 def _size(value: str) -> int:
     return parse_size(value)
 
@@ -359,6 +366,10 @@ class AgentConfig:
         2.0, flag="--peer-hedge-timeout", env="WARMSTART_PEER_HEDGE_TIMEOUT",
         help="seconds to wait for a peer's answer before asking the next owner",
         form="a number of seconds above 0", parse=_seconds, check=_positive_seconds)
+    peer_start_wait: float = _setting(
+        5.0, flag="--peer-start-wait", env="WARMSTART_PEER_START_WAIT",
+        help="at start-up, seconds readiness and fills wait for every peer to answer once (0: do not wait)",
+        form="a number of seconds from 0 to 600", parse=_seconds, check=_wait_seconds)
     # The declarative warm set (agent/warmset/reconciler.py): a YAML file, watched every warm_set_poll seconds.
     warm_set: str | None = _setting(
         None, flag="--warm-set", env="WARMSTART_WARM_SET",

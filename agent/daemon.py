@@ -193,7 +193,9 @@ async def running(config: AgentConfig, *, freeze_gc: bool = False) -> AsyncItera
         stack.push_async_callback(origins.close)
 
         peers = _peers(stack, config, token) if token is not None else None
-        peer_reader = PeerReader(store, metrics, *peers, config.connections) if peers is not None else None
+        peer_reader = PeerReader(
+            store, metrics, *peers, config.connections, start_wait=config.peer_start_wait
+        ) if peers is not None else None
         fetcher = Fetcher(
             store, metrics, config.connections, config.retries, peer_reader, open_files=config.open_files
         )
@@ -206,12 +208,15 @@ async def running(config: AgentConfig, *, freeze_gc: bool = False) -> AsyncItera
         if peers is not None:
             membership, client = peers
             if config.peers or config.peer_dns:
-                _background(stack, membership.run(client.ping), "peers")
+                _background(stack, membership.run(lambda addr: client.ping(addr, membership.me)), "peers")
                 log.info("peers: %s%s; this node is %s", ",".join(config.peers) or "-",
                          f" + DNS {config.peer_dns}" if config.peer_dns else "", membership.me)
             else:
                 log.info("peer API on (token set) but no --peers/--peer-dns: serving peers only")
-        peer_state.open(service, artifacts, peers[0].me if peers is not None else None)
+        peer_state.open(
+            service, artifacts, peers[0].me if peers is not None else None,
+            peers[0].heard_from if peers is not None else None,
+        )
 
         warm_set = WarmSet(config.warm_set, service, poll=config.warm_set_poll) if config.warm_set else None
         metrics.register(WarmSetCollector(warm_set))  # set-wide series even without one (alert rules read them)
@@ -240,6 +245,8 @@ async def running(config: AgentConfig, *, freeze_gc: bool = False) -> AsyncItera
         _background(stack, _warm_up(origins, freeze_gc), "warm-up origins")
         if warm_set is not None:
             _background(stack, warm_set.run(), "warm set")
+        if peers is not None and (config.peers or config.peer_dns):
+            await _first_round(peers[0], config.peer_start_wait)
         ready.ready = True
         stack.callback(setattr, ready, "ready", False)
         log.info(
@@ -249,6 +256,18 @@ async def running(config: AgentConfig, *, freeze_gc: bool = False) -> AsyncItera
         )
         yield Agent(config, store, service, metrics, peers[0] if peers is not None else None)
         log.info("shutting down")
+
+
+async def _first_round(membership: Membership, wait: float) -> None:
+    """Readiness waits (at most ``wait`` s) until every peer answered once: see agent/peers/membership.py.
+
+    A DaemonSet's pods that scale up together are told ready (and handed work)
+    at about the same instant; a node that has not yet heard from the others
+    would fetch every piece it thinks it owns from the origin.
+    """
+    if not await membership.wait_settled(wait) and wait > 0:
+        log.warning("peers not heard from within --peer-start-wait %.1fs: %s (serving anyway)",
+                    wait, ",".join(membership.not_answered()) or "-")
 
 
 def _remove_socket(path: str) -> None:

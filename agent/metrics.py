@@ -134,8 +134,15 @@ class Metrics:
             "failed or did not answer within --resolve-timeout, by scheme",
             ["scheme"], registry=r,
         )
+        self.files_without_origin_digest = Counter(
+            "warmstart_files_without_origin_digest",
+            "Files fetched whose origin gave no digest (no sha256, git blob id, MD5 or CRC32C): checked against "
+            "their own bytes only (agent ls / agent verify mark them), by scheme",
+            ["scheme"], registry=r,
+        )
         for scheme in ("s3", "gs", "az", "hf", "https", "http", "file"):
             self.stale_serves.labels(scheme)
+            self.files_without_origin_digest.labels(scheme)
         self.served_client_bytes = 0  # exported as warmstart_served_bytes_total{to="client"}
         self.transfers = Transfers()
         self.build_info = Gauge("warmstart_build_info", "Always 1; the agent's version", ["version"], registry=r)

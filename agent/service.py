@@ -10,6 +10,7 @@ current.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import logging
 import time
@@ -22,8 +23,9 @@ from agent.errors import TransientOriginError
 from agent.fetch.fetcher import Fetcher, PeerContext, ServedPiece, first_error
 from agent.manifest import Blob, FileEntry, FillKey, Manifest
 from agent.origins import Origins
-from agent.origins.base import peer_checkable
+from agent.origins.base import Origin, peer_checkable
 from agent.refs import ModelRef, parse_ref
+from agent.selection import DEFAULT, INDEX_FILE, MAX_INDEX_BYTES, Selection, indexed_files
 from agent.store.fill import file_digests
 from agent.store.store import Store
 from client.errors import (
@@ -99,9 +101,62 @@ class ModelService:
         # Model key -> the revision a bare reference opens while a newer one is being
         # fetched in the background (the warm set's rollover): the newest *complete* one.
         self.serving: dict[str, str] = {}
+        self._indexes: dict[str, frozenset[str] | None] = {}  # shard-index blob -> the shard names it lists
 
-    def is_complete(self, manifest: Manifest) -> bool:
+    async def is_complete(self, manifest: Manifest, selection: Selection = DEFAULT) -> bool:
+        """Whether every file ``selection`` picks of ``manifest`` is a blob here (complete *for that request*:
+        a revision fetched with the loader's files is complete for the loader, not for ``--all-files``)."""
+        chosen = await self.chosen(manifest, selection)
+        return chosen is not None and all(self.store.digest_of(f) is not None for f in chosen)
+
+    def holds(self, manifest: Manifest) -> bool:
+        """Whether every file of ``manifest`` (one already cut to a selection) is a blob here."""
         return all(self.store.digest_of(f) is not None for f in manifest.files)
+
+    async def chosen(self, manifest: Manifest, selection: Selection) -> tuple[FileEntry, ...] | None:
+        """The files of ``manifest`` that ``selection`` picks; None when that needs the shard index and the
+        index is not cached (:meth:`select` fetches it)."""
+        if not selection.needs_index(manifest.files):
+            return selection.pick(manifest.files)
+        index = next(f for f in manifest.files if f.path == INDEX_FILE)
+        digest = self.store.digest_of(index)
+        if digest is None:
+            return None
+        return selection.pick(manifest.files, await self._index_names(digest, manifest.ref))
+
+    async def _index_names(self, digest: str, what: str) -> frozenset[str] | None:
+        """The shard names of a cached index blob (parsed once per blob); None, with one log line, for an
+        index that is not one (untrusted bytes: the top-level rule stands in)."""
+        if digest in self._indexes:
+            return self._indexes[digest]
+
+        def read() -> bytes:
+            with open(self.store.blob_path(digest), "rb") as f:
+                return f.read(MAX_INDEX_BYTES + 1)
+
+        try:
+            names: frozenset[str] | None = indexed_files(await self.store.run(read))
+        except ValueError as exc:
+            log.warning("%s: %s is not a valid shard index (%s); choosing the top-level safetensors", what,
+                        INDEX_FILE, exc)
+            names = None
+        if len(self._indexes) >= 1024:
+            self._indexes.clear()
+        self._indexes[digest] = names
+        return names
+
+    async def select(
+        self, ref: ModelRef, manifest: Manifest, selection: Selection, origin: Origin | None = None
+    ) -> Manifest:
+        """``manifest`` cut to the files ``selection`` picks, fetching the shard index first when the choice
+        depends on it. What the request is answered with; the saved manifest stays whole."""
+        chosen = await self.chosen(manifest, selection)
+        if chosen is None:
+            index = next(f for f in manifest.files if f.path == INDEX_FILE)
+            ctx = PeerContext.of(ref.base, ref.scheme, manifest)
+            blob = await self.fetcher.ensure_blob(index, origin or self.origins.for_ref(ref), set(), ctx)
+            chosen = selection.pick(manifest.files, await self._index_names(blob.digest, ref.base))
+        return dataclasses.replace(manifest, files=chosen)
 
     # -- what the API reads of fills in progress ---------------------------
     def verified_pieces(self, entry: FileEntry) -> int:
@@ -132,7 +187,13 @@ class ModelService:
         """Where a peer can read piece ``index`` of ``entry`` (see :meth:`Fetcher.serve_piece`)."""
         return await self.fetcher.serve_piece(entry, index, self.origins.for_ref(ref), relay=relay, requester=requester)
 
-    async def resolve(self, text: str, fresh: bool = False) -> tuple[ModelRef, Manifest]:
+    async def held_for_peer(self, keys: list[str], piece_size: int) -> tuple[list[str], dict[str, list[int]]]:
+        """Which of these files (fill keys) this node holds, for a peer (see :meth:`Fetcher.holds`)."""
+        return await self.fetcher.holds(keys, piece_size)
+
+    async def resolve(
+        self, text: str, fresh: bool = False, selection: Selection = DEFAULT
+    ) -> tuple[ModelRef, Manifest]:
         """The manifest ``text`` names now; raises BadReferenceError, ModelNotFoundError, ...
 
         A bare reference whose model is being rolled over names the complete revision
@@ -153,9 +214,9 @@ class ModelService:
                 return ref, pinned
         elif not fresh and (serving := self.serving.get(ref.key)) is not None:
             current = await self.store.load_manifest(ref, serving)
-            if current is not None and self.is_complete(current):
+            if current is not None and await self.is_complete(current, selection):
                 return ref, current
-        fallback = None if ref.revision else await self.newest_complete(ref)
+        fallback = None if ref.revision else await self.newest_complete(ref, selection)
         origin = self.origins.for_ref(ref)
         try:
             if fallback is None:
@@ -186,7 +247,7 @@ class ModelService:
         await self.store.save_manifest(ref, manifest)
         return ref, manifest
 
-    async def newest_complete(self, ref: ModelRef) -> Manifest | None:
+    async def newest_complete(self, ref: ModelRef, selection: Selection = DEFAULT) -> Manifest | None:
         """The revision of a model this node knows that a bare reference falls back to: the model record's
         when complete (it moves only to complete revisions once it names one), else the newest complete
         manifest saved for it (resolved last). None for a model the node does not know (never fetched, or
@@ -195,12 +256,12 @@ class ModelService:
         if rec is None:
             return None
         current = await self.store.load_manifest(ref, rec.revision)
-        if current is not None and self.is_complete(current):
+        if current is not None and await self.is_complete(current, selection):
             return current
         complete = []
         for revision in await self.store.manifest_revisions(ref):
             manifest = await self.store.load_manifest(ref, revision)
-            if manifest is not None and self.is_complete(manifest):
+            if manifest is not None and await self.is_complete(manifest, selection):
                 complete.append(manifest)
         return max(complete, key=lambda m: m.resolved_at, default=None)
 
@@ -220,24 +281,32 @@ class ModelService:
         p.cached_at_start = p.done_bytes
         return p
 
-    async def ensure(self, ref: ModelRef, manifest: Manifest, pin: bool | None = None) -> Manifest:
-        """Fetch every missing file of ``manifest``; on return all are verified blobs.
+    async def ensure(
+        self, ref: ModelRef, manifest: Manifest, pin: bool | None = None, selection: Selection = DEFAULT
+    ) -> Manifest:
+        """Fetch every missing file ``selection`` picks of ``manifest``; on return all of those are verified
+        blobs, and the returned manifest lists exactly them (completed).
 
-        The model's record (what a bare reference falls back to, what `agent ls`
-        shows) moves to a new revision only once that revision is complete when
-        the record names a complete one now: never from whole to partial.
+        The saved manifest stays the whole revision, with digests for the files
+        fetched so far under any selection: a later request with other patterns
+        fetches only what is still missing. The model's record (what a bare
+        reference falls back to, what `agent ls` shows) moves to a new revision
+        only once that revision is complete when the record names a complete one
+        now: never from whole to partial.
         """
+        origin = self.origins.for_ref(ref)
+        wanted = await self.select(ref, manifest, selection, origin)
         rec = self.store.models.get(ref.key)
         defer = False
-        if rec is not None and rec.revision != manifest.revision and not self.is_complete(manifest):
+        if rec is not None and rec.revision != manifest.revision and not await self.is_complete(manifest, selection):
             current = await self.store.load_manifest(ref, rec.revision)
-            defer = current is not None and self.is_complete(current)
+            defer = current is not None and await self.is_complete(current, selection)
         if not defer:
             await self.store.record_model(ref, manifest.revision, pin)
-        origin = self.origins.for_ref(ref)
         ctx = PeerContext.of(ref.base, ref.scheme, manifest)
         protect = {d for f in manifest.files if (d := self.store.digest_of(f))}
         blobs: dict[FillKey, Blob] = {}
+        unchecked = [f for f in wanted.files if self.store.digest_of(f) is None and origin.without_digest(f)]
 
         # The small files first, all of them before any weight file starts (config, tokenizer,
         # the shard index: what a loader reads before any weight): started together, a weight
@@ -248,8 +317,8 @@ class ModelService:
         # At most parallel_files files at once: a model of 50,000 files must not hold 50,000
         # tasks and descriptors (measured: 19,932 fds and 867 MB before this bound, then "Too
         # many open files" for every request).
-        small = [f for f in manifest.files if f.size <= f.piece_size]
-        large = [f for f in manifest.files if f.size > f.piece_size]
+        small = [f for f in wanted.files if f.size <= f.piece_size]
+        large = [f for f in wanted.files if f.size > f.piece_size]
 
         async def fill_all(entries: list[FileEntry]) -> None:
             todo = iter(entries)
@@ -269,11 +338,27 @@ class ModelService:
             raise _disk_full(first_error(group), self.store.root) from None
         except OSError as exc:
             raise _disk_full(exc, self.store.root) from None
-        done = await self._with_piece_hashes(manifest.completed(blobs))
-        if done != manifest:
-            await self.store.save_manifest(ref, done)
+        if unchecked:
+            log.warning("%s@%s: the origin gives no digest for %d file(s) (%s): checked against their own bytes "
+                        "only (`agent verify` lists them)", ref.base, manifest.revision, len(unchecked),
+                        ", ".join(f.path for f in unchecked[:5]) + (" ..." if len(unchecked) > 5 else ""))
+            if self.metrics is not None:
+                self.metrics.files_without_origin_digest.labels(ref.scheme).inc(len(unchecked))
+        whole = await self._with_piece_hashes(manifest.completed(blobs))
+        saved = await self.store.load_manifest(ref, manifest.revision)
+        if saved is not None:  # a caller may hold the revision cut to its selection: never save less than is
+            have = {f.path for f in whole.files}
+            extra = tuple(f for f in saved.files if f.path not in have)
+            if extra:
+                order = {f.path: i for i, f in enumerate(saved.files)}
+                files = sorted(whole.files + extra, key=lambda f: order.get(f.path, len(order)))
+                whole = dataclasses.replace(whole, files=tuple(files))
+        if whole != saved:
+            await self.store.save_manifest(ref, whole)
         if defer:
-            await self.store.record_model(ref, done.revision, pin)
+            await self.store.record_model(ref, whole.revision, pin)
+        paths = {f.path for f in wanted.files}
+        done = dataclasses.replace(whole, files=tuple(f for f in whole.files if f.path in paths))
         await self.store.touch(f.digest for f in done.files if f.digest)
         return done
 
@@ -290,7 +375,8 @@ class ModelService:
     async def list_models(self) -> list[dict[str, Any]]:
         out = []
         for rec in sorted(self.store.models.values(), key=lambda r: r.ref):
-            manifest = await self.store.load_manifest(parse_ref(rec.ref), rec.revision)
+            ref = parse_ref(rec.ref)
+            manifest = await self.store.load_manifest(ref, rec.revision)
             files = manifest.files if manifest else []
             out.append({
                 "ref": rec.ref,
@@ -301,6 +387,9 @@ class ModelService:
                 "pinned": rec.pinned,
                 "last_used": rec.last_used,
                 "stale_since": self.stale_since.get(rec.key),
+                "without_origin_digest": sum(
+                    1 for f in files if self.store.digest_of(f) and self.origins.for_ref(ref).without_digest(f)
+                ),
             })
         return out
 
@@ -330,8 +419,14 @@ class ModelService:
         return {"ref": ref.base, "freed_bytes": freed, "kept": kept}
 
     async def verify(self, ref: ModelRef, manifest: Manifest) -> dict[str, Any]:
-        """Re-hash every blob of ``manifest``; remove and re-fetch any that do not match."""
+        """Re-hash every blob of ``manifest``; remove and re-fetch any that do not match.
+
+        Re-fetched: the corrupt files, and the files a loader reads (agent/selection.py) that are
+        missing; a revision fetched with the loader's files is not grown to the whole repo by a verify,
+        and one fetched with more keeps what it holds. ``without_origin_digest`` names the checked
+        files whose origin gives no digest: checked against their own bytes only."""
         checked = corrupt = 0
+        held = frozenset(f.path for f in manifest.files if self.store.digest_of(f) is not None)
         for entry in manifest.files:
             digest = self.store.digest_of(entry)
             if digest is None:
@@ -345,9 +440,12 @@ class ModelService:
                 corrupt += 1
                 log.error("blob %s of %s (%s) is corrupt; removing and re-fetching", digest, ref, entry.path)
                 await self.store.remove_blob(digest, force=True)
-        missing = sum(1 for f in manifest.files if self.store.digest_of(f) is None)
-        await self.ensure(ref, manifest)
-        return {"checked": checked, "corrupt": corrupt, "repaired": missing}
+        wanted = held | {f.path for f in (await self.select(ref, manifest, DEFAULT)).files}
+        missing = sum(1 for f in manifest.files if f.path in wanted and self.store.digest_of(f) is None)
+        await self.ensure(ref, manifest, selection=Selection(paths=wanted))
+        origin = self.origins.for_ref(ref)
+        unchecked = sorted(f.path for f in manifest.files if f.path in held and origin.without_digest(f))
+        return {"checked": checked, "corrupt": corrupt, "repaired": missing, "without_origin_digest": unchecked}
 
 
 def _origin_down(exc: BaseException, ref: ModelRef) -> bool:

@@ -176,7 +176,8 @@ def main() -> int:
     peers = ",".join(f"127.0.0.1:{p}" for p in ports)
     base = dict(os.environ)
     agents = [AgentProcess(work / f"node{i}", name=f"node{i}", port=p, env=base,
-                           extra_args=["--peers", peers, "--peer-token-file", str(token)]) for i, p in enumerate(ports)]
+                           extra_args=["--peers", peers, "--peer-token-file", str(token), "--peer-start-wait", "0"])
+              for i, p in enumerate(ports)]
     for a in agents:
         a.start()
     a, b = agents

@@ -36,6 +36,18 @@ not a number. Per run it also records each node's upload and download bytes
 whole machine during the window, and a 0.2 s time series of every link's
 counters (``bench/out/``) to see stalls.
 
+Storm mode (``--storm cli|warmset``, issue 24): the moment that matters most is
+when nodes scale up together. Every agent is spawned at the same instant (fresh
+caches) and each node's prefetch starts the moment its own ``/readyz`` answers
+(``cli``), or the agents start with a warm set listing the model (``warmset``)
+and each node is done when its warm-set entry is ready. No waiting for a quiet
+machine, for the peers to see each other, or for each other: times run from the
+spawn, and origin egress is counted from before the spawn. ``--base-rev REV``
+adds the contender ``base``: the same peers setup running the code at REV, side
+by side (alternated) with ``peers`` (``--agent-rev``)::
+
+    python bench/peers_netns.py --storm cli --nodes 3,8 --rounds 3 --origin-rate 0 --base-rev main
+
 Usage (as root; takes ~15 minutes with the defaults)::
 
     python bench/peers_netns.py --nodes 2,4,8 --rounds 3
@@ -453,7 +465,7 @@ def agent_stats(sock: Path) -> dict[str, Any] | None:
         return None
 
 
-def prefetch(sock: Path, ref: str, out: dict[str, Any], barrier: threading.Barrier) -> None:
+def prefetch(sock: Path, ref: str, out: dict[str, Any], barrier: threading.Barrier | None) -> None:
     """One node's prefetch: what ``agent prefetch REF`` sends, from a thread released with the others."""
     import io
 
@@ -462,11 +474,51 @@ def prefetch(sock: Path, ref: str, out: dict[str, Any], barrier: threading.Barri
 
     conn = AgentConnection(str(sock))
     try:
-        barrier.wait(timeout=60)
+        if barrier is not None:
+            barrier.wait(timeout=60)
         out["t_start"] = time.monotonic()
         res = _follow(conn.stream("POST", "/v1/prefetch", {"ref": ref, "pin": False}), io.StringIO())
         out["t_done"] = time.monotonic()
         out["result"] = {k: v for k, v in res.items() if not isinstance(v, (list, dict))}
+    except BaseException as exc:  # noqa: BLE001
+        out["error"] = f"{type(exc).__name__}: {exc}"
+
+
+def node_ready(ns: str, ip: str) -> bool:
+    code = sh(*nsexec(ns, "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "2",
+                      f"http://{ip}:{AGENT_PORT}/readyz"), check=False).stdout  # fmt: skip
+    return code == "200"
+
+
+def storm_node(
+    ns: str, ip: str, sock: Path, proc: subprocess.Popen[bytes], mode: str, ref: str, out: dict[str, Any],
+    budget: float,
+) -> None:
+    """Storm mode, one node: wait for its own /readyz, then prefetch at once (``cli``) or wait for its warm set."""
+    from client.transport import AgentConnection
+
+    deadline = time.monotonic() + budget
+    try:
+        while not (sock.exists() and node_ready(ns, ip)):
+            if proc.poll() is not None:
+                raise RuntimeError(f"agent exited with {proc.returncode}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("not ready in time")
+            time.sleep(0.05)
+        out["t_ready"] = time.monotonic()
+        if mode == "cli":
+            prefetch(sock, ref, out, None)
+            return
+        conn = AgentConnection(str(sock), timeout=5)
+        while time.monotonic() < deadline:
+            entries = conn.request_json("GET", "/v1/warm-set").get("entries", [])
+            if entries and all(e.get("state") == "ready" for e in entries):
+                out["t_done"] = time.monotonic()
+                return
+            if any(e.get("state") == "failed" for e in entries):
+                raise RuntimeError(f"warm set failed: {entries}")
+            time.sleep(0.1)
+        raise RuntimeError("warm set not ready in time")
     except BaseException as exc:  # noqa: BLE001
         out["error"] = f"{type(exc).__name__}: {exc}"
 
@@ -508,11 +560,19 @@ def run_once(ctx: dict[str, Any], n: int, contender: str, rnd: int) -> dict[str,
             sock = d / "agent.sock"
             cmd = [sys.executable, "-m", "agent", "serve", "--cache-dir", str(d / "cache"), "--socket", str(sock),
                    "--listen", f"{node_ip(i)}:{AGENT_PORT}", "--capacity", "8GiB", *args.agent_arg]  # fmt: skip
-            if contender == "peers":
+            if contender in ("peers", "base"):
                 cmd += ["--peers", peers, "--peer-token-file", str(ctx["token_file"])]
+            if args.storm == "warmset":
+                cmd += ["--warm-set", str(ctx["warm_set"])]
             logs.append(d / "agent.log")
-            procs.append(spawn_logged(nsexec(net.node_ns[i], *cmd), logs[-1], banner=contender, cwd=d, env=ctx["env"]))
+            env = ctx["base_env"] if contender == "base" else ctx["env"]
+            if args.storm and i == 0:
+                storm_before = (net.counters(net.hub), net.counters(net.origin), proc_cpu(ctx["weed"].pid),
+                                machine_cpu(), softirq_cpu(), time.monotonic())  # fmt: skip
+            procs.append(spawn_logged(nsexec(net.node_ns[i], *cmd), logs[-1], banner=contender, cwd=d, env=env))
             socks.append(sock)
+        if args.storm:
+            return storm_finish(ctx, rec, n, run_dir, procs, socks, storm_before)
         deadline = time.monotonic() + 90
         for i, p in enumerate(procs):  # ready: socket up, S3 client built, /readyz answers on the node's address
             while True:
@@ -626,6 +686,76 @@ def run_once(ctx: dict[str, Any], n: int, contender: str, rnd: int) -> dict[str,
     return rec
 
 
+def storm_finish(
+    ctx: dict[str, Any], rec: dict[str, Any], n: int, run_dir: Path, procs: list[subprocess.Popen[bytes]],
+    socks: list[Path], before: tuple[Any, ...],
+) -> dict[str, Any]:
+    """Storm mode, after the spawn: every node on its own from readiness; counters from before the spawn."""
+    net: Net = ctx["net"]
+    args = ctx["args"]
+    before_hub, before_o, w0, busy0, soft0, t0 = before
+    outs: list[dict[str, Any]] = [{} for _ in range(n)]
+    budget = args.run_timeout or max(120.0, 4 * n * ctx["limit_s"])
+    threads = [threading.Thread(target=storm_node, args=(net.node_ns[i], node_ip(i), socks[i], procs[i], args.storm,
+                                                           ctx["ref"], outs[i], budget), daemon=True)
+               for i in range(n)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max(0.0, t0 + budget + 5 - time.monotonic()))
+    t_end = time.monotonic()
+    cpu = [proc_cpu(p.pid) for p in procs]
+    w1, busy1, soft1 = proc_cpu(ctx["weed"].pid), machine_cpu(), softirq_cpu()
+    after_hub, after_o = net.counters(net.hub), net.counters(net.origin)
+    stats = [agent_stats(sk) for sk in socks]
+    oif = net.origin_if()
+    origin_tx = after_o[oif][1] - before_o[oif][1]
+    errors = [f"node{i + 1}: {o.get('error', 'no answer in time')}" for i, o in enumerate(outs) if "t_done" not in o]
+    done = [o["t_done"] - t0 for o in outs if "t_done" in o]
+    per_node = []
+    for i in range(n):
+        h = net.node_if(i, hub_side=True)
+        per_node.append({
+            "seconds": round(outs[i]["t_done"] - t0, 3) if "t_done" in outs[i] else None,
+            "ready_s": round(outs[i]["t_ready"] - t0, 3) if "t_ready" in outs[i] else None,
+            "download_bytes": after_hub[h][1] - before_hub[h][1],
+            "upload_bytes": after_hub[h][0] - before_hub[h][0],
+            "agent_cpu_s": round(cpu[i], 2),
+            "agent_stats": stats[i],
+        })  # fmt: skip
+    busy = (busy1[0] - busy0[0]) / max(1, busy1[1] - busy0[1])
+    rec.update({
+        "storm": args.storm,
+        "seconds": max(done) if len(done) == n else None,
+        "busiest_upload_bound_s": max(max(p["upload_bytes"] for p in per_node), ctx["total"]) * 8 / (args.rate * 1e6),
+        "first_done_s": min(done) if done else None,
+        # from the first node ready to the last one done: the spawn-to-ready part is interpreter and
+        # store start-up, which a loaded machine stretches by seconds and which is not the storm's
+        "ready_to_done_s": (max(done) - min(o["t_ready"] - t0 for o in outs if "t_ready" in o))
+        if len(done) == n else None,
+        "origin_egress_bytes": origin_tx,
+        "origin_egress_x_model": origin_tx / ctx["total"],
+        "per_node": per_node,
+        "agents_cpu_s": round(sum(cpu), 2),
+        "s3_server_cpu_s": round(w1 - w0, 2),
+        "machine_busy_frac": round(busy, 3),
+        "softirq_cpu_s": round(soft1 - soft0, 2),
+        "loadavg_before": os.getloadavg()[0],
+        "window_s": round(t_end - t0, 3),
+        "other_cores": 0.0,
+        "disturbed": False,
+    })  # fmt: skip
+    if errors:
+        rec["error"] = "; ".join(errors)
+    else:
+        bad = [f"node{i + 1}: {why}" for i in range(n)
+               if (why := verify_node(run_dir / f"node{i + 1}" / "cache", ctx["want"]))]
+        if bad:
+            rec["error"] = "NOT BIT-EXACT: " + "; ".join(bad)
+    rec["verified"] = rec["error"] is None
+    return rec
+
+
 def compress_timeline(rows: list[dict[str, Any]], net: Net, n: int, t0: float) -> dict[str, Any]:
     """Per-SAMPLE_S cumulative MB each node downloaded/uploaded and the origin sent, from t0."""
     if not rows:
@@ -697,6 +827,7 @@ def summarize(runs: list[dict[str, Any]], limit_s: float) -> dict[str, Any]:
             "x_limit": statistics.median(v["seconds"]) / limit_s, "egress_x_model": statistics.median(v["egress_x"]),
             "machine_busy": statistics.median(v["cpu_busy"]), "agents_cpu_s": statistics.median(v["agents_cpu_s"]),
             "busiest_upload_bound_s": statistics.median(v["bound"]),
+            "egress_min": min(v["egress_x"]), "egress_max": max(v["egress_x"]),
             "runs": len(v["seconds"]), "disturbed_runs": v["disturbed"],
         }  # fmt: skip
     return med
@@ -725,6 +856,23 @@ def table(med: dict[str, Any], nodes: list[int], limit_s: float) -> str:
             return f"{m['busiest_upload_bound_s']:.2f}"
         return f"{100 * m['machine_busy']:.0f}%"
 
+    if any(k.endswith("/base") for k in med):  # storm mode with --base-rev: the code before beside the code now
+        lines = [
+            "| N | origin egress now (x model, min-max) | before (x model, min-max) | slowest node now s "
+            "| before s | limit s |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for n in nodes:
+            p, b = med.get(f"{n}/peers"), med.get(f"{n}/base")
+
+            def eg(m: dict[str, Any] | None) -> str:
+                return f"{m['egress_x_model']:.2f} ({m['egress_min']:.2f}-{m['egress_max']:.2f})" if m else "-"
+
+            def sec(m: dict[str, Any] | None) -> str:
+                return f"{m['seconds']:.2f}" if m else "-"
+
+            lines.append(f"| {n} | {eg(p)} | {eg(b)} | {sec(p)} | {sec(b)} | {limit_s:.2f} |")
+        return "\n".join(lines)
     for n in nodes:
         p, q = f"{n}/peers", f"{n}/nopeers"
         lines.append(f"| {n} | {cell(p, 's')} | {cell(q, 's')} | {limit_s:.2f} | {cell(p, 'x')} | {cell(q, 'x')} "
@@ -766,6 +914,10 @@ def main() -> int:
     ap.add_argument("--agent-rev", default="HEAD",
                     help="git revision of agent/ and client/ the nodes run (exported), or `tree` for the working tree")
     ap.add_argument("--workdir", default=str(ROOT / "bench" / "out" / "peers-work"))
+    ap.add_argument("--storm", choices=("cli", "warmset"), default=None,
+                    help="start all agents at once; prefetch at each node's readiness (cli) or start with a warm set")
+    ap.add_argument("--base-rev", default=None,
+                    help="git revision to run side by side as the contender `base` (peers on, its own defaults)")
     ap.add_argument("--cleanup", action="store_true", help="remove namespaces a killed run left, and exit")
     ap.add_argument("--upload-helper", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -779,9 +931,13 @@ def main() -> int:
         return 0
     nodes = sorted({int(x) for x in args.nodes.split(",") if x})
     names = [c for c in args.only.split(",") if c]
+    if args.storm and args.only == ap.get_default("only"):
+        names = ["peers"]  # a storm is about peers: the origin-only contender has nothing to show there
     for c in names:
         if c not in ("peers", "nopeers"):
             ap.error(f"unknown contender {c}")
+    if args.base_rev:
+        names.append("base")
     origin_rate = args.rate if args.origin_rate is None else args.origin_rate
 
     work = Path(args.workdir)
@@ -789,6 +945,11 @@ def main() -> int:
     work.mkdir(parents=True)
     code, code_label = export_agent(args.agent_rev, work / "agent-code")
     env = agent_env(code)
+    base_env, base_label = env, None
+    if args.base_rev:
+        base_code, base_label = export_agent(args.base_rev, work / "base-code")
+        base_env = agent_env(base_code)
+        print(f"base code: {base_label}", flush=True)
     if "peers" in names and not agent_has_peers_flags(env):
         ap.error(f"the agent at {code_label} has no --peers/--peer-token-file (agent serve --help); "
                  "run with --only nopeers")
@@ -845,8 +1006,9 @@ def main() -> int:
             "net": net, "args": args, "work": work, "src": src, "keys": [k for k in keys if k.endswith(".safetensors")],
             "sizes": sizes, "total": total, "want": want, "limit_s": limit_s, "token_file": token, "weed": weed,
             "ref": f"s3://{BUCKET}/{PREFIX}", "env": env, "sampler": sampler, "out_dir": out_dir, "stamp": stamp,
-            "samples": samples,
+            "samples": samples, "base_env": base_env, "warm_set": work / "warm-set.yaml",
         }  # fmt: skip
+        (work / "warm-set.yaml").write_text(f"models:\n  - ref: s3://{BUCKET}/{PREFIX}\n    pin: false\n")
         links = check_links(net, ctx)
         print(f"shaping check (one curl of {links['bytes']} bytes): "
               f"origin->node1 {links['origin_to_node1_mbit']:.0f} Mbit/s, "
@@ -872,7 +1034,7 @@ def main() -> int:
                         brief["bound_s"] = rec.get("busiest_upload_bound_s")
                         brief["stalls"] = rec.get("stalls")
                         print(json.dumps(brief), flush=True)
-                        if not rec.get("disturbed") or c != "peers":
+                        if not rec.get("disturbed") or c not in ("peers", "base"):
                             break
                         print(f"  (disturbed: other processes used {rec['other_cores']} cores during the run)",
                               flush=True)
@@ -887,6 +1049,8 @@ def main() -> int:
         "command": " ".join(["bench/peers_netns.py", *sys.argv[1:]]),
         "time": stamp,
         "agent_code": code_label,
+        "base_code": base_label,
+        "storm": args.storm,
         "cpus": os.cpu_count(),
         "model_bytes": total,
         "files": sizes,

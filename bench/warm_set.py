@@ -55,7 +55,7 @@ def _cluster(work: Path, n: int, env: dict[str, str], extra: tuple[str, ...]) ->
     peers = ",".join(f"127.0.0.1:{p}" for p in ports)
     agents = [
         AgentProcess(work / f"node{i}", name=f"node{i}", env=env, capacity="8GiB", port=p,
-                     extra_args=("--peers", peers, "--peer-token-file", str(token), *extra))
+                     extra_args=("--peers", peers, "--peer-token-file", str(token), "--peer-start-wait", "0", *extra))
         for i, p in enumerate(ports)
     ]
     for a in agents:

@@ -122,6 +122,9 @@ def open_tensors(
     timeout: float = DEFAULT_TIMEOUT,
     copy: bool = False,
     ring_bytes: int | None = None,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    all_files: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Return every tensor of model ``ref`` (its safetensors weights), fetched into the node cache if needed.
 
@@ -133,6 +136,7 @@ def open_tensors(
         try:
             return dict(iter_tensors(
                 ref, device=device, names=names, socket=socket, timeout=timeout, copy=copy, ring_bytes=ring_bytes,
+                include=include, exclude=exclude, all_files=all_files,
             ))  # fmt: skip
         except BlobEvictedError:
             if attempt == EVICTED_RETRIES - 1:
@@ -149,6 +153,9 @@ def iter_tensors(
     timeout: float = DEFAULT_TIMEOUT,
     copy: bool = False,
     ring_bytes: int | None = None,
+    include: Iterable[str] | None = None,
+    exclude: Iterable[str] | None = None,
+    all_files: bool = False,
 ) -> Generator[tuple[str, torch.Tensor]]:
     """Yield ``(name, tensor)`` for the weights of model ``ref``, in file order, fetching what the cache lacks.
 
@@ -169,18 +176,36 @@ def iter_tensors(
     mounts the cache elsewhere), else to the agent's own cache directory.
     ``names``, ``device``, ``copy`` and ``ring_bytes`` (host memory for a GPU
     load; default 256 MiB) are as in :func:`iter_safetensors_files`.
+    ``include`` / ``exclude`` (globs, as ``huggingface-cli download`` reads them) and
+    ``all_files`` choose which files of the revision the agent fetches: by default the
+    loader's (the safetensors weights, configs, tokenizer; not other weight formats).
     """
     from client.device_ring import check_device
 
     options: dict[str, Any] = {"device": check_device(device), "names": names, "copy": copy, "ring_bytes": ring_bytes}
-    first = _open_stream(ref, socket, timeout)  # here, so a dead agent or a bad reference fail at the call
-    iteration = _iterate(ref, socket, timeout, first, options)
+    selection = _selection(include, exclude, all_files)
+    first = _open_stream(ref, socket, timeout, selection)  # here, so a dead agent or a bad reference fail at the call
+    iteration = _iterate(ref, socket, timeout, first, options, selection)
     # A generator dropped before its first next() never runs its finally: let go of the holds then.
     weakref.finalize(iteration, first[0].release)
     return iteration
 
 
-def _open_stream(ref: str, socket: str | None, timeout: float) -> tuple[ModelStream, list[str]]:
+def _selection(include: Iterable[str] | None, exclude: Iterable[str] | None, all_files: bool) -> dict[str, Any]:
+    """The open request's fields for which files to fetch (the agent checks them: agent/selection.py)."""
+    out: dict[str, Any] = {}
+    if include is not None:
+        out["include"] = [include] if isinstance(include, str) else list(include)
+    if exclude is not None:
+        out["exclude"] = [exclude] if isinstance(exclude, str) else list(exclude)
+    if all_files:
+        out["all_files"] = True
+    return out
+
+
+def _open_stream(
+    ref: str, socket: str | None, timeout: float, selection: dict[str, Any] | None = None
+) -> tuple[ModelStream, list[str]]:
     """The agent's open of ``ref`` and the model's weight files, every one held (share-locked) once named.
 
     A rotted shard index is repaired once, as weights are. A blob evicted
@@ -193,7 +218,7 @@ def _open_stream(ref: str, socket: str | None, timeout: float) -> tuple[ModelStr
     repaired = False
     evicted = 0
     while True:
-        stream = ModelStream(ref, socket, timeout)
+        stream = ModelStream(ref, socket, timeout, selection)
         try:
             shards = _weight_files(ref, stream.names(), functools.partial(_read_whole, stream, INDEX_FILE))
             stream.hold(shards)
@@ -220,6 +245,7 @@ def _iterate(
     timeout: float,
     first: tuple[ModelStream, list[str]],
     options: dict[str, Any],
+    selection: dict[str, Any] | None = None,
 ) -> Generator[tuple[str, torch.Tensor]]:
     """Load through ``first``; after a cached piece failed its check, have the agent repair the blob and go on once.
 
@@ -243,7 +269,7 @@ def _iterate(
             _warn_no_xxhash()
             stream.release()
             _reverify(ref, stream, socket, timeout)
-            stream, shards = _open_stream(ref, socket, timeout)
+            stream, shards = _open_stream(ref, socket, timeout, selection)
         yielded: set[str] = set()
         repaired = False
         evicted = 0
@@ -316,14 +342,18 @@ INDEX_FILE = "model.safetensors.index.json"
 MAX_INDEX_BYTES = 64 * 1024 * 1024
 
 
-def snapshot(ref: str, *, socket: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> str:
+def snapshot(
+    ref: str, *, socket: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+    include: Iterable[str] | None = None, exclude: Iterable[str] | None = None, all_files: bool = False,
+) -> str:
     """A read-only directory of model ``ref`` in the Hugging Face layout, fetched into the node cache if needed.
 
     For frameworks that load from a path (``AutoModel.from_pretrained(path)``,
     ``vllm serve PATH``). Every file is a relative symlink to its verified blob, so
     the directory works under ``$WARMSTART_CACHE_DIR`` as well as on the node.
     """
-    complete, socket_path = _open(ref, socket, timeout, snapshot=True)
+    complete, socket_path = _open(ref, socket, timeout, snapshot=True,
+                                  selection=_selection(include, exclude, all_files))
     rel = complete.get("snapshot")
     where = f"agent at {socket_path} (snapshot {ref!r})"
     if rel is None:
@@ -331,10 +361,13 @@ def snapshot(ref: str, *, socket: str | None = None, timeout: float = DEFAULT_TI
     return _in_cache(_cache_dir(complete, where), rel, f"{where}: snapshot path")
 
 
-def _open(ref: str, socket: str | None, timeout: float, snapshot: bool = False) -> tuple[dict[str, Any], str]:
+def _open(
+    ref: str, socket: str | None, timeout: float, snapshot: bool = False, selection: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], str]:
     """Ask the agent to make ``ref`` whole; return its ``complete`` line and the socket path used."""
     conn = AgentConnection(socket, timeout)
     body: dict[str, Any] = {"ref": ref, "snapshot": True} if snapshot else {"ref": ref}
+    body.update(selection or {})
     with conn.stream("POST", "/v1/open", body) as lines:
         for line in lines:
             if line.get("event") == "complete":

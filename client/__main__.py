@@ -25,9 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     snap.add_argument("--socket", help="the agent's socket (default $WARMSTART_SOCKET, else /run/warmstart/agent.sock)")
     snap.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                       help="seconds of agent silence before giving up (default %(default)s)")
+    snap.add_argument("--include", action="extend", nargs="+", metavar="GLOB",
+                      help="only the files matching these globs (default: the files a loader reads)")
+    snap.add_argument("--exclude", action="extend", nargs="+", metavar="GLOB",
+                      help="not the files matching these globs")
+    snap.add_argument("--all-files", action="store_true", help="every file of the revision")
     args = parser.parse_args(argv)
     try:
-        path = client.snapshot(args.ref, socket=args.socket, timeout=args.timeout)
+        path = client.snapshot(args.ref, socket=args.socket, timeout=args.timeout, include=args.include,
+                               exclude=args.exclude, all_files=args.all_files)
     except client.WarmstartError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1

@@ -75,13 +75,18 @@ class FileState:
 class ModelStream:
     """The agent's open of one model, followed on a thread; thread-safe waits for readable bytes."""
 
-    def __init__(self, ref: str, socket: str | None = None, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, ref: str, socket: str | None = None, timeout: float = DEFAULT_TIMEOUT,
+        selection: dict[str, Any] | None = None,
+    ) -> None:
         self.ref = ref
         conn = AgentConnection(socket, timeout)
         self.socket_path = conn.socket_path
         self.where = f"agent at {conn.socket_path} (open {ref!r})"
         # Sent here, so a dead agent, a bad reference or a missing model raise at the call.
-        self._lines: NDJSONStream = conn.stream("POST", "/v1/open", {"ref": ref, "stream": True})
+        self._lines: NDJSONStream = conn.stream(
+            "POST", "/v1/open", {"ref": ref, "stream": True, **(selection or {})}
+        )
         self._cond = threading.Condition()
         self.files: dict[str, FileState] = {}
         self.cache_dir: str | None = None

@@ -63,7 +63,8 @@ def test_credentials_never_in_logs_metrics_errors_or_peer_traffic(
     relay = TcpRelay("127.0.0.1", port_b, capture=True)
     try:
         env = {**agent_env, "AWS_ACCESS_KEY_ID": AWS_KEY_ID, "AWS_SECRET_ACCESS_KEY": AWS_SECRET, "HF_TOKEN": HF_TOKEN}
-        common = ("--peer-token-file", str(token_file), "--piece-size", "1MiB", "--log-level", "DEBUG")
+        common = ("--peer-token-file", str(token_file), "--piece-size", "1MiB", "--log-level", "DEBUG",
+                  "--peer-start-wait", "0")  # started one by one
         a = agent_factory("a", env=env, port=port_a, extra_args=(
             "--peers", f"127.0.0.1:{port_a},127.0.0.1:{relay.port}", "--advertise", f"127.0.0.1:{port_a}", *common))
         b = agent_factory("b", env=env, port=port_b, extra_args=(

@@ -281,7 +281,8 @@ def test_compile_on_one_node_restores_from_a_peer_and_hits_the_caches(inproc_fac
     token.write_text(TOKEN)
     ports = free_ports(2)
     peers = ",".join(f"127.0.0.1:{p}" for p in ports)
-    a, b = (inproc_factory(f"node{i}", port=p, extra_args=("--peers", peers, "--peer-token-file", str(token)))
+    a, b = (inproc_factory(f"node{i}", port=p, extra_args=("--peers", peers, "--peer-token-file", str(token),
+                                                                  "--peer-start-wait", "0"))
             for i, p in enumerate(ports))
     cold = _compile(a, tmp_path, "a")
     assert cold["restored"] is None and cold["errors"] == [], cold

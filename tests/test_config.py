@@ -48,6 +48,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "peer_token_file": ["", 5],
     "advertise": ["10.0.0.1", "10.0.0.1:0", ":7070", ""],
     "peer_hedge_timeout": [0, -0.1, float("inf")],
+    "peer_start_wait": [-1, float("nan"), 601, True],
     "warm_set": ["", 1],
     "warm_set_poll": [0, -0.5],
     "log_level": ["verbose", "info", "", None],

@@ -196,7 +196,8 @@ def test_metrics_of_two_peers_bytes_by_source_and_peer_states(
     peers = ",".join(f"127.0.0.1:{p}" for p in ports)
     nodes = [
         inproc_factory(f"node{i}", port=port,
-                      extra_args=("--peers", peers, "--peer-token-file", str(token), "--piece-size", "1MiB"))
+                      extra_args=("--peers", peers, "--peer-token-file", str(token), "--piece-size", "1MiB",
+                                  "--peer-start-wait", "0"))
         for i, port in enumerate(ports)
     ]  # fmt: skip
     deadline = time.monotonic() + 20

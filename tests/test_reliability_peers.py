@@ -41,7 +41,7 @@ def test_a_stalled_peer_is_skipped_and_the_fetch_completes(
     relay = TcpRelay("127.0.0.1", pb)  # A reaches B only through this: the test stalls it
     try:
         common = ("--peer-token-file", str(token), "--piece-size", "1MiB", "--peer-hedge-timeout", "1",
-                  "--read-timeout", "2")  # fmt: skip
+                  "--read-timeout", "2", "--peer-start-wait", "0")  # fmt: skip
         b = inproc_factory("b", port=pb, extra_args=("--peers", f"127.0.0.1:{pa},127.0.0.1:{pb}", *common))
         assert b.cli("prefetch", ref).returncode == 0  # B has it all
         a = inproc_factory("a", port=pa, extra_args=(
@@ -85,7 +85,7 @@ def test_a_peer_answer_cut_short_moves_on_without_marking_the_peer_down(
     pa, pb = free_ports(2)
     relay = TcpRelay("127.0.0.1", pb)
     try:
-        common = ("--peer-token-file", str(token), "--piece-size", "1MiB")
+        common = ("--peer-token-file", str(token), "--piece-size", "1MiB", "--peer-start-wait", "0")
         b = inproc_factory("b", port=pb, extra_args=("--peers", f"127.0.0.1:{pa},127.0.0.1:{pb}", *common))
         assert b.cli("prefetch", ref).returncode == 0
         a = inproc_factory("a", port=pa, extra_args=(

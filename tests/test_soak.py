@@ -66,7 +66,7 @@ def test_soak_mixed_traffic_with_a_restarting_peer_keeps_rss_and_fds_flat(
     token.write_text(TOKEN)
     pa, pb = free_ports(2)
     peers = f"127.0.0.1:{pa},127.0.0.1:{pb}"
-    args = ("--peers", peers, "--peer-token-file", str(token), "--piece-size", "1MiB")
+    args = ("--peers", peers, "--peer-token-file", str(token), "--piece-size", "1MiB", "--peer-start-wait", "0")
     a = agent_factory("a", port=pa, capacity="14MiB", extra_args=args)
     b = agent_factory("b", port=pb, capacity="64MiB", extra_args=args)
     sock = str(a.socket_path)

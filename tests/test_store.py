@@ -365,7 +365,7 @@ async def test_verify_detects_and_repairs(node: Node, tmp_path: Path) -> None:
     await asyncio.to_thread(overwrite, blob, 2 * MiB, b"rot")
     ref, manifest = await node.service.resolve(str(tmp_path / "m"))
     result = await node.service.verify(ref, manifest)
-    assert result == {"checked": 1, "corrupt": 1, "repaired": 1}
+    assert result == {"checked": 1, "corrupt": 1, "repaired": 1, "without_origin_digest": []}
     assert blob.read_bytes() == data
 
 

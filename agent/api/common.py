@@ -21,6 +21,7 @@ from aiohttp import web
 
 from agent.manifest import Manifest
 from agent.metrics import Metrics
+from agent.selection import DEFAULT, Selection
 from agent.service import ModelService, Progress
 from client.errors import HTTP_STATUS, BadRequestError, WarmstartError
 
@@ -179,12 +180,19 @@ async def ensure_job(
     with_files: bool,
     with_snapshot: bool = False,
     stream: bool = False,
+    selection: Selection = DEFAULT,
 ) -> web.StreamResponse:
-    """Resolve ``ref_text``, make it whole, stream progress (the local API's and the peers' prefetch)."""
-    ref, manifest = await service.resolve(ref_text)
+    """Resolve ``ref_text``, make the files ``selection`` picks whole, stream progress (the local API's and
+    the peers' prefetch). The lines count the picked files only; ``skipped_*`` says what the rest weigh."""
+    ref, whole = await service.resolve(ref_text, selection=selection)
+    manifest = await service.select(ref, whole, selection)
     progress = service.progress(manifest)
     metrics.count_lookup(manifest, service.verified_pieces)
     started = time.monotonic()
+    skipped = {
+        "skipped_files": len(whole.files) - len(manifest.files),
+        "skipped_bytes": whole.total_size - manifest.total_size,
+    }
     head: dict[str, Any] = {
         "event": "resolved",
         "ref": ref.base,
@@ -192,16 +200,18 @@ async def ensure_job(
         "total_bytes": manifest.total_size,
         "cached_bytes": progress.cached_at_start,
         "files": len(manifest.files),
+        **skipped,
     }
 
     async def job() -> dict[str, Any]:
-        done = await service.ensure(ref, manifest, pin)
+        done = await service.ensure(ref, whole, pin, selection)
         out: dict[str, Any] = {
             "ref": ref.base,
             "revision": done.revision,
             "total_bytes": done.total_size,
             "fetched_bytes": done.total_size - progress.cached_at_start,
             "seconds": round(time.monotonic() - started, 3),
+            **skipped,
         }
         if with_files:
             metrics.served_to_client(done.total_size)

@@ -9,6 +9,7 @@ artifact routes (agent/api/artifacts.py) and the warm set's status
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from typing import Any
 
@@ -31,6 +32,7 @@ from agent.artifacts.lookup import Artifacts
 from agent.metrics import Metrics
 from agent.peers.client import PeerClient
 from agent.peers.membership import Membership
+from agent.selection import DEFAULT, Selection
 from agent.service import ModelService
 from agent.warmset.reconciler import WarmSet
 from client.errors import WarmstartError
@@ -41,7 +43,8 @@ PEERS: web.AppKey[tuple[Membership, PeerClient] | None] = web.AppKey("peers")
 async def prefetch(request: web.Request) -> web.StreamResponse:
     body = await read_body(request)
     ref, pin = ref_field(request, body), flag(body, "pin")
-    return await ensure_job(request, request.app[SERVICE], request.app[METRICS], ref, pin, with_files=False)
+    return await ensure_job(request, request.app[SERVICE], request.app[METRICS], ref, pin, with_files=False,
+                            selection=Selection.of_body(body))
 
 
 async def open_model(request: web.Request) -> web.StreamResponse:
@@ -50,7 +53,7 @@ async def open_model(request: web.Request) -> web.StreamResponse:
     stream = bool(flag(body, "stream"))
     return await ensure_job(
         request, request.app[SERVICE], request.app[METRICS], ref_field(request, body), None,
-        with_files=True, with_snapshot=snapshot, stream=stream,
+        with_files=True, with_snapshot=snapshot, stream=stream, selection=Selection.of_body(body),
     )
 
 
@@ -82,8 +85,13 @@ async def evict(request: web.Request) -> web.Response:
 async def verify(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     ref, manifest = await service.resolve(ref_field(request, await read_body(request)))
-    head = {"event": "resolved", "ref": ref.base, "revision": manifest.revision, "total_bytes": manifest.total_size}
-    return await stream_job(request, service.progress(manifest), service.verify(ref, manifest), head)
+    # Progress over what verify looks at: the files held now and the loader's (not the whole revision).
+    held = frozenset(f.path for f in manifest.files if service.store.digest_of(f) is not None)
+    loader = await service.chosen(manifest, DEFAULT)
+    shown = Selection(paths=held | {f.path for f in loader or manifest.files})
+    progress = service.progress(dataclasses.replace(manifest, files=shown.pick(manifest.files)))
+    head = {"event": "resolved", "ref": ref.base, "revision": manifest.revision, "total_bytes": progress.total_bytes}
+    return await stream_job(request, progress, service.verify(ref, manifest), head)
 
 
 async def stats(request: web.Request) -> web.Response:
@@ -104,7 +112,8 @@ async def prefetch_all(request: web.Request) -> web.StreamResponse:
     service = request.app[SERVICE]
     body = await read_body(request)
     pin = flag(body, "pin")
-    ref, manifest = await service.resolve(ref_field(request, body))
+    selection = Selection.of_body(body)
+    ref, manifest = await service.resolve(ref_field(request, body), selection=selection)
     pinned_ref = f"{ref.base}@{manifest.revision}"
     membership, client = request.app[PEERS] or (None, None)
     nodes = [membership.me] if membership is not None else ["self"]
@@ -120,7 +129,7 @@ async def prefetch_all(request: web.Request) -> web.StreamResponse:
     async def here() -> None:
         started = time.monotonic()
         try:
-            await service.ensure(ref, manifest, pin)
+            await service.ensure(ref, manifest, pin, selection)
             record({"node": nodes[0], "status": "complete", "seconds": round(time.monotonic() - started, 3)})
         except WarmstartError as exc:
             record({"node": nodes[0], "status": "error", "message": str(exc)})
@@ -130,7 +139,7 @@ async def prefetch_all(request: web.Request) -> web.StreamResponse:
         started = time.monotonic()
         try:
             last: dict[str, Any] = {}
-            async for line in client.prefetch(addr, pinned_ref, pin):
+            async for line in client.prefetch(addr, pinned_ref, pin, selection.to_body()):
                 last = line
                 if line.get("event") in ("complete", "error"):
                     break

@@ -32,6 +32,7 @@ from agent.fetch.fetcher import PEER_SCHEMES, ServedPiece
 from agent.manifest import Manifest
 from agent.metrics import Metrics, Transfers
 from agent.refs import ModelRef, check_relative_path, parse_ref
+from agent.selection import Selection
 from agent.service import ModelService
 from agent.singleflight import SingleFlight
 from client.errors import BadReferenceError, BadRequestError, CapacityError, WarmstartError
@@ -42,6 +43,13 @@ READ_CHUNK = 1024 * 1024
 MOVE_TRIES = 3  # looks at a piece whose partial file was published while being served
 MOVE_WAIT = 0.5
 STALL_SECONDS = 30.0
+MAX_SENDER = 300  # characters of a from= name worth looking up
+MAX_HAVE_KEYS = 10000  # files one /peer/v1/have may ask about
+MAX_KEY_LEN = 200  # characters of a fill key
+
+
+def _nobody(addr: str) -> None:
+    """No membership on this node (peer API on, no --peers/--peer-dns): nobody to mark alive."""
 
 
 class PeerState:
@@ -53,11 +61,22 @@ class PeerState:
         self.service: ModelService | None = None
         self.artifacts: Artifacts | None = None
         self.me: str | None = None  # this node's name among its peers
+        self.heard: Callable[[str], None] = _nobody  # a member spoke to this node (Membership.heard_from)
         self._resolving: SingleFlight[str, Manifest] = SingleFlight()
 
-    def open(self, service: ModelService, artifacts: Artifacts, me: str | None) -> None:
+    def open(
+        self, service: ModelService, artifacts: Artifacts, me: str | None, heard: Callable[[str], None] | None = None
+    ) -> None:
         """The store is open: serve pieces, prefetches and artifacts from now on (503 before)."""
         self.service, self.artifacts, self.me = service, artifacts, me
+        if heard is not None:
+            self.heard = heard
+
+    def heard_from(self, request: web.Request) -> None:
+        """The request names its sender (``from=``): a member that asks is alive (bounded, untrusted text)."""
+        sender = request.query.get("from", "")
+        if sender and len(sender) <= MAX_SENDER:
+            self.heard(sender)
 
     async def manifest(self, ref_base: str, revision: str) -> Manifest:
         """The manifest of ``ref_base@revision`` as this node resolves it (one resolve at a time per name)."""
@@ -111,7 +130,9 @@ def _int(query: Any, name: str) -> int:
 
 
 async def ping(request: web.Request) -> web.Response:
-    return web.json_response({"ok": True, "node": request.app[PEER].me})
+    state = request.app[PEER]
+    state.heard_from(request)
+    return web.json_response({"ok": True, "node": state.me})
 
 
 async def piece(request: web.Request) -> web.StreamResponse:
@@ -127,6 +148,7 @@ async def piece(request: web.Request) -> web.StreamResponse:
     check_relative_path(path, "path")
     index, piece_size = _int(q, "index"), _int(q, "piece_size")
     relay, requester = q.get("relay") == "1", q.get("from", "")
+    state.heard_from(request)
     manifest = await state.manifest(ref.base, revision)
     entry = next((f for f in manifest.files if f.path == path), None)
     if entry is None:
@@ -215,6 +237,28 @@ async def _copy(resp: web.StreamResponse, served: ServedPiece, fd: int, transfer
     await resp.write_eof()
 
 
+async def have(request: web.Request) -> web.Response:
+    """Which of the named files (fill keys) this node holds complete, and verified pieces of those it fills.
+
+    Body: ``{"keys": [fill key, ...], "piece_size": N, "from": member}``. The
+    requester asks holders first, whatever placement says (agent/fetch/peer_reader.py).
+    """
+    state = request.app[PEER]
+    assert state.service is not None
+    body = await read_body(request)
+    keys, piece_size, sender = body.get("keys"), body.get("piece_size"), body.get("from")
+    if not isinstance(keys, list) or len(keys) > MAX_HAVE_KEYS or not all(
+        isinstance(k, str) and 0 < len(k) <= MAX_KEY_LEN for k in keys
+    ):
+        raise BadRequestError(f'"keys" must be a list of at most {MAX_HAVE_KEYS} fill keys')
+    if isinstance(piece_size, bool) or not isinstance(piece_size, int) or piece_size <= 0:
+        raise BadRequestError('"piece_size" must be a positive integer')
+    if isinstance(sender, str) and 0 < len(sender) <= MAX_SENDER:
+        state.heard(sender)
+    complete, pieces = await state.service.held_for_peer(keys, piece_size)
+    return web.json_response({"complete": complete, "pieces": pieces})
+
+
 async def prefetch(request: web.Request) -> web.StreamResponse:
     """Prefetch on this node for a peer (``agent prefetch --all-nodes``): the local API's NDJSON stream."""
     state = request.app[PEER]
@@ -222,7 +266,8 @@ async def prefetch(request: web.Request) -> web.StreamResponse:
     body = await read_body(request)
     ref = ref_field(request, body)
     await state.service.check_peer_ref(_peer_ref(ref, allow_revision=True))
-    return await ensure_job(request, state.service, state.metrics, ref, flag(body, "pin"), with_files=False)
+    return await ensure_job(request, state.service, state.metrics, ref, flag(body, "pin"), with_files=False,
+                            selection=Selection.of_body(body))
 
 
 def add_peer_routes(app: web.Application, state: PeerState) -> None:
@@ -230,3 +275,4 @@ def add_peer_routes(app: web.Application, state: PeerState) -> None:
     app.router.add_get("/peer/v1/ping", ping)
     app.router.add_get("/peer/v1/piece", piece)
     app.router.add_post("/peer/v1/prefetch", prefetch)
+    app.router.add_post("/peer/v1/have", have)

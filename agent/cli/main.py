@@ -98,6 +98,7 @@ def build_parser(serve_flags: bool = True) -> argparse.ArgumentParser:
     c.add_argument("--pin", action="store_true", help="never evict it for capacity")
     c.add_argument("--all-nodes", action="store_true", help="also on every live peer (before a scale-up)")
     c.add_argument("--json", action="store_true", help="print the result as JSON (progress still on stderr)")
+    add_selection_flags(c)
     c = with_socket("stats", "byte counters (origin, peers) and peer states")
     c.add_argument("--json", action="store_true", help="print the counters as JSON")
     c = with_socket("ls", "list cached models (and the warm set, if the agent has one)")
@@ -117,6 +118,29 @@ def build_parser(serve_flags: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def add_selection_flags(c: argparse.ArgumentParser) -> None:
+    """Which files of the revision (agent/selection.py); as ``huggingface-cli download`` spells them."""
+    c.add_argument("--include", action="extend", nargs="+", default=[], metavar="GLOB",
+                   help="fetch only the files matching these globs (instead of the loader's files)")
+    c.add_argument("--exclude", action="extend", nargs="+", default=[], metavar="GLOB",
+                   help="do not fetch the files matching these globs")
+    c.add_argument("--all-files", action="store_true",
+                   help="fetch every file of the revision (default: the files a loader reads: the safetensors "
+                        "weights, configs, tokenizer; not other weight formats)")
+
+
+def selection_body(args: argparse.Namespace) -> dict[str, Any]:
+    """The request fields of ``--include`` / ``--exclude`` / ``--all-files`` (none for the default)."""
+    body: dict[str, Any] = {}
+    if args.include:
+        body["include"] = list(args.include)
+    if args.exclude:
+        body["exclude"] = list(args.exclude)
+    if args.all_files:
+        body["all_files"] = True
+    return body
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(serve_flags=_command_of(argv) == "serve").parse_args(argv)
@@ -129,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
             return cli_artifacts.run(args)
         conn = AgentConnection(args.socket)
         if args.command == "prefetch" and args.all_nodes:
-            return _prefetch_all(conn, args.ref, args.pin, sys.stderr, args.json)
+            return _prefetch_all(conn, args.ref, args.pin, sys.stderr, args.json, selection_body(args))
         if args.command == "prefetch":
-            return _prefetch(conn, args.ref, args.pin, sys.stderr, args.json)
+            return _prefetch(conn, args.ref, args.pin, sys.stderr, args.json, selection_body(args))
         if args.command == "stats":
             return _stats(conn, args.json)
         if args.command == "ls":
@@ -197,11 +221,19 @@ def verify_summary(ref: str, result: dict[str, Any]) -> str:
             f"{repaired} re-fetched")
     if missing:
         text += f" ({missing} {'was' if missing == 1 else 'were'} not cached)"
+    unchecked = result.get("without_origin_digest") or []
+    if unchecked:
+        shown = ", ".join(unchecked[:5]) + (" ..." if len(unchecked) > 5 else "")
+        text += (f"\n{len(unchecked)} file{'s' if len(unchecked) != 1 else ''} without an origin digest "
+                 f"(checked against their own bytes only: the origin gives none): {shown}")
     return text
 
 
-def _prefetch(conn: AgentConnection, ref: str, pin: bool, out: TextIO, as_json: bool = False) -> int:
-    result = _follow(conn.stream("POST", "/v1/prefetch", {"ref": ref, "pin": pin}), out)
+def _prefetch(
+    conn: AgentConnection, ref: str, pin: bool, out: TextIO, as_json: bool = False,
+    selection: dict[str, Any] | None = None,
+) -> int:
+    result = _follow(conn.stream("POST", "/v1/prefetch", {"ref": ref, "pin": pin, **(selection or {})}), out)
     if as_json:
         print(json.dumps({**result, "pinned": pin}, indent=2))
         return 0
@@ -216,10 +248,16 @@ def _prefetch(conn: AgentConnection, ref: str, pin: bool, out: TextIO, as_json: 
         f"{result['ref']}@{result['revision']}: {format_size(result['total_bytes'])} in cache ({how})"
         + (", pinned" if pin else "")
     )
+    if result.get("skipped_files"):
+        print(f"skipped {result['skipped_files']} files, {format_size(result.get('skipped_bytes', 0))} "
+              "(not read by a loader, or not matched: --all-files or --include fetch them)")
     return 0
 
 
-def _prefetch_all(conn: AgentConnection, ref: str, pin: bool, out: TextIO, as_json: bool = False) -> int:
+def _prefetch_all(
+    conn: AgentConnection, ref: str, pin: bool, out: TextIO, as_json: bool = False,
+    selection: dict[str, Any] | None = None,
+) -> int:
     """One line per node as it finishes (with ``--json``, one JSON document at the end instead); exit 1 if any
     node failed (the others still finished)."""
     result: dict[str, Any] | None = None
@@ -234,7 +272,7 @@ def _prefetch_all(conn: AgentConnection, ref: str, pin: bool, out: TextIO, as_js
         else:
             print(f"{node['node']}: error: {node.get('message')}", flush=True)
 
-    for line in conn.stream("POST", "/v1/prefetch-all", {"ref": ref, "pin": pin}):
+    for line in conn.stream("POST", "/v1/prefetch-all", {"ref": ref, "pin": pin, **(selection or {})}):
         event = line.get("event")
         if event == "resolved":
             out.write(f"{line.get('ref')}@{line.get('revision')}: {format_size(line.get('total_bytes', 0))} "
@@ -325,6 +363,8 @@ def _resolved_text(line: dict[str, Any]) -> str:
     text += format_size(line.get("total_bytes", 0))
     if "cached_bytes" in line:
         text += f", {format_size(line['cached_bytes'])} already cached"
+    if line.get("skipped_files"):
+        text += f" ({line['skipped_files']} files, {format_size(line.get('skipped_bytes', 0))} skipped)"
     return text
 
 
@@ -357,6 +397,9 @@ def _ls(conn: AgentConnection, as_json: bool) -> int:
             since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["stale_since"]))
             print(f"{m['ref']}: stale since {since}: its origin is unreachable; serving cached revision "
                   f"{m['revision'][:12]}")
+        if m.get("without_origin_digest"):
+            print(f"{m['ref']}: {m['without_origin_digest']} cached file(s) without an origin digest: checked "
+                  "against their own bytes only (`agent verify` lists them)")
     print(f"cache: {format_size(data['used_bytes'])} used of {format_size(data['capacity_bytes'])}")
     if warm is not None:
         print()

@@ -29,9 +29,9 @@ import logging
 import time
 from collections.abc import Set as AbstractSet
 
-from agent.errors import PeerError
+from agent.errors import PeerBusyError, PeerError, PieceMovedError
 from agent.fetch.flight import Flight, PeerContext
-from agent.fetch.open_fills import OpenFill, OpenFills, Signal
+from agent.fetch.open_fills import OpenFill, OpenFills, PieceStream, Signal
 from agent.fetch.origin_reader import OriginReader
 from agent.fetch.peer_reader import PEER_SCHEMES, PeerReader, relay_said_no
 from agent.fetch.piece_server import PieceServer, ServedPiece
@@ -47,6 +47,8 @@ __all__ = ["PEER_SCHEMES", "Fetcher", "Flight", "PeerContext", "ServedPiece", "f
 log = logging.getLogger(__name__)
 
 JOIN_TRIES = 3  # fetches of a piece started by others (for peers) that a flight waits out before failing
+BUSY_ROUNDS = 3  # times peers that answered busy for a piece are asked again before the origin
+BUSY_PAUSE = 0.25  # seconds before the first of those rounds, doubling each round
 
 
 class Fetcher:
@@ -109,6 +111,10 @@ class Fetcher:
         """Where a peer can read piece ``index`` of ``entry`` now (agent/fetch/piece_server.py)."""
         return await self.server.serve(entry, index, origin, relay=relay, requester=requester)
 
+    async def holds(self, keys: list[str], piece_size: int) -> tuple[list[str], dict[str, list[int]]]:
+        """Files held complete and pieces verified here, for a peer's ``/peer/v1/have`` (PieceServer.holds)."""
+        return await self.server.holds(keys, piece_size)
+
     async def close(self) -> None:
         """Stop every flight (shutdown): what was verified stays for the next process."""
         tasks = self._fill_tasks.tasks()
@@ -137,11 +143,17 @@ class Fetcher:
         h = await self.fills.acquire(entry, protect)
         fill = h.fill
         try:
-            flight.done_pieces = set(fill.done)
+            # Pieces from peers recorded before a restart: still peers' pieces, checked (and repaired if
+            # need be) with the whole file, and not shown to streaming readers before that.
+            flight.peer_pieces.update(fill.peer_sources)
+            flight.done_pieces = set(fill.done) - set(fill.peer_sources)
             flight.done_bytes = sum(entry.piece_range(i)[1] for i in fill.done)
             flight.partial = self.store.relative(fill.path)
             self._changed.wake()
             flight.use_peers = self.peers is not None and await self.peers.allowed(flight, h, origin)
+            if flight.use_peers and self.peers is not None:
+                await self.peers.wait_start()
+                await self.peers.learn_holders(flight)
             try:
                 async with asyncio.TaskGroup() as tg:
                     for index in fill.missing():
@@ -244,11 +256,35 @@ class Fetcher:
             streams = {i: h.announce(i) for i in span}
             # This node owns the piece: the other nodes will ask for it, so it goes first.
             owned = peers is not None and peers.has_peers()
-            task = asyncio.create_task(self.origin.span(h, span, origin, flight, streams, first=owned))
+            if owned:
+                task = asyncio.create_task(self._own_piece(h, index, origin, flight, streams[index]))
+            else:
+                task = asyncio.create_task(self.origin.span(h, span, origin, flight, streams))
             for i in span[1:]:
                 h.track(i, task)  # their own _piece tasks join this one
         h.track(index, task)
         await task
+
+    async def _own_piece(self, h: OpenFill, index: int, origin: Origin, flight: Flight, stream: PieceStream) -> None:
+        """A piece this node owns: from the origin, unless by the time a connection is free it has a peer source.
+
+        Members that appear meanwhile (the first seconds of a scale-up, a node
+        joining that holds the model) re-place the pieces not yet begun: placement
+        is asked again when the origin slot is ours, before any byte is asked for.
+        """
+        peers = self.peers
+        assert peers is not None
+
+        async def still_mine() -> bool:
+            await peers.prepare(flight)
+            return not peers.sources(flight, index)
+
+        try:
+            await self.origin.span(h, [index], origin, flight, {index: stream}, first=True, still_mine=still_mine)
+        except PieceMovedError:
+            sources = peers.sources(flight, index)
+            log.debug("piece %d of %s: re-placed, asking %s", index, flight.entry.path, sources)
+            await self._from_peers(h, index, origin, flight, sources)
 
     async def _join(self, h: OpenFill, index: int, flight: Flight) -> bool:
         """Wait out fetches of the piece that others started here; False when one of them got it."""
@@ -278,15 +314,29 @@ class Fetcher:
     async def _from_peers(
         self, h: OpenFill, index: int, origin: Origin, flight: Flight, sources: list[tuple[str, bool]]
     ) -> None:
-        """Ask the relay parent, then the owners in rendezvous order; the origin when none delivered."""
+        """Ask holders, the relay parent, then the owners in rendezvous order; the origin when none delivered.
+
+        A peer that answered busy (PeerBusyError: a holder finishing the file, an
+        owner between two tries) is asked again, BUSY_ROUNDS times at most with
+        a growing pause, before the origin: a short refusal must not send the
+        piece (and, piece after piece, the whole file) to the origin.
+        """
         assert self.peers is not None
-        for addr, relay in sources:
-            try:
-                await self.peers.piece(h, index, addr, flight, relay)
-                return
-            except PeerError as exc:
-                log.log(logging.DEBUG if relay_said_no(exc, relay) else logging.INFO,
-                        "piece %d of %s from peer %s failed: %s", index, flight.entry.path, addr, exc)
+        for attempt in range(BUSY_ROUNDS + 1):
+            busy: list[tuple[str, bool]] = []
+            for addr, relay in sources:
+                try:
+                    await self.peers.piece(h, index, addr, flight, relay)
+                    return
+                except PeerError as exc:
+                    if isinstance(exc, PeerBusyError) and not relay:
+                        busy.append((addr, relay))
+                    log.log(logging.DEBUG if relay_said_no(exc, relay) else logging.INFO,
+                            "piece %d of %s from peer %s failed: %s", index, flight.entry.path, addr, exc)
+            if not busy or attempt == BUSY_ROUNDS:
+                break
+            await asyncio.sleep(BUSY_PAUSE * 2**attempt)
+            sources = busy
         await self.origin.piece(h, index, origin, flight, h.announce(index))
 
 

@@ -119,6 +119,10 @@ class OpenFills:
         """Partial files open now (at most ``limit``)."""
         return len(self._open)
 
+    def get(self, fill_key: str) -> OpenFill | None:
+        """The open fill of ``fill_key``, if one is open now (no new user: look, do not hold)."""
+        return self._open.get(fill_key)
+
     async def acquire(self, entry: FileEntry, protect: AbstractSet[str]) -> OpenFill:
         """The open fill of ``entry`` (opened, room made for it, if need be), with one more user."""
         h = self._open.get(entry.fill_key)

@@ -18,9 +18,9 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
-from agent.errors import TransientOriginError
+from agent.errors import PieceMovedError, TransientOriginError
 from agent.fetch.flight import Flight
 from agent.fetch.open_fills import OpenFill, PieceStream
 from agent.fetch.sinks import PieceSink, record_piece
@@ -85,8 +85,13 @@ class OriginReader:
         streams: dict[int, PieceStream],
         *,
         first: bool = False,
+        still_mine: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         """Fetch consecutive pieces from the origin in one range request per try; readers may follow each.
+
+        ``still_mine`` is asked once a connection slot is free, before the first
+        request: False raises PieceMovedError (the piece has a peer source now;
+        nothing was asked of the origin).
 
         Each piece is recorded as soon as its last byte is written. ``flight``
         is the fill that wants them (None: a peer's request or a repair).
@@ -120,6 +125,8 @@ class OriginReader:
                           remaining[0], remaining[-1], attempt + 1,
                           "own fill" if flight is not None else "for a peer or a repair")
                 async with self._slots.hold((order, remaining[0])):
+                    if still_mine is not None and not attempt and not await still_mine():
+                        raise PieceMovedError(f"piece {remaining[0]} of {fill.entry.path} has a peer source now")
                     try:
                         with self.metrics.fetch_running("origin"):
                             if end > offset:

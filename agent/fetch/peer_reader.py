@@ -1,8 +1,14 @@
 """Pieces from peers: whom to ask, in what order, how many at once, and what a failure says about the peer.
 
-A piece that another live member owns (agent/peers/placement.py) is asked of
-its relay parent, then its owner and the members ranked above this node, and
-only then fetched from the origin (the fetcher's fallback). Trust: a peer's
+A piece that a live peer holds complete (a blob, or a verified piece of a file
+it is filling: ``/peer/v1/have``, asked once per model when a fill starts) is
+asked of such holders first, whatever placement says: a node joining a cluster
+that holds the model, or asking right after another node finished it, would
+otherwise take every piece it owns by placement from the origin (issue 24: a
+whole 256 MiB file). Then a piece that another live member owns
+(agent/peers/placement.py) is asked of its relay parent, then its owner and the
+members ranked above this node, and only then fetched from the origin (the
+fetcher's fallback). Trust: a peer's
 piece must match the hash the peer states for it, and the whole file must
 match the origin's own digest (sha256, git blob id, the S3 ETag or a GCS / Azure MD5) before it
 is published; a file whose origin gives no such digest is never taken from
@@ -12,9 +18,13 @@ readers before that check passed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from dataclasses import dataclass, field
 
 from agent.errors import (
+    PeerBusyError,
     PeerCutShortError,
     PeerDownError,
     PeerError,
@@ -30,6 +40,8 @@ from agent.metrics import Metrics
 from agent.origins import Origin
 from agent.peers.client import PeerClient, PieceRequest
 from agent.peers.membership import Membership
+from agent.peers.placement import rendezvous, request_key
+from agent.singleflight import SingleFlight
 from agent.store.store import Store
 from client.errors import IntegrityError
 
@@ -44,31 +56,73 @@ PEER_TRIES = 2  # owners asked for a piece before the origin
 PEER_CONNECTIONS_FACTOR = 4
 PEER_CONNECTIONS_MIN = 32
 PEER_SCHEMES = ("s3", "gs", "az", "hf", "https")  # origins whose references peers may name (never a node's local files)
+HOLDER_TRIES = 3  # holders of a piece asked before placement's sources
+HAVE_TTL = 2.0  # seconds what peers said they hold is used before asking again
+HAVE_KEYS_MAX = 10000  # files one /peer/v1/have asks about (the server's limit)
 
 _PEER_ERROR_KINDS = {
     PeerDownError: "down",
     PeerSlowError: "slow",
     PeerLiedError: "rejected",
-    PeerRefusedError: "refused",  # busy, another piece size, or a relay parent not receiving the piece
+    PeerRefusedError: "refused",  # another piece size, or a relay parent not receiving the piece
+    PeerBusyError: "refused",  # busy, between two tries, the file moving into place
     PeerCutShortError: "cut",  # the body ended early
 }
 
 
 def relay_said_no(exc: BaseException, relay: bool) -> bool:
     """A relay parent that is not getting the piece: the normal case outside a scale-up, not an error."""
-    return relay and type(exc) is PeerRefusedError
+    return relay and isinstance(exc, PeerRefusedError)
+
+
+@dataclass
+class Holdings:
+    """What the live peers said they hold of one model's files, when asked (``/peer/v1/have``)."""
+
+    at: float = 0.0
+    complete: dict[str, set[str]] = field(default_factory=dict)  # fill key -> peers holding the whole file
+    pieces: dict[tuple[str, int], set[str]] = field(default_factory=dict)  # (fill key, index) -> peers
+
+    def holders(self, fill_key: str, index: int) -> set[str]:
+        return self.complete.get(fill_key, set()) | self.pieces.get((fill_key, index), set())
+
+    def learn(self, addr: str, answer: dict[str, object], keys: set[str], piece_count: dict[str, int]) -> None:
+        """Take one peer's answer, keeping only what names files asked about (a peer's word, checked)."""
+        complete = answer.get("complete")
+        if isinstance(complete, list):
+            for key in complete:
+                if isinstance(key, str) and key in keys:
+                    self.complete.setdefault(key, set()).add(addr)
+        pieces = answer.get("pieces")
+        if isinstance(pieces, dict):
+            for key, indexes in pieces.items():
+                if key not in keys or not isinstance(indexes, list):
+                    continue
+                for index in indexes[: piece_count[key]]:
+                    if isinstance(index, int) and not isinstance(index, bool) and 0 <= index < piece_count[key]:
+                        self.pieces.setdefault((key, index), set()).add(addr)
 
 
 class PeerReader:
     """This node's requests to its peers, and what it learns about them from the answers."""
 
     def __init__(
-        self, store: Store, metrics: Metrics, membership: Membership, client: PeerClient, connections: int
+        self,
+        store: Store,
+        metrics: Metrics,
+        membership: Membership,
+        client: PeerClient,
+        connections: int,
+        *,
+        start_wait: float = 0.0,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.membership = membership
         self.client = client
+        self.start_wait = start_wait  # --peer-start-wait
+        self._holdings: dict[str, Holdings] = {}  # model name -> what peers hold of it
+        self._asking: SingleFlight[str, Holdings] = SingleFlight()
         self._slots = OrderedSlots(max(PEER_CONNECTIONS_MIN, PEER_CONNECTIONS_FACTOR * connections))
 
     @property
@@ -93,16 +147,83 @@ class PeerReader:
         await self.store.run(h.fill.reset_whole, part_size)
         return True
 
+    async def wait_start(self) -> None:
+        """At start-up, wait (at most ``start_wait`` s) until every member answered once, before placing pieces.
+
+        A fill started before this node heard from the others (a warm set applied
+        at start-up, a prefetch at readiness) would take every piece from the origin.
+        """
+        await self.membership.wait_settled(self.start_wait)
+
     async def prepare(self, flight: Flight) -> None:
         """Compute the model's placement off the event loop, once per model and member list."""
         model = flight.ctx.model if flight.ctx is not None else None
         if model is not None:
             await self.membership.prepare(model)
 
+    async def learn_holders(self, flight: Flight) -> None:
+        """Ask the live peers which of the model's files and pieces they hold (once per model per HAVE_TTL).
+
+        One ``/peer/v1/have`` per live peer, all at once, bounded by the hedge
+        timeout; a peer that does not answer simply holds nothing here.
+        """
+        ctx = flight.ctx
+        model = ctx.model if ctx is not None else None
+        if ctx is None or model is None or not self.membership.live():
+            return
+        name = model[0]
+        known = self._holdings.get(name)
+        if known is not None and time.monotonic() - known.at < HAVE_TTL:
+            return
+        self._holdings[name] = await self._asking.run(name, lambda: self._ask_holders(ctx.pieces))
+        while len(self._holdings) > 64:  # models filling at once: the oldest answers go first
+            self._holdings.pop(next(iter(self._holdings)))
+
+    async def _ask_holders(self, pieces: tuple[tuple[str, int, int], ...]) -> Holdings:
+        counts: dict[str, int] = {}
+        for key, index, _ in pieces:
+            counts[key] = max(counts.get(key, 0), index + 1)
+        keys = list(counts)[:HAVE_KEYS_MAX]
+        piece_size = max((n for _, _, n in pieces), default=0)
+        found = Holdings(time.monotonic())
+        if not keys or piece_size <= 0:
+            return found
+
+        async def ask(addr: str) -> None:
+            try:
+                answer = await self.client.have(addr, keys, piece_size, self.me)
+            except PeerError as exc:
+                log.debug("have from %s: %s", addr, exc)
+                return
+            found.learn(addr, answer, set(keys), counts)
+
+        await asyncio.gather(*(ask(a) for a in self.membership.live()))
+        return found
+
+    def holders(self, flight: Flight, index: int) -> list[str]:
+        """Live peers that said they hold piece ``index`` complete, spread by rendezvous rank (HOLDER_TRIES)."""
+        ctx = flight.ctx
+        model = ctx.model if ctx is not None else None
+        known = self._holdings.get(model[0]) if model is not None else None
+        if known is None:
+            return []
+        key = flight.entry.fill_key
+        live = set(self.membership.live())
+        found = [a for a in known.holders(key, index) if a in live]
+        return rendezvous(found, key, index)[:HOLDER_TRIES]
+
     def sources(self, flight: Flight, index: int) -> list[tuple[str, bool]]:
-        """Whom to ask for piece ``index``, as (peer, as a relay parent); empty when this node owns it."""
+        """Whom to ask for piece ``index``, as (peer, as a relay parent); empty when nobody but the origin.
+
+        Holders first (whatever placement says), then placement's relay parent
+        and owners (empty from placement when this node owns the piece).
+        """
         model = flight.ctx.model if flight.ctx is not None else None
-        return self.membership.sources(flight.entry.fill_key, index, PEER_TRIES, model)
+        placed = self.membership.sources(flight.entry.fill_key, index, PEER_TRIES, model)
+        holders = self.holders(flight, index)
+        if not holders:
+            return placed
+        return [(a, False) for a in holders] + [(a, relay) for a, relay in placed if a not in holders]
 
     def promote(self, fill_key: str, index: int) -> None:
         """A relay child waits for this piece: its request here goes next among those waiting."""
@@ -142,7 +263,7 @@ class PeerReader:
             if got != stated:
                 raise PeerLiedError(f"piece {index} hashed {got}, the peer stated {stated!r}")
             try:
-                await record_piece(self.store, fill, index, got)
+                await record_piece(self.store, fill, index, got, addr)
             except IntegrityError as exc:
                 raise PeerLiedError(str(exc)) from None
             if sink.stream is not None:
@@ -169,8 +290,9 @@ class PeerReader:
         elif isinstance(exc, PeerSlowError):
             self.membership.mark_slow(addr, str(exc))
 
-    def _order(self, flight: Flight, index: int) -> tuple[int, int]:
-        """Where a piece asked of a peer waits for a connection: the model's pieces, rotated per node.
+    def _order(self, flight: Flight, index: int) -> tuple[int, ...]:
+        """Where a piece asked of a peer waits for a connection: level by level in the pieces' relay
+        trees, then the model's pieces rotated per node (:func:`~agent.peers.placement.request_key`).
 
         If every node asked for the pieces in model order, all of them would ask the
         owners of the first pieces at once while the owners of the last ones idle,
@@ -184,5 +306,6 @@ class PeerReader:
         if ctx is None or pos is None:
             return (flight.order, index)
         members = sorted([self.me, *self.membership.live()])
-        shift = members.index(self.me) * len(ctx.pieces) // len(members)
-        return (0, (pos - shift) % len(ctx.pieces))
+        assert ctx.model is not None
+        level = self.membership.tree_level(flight.entry.fill_key, index, ctx.model)
+        return (0, *request_key(level, pos, members.index(self.me), len(members), len(ctx.pieces)))

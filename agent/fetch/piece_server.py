@@ -11,14 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agent.errors import BusyError
 from agent.fetch.open_fills import OpenFill, OpenFills, PieceStream
 from agent.fetch.origin_reader import OriginReader
 from agent.fetch.peer_reader import PeerReader
-from agent.manifest import FileEntry
+from agent.manifest import FileEntry, FillKey
 from agent.origins import Origin
 from agent.store.store import Store
 
@@ -57,6 +57,7 @@ class PieceServer:
         self.peer_reader = peer_reader
         self.filling = filling  # whether this node's own flight fills a fill key now
         self._meta_pieces: dict[str, list[str]] = {}
+        self._meta_piece_size: dict[str, int] = {}
 
     async def serve(
         self, entry: FileEntry, index: int, origin: Origin, *, relay: bool = False, requester: str = ""
@@ -128,6 +129,42 @@ class PieceServer:
             log.warning("piece %d of %s for a peer failed: %s", index, h.entry.path, exc)
         finally:
             self.fills.release(h)
+
+    async def holds(self, keys: Sequence[str], piece_size: int) -> tuple[list[str], dict[str, list[int]]]:
+        """Which files (fill keys) this node holds complete, and the verified pieces of those open here.
+
+        For a peer deciding whom to ask first (``/peer/v1/have``): a piece held
+        complete comes from a holder, whatever placement says. Only pieces that
+        :meth:`serve` would answer from at once count (a blob cut in pieces of
+        ``piece_size``, or a recorded piece of an open partial file that came from
+        the origin); nothing is resolved or fetched.
+        """
+        complete: list[str] = []
+        pieces: dict[str, list[int]] = {}
+        for key in keys:
+            digest = self.store.sources.get(FillKey(key))
+            if digest is not None and self.store.has_blob(digest):
+                if await self._blob_piece_size(digest) == piece_size:
+                    complete.append(key)
+                continue
+            h = self.fills.get(key)
+            if h is not None and not h.closed and h.entry.piece_size == piece_size:
+                # Pieces that came from peers are left out: until the whole file is checked they are only
+                # a peer's word, and a requester that took a lie from here would blame this node.
+                own = [i for i in h.fill.done if i not in h.fill.peer_sources]
+                if own:
+                    pieces[key] = sorted(own)
+        return complete, pieces
+
+    async def _blob_piece_size(self, digest: str) -> int | None:
+        size = self._meta_piece_size.get(digest)
+        if size is None:
+            meta = await self.store.read_meta(digest)
+            value = meta.get("piece_size") if meta else None
+            if not isinstance(value, int):
+                return None
+            size = self._meta_piece_size[digest] = value
+        return size
 
     async def _blob_pieces(self, digest: str, entry: FileEntry) -> list[str] | None:
         pieces = self._meta_pieces.get(digest)

@@ -18,9 +18,12 @@ from agent.store.fill import BlobFill
 from agent.store.store import Store
 
 
-async def record_piece(store: Store, fill: BlobFill, index: int, digest: str) -> None:
-    """Record a written, hashed piece; the whole-file hash follows in the pool, without holding the caller."""
-    await store.run(fill.record_piece, index, digest)
+async def record_piece(store: Store, fill: BlobFill, index: int, digest: str, source: str | None = None) -> None:
+    """Record a written, hashed piece (from peer ``source``, None: the origin); the whole-file hash follows later.
+
+    The whole-file hash follows in the pool, without holding the caller.
+    """
+    await store.run(fill.record_piece, index, digest, source)
     store.run_later(fill.follow)
 
 

@@ -75,7 +75,10 @@ class Origins:
         log.info("origin clients ready (%.2fs)", time.monotonic() - started)
 
     async def close(self) -> None:
-        """Close the range client's kept-alive connections (the session is its owner's to close)."""
+        """Close the range client's kept-alive connections and the origins' open streams (the session is
+        its owner's to close)."""
+        for origin in set(self._by_scheme.values()):
+            await origin.close()
         await self.ranges.close()
 
     async def check_peer_ref(self, ref: ModelRef) -> None:

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from agent.errors import TransientOriginError
+from agent.errors import RangeIgnoredError, TransientOriginError
 from agent.manifest import FileEntry, Manifest
+from agent.origins.sequential import SequentialReader
 from agent.refs import ModelRef
 from client.errors import AccessDeniedError, FetchFailedError, ModelNotFoundError
 
@@ -58,6 +59,13 @@ class Origin(abc.ABC):
         """
         return None
 
+    def without_digest(self, entry: FileEntry) -> bool:
+        """Whether the origin gave no digest of ``entry`` to check its bytes against (only their own).
+
+        False by default: a local directory's bytes are the node's own. Network origins say
+        (:class:`HttpOrigin`: no sha256, git blob id, CRC32C or MD5; S3 also counts an MD5 ETag)."""
+        return False
+
     async def warm_up(self) -> None:  # noqa: B027 - optional hook: most origins have nothing to warm up
         """One-time set-up a first request would otherwise wait for (building SDK clients)."""
 
@@ -76,6 +84,10 @@ class HttpOrigin(Origin):
     def __init__(self, session: aiohttp.ClientSession, ranges: RangeClient) -> None:
         self.session = session
         self.ranges = ranges
+        self.sequential = SequentialReader(session, ranges.policy, ranges.read_timeout)
+
+    def without_digest(self, entry: FileEntry) -> bool:
+        return not (entry.sha256 or entry.git_sha1 or entry.crc32c or entry.md5)
 
     @abc.abstractmethod
     async def request_target(self, entry: FileEntry) -> tuple[str, dict[str, str]]:
@@ -83,8 +95,22 @@ class HttpOrigin(Origin):
 
     async def read_range(self, entry: FileEntry, offset: int, length: int, sink: Sink) -> None:
         url, headers = await self.request_target(entry)
-        head = await self.ranges.get_range(url, headers, offset, length, sink, what=entry.path)
-        check_status(head.status, entry, head.reason)
+        if not self.sequential.ignores_ranges(url):
+            try:
+                head = await self.ranges.get_range(url, headers, offset, length, sink, what=entry.path)
+            except RangeIgnoredError as exc:
+                self.sequential.mark(url)
+                url = exc.url or url
+            else:
+                check_status(head.status, entry, head.reason)
+                return
+        await self.sequential.read(
+            entry.fill_key, url, headers, offset, length, entry.size, sink, what=entry.path,
+            check=lambda status, reason: check_status(status, entry, reason),
+        )
+
+    async def close(self) -> None:
+        await self.sequential.close()
 
 
 async def pump_body(content: aiohttp.StreamReader, length: int, sink: Sink) -> bytes:

@@ -19,12 +19,20 @@ from https to http, and to another origin only where the
 ``HTTP_PROXY``, ``NO_PROXY``, as boto3 and huggingface_hub read it): https
 through a ``CONNECT`` tunnel, http in absolute form. No chunked bodies for 2xx
 answers (a clear error). Resolving, listing and HEAD requests stay on aiohttp.
+
+Two behaviours of Hub mirrors and CDNs are handled here: a ``200`` answer that is
+not exactly the range (a server that ignores ``Range``, chunked or not) raises
+``RangeIgnoredError`` for the origin to read the file as one stream
+(agent/origins/sequential.py); and the URL a redirect led to (a CDN's signed URL)
+is remembered per requested URL and asked directly for the next ranges until it
+expires or is refused, then signed anew (:meth:`RangeClient.get_range`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import calendar
 import collections
 import contextlib
 import logging
@@ -34,9 +42,9 @@ import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import cast
-from urllib.parse import unquote, urljoin, urlsplit
+from urllib.parse import parse_qsl, unquote, urljoin, urlsplit
 
-from agent.errors import TransientOriginError
+from agent.errors import RangeIgnoredError, TransientOriginError
 from agent.origins.base import FLUSH_SECONDS, Sink
 from agent.origins.policy import AddressPolicy, AddressRefusedError, downgrade
 from client.errors import FetchFailedError
@@ -54,6 +62,9 @@ MAX_REDIRECTS = 5
 IDLE_SECONDS = 10.0  # a kept-alive connection unused this long is closed, not reused
 CONNECT_TIMEOUT = 10.0
 REDIRECTS = (301, 302, 303, 307, 308)
+SIGNED_REFUSALS = (401, 403, 410)  # a remembered redirect target answering these has expired: sign anew
+SIGNED_MARGIN = 30.0  # seconds before a signed URL's expiry that it is no longer used
+MAX_SIGNED = 4096  # redirect targets remembered (one per file of the models being fetched)
 
 
 class BufferPool:
@@ -87,11 +98,12 @@ class BufferPool:
 
 @dataclass
 class Head:
-    """Status and headers of an answer (header names lower-case)."""
+    """Status and headers of an answer (header names lower-case); ``url``: the URL that answered."""
 
     status: int
     headers: dict[str, str]
     reason: str = ""
+    url: str = ""
 
     @property
     def content_length(self) -> int | None:
@@ -366,6 +378,7 @@ class RangeClient:
         self._closed = False
         self.buffers = BufferPool()
         self._proxies: dict[tuple[str, str, int], Proxy | None] = {}  # the proxy decision, per origin
+        self._signed: dict[str, tuple[str, float | None]] = {}  # URL -> (where it redirected, that URL's expiry)
 
     async def get_range(
         self, url: str, headers: dict[str, str], offset: int, length: int, sink: Sink, *, what: str
@@ -373,17 +386,54 @@ class RangeClient:
         """GET ``length`` bytes of ``url`` from ``offset`` into ``sink``; return the answer's head.
 
         A 2xx answer must be exactly the range (206 with the matching
-        Content-Range, or a 200 of exactly ``length`` bytes from offset 0);
-        any other status is returned with its reason and no body read, for the
-        caller to map (agent/origins/base.py check_status). ``what`` names the
-        file in errors.
+        Content-Range, or a 200 of exactly ``length`` bytes from offset 0; a
+        200 of anything else raises RangeIgnoredError); any other status is
+        returned with its reason and no body read, for the caller to map
+        (agent/origins/base.py check_status). ``what`` names the file in errors.
 
         ``url`` itself is trusted (the operator's endpoint, or a reference
         already judged); a redirect to another origin is judged by the policy
         on the addresses it resolves to, and one from https to http refused.
+
+        Where ``url`` redirected (a hub's CDN with a signed URL), the next
+        ranges go straight to where it led (:meth:`signed_target`), saving a
+        round trip each, until that URL expires (its expiry parameter) or is
+        refused (401/403/410): then ``url`` is asked again, which signs anew.
         """
+        target = self.signed_target(url)
+        if target is not None:
+            head = await self._get_range(target, headers, offset, length, sink, what=what, first=url)
+            if head.status not in SIGNED_REFUSALS:
+                return head
+            self._signed.pop(url, None)
+            log.info("the redirect target of %r was refused (%d): asking the origin again", what, head.status)
+        return await self._get_range(url, headers, offset, length, sink, what=what)
+
+    def signed_target(self, url: str) -> str | None:
+        """The URL ``url`` last redirected to, while its expiry parameter (if any) is more than
+        SIGNED_MARGIN seconds away; None otherwise."""
+        known = self._signed.get(url)
+        if known is None:
+            return None
+        target, expires = known
+        if expires is not None and time.time() > expires - SIGNED_MARGIN:
+            del self._signed[url]
+            return None
+        return target
+
+    async def _get_range(
+        self, url: str, headers: dict[str, str], offset: int, length: int, sink: Sink, *, what: str,
+        first: str | None = None,
+    ) -> Head:
+        """One range GET of ``url``, following redirects. ``first``: the trusted URL this one stands for
+        (a remembered redirect target): judged and without Authorization when it is another origin."""
+        start = url
         headers = {**headers, "Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
-        first, judge = _origin_of(url), False
+        origin = _origin_of(first or url)
+        judge = _origin_of(url) != origin and not self.policy.allow_private
+        if _origin_of(url) != origin:
+            headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        first_origin = origin
         for _ in range(MAX_REDIRECTS + 1):
             conn, head = await self._request(url, headers, judge, what)
             if head.status in REDIRECTS and "location" in head.headers:
@@ -394,8 +444,9 @@ class RangeClient:
                 if _origin_of(target) != _origin_of(url):
                     headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
                 url = target
-                judge = _origin_of(url) != first and not self.policy.allow_private
+                judge = _origin_of(url) != first_origin and not self.policy.allow_private
                 continue
+            head.url = url
             if head.status not in (200, 206):
                 head.reason = await self._reason(conn, head)
                 return head
@@ -406,15 +457,25 @@ class RangeClient:
                 conn.close()
                 raise
             self._put_back(conn, head)
+            if url != start and first is None:
+                self._remember_redirect(start, url)
             return head
         raise FetchFailedError(f"{what}: more than {MAX_REDIRECTS} redirects from the origin")
 
+    def _remember_redirect(self, url: str, target: str) -> None:
+        """Ask ``target`` directly for ``url``'s next ranges (at most MAX_SIGNED URLs remembered)."""
+        if len(self._signed) >= MAX_SIGNED:
+            self._signed.pop(next(iter(self._signed)))
+        self._signed[url] = (target, signed_expiry(target))
+
     @staticmethod
     def _check_range(head: Head, offset: int, length: int, what: str) -> None:
+        if head.status == 200 and not (
+            offset == 0 and head.content_length == length and "transfer-encoding" not in head.headers
+        ):
+            raise RangeIgnoredError(f"origin ignored the Range header for {what!r}", head.url)
         if "transfer-encoding" in head.headers or head.content_length is None:
             raise FetchFailedError(f"origin sent {what!r} without a Content-Length; a range must have one")
-        if head.status == 200 and not (offset == 0 and head.content_length == length):
-            raise FetchFailedError(f"origin ignored the Range header for {what!r}")
         if head.status == 206:
             if not head.headers.get("content-range", "").startswith(f"bytes {offset}-{offset + length - 1}/"):
                 raise TransientOriginError(f"unexpected Content-Range {head.headers.get('content-range')!r}")
@@ -646,6 +707,23 @@ class RangeClient:
             for conn in idle:
                 conn.close()
         self._idle.clear()
+
+
+def signed_expiry(url: str) -> float | None:
+    """When a signed URL stops working (Unix time), from its query: ``X-Amz-Date`` + ``X-Amz-Expires``
+    (S3 presigned, the hub's CDN), or ``Expires`` / ``expires`` / ``exp`` (CloudFront and others: Unix
+    time). None when it says nothing (it is used until refused); garbage counts as nothing."""
+    query = {k.lower(): v for k, v in parse_qsl(urlsplit(url).query)}
+    try:
+        if "x-amz-date" in query and "x-amz-expires" in query:
+            signed = calendar.timegm(time.strptime(query["x-amz-date"], "%Y%m%dT%H%M%SZ"))
+            return float(signed + int(query["x-amz-expires"]))
+        for name in ("expires", "exp"):
+            if name in query and query[name].isdigit():
+                return float(query[name])
+    except (ValueError, OverflowError):
+        return None
+    return None
 
 
 def _encode_head(lines: list[str]) -> bytes:

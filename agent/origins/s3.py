@@ -80,6 +80,11 @@ class S3Origin(HttpOrigin):
             )
         return Manifest(ref=ref.base, origin="s3", revision=revision, files=tuple(files), resolved_at=time.time())
 
+    def without_digest(self, entry: FileEntry) -> bool:
+        """No sha256 and an ETag that is no MD5 (plain or multipart): SSE-KMS, say."""
+        etag = str(entry.source.get("etag", "")).strip('"').lower()
+        return super().without_digest(entry) and not re.fullmatch(r"[0-9a-f]{32}(-[0-9]+)?", etag)
+
     async def etag_part_size(self, entry: FileEntry) -> int | None:
         """How to recompute this object's ETag: 0 for a plain MD5, the part size of a multipart upload.
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from agent.errors import PeerCutShortError, PeerDownError, PeerRefusedError, PeerSlowError
+from agent.errors import PeerBusyError, PeerCutShortError, PeerDownError, PeerRefusedError, PeerSlowError
 from agent.origins.base import Sink, pump_body
 
 HASH_LEN = 32  # xxh3-128 hex
@@ -70,9 +70,12 @@ class PeerClient:
         self.hedge_timeout = hedge_timeout
         self.read_timeout = read_timeout
 
-    async def ping(self, addr: str) -> None:
+    async def ping(self, addr: str, sender: str = "") -> None:
+        """Raise unless ``addr`` answers; ``sender`` (this node's name) tells it that this node is alive."""
         timeout = aiohttp.ClientTimeout(total=PING_TIMEOUT)
-        async with self.session.get(f"http://{addr}/peer/v1/ping", headers=self.headers, timeout=timeout) as resp:
+        params = {"from": sender} if sender else None
+        url = f"http://{addr}/peer/v1/ping"
+        async with self.session.get(url, params=params, headers=self.headers, timeout=timeout) as resp:
             if resp.status != 200:
                 raise PeerRefusedError(f"ping answered {resp.status}")
             await resp.read()
@@ -97,7 +100,8 @@ class PeerClient:
         async with resp:
             if resp.status != 200:
                 body = (await _safe_read(resp))[:200]
-                raise PeerRefusedError(f"answered {resp.status}: {body}")
+                refused = PeerBusyError if resp.status >= 500 else PeerRefusedError
+                raise refused(f"answered {resp.status}: {body}")
             if resp.content_length != length + HASH_LEN:
                 raise PeerRefusedError(f"answered {resp.content_length} bytes for a {length}-byte piece")
             if on_answer is not None:
@@ -115,10 +119,36 @@ class PeerClient:
                 raise PeerCutShortError(f"{type(exc).__name__}: {exc}") from None
         return stated
 
-    async def prefetch(self, addr: str, ref: str, pin: bool | None) -> AsyncIterator[dict[str, object]]:
-        """Ask ``addr`` to prefetch ``ref``; yield its NDJSON lines (progress, then complete or error)."""
+    async def have(self, addr: str, keys: list[str], piece_size: int, sender: str = "") -> dict[str, object]:
+        """Which of the files ``keys`` ``addr`` holds complete, and the verified pieces of those it is filling.
+
+        The raw JSON object (``{"complete": [...], "pieces": {key: [...]}}``); the
+        caller checks it (it is a peer's word). Bounded by the hedge timeout.
+        """
+        timeout = aiohttp.ClientTimeout(total=self.hedge_timeout)
+        body = {"keys": keys, "piece_size": piece_size, "from": sender}
+        try:
+            async with self.session.post(
+                f"http://{addr}/peer/v1/have", json=body, headers=self.headers, timeout=timeout
+            ) as resp:
+                if resp.status != 200:
+                    raise PeerRefusedError(f"have answered {resp.status}: {(await _safe_read(resp))[:200]}")
+                data = await resp.json(content_type=None)
+        except TimeoutError:
+            raise PeerSlowError(f"have: no answer within {self.hedge_timeout}s") from None
+        except (aiohttp.ClientError, ConnectionError, OSError, ValueError) as exc:
+            raise PeerDownError(f"have: {type(exc).__name__}: {exc}") from None
+        if not isinstance(data, dict):
+            raise PeerRefusedError("have answered something other than a JSON object")
+        return data
+
+    async def prefetch(
+        self, addr: str, ref: str, pin: bool | None, selection: dict[str, object] | None = None
+    ) -> AsyncIterator[dict[str, object]]:
+        """Ask ``addr`` to prefetch ``ref`` (the files ``selection``'s request fields pick); yield its NDJSON
+        lines (progress, then complete or error)."""
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30)  # progress lines come every 0.5 s
-        body = {"ref": ref, "pin": pin}
+        body: dict[str, object] = {"ref": ref, "pin": pin, **(selection or {})}
         try:
             async with self.session.post(
                 f"http://{addr}/peer/v1/prefetch", json=body, headers=self.headers, timeout=timeout

@@ -1,11 +1,12 @@
 """Peers: who else caches for this cluster, which of them answer, and who owns a piece.
 
-Placement is rendezvous (highest-random-weight) hashing: for piece ``index`` of
-the bytes named ``fill_key``, every member (peers and this node) gets the score
-``xxh3_64(f"{member}|{fill_key}|{index}")`` and the highest score owns the
-piece. Every node computes the same owner from the same member list without
-talking to anyone; when a member leaves only its own pieces move (each to its
-next-highest member), and the pieces spread evenly over the members.
+Placement is a consistent-hash ring (agent/peers/placement.py): each member
+(peers and this node) has points on a circle, piece ``index`` of the bytes named
+``fill_key`` has one, and the walk clockwise from the piece names its members in
+order, owner first. Every node computes the same owner from the same member
+list without talking to anyone; when a member leaves only its own pieces move
+(each to the next member on the walk), and the pieces spread evenly over the
+members.
 
 Members are named ``HOST:PORT`` exactly as they appear in ``--peers`` or as
 ``--peer-dns`` resolves them (``IP:PORT``), so all nodes name each other the
@@ -15,7 +16,16 @@ host's interfaces with the listen port.
 
 Liveness: a background task pings every peer (short timeout) and re-resolves
 the DNS name now and then. A peer that fails a ping, or a request, drops out of
-placement until a ping succeeds again. A peer that sent bytes that did not
+placement until a ping succeeds again. A request or ping *from* a member
+(``from=`` names the sender) counts as liveness too (:meth:`Membership.heard_from`).
+
+Start-up: nodes that scale up together each start every fill at once, and a
+piece this node thinks it owns because it has not yet heard from the others
+goes to the origin (measured: three agents prefetching at readiness took 1.83x
+the model from the origin, issue 24). So until every member has answered once
+(:attr:`Membership.settled`, at most START_PHASE seconds) the probes run every
+START_PROBE_INTERVAL, and readiness and fills wait for it, bounded by
+``--peer-start-wait``. A peer that sent bytes that did not
 match what it promised is *penalised*: left out for a while, longer each time.
 """
 
@@ -29,12 +39,15 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from agent.peers.placement import PieceSpec, Placement, compute_placement, rendezvous, tree_parent
+from agent.peers.placement import PieceSpec, Placement, compute_placement, ring
 from agent.singleflight import SingleFlight
 
 log = logging.getLogger(__name__)
 
 PROBE_INTERVAL = 2.0
+START_PROBE_INTERVAL = 0.2  # probes while some member has not answered yet (the start phase)
+START_PHASE = 30.0  # the start phase ends after this many seconds even if some member never answered
+START_DNS_INTERVAL = 1.0  # DNS lookups in the start phase: pods of a scale-up appear in it over seconds
 PENALTY_BASE = 30.0
 PENALTY_CAP = 600.0
 SUSPECT_LIMIT = 2  # consecutive slow answers before a peer is taken out of placement
@@ -130,6 +143,10 @@ class Membership:
         self._computing: SingleFlight[tuple[str, tuple[str, ...]], Placement] = SingleFlight()
         self.peers: dict[str, Peer] = {}
         self._dns_at = 0.0
+        self._listed = False  # the member list was looked up at least once
+        self._answered: set[str] = set()  # members that answered (or spoke) at least once
+        self._started = time.monotonic()
+        self._settled = asyncio.Event()  # every member answered once, or the start phase is over
 
     @property
     def me(self) -> str:
@@ -191,6 +208,8 @@ class Membership:
                 found += [a for a in self.peers if a not in found]
             self._dns_at = time.monotonic()
         await self.set_members(found)
+        self._listed = True
+        self._check_settled()
 
     # -- liveness ------------------------------------------------------------
     def mark_up(self, addr: str) -> None:
@@ -200,6 +219,55 @@ class Membership:
                 log.info("peer %s is up", addr)
             peer.alive = True
             peer.slow = 0
+            if addr not in self._answered:
+                self._answered.add(addr)
+                self._check_settled()
+
+    def heard_from(self, addr: str) -> None:
+        """A ping or piece request came from member ``addr`` (its ``from=``): it is alive now.
+
+        Without this a node that has just started would leave a member that is
+        already asking it for pieces out of placement until its next probe. A
+        name not in the list (a pod DNS does not list yet) makes the next probe
+        round look the name up again; the name itself is never added unchecked.
+        """
+        if addr in self.peers:
+            self.mark_up(addr)
+        elif self.dns_name and addr and addr not in (self.self_addr, self.listen):
+            self._dns_at = 0.0
+
+    @property
+    def settled(self) -> bool:
+        """Whether the start phase is over: every member answered once, or START_PHASE passed."""
+        return self._settled.is_set()
+
+    async def wait_settled(self, timeout: float) -> bool:
+        """Wait until every member answered once (the start phase), at most ``timeout`` seconds; True if so."""
+        if self._settled.is_set():
+            return True
+        if timeout <= 0:
+            return False
+        try:
+            await asyncio.wait_for(self._settled.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def not_answered(self) -> list[str]:
+        """Members that have not answered once yet (for the start-up log line)."""
+        return [a for a in self.peers if a not in self._answered]
+
+    def _check_settled(self) -> None:
+        if self._settled.is_set():
+            return
+        # A DNS name that lists no peer yet is not a cluster of one: pods that start together
+        # appear in it over seconds (the start wait bounds how long a real cluster of one waits).
+        if self._listed and (self.peers or not self.dns_name) and all(a in self._answered for a in self.peers):
+            log.info("peers: every member answered (%d) after %.2fs", len(self.peers), time.monotonic() - self._started)
+            self._settled.set()
+        elif time.monotonic() - self._started >= START_PHASE:
+            log.warning("peers: start phase over; not answered yet: %s", ",".join(self.not_answered()) or "-")
+            self._settled.set()
 
     def mark_down(self, addr: str, why: str) -> None:
         peer = self.peers.get(addr)
@@ -229,15 +297,20 @@ class Membership:
         log.error("peer %s penalised for %.0fs (strike %d): %s", addr, span, peer.strikes, why)
 
     async def run(self, ping: Callable[[str], Awaitable[None]]) -> None:
-        """Background task: refresh the list, ping every peer, forever."""
+        """Background task: refresh the list, ping every peer, forever (fast until every member answered once)."""
+        self._started = time.monotonic()
         while True:
+            starting = not self._settled.is_set()
             try:
-                if not self.peers or (self.dns_name and time.monotonic() - self._dns_at >= self.dns_interval):
+                dns_every = min(self.dns_interval, START_DNS_INTERVAL) if starting else self.dns_interval
+                due = self.dns_name and time.monotonic() - self._dns_at >= dns_every
+                if not self._listed or not self.peers or due:
                     await self.refresh()
                 await asyncio.gather(*(self._probe(a, ping) for a in list(self.peers)))
             except Exception:  # the loop must outlive any one bad round
                 log.exception("peer probe round failed")
-            await asyncio.sleep(self.probe_interval)
+            self._check_settled()
+            await asyncio.sleep(START_PROBE_INTERVAL if not self._settled.is_set() else self.probe_interval)
 
     async def _probe(self, addr: str, ping: Callable[[str], Awaitable[None]]) -> None:
         try:
@@ -254,8 +327,7 @@ class Membership:
 
     def owners(self, fill_key: str, index: int) -> list[str]:
         """Live members (this node included) ranked for the piece, owner first."""
-        return rendezvous([self.me, *self.live()], fill_key, index)
-
+        return ring([self.me, *self.live()]).ranked(fill_key, index)
 
     def sources(
         self, fill_key: str, index: int, limit: int, model: tuple[str, Sequence[PieceSpec]] | None = None
@@ -273,47 +345,34 @@ class Membership:
         which passes the piece on as it lands. A parent that neither holds nor is
         receiving the piece says so at once (it never goes to the origin for a
         relay request); then the owners are asked: the piece's owner (the
-        balanced one with ``model``, else the top of the rendezvous ranking),
-        then those ranked above this node, at most ``limit``.
+        balanced one with ``model``, else the first on the piece's ring walk),
+        then those ahead of this node on the walk, at most ``limit``.
         """
-        ranked, order = self._placed(fill_key, index, model)
-        owners = self._owners_to_ask(ranked, order, limit)
-        if not owners:
-            return []
-        parent = self._relay_parent(order)
-        return ([(parent, True)] if parent is not None else []) + [(a, False) for a in owners]
-
-    def _placed(
-        self, fill_key: str, index: int, model: tuple[str, Sequence[PieceSpec]] | None
-    ) -> tuple[list[str], list[str]]:
-        """The piece's rendezvous ranking of the live members, and its relay order (owner first).
-
-        With ``model`` the owner is the balanced one and the order the balanced
-        relay tree (:func:`balanced_owners`, :func:`relay_orders`); without it,
-        both are the plain ranking.
-        """
-        ranked = self.owners(fill_key, index)
-        order = None
+        members = tuple(sorted([self.me, *self.live()]))
+        on_ring = ring(members)
+        owner, parent = next(on_ring.walk(fill_key, index)), None
         if model is not None:
-            order = self._balanced(model, tuple(sorted(ranked))).orders.get((fill_key, index))
-        return ranked, order or ranked
-
-    def _owners_to_ask(self, ranked: list[str], order: list[str], limit: int) -> list[str]:
-        owner = order[0]
+            placement = self._balanced(model, members)
+            piece = (fill_key, index)
+            if piece in placement.orders:
+                owner, parent = placement.owners.get(piece, owner), placement.orders.parent(piece, self.me)
         if owner == self.me:
             return []
-        out = [owner]
-        for addr in ranked:
-            if addr == self.me or len(out) >= limit:
+        owners = [owner]
+        for addr in on_ring.walk(fill_key, index):  # then those ahead of this node on the piece's walk
+            if addr == self.me or len(owners) >= limit:
                 break
             if addr != owner:
-                out.append(addr)
-        return out[:limit]
+                owners.append(addr)
+        relay = [(parent, True)] if parent is not None and parent != owner else []
+        return relay + [(a, False) for a in owners[:limit]]
 
-    def _relay_parent(self, order: list[str]) -> str | None:
-        parent = tree_parent(order, self.me)
-        return None if parent == order[0] else parent
-
+    def tree_level(self, fill_key: str, index: int, model: tuple[str, Sequence[PieceSpec]]) -> int:
+        """This node's level in the piece's relay tree (0: it owns the piece), for the order it asks in."""
+        members = tuple(sorted([self.me, *self.live()]))
+        orders = self._balanced(model, members).orders
+        piece = (fill_key, index)
+        return orders.level(piece, self.me) if piece in orders else 0
 
     async def prepare(self, model: tuple[str, Sequence[PieceSpec]]) -> None:
         """Compute the model's placement for the current members off the event loop, once.

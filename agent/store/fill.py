@@ -3,7 +3,11 @@
 Layout under the cache root (see agent/store/store.py):
 
     partial/<fill key>.part   the preallocated file, written with positional writes
-    partial/<fill key>.json   {"size", "piece_size", "done": {index: xxh3-128 hex}}
+    partial/<fill key>.json   {"size", "piece_size", "done": {index: xxh3-128 hex}, "peers": {index: peer}}
+
+``peers`` names the peer each piece came from (pieces from the origin are not
+in it): a fill resumed after a restart still knows which pieces to fetch again
+from the origin, and whom to penalise, if the whole file does not match.
 
 A piece is recorded in the state file only after its bytes were written and
 hashed, and the state file is replaced atomically, so after a crash (kill -9)
@@ -320,6 +324,7 @@ class BlobFill:
         self.path = os.path.join(directory, f"{self.key}.part")
         self.state_path = os.path.join(directory, f"{self.key}.json")
         self.done: dict[int, str] = {}
+        self.peer_sources: dict[int, str] = {}  # index -> the peer a recorded piece came from
         self.fd = -1
         self._state_lock = threading.Lock()  # pieces finish on several I/O threads at once
         self._write_lock = threading.Lock()
@@ -348,6 +353,7 @@ class BlobFill:
                 offset, length = self.entry.piece_range(index)
                 if hash_range(self.fd, offset, length) == digest:
                     self.done[index] = digest
+        self.peer_sources = {i: a for i, a in self._read_peers().items() if i in self.done}
         return sum(self.entry.piece_range(i)[1] for i in self.done)
 
     def _open_partial(self) -> tuple[int, bool]:
@@ -384,7 +390,7 @@ class BlobFill:
             _unlink_quietly(self.path)
         raise OSError(errno.EEXIST, "cannot create the partial file: its name keeps being taken", self.path)
 
-    def _read_state(self) -> dict[int, str] | None:
+    def _read_record(self) -> dict[str, Any] | None:
         try:  # not through a link: what one points at is no state of ours
             with open(os.open(self.state_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), encoding="utf-8") as f:
                 data = json.load(f)
@@ -394,10 +400,36 @@ class BlobFill:
             if exc.errno != errno.ELOOP:
                 raise
             return None
+        if not isinstance(data, dict):
+            return None
         if data.get("size") != self.entry.size or data.get("piece_size") != self.entry.piece_size:
+            return None
+        return data
+
+    def _read_state(self) -> dict[int, str] | None:
+        data = self._read_record()
+        if data is None:
             return None
         done = data.get("done", {})
         return {int(k): str(v) for k, v in done.items() if 0 <= int(k) < self.entry.piece_count}
+
+    def _read_peers(self) -> dict[int, str]:
+        """Which recorded pieces came from which peer (a record without ``peers`` is an older agent's: none)."""
+        data = self._read_record()
+        peers = data.get("peers") if data is not None else None
+        if not isinstance(peers, dict):
+            return {}
+        out: dict[int, str] = {}
+        for k, v in peers.items():
+            if isinstance(k, str) and k.isdigit() and isinstance(v, str) and 0 <= int(k) < self.entry.piece_count:
+                out[int(k)] = v
+        return out
+
+    def _record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {"size": self.entry.size, "piece_size": self.entry.piece_size, "done": self.done}
+        if self.peer_sources:
+            record["peers"] = self.peer_sources
+        return record
 
     def _preallocate(self) -> None:
         if self.entry.size == 0:
@@ -443,8 +475,11 @@ class BlobFill:
                     batch = _advance(batch, n)
             self.sizer.record(limit, offset - begin, time.thread_time_ns() - started)
 
-    def record_piece(self, index: int, digest: str) -> None:
+    def record_piece(self, index: int, digest: str, source: str | None = None) -> None:
         """Mark a written, hashed piece complete; check it against the manifest if known.
+
+        ``source`` is the peer the bytes came from (None: the origin), kept in the
+        record so that a restart still knows it (see the module's docstring).
 
         The whole-file hash does not follow here: a piece that completes a long prefix
         would hash it (up to the whole file) while its connection waits. The fetcher
@@ -458,10 +493,11 @@ class BlobFill:
             )
         with self._state_lock:
             self.done[index] = digest
-            write_json_atomic(
-                self.state_path,
-                {"size": self.entry.size, "piece_size": self.entry.piece_size, "done": self.done},
-            )
+            if source is None:
+                self.peer_sources.pop(index, None)
+            else:
+                self.peer_sources[index] = source
+            write_json_atomic(self.state_path, self._record())
 
     def follow(self) -> None:
         """Advance the whole-file hash over the completed prefix, unless another thread is at it."""
@@ -486,10 +522,8 @@ class BlobFill:
         """Drop a recorded piece (it will be fetched again); the whole-file hash must be reset after."""
         with self._state_lock:
             self.done.pop(index, None)
-            write_json_atomic(
-                self.state_path,
-                {"size": self.entry.size, "piece_size": self.entry.piece_size, "done": self.done},
-            )
+            self.peer_sources.pop(index, None)
+            write_json_atomic(self.state_path, self._record())
 
     def _contiguous_end(self) -> int:
         index = self._whole.offset // self.entry.piece_size

@@ -8,7 +8,10 @@ hidden temporary directory and renamed into place, so a reader never sees a
 half-built one; two agents' requests racing to build it both end with the same
 complete directory. The links carry no data: the blobs' read-only bytes are what
 is read, and a blob evicted later leaves a dangling link until the next open
-fetches it back under the same name.
+fetches it back under the same name. A revision fetched once with some files and
+later with more (agent/selection.py) grows its snapshot: the new links are added
+in place, each one atomically (a reader sees a file whole or not at all, and no
+file ever goes away).
 
 Paths come from manifests, whose file paths were checked as relative, ``..``-free
 paths when they were resolved (agent/refs.check_relative_path).
@@ -22,6 +25,7 @@ the umask.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -40,7 +44,9 @@ def link_snapshot(root: str, key: str, revision: str, files: Iterable[tuple[str,
     rel = os.path.join(SNAPSHOTS, key, revision)
     final = os.path.join(root, rel)
     parent = ensure_dir(root, SNAPSHOTS, key)
+    files = list(files)
     if _is_real_dir(final):
+        _grow(final, files)
         return rel
     tmp = tempfile.mkdtemp(prefix=f"{_TMP_PREFIX}{revision}-", dir=parent)
     try:
@@ -63,6 +69,35 @@ def link_snapshot(root: str, key: str, revision: str, files: Iterable[tuple[str,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return rel
+
+
+def _grow(final: str, files: list[tuple[str, str]]) -> None:
+    """Add the links of ``files`` that the existing snapshot ``final`` lacks (a later, wider selection).
+
+    Each link is made under a temporary name beside its place and renamed there. A directory on the way
+    that is not a real one (a link: not made here) stops the growth with an error rather than being followed.
+    """
+    for path, digest in files:
+        link = os.path.join(final, path)
+        if os.path.lexists(link):
+            continue
+        parts = path.split("/")[:-1]
+        where = final
+        for part in parts:
+            where = os.path.join(where, part)
+            try:
+                os.mkdir(where, DIR_MODE)
+                os.chmod(where, DIR_MODE)  # mkdir takes the umask; pods read as anyone
+            except FileExistsError:
+                pass
+            if not _is_real_dir(where):
+                raise OSError(errno.ENOTDIR, "not a real directory in a snapshot", where)
+        up = [".."] * (path.count("/") + 3)
+        tmp = os.path.join(os.path.dirname(link), f"{_TMP_PREFIX}{os.getpid()}-{os.path.basename(link)}")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        os.symlink(os.path.join(*up, "blobs", digest), tmp)
+        os.rename(tmp, link)
 
 
 def _is_real_dir(path: str) -> bool:

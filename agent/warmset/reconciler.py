@@ -329,7 +329,7 @@ class WarmSet:
                     continue  # gave up on a fixed revision: only a new file tries again
             elif entry.state == EntryState.READY:
                 fresh = not entry.moving or now - entry.last_resolved < self.spec.refresh
-                if fresh and (entry.manifest is None or self.service.is_complete(entry.manifest)):
+                if fresh and (entry.manifest is None or self.service.holds(entry.manifest)):
                     continue  # (a ready model someone evicted by hand is fetched again)
             entry.task = asyncio.create_task(self._work(entry), name=f"warm {entry.spec.ref}")
 
@@ -376,10 +376,13 @@ class WarmSet:
         if entry.revision is None and entry.moving and (rec := self.store.models.get(entry.ref.key)) is not None:
             # After a restart: the revision the node has whole is the one a new revision replaces.
             known = await self.store.load_manifest(entry.ref, rec.revision)
-            if known is not None and self.service.is_complete(known):
+            if known is not None and await self.service.is_complete(known, entry.spec.selection):
                 entry.revision = rec.revision
         rev = manifest.revision
-        if rev == entry.revision and self.service.is_complete(manifest):
+        # From here on the entry's manifest is the part of the revision its selection picks (sizes, holds,
+        # status); the saved manifest stays whole (agent/service.py ensure).
+        manifest = await self.service.select(entry.ref, manifest, entry.spec.selection)
+        if rev == entry.revision and self.service.holds(manifest):
             rec = self.store.models.get(entry.ref.key)
             if rec is None or rec.revision != rev or rec.pinned != entry.spec.pin:
                 await self.store.record_model(entry.ref, rev, entry.spec.pin)
@@ -420,7 +423,7 @@ class WarmSet:
         else:
             log.info("warm set: fetching %s@%s (%s)", entry.spec.ref, rev, format_size(manifest.total_size))
         try:
-            manifest = await self.service.ensure(entry.ref, manifest, entry.spec.pin)
+            manifest = await self.service.ensure(entry.ref, manifest, entry.spec.pin, entry.spec.selection)
         except CapacityError as exc:  # the disk (not the pinned total) is short: wait for a change too
             other = await self._other_pinned(entry, manifest)
             entry.fail("capacity", str(exc), None)

@@ -8,6 +8,9 @@ models:
     pin: true
   - ref: s3://models/embedder
     pin: false                                        # prefetched, evictable
+  - ref: hf://org/model-with-onnx
+    include: ["*.onnx", "*.json"]                     # which files (default: the loader's; or all_files: true)
+    exclude: ["onnx/*quantized*"]
 refresh: 10m                                          # how often references are re-resolved
 ```
 """
@@ -22,11 +25,13 @@ import yaml
 
 from agent.errors import WarmSetError
 from agent.refs import ModelRef, parse_ref
+from agent.selection import DEFAULT, Selection
 from client.errors import WarmstartError
 
 DEFAULT_REFRESH = 600.0
 MIN_REFRESH = 1.0
 MAX_ENTRIES = 1000
+ENTRY_KEYS = ("ref", "pin", "include", "exclude", "all_files")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -58,6 +63,7 @@ def parse_duration(value: object, what: str = "refresh") -> float:
 class EntrySpec:
     ref: str  # as written
     pin: bool
+    selection: Selection = DEFAULT  # which files (agent/selection.py): the loader's unless the entry says
 
     @property
     def parsed(self) -> ModelRef:
@@ -97,9 +103,13 @@ def parse_warm_set(text: str) -> WarmSetSpec:
             item = {"ref": item}
         if not isinstance(item, dict):
             raise WarmSetError(f"{where}: expected a mapping with 'ref' (and 'pin'), got {type(item).__name__}")
-        unknown = sorted(str(k) for k in item if k not in ("ref", "pin"))
+        unknown = sorted(str(k) for k in item if k not in ENTRY_KEYS)
         if unknown:
-            raise WarmSetError(f"{where}: unknown key {unknown[0]!r} (allowed: ref, pin)")
+            raise WarmSetError(f"{where}: unknown key {unknown[0]!r} (allowed: {', '.join(ENTRY_KEYS)})")
+        try:
+            selection = Selection.parse(item.get("include"), item.get("exclude"), item.get("all_files"))
+        except WarmstartError as exc:
+            raise WarmSetError(f"{where}: {exc}") from None
         ref = item.get("ref")
         if not isinstance(ref, str) or not ref.strip():
             raise WarmSetError(f"{where}: 'ref' is required and must be a string")
@@ -113,7 +123,7 @@ def parse_warm_set(text: str) -> WarmSetSpec:
         if parsed.key in seen:
             raise WarmSetError(f"{where}: {parsed.base} is already listed as {seen[parsed.key]!r}; list a model once")
         seen[parsed.key] = ref.strip()
-        entries.append(EntrySpec(ref.strip(), pin))
+        entries.append(EntrySpec(ref.strip(), pin, selection))
     return WarmSetSpec(tuple(entries), refresh)
 
 

@@ -29,6 +29,16 @@ LFS files); branches map to commits and can be moved. Files are served from the
 directory, so a file changed after its commit gets a 500 rather than silently
 different bytes: give each commit its own directory.
 
+Mirror modes (each one a behaviour of a real mirror, proxy or of the hub itself):
+``bare_listing`` (file lists carry names only: sizes and digests come from a HEAD
+per file), ``no_digest`` (HEADs give an opaque ETag and no ``X-Linked-Etag``: the
+endpoint offers no digest at all), ``ignore_range`` (every GET of file bytes is
+answered ``200`` with the whole body, chunked: no ``Content-Length``), and
+``cdn_redirect`` (GETs and HEADs of file URLs answer ``302`` to a signed
+``/cdn/...?Expires=...&Signature=...`` URL on this server, valid ``cdn_ttl``
+seconds; :meth:`expire_signatures` makes every URL signed so far answer ``403``,
+as an expired CDN signature does).
+
 Test knobs: ``require_token`` (401 without ``Authorization: Bearer <token>``),
 ``corrupt_paths`` (serve those files with one byte flipped at
 :meth:`corruption_offset`), :meth:`fail_next` (the next N file requests get an
@@ -217,6 +227,14 @@ class HfEndpoint(ThreadedServer):
         #: mirror mode: file listings carry names only (no size, blobId or lfs, even with ?blobs=true), as
         #: some Hub mirrors and proxies answer; a client must ask per file (HEAD: X-Linked-Size/-Etag, ETag).
         self.bare_listing = False
+        #: mirror mode: HEADs give no digest (an opaque ETag, no X-Linked-Etag); implies nothing about listings.
+        self.no_digest = False
+        #: mirror mode: Range is ignored; file GETs answer 200 with the whole body, chunked.
+        self.ignore_range = False
+        #: hub/CDN mode: file URLs redirect (302) to signed /cdn/ URLs valid for ``cdn_ttl`` seconds.
+        self.cdn_redirect = False
+        self.cdn_ttl = 3600.0
+        self._cdn_epoch = 0  # bumped by expire_signatures(): older signatures are refused
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._active = 0  # requests being handled: their log entry may not be written yet
@@ -299,6 +317,10 @@ class HfEndpoint(ThreadedServer):
         self.corrupt_paths.clear()
         self.require_token = None
         self.bare_listing = False
+        self.no_digest = False
+        self.ignore_range = False
+        self.cdn_redirect = False
+        self.cdn_ttl = 3600.0
 
     # ------------------------------------------------------------------ knobs and log
 
@@ -311,6 +333,24 @@ class HfEndpoint(ThreadedServer):
         """The next ``count`` GETs of file bytes (of ``file`` only, if given) answer ``status``."""
         with self._lock:
             self._faults.extend([(status, file)] * count)
+
+    def expire_signatures(self) -> None:
+        """Every /cdn/ URL signed so far answers 403 from now on (its signature expired)."""
+        with self._lock:
+            self._cdn_epoch += 1
+
+    def _sign(self, path: str, expires: int, epoch: int) -> str:
+        return hashlib.sha256(f"{epoch}\0{expires}\0{path}".encode()).hexdigest()[:32]
+
+    def _check_signature(self, path: str, query: dict[str, str]) -> None:
+        """A /cdn/ URL's signature and expiry: 403 as a CDN answers for an expired or forged one."""
+        expires = query.get("Expires", "")
+        with self._lock:
+            epoch = self._cdn_epoch
+        if not expires.isdigit() or int(expires) < time.time() or query.get("Signature") != self._sign(
+            path, int(expires), epoch
+        ):
+            raise HubError(403, None, "Request has expired or the signature does not match")
 
     def fail_metadata_next(self, count: int = 1, status: int = 500) -> None:
         """The next ``count`` metadata requests (``/api/models/...``, HEAD of a file) answer ``status``:
@@ -427,13 +467,16 @@ class HfEndpoint(ThreadedServer):
                 if request.method not in ("GET", "HEAD"):
                     raise HubError(405, None, "Method not allowed")
                 return await self._api_models(request, segs[2:], query, expand, info)
-            split = self._split_resolve(segs)
+            cdn = bool(segs) and segs[0] == "cdn"
+            split = self._split_resolve(segs[1:] if cdn else segs)
             if split is not None:
                 if request.method not in ("GET", "HEAD"):
                     raise HubError(405, None, "Method not allowed")
                 repo_id, revision, file = split
                 info.update(repo_id=repo_id, revision=revision, file=file)
-                return await self._resolve_file(request, repo_id, revision, file, info)
+                if cdn:
+                    self._check_signature(raw_path, query)
+                return await self._resolve_file(request, repo_id, revision, file, info, cdn=cdn)
             raise HubError(404, None, "Not Found")
         except HubError as err:
             self._record(request, err.status, **info)
@@ -550,7 +593,8 @@ class HfEndpoint(ThreadedServer):
         return web.json_response(entries)
 
     async def _resolve_file(
-        self, request: web.Request, repo_id: str, revision: str, file: str, info: dict[str, Any]
+        self, request: web.Request, repo_id: str, revision: str, file: str, info: dict[str, Any],
+        cdn: bool = False,
     ) -> web.StreamResponse:
         self._check_auth(request)
         if request.method == "HEAD":
@@ -575,9 +619,23 @@ class HfEndpoint(ThreadedServer):
                 500, None, f"{entry.source} changed after commit {commit.sha[:12]}: give each commit its own directory"
             )
         etag = f'"{entry.etag}"'
+        if self.no_digest:
+            etag = f'W/"{entry.size:x}-{entry.mtime_ns:x}"'  # what a plain file server sends: no content digest
         headers.update({"ETag": etag, "Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"})
+        if self.ignore_range:
+            del headers["Accept-Ranges"]
         if entry.lfs:
-            headers.update({"X-Linked-Etag": etag, "X-Linked-Size": str(entry.size)})
+            headers["X-Linked-Size"] = str(entry.size)
+            if not self.no_digest:
+                headers["X-Linked-Etag"] = etag
+        if self.cdn_redirect and not cdn:
+            path = f"/cdn/{repo_id}/resolve/{commit.sha}/{file}"
+            expires = int(time.time() + self.cdn_ttl)
+            with self._lock:
+                epoch = self._cdn_epoch
+            headers["Location"] = f"{path}?Expires={expires}&Signature={self._sign(path, expires, epoch)}"
+            self._record(request, 302, **info)
+            return web.Response(status=302, headers=headers)
         if_match = request.headers.get("If-Match")
         if if_match is not None:
             wanted = {t.strip().removeprefix("W/").strip('"') for t in if_match.split(",")}
@@ -585,7 +643,7 @@ class HfEndpoint(ThreadedServer):
                 raise HubError(412, None, "Precondition Failed", headers)
         start, end = 0, entry.size  # [start, end)
         status = 200
-        rng = request.headers.get("Range")
+        rng = None if self.ignore_range else request.headers.get("Range")
         if rng is not None:
             parsed = _parse_range(rng, entry.size)
             if isinstance(parsed, str):  # unsatisfiable
@@ -596,7 +654,10 @@ class HfEndpoint(ThreadedServer):
                 status = 206
                 headers["Content-Range"] = f"bytes {start}-{end - 1}/{entry.size}"
         resp = web.StreamResponse(status=status, headers=headers)
-        resp.content_length = end - start
+        if self.ignore_range and request.method == "GET":
+            resp.enable_chunked_encoding()
+        else:
+            resp.content_length = end - start
         await resp.prepare(request)
         sent = 0
         if request.method == "GET":
