@@ -2,6 +2,7 @@
 # The one command a fresh machine runs: install everything the tests need, then run them.
 #
 #   scripts/test.sh [pytest args...]     e.g. scripts/test.sh tests/test_servers.py -x
+#   WARMSTART_TEST_WORKERS=0 scripts/test.sh   the tests one after another in one process
 #
 # Installs through scripts/install.sh --test (.venv; torch 2.13.0 only if .venv has no torch; the
 # project with its test extra; kubectl, promtool, prometheus, ip, openssl: why each, in install.sh),
@@ -29,8 +30,15 @@ echo "+ mypy" >&2
 echo "+ mypy tests" >&2
 .venv/bin/mypy --no-warn-return-any --allow-untyped-calls --implicit-reexport --no-warn-unused-ignores tests
 
+# pytest-xdist: WARMSTART_TEST_WORKERS workers (default 4; 0 runs the tests in this one process,
+# one after another). 4 on 2 cores pays: most tests wait on agents, servers and sockets, not on the
+# CPU. --maxschedchunk 1 hands each worker a test or two at a time, so the slow tests that run first
+# (tests/parallel.py orders them) spread over the workers instead of queueing on one; tests marked
+# serial run alone (tests/parallel.py; the rules for new tests: tests/conftest.py).
 set +e
-.venv/bin/python -m pytest -q -ra --durations=25 "$@"  # the slowest 25 phases, so CI shows what to speed up
+.venv/bin/python -m pytest -q -ra --durations=25 \
+    -n "${WARMSTART_TEST_WORKERS:-4}" --dist load --maxschedchunk 1 \
+    "$@"  # the slowest 25 phases, so CI shows what to speed up
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

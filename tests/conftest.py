@@ -10,6 +10,22 @@ every test runs with dummy AWS credentials and no instance-metadata lookups, so
 nothing in-process can reach for real cloud credentials. Agent processes get
 their environment from ``agent_env`` (a dict), never from a mutated
 ``os.environ``.
+
+Parallel runs (pytest-xdist, as scripts/test.sh runs the suite: ``-n 4``):
+
+- Each worker has its own session fixtures (SeaweedFS, HF endpoint) and draws
+  ports from its own share (tests/servers/ports.py), so workers never race for
+  a port. Get every port from ``free_port``/``free_ports``, never hard-code one.
+- ``@pytest.mark.serial`` marks a test that must run with no other test beside
+  it: one that measures wall time, CPU, memory or timing between agents (a
+  deadline, a hedge, an RSS bound), or that flakes only when run beside others.
+  Serial tests hold an exclusive file lock for their whole run (setup to
+  teardown) and every other test a shared one, so a serial test starts once the
+  tests running on other workers have ended, and none start beside it. Without
+  xdist nothing is locked. (The hooks: tests/parallel.py.)
+- Tests run serial ones first, then ``@pytest.mark.slow`` ones (mark a test that
+  takes more than ~10 s slow), then the rest in file order, so the long tests
+  do not end up as the run's tail on one worker.
 """
 
 from __future__ import annotations
@@ -21,6 +37,8 @@ from typing import Any, NamedTuple
 
 import pytest
 
+# The hooks that let tests run on several xdist workers (the serial lock, the order): see above.
+from tests.parallel import pytest_collection_modifyitems, pytest_runtest_protocol  # noqa: F401
 from tests.servers.agent_proc import AgentProcess
 from tests.servers.clouds import Azurite, FakeGcs
 from tests.servers.hf_endpoint import HfEndpoint

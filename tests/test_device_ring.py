@@ -152,6 +152,7 @@ def _peak_growth(path: Path, mode: str) -> int:
 
 
 @pytest.mark.parametrize("mode", ["keep", "copy"])
+@pytest.mark.slow
 def test_cpu_load_peak_rss_is_about_the_model_not_twice(big_model: tuple[Path, int], mode: str) -> None:
     path, size = big_model
     growth = _peak_growth(path, mode)

@@ -87,6 +87,7 @@ def _check_header(h: SafetensorsHeader, file_size: int) -> None:
         assert a_hi <= b_lo  # no tensor aliases another
 
 
+@pytest.mark.slow
 @PURE
 @given(case=st.one_of(header_json(), st.tuples(st.binary(max_size=256), st.integers(0, 4096))))
 def test_fuzz_safetensors_header_bytes(case: tuple[bytes, int]) -> None:
@@ -131,6 +132,7 @@ REF = st.one_of(
 )
 
 
+@pytest.mark.slow
 @PURE
 @given(ref=st.one_of(REF, st.integers(), st.none(), st.binary(max_size=8)))
 def test_fuzz_model_references(ref: Any) -> None:

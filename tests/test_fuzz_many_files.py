@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import aiohttp
+import pytest
 import xxhash
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -31,6 +32,7 @@ from agent.store.store import Store
 SIZES = st.sampled_from([0, 1, 4096, MIN_PIECE_SIZE - 1, MIN_PIECE_SIZE, MIN_PIECE_SIZE + 1])
 
 
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None, derandomize=True, database=None)
 @given(
     sizes=st.lists(SIZES, min_size=64, max_size=300),  # more files than two models can hold open

@@ -387,6 +387,7 @@ def _peer_get(agent: Any, path: str, params: dict[str, str] | None = None, token
 # ---------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_concurrent_prefetch_sends_the_model_once_from_the_origin(
     agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
@@ -416,6 +417,7 @@ def test_concurrent_prefetch_sends_the_model_once_from_the_origin(
     assert sum(s["peer_bytes_relayed"] for s in stats) > 0, stats
 
 
+@pytest.mark.slow
 def test_kill9_one_agent_mid_transfer_the_others_finish(
     agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
@@ -447,6 +449,7 @@ def test_kill9_one_agent_mid_transfer_the_others_finish(
         time.sleep(0.2)
 
 
+@pytest.mark.slow
 def test_lying_peer_is_detected_penalised_and_worked_around(
     agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
@@ -516,6 +519,7 @@ def test_peer_routes_need_the_token_and_refuse_what_is_not_a_model_piece(
     assert refused.returncode == 2 and "--peer-token-file" in refused.stderr
 
 
+@pytest.mark.serial  # answered within 1 s
 def test_a_relay_request_never_costs_an_origin_fetch(
     inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
@@ -573,6 +577,7 @@ def _liar_first(members: list[str], liar: Any, fill_key: str) -> list[int]:
     return [i for (key, i), owner in owners.items() if key == fill_key and owner == liar.listen]
 
 
+@pytest.mark.slow
 def test_consistent_liar_is_caught_by_the_whole_file_check_and_repaired_from_the_origin(
     agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
@@ -672,6 +677,7 @@ def test_owner_with_another_piece_size_answers_409_and_requesters_go_elsewhere(
     )
 
 
+@pytest.mark.serial  # no requester may hit the 2 s hedge timeout
 def test_an_owner_with_busy_origin_connections_answers_at_once_and_nobody_hedges_to_the_origin(
     agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
@@ -776,6 +782,7 @@ class _NetnsAgent(AgentProcess):
 
 
 @pytest.mark.skipif(netns_unavailable() is not None, reason=netns_unavailable() or "")
+@pytest.mark.slow
 def test_peer_dns_in_a_network_namespace(
     agent_env: dict[str, str], seaweed: SeaweedS3, tmp_path: Path
 ) -> None:

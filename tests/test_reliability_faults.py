@@ -61,6 +61,7 @@ def _kept_bytes(agent: Any, size: int, piece: int) -> int:
 # ---------------------------------------------------------------------- kill -9
 
 
+@pytest.mark.slow
 def test_kill9_at_random_moments_of_a_fetch_loses_nothing_and_resumes(
     agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, s3_model: Any, relay_factory: Any,
     tmp_path: Path,
@@ -108,6 +109,7 @@ def test_kill9_at_random_moments_of_a_fetch_loses_nothing_and_resumes(
     assert relay.bytes_down < MiB  # the pinned model came from the cache, not the origin
 
 
+@pytest.mark.slow
 def test_kill9_at_random_moments_of_evictions_keeps_the_cache_consistent(
     agent_factory: Any, seaweed: SeaweedS3, tmp_path: Path
 ) -> None:
@@ -137,6 +139,7 @@ def test_kill9_at_random_moments_of_evictions_keeps_the_cache_consistent(
     assert tried >= KILLS
 
 
+@pytest.mark.slow
 def test_kill9_at_random_moments_of_a_publish_leaves_whole_bundles_or_none(
     agent_factory: Any, tmp_path: Path
 ) -> None:

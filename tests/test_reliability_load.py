@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import save_file
 
@@ -49,6 +50,7 @@ def _models(seaweed: SeaweedS3, tmp_path: Path, prefix: str, n: int, floats: int
     return out
 
 
+@pytest.mark.slow
 def test_32_clients_on_one_cold_model_fetch_it_once(
     inproc_factory: Any, s3_model: Any, seaweed: SeaweedS3, relay_factory: Any
 ) -> None:

@@ -47,6 +47,7 @@ def _fds(pid: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(int(SOAK_SECONDS) + 240)
+@pytest.mark.serial  # RSS and descriptors over time; beside other tests its opens saw 'it kept moving'
 def test_soak_mixed_traffic_with_a_restarting_peer_keeps_rss_and_fds_flat(
     agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, tmp_path: Path
 ) -> None:

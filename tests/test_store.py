@@ -650,6 +650,7 @@ def resident_bytes(path: Path) -> int:
 
 
 @pytest.mark.parametrize("drop", [False, True], ids=["keep", "drop-behind"])
+@pytest.mark.serial  # page-cache residency, which other tests' files can evict
 async def test_fill_keeps_its_pages_unless_told_to_drop_behind(
     tmp_path: Path, drop: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -60,6 +60,7 @@ def slow_agent(inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any) -> A
     return agent
 
 
+@pytest.mark.serial  # a ratio of wall times
 def test_first_tensor_arrives_after_a_piece_not_after_the_model(
     slow_agent: Any, seaweed: SeaweedS3, tmp_path: Path
 ) -> None:
