@@ -283,12 +283,12 @@ class _Assembly:
             except TransientOriginError as exc:
                 if exc.throttle:
                     self.window.throttled()
+                metrics.fetch_error("origin", "transient")  # every failed try, as a span's tries count them
                 if attempt + 1 == tries:
                     metrics.fetch_error("origin", "failed")
                     piece = (request.offset + request.received) // self.entry.piece_size
                     message = f"{self.entry.path!r}: piece {piece} failed {tries} times, last: {exc}"
                     raise FetchFailedError(message) from None
-                metrics.fetch_error("origin", "transient")
                 log.warning("range %d-%d of %s failed (attempt %d/%d) at byte %d, going on from there: %s",
                             request.offset, request.offset + request.length - 1, self.entry.path, attempt + 1, tries,
                             request.offset + request.received, exc)
