@@ -326,6 +326,7 @@ def test_a_node_killed_mid_storm_the_others_finish_bit_exact(
     _assert_origin(relay, agents, model_bytes, CHURN_LIMIT, "a node killed mid-storm")
 
 
+@pytest.mark.serial  # the origin bound (1.1x) holds only if no answer passes a hedge; beside others: 1.105x
 def test_a_node_joining_mid_storm_gets_it_bit_exact_and_the_origin_sends_it_about_once(
     agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
