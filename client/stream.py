@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ from client.verify import BlobCheck, CorruptPieceError, expected_hashes
 _HEX128 = re.compile(r"^[0-9a-f]{32}$")
 
 OPEN_RETRIES = 5  # a partial file renamed to its blob between the agent's line and our open
+OPEN_WAIT_S = 30.0  # how long one such rename may go unannounced (a loaded node's agent answers late)
 
 
 class BlobEvictedError(WarmstartError):
@@ -296,10 +298,26 @@ class ModelStream:
                 return opened
             if f.blob is not None:
                 raise self._missing(path, f)
-            with self._cond:  # renamed to its blob just now: the next line names the blob
-                if f.blob is None and self.error is None and self.complete is None:
-                    self._cond.wait(1.0)
+            self._wait_renamed(path, f)
         raise WarmstartError(f"{self.where}: could not open {path!r}: it kept moving")
+
+    def _wait_renamed(self, path: str, seen: FileState) -> None:
+        """Wait until the agent names ``path`` anew (its partial file became a blob), at most OPEN_WAIT_S.
+
+        Other files' lines wake the condition too, so this waits for a change of
+        this file's names, not for the next line: counting wake-ups would give up
+        within milliseconds while another file streams progress.
+        """
+        deadline = time.monotonic() + OPEN_WAIT_S
+        with self._cond:
+            while self.error is None and self.complete is None and not self._closed:
+                now = self.files.get(path)
+                if now is not None and (now.blob, now.partial) != (seen.blob, seen.partial):
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._cond.wait(min(1.0, left))
 
     def check(self, path: str, fd: int, local: str) -> BlobCheck | None:
         """A checker of model file ``path``'s piece hashes when ``local`` (open as ``fd``) is its complete blob.
