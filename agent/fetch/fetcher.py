@@ -329,12 +329,15 @@ class Fetcher:
         a growing pause, before the origin: a short refusal must not send the
         piece (and, piece after piece, the whole file) to the origin.
         """
-        assert self.peers is not None
+        peers = self.peers
+        assert peers is not None
+        asked: set[str] = set()
         for attempt in range(BUSY_ROUNDS + 1):
             busy: list[tuple[str, bool]] = []
             for addr, relay in sources:
+                asked.add(addr)
                 try:
-                    await self.peers.piece(h, index, addr, flight, relay)
+                    await peers.piece(h, index, addr, flight, relay)
                     return
                 except PeerError as exc:
                     if isinstance(exc, PeerBusyError) and not relay:
@@ -345,6 +348,21 @@ class Fetcher:
                 break
             await asyncio.sleep(BUSY_PAUSE * 2**attempt)
             sources = busy
+        # The sources were placed with the members of when this piece began. If one joined or
+        # went down since (the failures above may be that very change: an owner that re-placed
+        # the piece onto a node joining mid-storm cuts off those following it), the piece has
+        # another owner now, who gets it from the origin once for everyone: ask the owners
+        # not asked yet, once, before taking it from the origin here a second time.
+        await peers.prepare(flight)
+        for addr, relay in peers.sources(flight, index):
+            if addr in asked or relay:
+                continue
+            asked.add(addr)
+            try:
+                await peers.piece(h, index, addr, flight, relay)
+                return
+            except PeerError as exc:
+                log.info("piece %d of %s from peer %s (placed anew) failed: %s", index, flight.entry.path, addr, exc)
         await self.origin.piece(h, index, origin, flight, h.announce(index))
 
 
