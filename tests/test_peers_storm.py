@@ -262,6 +262,40 @@ def test_have_answers_only_what_is_held_and_refuses_bad_bodies(
     assert len(files) == 1
 
 
+def test_have_lists_pieces_whose_origin_fetch_is_running(
+    inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
+) -> None:
+    """A node joining mid-storm asks ``/peer/v1/have`` while the others' pieces are still on their way from
+    the origin: those pieces are listed (a request for one follows that fetch), or the joining node would
+    take its share of them from the origin a second time."""
+    _upload(seaweed, tmp_path, "storm/havefly", {"w.bin": 6 * MiB})
+    relay = _relay(seaweed, relay_factory, rate=1 * MiB)  # ~6 s for the file: the fill is caught mid-way
+    agent = inproc_factory("h", env={"AWS_ENDPOINT_URL": relay.url},
+                           extra_args=("--peer-token-file", str(_token(tmp_path)), "--piece-size", "1MiB"))
+    done: list[Any] = []
+    runner = threading.Thread(target=lambda: done.append(agent.cli("prefetch", "s3://models/storm/havefly")))
+    runner.start()
+    seen: list[int] = []
+    landed = 0
+    deadline = time.monotonic() + 30
+    while not seen and time.monotonic() < deadline and runner.is_alive():
+        keys = [p.name.removesuffix(".part") for p in (agent.cache_dir / "partial").glob("*.part")]
+        if keys:
+            req = urllib.request.Request(
+                agent.url + "/peer/v1/have", data=json.dumps({"keys": keys, "piece_size": MiB}).encode(),
+                method="POST", headers={"Authorization": f"Bearer {TOKEN}"},
+            )  # fmt: skip
+            with urllib.request.urlopen(req, timeout=10) as r:
+                answer = json.loads(r.read())
+            landed = relay.bytes_down
+            seen = sorted(i for indexes in answer["pieces"].values() for i in indexes)
+        time.sleep(0.1)
+    runner.join(timeout=60)
+    assert done and done[0].returncode == 0, done
+    # More pieces listed than had landed whole when the answer came: the running fetches are in it.
+    assert seen and len(seen) * MiB > landed, (seen, landed)
+
+
 @pytest.mark.parametrize("refusals", [2, None], ids=["busy-twice", "always-busy-beside-a-good-one"])
 def test_a_busy_holder_does_not_send_the_file_to_the_origin(
     agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path,

@@ -244,7 +244,8 @@ async def _copy(resp: web.StreamResponse, served: ServedPiece, fd: int, transfer
 
 
 async def have(request: web.Request) -> web.Response:
-    """Which of the named files (fill keys) this node holds complete, and verified pieces of those it fills.
+    """Which of the named files (fill keys) this node holds complete, and the pieces of those it fills that it
+    verified or is receiving from the origin now (a piece request follows such a fetch as it lands).
 
     Body: ``{"keys": [fill key, ...], "piece_size": N, "from": member}``. The
     requester asks holders first, whatever placement says (agent/fetch/peer_reader.py).

@@ -327,25 +327,51 @@ class Fetcher:
         A peer that answered busy (PeerBusyError: a holder finishing the file, an
         owner between two tries) is asked again, BUSY_ROUNDS times at most with
         a growing pause, before the origin: a short refusal must not send the
-        piece (and, piece after piece, the whole file) to the origin.
+        piece (and, piece after piece, the whole file) to the origin. When none
+        delivered, the piece is placed again with the members of now, and the
+        owners not asked yet are asked the same way before the origin.
         """
+        peers = self.peers
+        assert peers is not None
+        asked: set[str] = set()
+        for placing in range(2):
+            if placing:
+                # The sources were placed with the members of when this piece began. If one joined
+                # or went down since (the failures above may be that very change: an owner that
+                # re-placed the piece onto a node joining mid-storm, or that died, cuts off those
+                # following it), the piece has another owner now, who gets it from the origin once
+                # for everyone: ask the owners not asked yet before taking it from the origin here.
+                await peers.prepare(flight)
+                sources = [(a, relay) for a, relay in peers.sources(flight, index) if a not in asked and not relay]
+                if not sources:
+                    break
+                log.debug("piece %d of %s: placed anew, asking %s", index, flight.entry.path, sources)
+            if await self._ask_peers(h, index, flight, sources, asked):
+                return
+        await self.origin.piece(h, index, origin, flight, h.announce(index))
+
+    async def _ask_peers(
+        self, h: OpenFill, index: int, flight: Flight, sources: list[tuple[str, bool]], asked: set[str]
+    ) -> bool:
+        """Ask ``sources`` in turn, those that answered busy again (BUSY_ROUNDS); True once one delivered."""
         assert self.peers is not None
         for attempt in range(BUSY_ROUNDS + 1):
             busy: list[tuple[str, bool]] = []
             for addr, relay in sources:
+                asked.add(addr)
                 try:
                     await self.peers.piece(h, index, addr, flight, relay)
-                    return
+                    return True
                 except PeerError as exc:
                     if isinstance(exc, PeerBusyError) and not relay:
                         busy.append((addr, relay))
                     log.log(logging.DEBUG if relay_said_no(exc, relay) else logging.INFO,
                             "piece %d of %s from peer %s failed: %s", index, flight.entry.path, addr, exc)
             if not busy or attempt == BUSY_ROUNDS:
-                break
+                return False
             await asyncio.sleep(BUSY_PAUSE * 2**attempt)
             sources = busy
-        await self.origin.piece(h, index, origin, flight, h.announce(index))
+        return False
 
 
 def _mismatch(entry: FileEntry, digests: dict[str, str]) -> str | None:

@@ -53,7 +53,11 @@ class PieceStream(Signal):
     ``written`` is how many bytes from the piece's start are in the file;
     ``attempt`` changes when a try failed and the piece starts over (a reader
     that already sent bytes of the failed try gives up); ``digest`` is set once
-    the piece is recorded, ``failed`` when it never will be.
+    the piece is recorded, ``failed`` when it never will be. ``asked``: its
+    bytes were asked of the origin (not only waiting for a request slot, where
+    the piece may still be re-placed onto another node): peers may be told this
+    node is getting it (``/peer/v1/have``), so a node joining mid-storm follows
+    this fetch instead of taking the piece from the origin a second time.
     """
 
     def __init__(self, upstream: str | None = None) -> None:
@@ -63,6 +67,7 @@ class PieceStream(Signal):
         self.attempt = 0
         self.digest: str | None = None
         self.failed = False
+        self.asked = False
 
 
 class OpenFill:

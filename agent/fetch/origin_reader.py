@@ -255,6 +255,8 @@ class _Assembly:
                     if self.still_mine is not None and pos == offset and not await self.still_mine():
                         lease.release()
                         raise PieceMovedError(f"{self.entry.path}: the piece at byte {offset} has a peer source now")
+                    if pos == offset:
+                        self.sink.asked()
                     request = _Request(pos, lease)
                     self.requests.append(request)
                     tg.create_task(self._fetch(request))
@@ -378,6 +380,11 @@ class _SpanSink:
         index = self.indices[self.recorded]
         offset = self.h.entry.piece_range(index)[0]
         return PieceSink(self.reader.store, self.h.fill, offset, self.landed, self.streams[index])
+
+    def asked(self) -> None:
+        """The span's first request is going out: its pieces come from the origin here, peers may follow them."""
+        for index in self.indices[self.recorded :]:
+            self.streams[index].asked = True
 
     def _room(self) -> int:
         return self.h.entry.piece_range(self.indices[self.recorded])[1] - self.piece.written

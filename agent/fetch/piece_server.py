@@ -136,8 +136,9 @@ class PieceServer:
         For a peer deciding whom to ask first (``/peer/v1/have``): a piece held
         complete comes from a holder, whatever placement says. Only pieces that
         :meth:`serve` would answer from at once count (a blob cut in pieces of
-        ``piece_size``, or a recorded piece of an open partial file that came from
-        the origin); nothing is resolved or fetched.
+        ``piece_size``, a recorded piece of an open partial file that came from
+        the origin, or one whose origin fetch is running here, which :meth:`serve`
+        follows as it lands); nothing is resolved or fetched.
         """
         complete: list[str] = []
         pieces: dict[str, list[int]] = {}
@@ -152,8 +153,12 @@ class PieceServer:
                 # Pieces that came from peers are left out: until the whole file is checked they are only
                 # a peer's word, and a requester that took a lie from here would blame this node.
                 own = [i for i in h.fill.done if i not in h.fill.peer_sources]
+                # Pieces whose origin fetch is running here count too: a peer following that fetch (cut-through)
+                # costs the origin nothing more, where taking the piece from the origin itself doubles it (a node
+                # joining mid-storm owns a third of the pieces the others are fetching right now).
+                own += [i for i, s in h.streams.items() if s.upstream is None and s.asked and not s.failed]
                 if own:
-                    pieces[key] = sorted(own)
+                    pieces[key] = sorted(set(own))
         return complete, pieces
 
     async def _blob_piece_size(self, digest: str) -> int | None:
