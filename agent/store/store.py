@@ -100,6 +100,7 @@ class Store:
         self.pool = pool
         self.blob_sizes: dict[str, int] = {}
         self.partial_sizes: dict[str, int] = {}
+        self._reserving = asyncio.Lock()  # reserve(): one at a time (see there)
         self.sources: dict[FillKey, BlobDigest] = {}
         self.models: dict[str, ModelRecord] = {}
         self._pinned_cache: set[str] | None = None
@@ -390,8 +391,7 @@ class Store:
         """Open (or resume) the partial file for ``entry``, making room for it first."""
         fill = BlobFill(self.path("partial"), entry, self.drop_behind, self.write_sizer)
         if fill.key not in self.partial_sizes:
-            await self.reserve(entry.size, protect)
-            self.partial_sizes[fill.key] = entry.size
+            await self.reserve(entry.size, protect, fill.key)
         try:
             have = await self.run(fill.open)
         except BaseException:
@@ -444,8 +444,7 @@ class Store:
         if size < 0:
             raise BadRequestError("size must be given (Content-Length) and not negative")
         key = f"artifact-{uuid.uuid4().hex}"
-        await self.reserve(size, {expect} if expect else set())
-        self.partial_sizes[key] = size
+        await self.reserve(size, {expect} if expect else set(), key)
         part = self.path("partial", f"{key}.part")
         hasher = xxhash.xxh3_128()
         strong = hashlib.sha256()
@@ -561,8 +560,19 @@ class Store:
             self._pinned_cache = None
         return gone
 
-    async def reserve(self, nbytes: int, protect: AbstractSet[str]) -> None:
-        """Make room for ``nbytes`` more: evict LRU blobs, or raise CapacityError."""
+    async def reserve(self, nbytes: int, protect: AbstractSet[str], key: str) -> None:
+        """Make room for ``nbytes`` more and count them as partial ``key``: evict LRU blobs, or raise CapacityError.
+
+        One reservation at a time, counted before the next one looks: two fills
+        starting together would otherwise both see the room that only one of them
+        can have (their checks straddle the awaits below), and the cache would
+        end over its capacity (tests/test_reliability_load.py saw 1,792 bytes over).
+        """
+        async with self._reserving:
+            await self._make_room(nbytes, protect)
+            self.partial_sizes[key] = nbytes
+
+    async def _make_room(self, nbytes: int, protect: AbstractSet[str]) -> None:
         over = self.used_bytes + nbytes - self.capacity
         free = await self.run(_free_bytes, self.root)
         short = nbytes - free
