@@ -53,8 +53,12 @@ def _upload_model(seaweed: SeaweedS3, tmp_path: Path, prefix: str) -> dict[str, 
 def slow_agent(inproc_factory: Any, seaweed: SeaweedS3, relay_factory: Any) -> Any:
     host, port = seaweed.endpoint_url.removeprefix("http://").split(":")
     relay = relay_factory(host, int(port), rate=6 * MiB)  # 24 MiB: about 4 s
+    # The window pinned at 2 requests: over a link capped as a whole, a window grown wide shares the link among
+    # many pieces at once, and the first piece lands after several pieces' time (copy=True: 2.03 s of 4.04 s
+    # with the window free, 0.76 s pinned), which is the window's doing, not what these tests are about.
     agent = inproc_factory(
-        env={"AWS_ENDPOINT_URL": relay.url}, extra_args=("--piece-size", "1MiB", "--connections", "2")
+        env={"AWS_ENDPOINT_URL": relay.url},
+        extra_args=("--piece-size", "1MiB", "--connections", "2", "--origin-connections", "2"),
     )
     agent.relay = relay
     return agent
@@ -80,7 +84,7 @@ def test_first_tensor_arrives_after_a_piece_not_after_the_model(
         assert torch.equal(_raw(got[n]), _raw(w)), n
     # the first weight came while the shards were still partial files, long before the end
     assert len(blobs_at_first) <= 1, blobs_at_first  # at most the small index file was complete
-    assert t_first < 0.35 * t_all, f"first tensor after {t_first:.2f}s of {t_all:.2f}s"
+    assert t_first < 0.35 * t_all, f"first tensor after {t_first:.3f}s of {t_all:.3f}s"
     assert t_all > 2.0  # the link really was slow: the test measured streaming, not a cache hit
 
 
@@ -102,7 +106,7 @@ def test_copies_stream_too(slow_agent: Any, seaweed: SeaweedS3, tmp_path: Path) 
     for n, w in want.items():
         assert torch.equal(_raw(got[n]), _raw(w)), n
     assert len(blobs_at_first) <= 1, blobs_at_first  # the shards were still partial files at the first tensor
-    assert t_first < 0.35 * t_all, f"first tensor after {t_first:.2f}s of {t_all:.2f}s"
+    assert t_first < 0.35 * t_all, f"first tensor after {t_first:.3f}s of {t_all:.3f}s"
     assert t_all > 2.0  # the link really was slow: the test measured streaming, not a cache hit
 
 
