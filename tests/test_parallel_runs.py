@@ -7,11 +7,13 @@ a serial test's run overlaps no other test's.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,14 +62,14 @@ def _record(name, seconds):
         f.write(json.dumps({"name": name, "start": start, "end": time.monotonic()}) + "\\n")
 
 
-@pytest.mark.parametrize("i", range(4))
+@pytest.mark.parametrize("i", range(8))
 def test_normal(i):
-    _record(f"normal{i}", 0.4)
+    _record(f"normal{i}", 0.3)
 
 
 @pytest.mark.serial
 def test_alone():
-    _record("alone", 0.8)
+    _record("alone", 1.2)
 
 
 def test_normal_late():
@@ -75,8 +77,8 @@ def test_normal_late():
 """
 
 
-def test_a_serial_test_runs_beside_no_other_under_xdist(tmp_path: Path) -> None:
-    """Fails without the lock: on 2 workers, the serial test would overlap a normal one."""
+def _inner_run(tmp_path: Path, workers: int) -> list[dict[str, Any]]:
+    """The inner tests under ``pytest -n WORKERS`` with this suite's hooks; each test's run (monotonic start/end)."""
     inner = tmp_path / "inner"
     inner.mkdir()
     (inner / "conftest.py").write_text(INNER_CONFTEST)
@@ -84,15 +86,36 @@ def test_a_serial_test_runs_beside_no_other_under_xdist(tmp_path: Path) -> None:
     log = tmp_path / "log.jsonl"
     env = {**os.environ, "INNER_LOG": str(log), "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--maxschedchunk", "1",
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", str(workers), "--maxschedchunk", "1",
          "--rootdir", str(inner), "-c", str(REPO / "pyproject.toml"), "--basetemp", str(tmp_path / "bt"),
          str(inner)],
         cwd=inner, env=env, capture_output=True, text=True, timeout=240,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     runs = [json.loads(line) for line in log.read_text().splitlines()]
-    assert len(runs) == 6, runs
+    assert len(runs) == 10, runs
+    return runs
+
+
+def _beside_alone(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     (alone,) = [r for r in runs if r["name"] == "alone"]
-    others = [r for r in runs if r["name"] != "alone"]
-    overlapping = [r["name"] for r in others if r["start"] < alone["end"] and alone["start"] < r["end"]]
-    assert not overlapping, (overlapping, runs)
+    return [r for r in runs if r["name"] != "alone" and r["start"] < alone["end"] and alone["start"] < r["end"]]
+
+
+def test_a_serial_test_runs_beside_no_other_under_xdist(tmp_path: Path) -> None:
+    """Fails without the lock: on 2 workers (no free lane), the serial test would overlap a normal one."""
+    runs = _inner_run(tmp_path, 2)
+    assert not _beside_alone(runs), runs
+
+
+def test_a_serial_test_runs_beside_at_most_the_free_lanes_test(tmp_path: Path) -> None:
+    """On 4 workers one test at a time (the free lane's) may run beside a serial one, never two at once.
+
+    Fails if the lane is taken by more than one test (two overlap each other beside the serial
+    one), or if it is gone (none beside it: 8 short tests had 1.2 s to take it).
+    """
+    runs = _inner_run(tmp_path, 4)
+    beside = sorted(_beside_alone(runs), key=lambda r: r["start"])
+    assert beside, runs
+    for a, b in itertools.pairwise(beside):
+        assert a["end"] <= b["start"], (a, b, runs)
