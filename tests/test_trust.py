@@ -4,7 +4,10 @@ Real agents, real peer API over loopback, keys and certificates made by
 tests/servers/pki.py. TLS: two agents serve and ask each other over mutually
 verified HTTPS (one of them through a capturing relay, which must see no token
 byte); clients without a certificate of the CA carrying ``--peer-tls-name``
-are refused.
+are refused. Renewed certificates (the mounted directory's symlink swapped, as
+the kubelet does) are used for new connections without a restart; a broken set
+is refused and the old one kept. Model pieces over TLS take the read-and-write
+path (not sendfile) and arrive bit-exact.
 A bundle pushed on node A is asked for on node B (``open_bundle``, peers on):
 under ``--artifact-trust signed`` it loads only when A signed it with a key B
 trusts and its bytes match what was signed; every refusal is counted in
@@ -21,19 +24,24 @@ import socket
 import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import xxhash
 
+from agent.manifest import Manifest
 from client.artifacts import open_bundle, push_bundle
 from client.errors import ArtifactNotFoundError
 from client.fingerprint import current_fingerprint
+from client.transport import AgentConnection
 from tests.servers.pki import issue, make_ca, make_signing_key
 from tests.servers.ports import free_ports
 from tests.servers.relay import TcpRelay
+from tests.servers.seaweedfs import SeaweedS3
 
 TOKEN = "trust-peer-token-0123456789abcdef"
 KEY = "signed-bundle"
@@ -323,3 +331,43 @@ def test_renewed_peer_certificates_are_used_without_a_restart_and_a_broken_set_i
     _point(mounted["a"], fixed)
     _until(lambda: _served_serial(pa, mounted["a"]) == _serial_of(fixed))
     assert _reloads(pa, mounted["a"]) == {"loaded": 2, "refused": 1}
+
+
+def test_pieces_over_tls_take_the_copy_path_bit_exact_and_counted(
+    inproc_factory: Any, seaweed: SeaweedS3, tmp_path: Path
+) -> None:
+    """Over TLS a held piece cannot go out with sendfile (the kernel would send it unencrypted): it is read
+    and written through the TLS transport, every byte at its offset, the digest after it, and counted."""
+    mib = 1024 * 1024
+    data = os.urandom(2 * mib + 4099)
+    src = tmp_path / "w.bin"
+    src.write_bytes(data)
+    seaweed.make_bucket("models")
+    seaweed.upload_file(src, "models", "trust/tls-pieces/w.bin")
+    ref = "s3://models/trust/tls-pieces"
+    ca = make_ca()
+    certs = {n: issue(ca, tmp_path / f"tls-{n}", (NAME,)) for n in "ab"}
+    token = tmp_path / "peer-token"
+    token.write_text(TOKEN)
+    a = inproc_factory("a", extra_args=("--peer-token-file", str(token), "--peer-tls-name", NAME,
+                                        "--peer-tls-dir", str(certs["a"]), "--piece-size", str(mib + 3)))
+    a.cli("prefetch", ref, check=True)
+    rev = AgentConnection(str(a.socket_path), timeout=10).request_json("POST", "/v1/resolve", {"ref": ref})["revision"]
+    (manifest,) = (a.cache_dir / "manifests").rglob(f"{rev}.json")
+    (entry,) = Manifest.from_json(json.loads(manifest.read_text())).files
+    ctx = _client_ctx(certs["a"], certs["b"])
+    port = int(a.listen.rsplit(":", 1)[1])
+    for index in range(entry.piece_count):
+        q = {"ref": ref, "rev": rev, "path": "w.bin", "key": entry.fill_key, "piece_size": str(entry.piece_size),
+             "index": str(index)}
+        req = urllib.request.Request(f"https://127.0.0.1:{port}/peer/v1/piece?" + urllib.parse.urlencode(q),
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+            body = r.read()
+        start, length = entry.piece_range(index)
+        assert body[:-32] == data[start:start + length] and len(body) == length + 32, index
+        assert body[-32:].decode() == xxhash.xxh3_128_hexdigest(body[:-32])
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", context=_client_ctx(certs["a"], None),
+                                timeout=10) as r:
+        served = re.search(rb'^warmstart_served_bytes_total\{to="peer"\} (\S+)$', r.read(), re.M)
+    assert served is not None and float(served[1]) == len(data)
