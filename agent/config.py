@@ -122,6 +122,13 @@ def _wait_seconds(value: Any) -> str | None:
     return None
 
 
+def _off_or_positive_seconds(value: Any) -> str | None:
+    number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+    if not number or value < 0:
+        return f"got {value!r}"
+    return None
+
+
 def _size(value: str) -> int:
     return parse_size(value)
 
@@ -413,6 +420,12 @@ class AgentConfig:
         help="DNS name every peer's certificate must carry (in its subjectAltName), checked both ways; with "
              "--peer-tls-dir",
         form="a DNS name", parse=_optional_text, check=_dns_name_check, show=_none_or("none"))
+    peer_tls_reload: float = _setting(
+        60.0, flag="--peer-tls-reload", env="WARMSTART_PEER_TLS_RELOAD",
+        help="seconds between looks at --peer-tls-dir's files: a renewed set (cert-manager) is loaded for new "
+             "connections without a restart, an unusable one is logged and the old one kept (0: read at start "
+             "only)",
+        form="a number of seconds, 0 or above", parse=_seconds, check=_off_or_positive_seconds)
     artifact_trust: str = _setting(
         "off", flag="--artifact-trust", env="WARMSTART_ARTIFACT_TRUST",
         help="which compile-artifact bundles from peers this node loads (they are code it runs): off = none, "

@@ -257,6 +257,11 @@ async def running(config: AgentConfig, *, freeze_gc: bool = False) -> AsyncItera
         os.chmod(config.socket, config.socket_mode)
 
         _background(stack, store.sync_loop(), "sync")
+        if tls is not None and config.peer_tls_reload > 0:
+            # Renewed certificates (cert-manager) for new connections, into the contexts the site and client hold.
+            counted = metrics.peer_tls_reloads.labels
+            _background(stack, tls.watch(config.peer_tls_reload, lambda result: counted(result).inc()),
+                        "peer TLS reload")
         _background(stack, _warm_up(origins, freeze_gc), "warm-up origins")
         if warm_set is not None:
             _background(stack, warm_set.run(), "warm set")

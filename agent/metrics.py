@@ -152,6 +152,14 @@ class Metrics:
         )
         for reason in REFUSAL_REASONS:
             self.artifact_refused.labels(reason)
+        self.peer_tls_reloads = Counter(
+            "warmstart_peer_tls_reloads",
+            "Renewed --peer-tls-dir certificate sets seen while running, by result (loaded: new connections use "
+            "them; refused: unusable, the previous set stays in use)",
+            ["result"], registry=r,
+        )
+        for result in ("loaded", "refused"):
+            self.peer_tls_reloads.labels(result)
         self.served_client_bytes = 0  # exported as warmstart_served_bytes_total{to="client"}
         self.transfers = Transfers()
         self.build_info = Gauge("warmstart_build_info", "Always 1; the agent's version", ["version"], registry=r)

@@ -57,6 +57,7 @@ BAD_VALUES: dict[str, list[Any]] = {
     "artifact_trust": ["on", "", None, 1],
     "peer_tls_dir": ["", 3, "/nonexistent/warmstart-tls"],
     "peer_tls_name": ["", "a b", "host:7070", 3],
+    "peer_tls_reload": [-1, -0.5, float("nan"), float("inf"), True, "60"],
     "artifact_signing_key": ["", 3, "/nonexistent/warmstart-signing.key"],
     "artifact_trusted_keys": ["", 3, "/nonexistent/warmstart-trusted.pub"],
 }

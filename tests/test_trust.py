@@ -4,7 +4,10 @@ Real agents, real peer API over loopback, keys and certificates made by
 tests/servers/pki.py. TLS: two agents serve and ask each other over mutually
 verified HTTPS (one of them through a capturing relay, which must see no token
 byte); clients without a certificate of the CA carrying ``--peer-tls-name``
-are refused.
+are refused. Renewed certificates (the mounted directory's symlink swapped, as
+the kubelet does) are used for new connections without a restart; a broken set
+is refused and the old one kept. Model pieces over TLS take the read-and-write
+path (not sendfile) and arrive bit-exact.
 A bundle pushed on node A is asked for on node B (``open_bundle``, peers on):
 under ``--artifact-trust signed`` it loads only when A signed it with a key B
 trusts and its bytes match what was signed; every refusal is counted in
@@ -17,22 +20,28 @@ import asyncio
 import json
 import os
 import re
+import socket
 import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import xxhash
 
+from agent.manifest import Manifest
 from client.artifacts import open_bundle, push_bundle
 from client.errors import ArtifactNotFoundError
 from client.fingerprint import current_fingerprint
+from client.transport import AgentConnection
 from tests.servers.pki import issue, make_ca, make_signing_key
 from tests.servers.ports import free_ports
 from tests.servers.relay import TcpRelay
+from tests.servers.seaweedfs import SeaweedS3
 
 TOKEN = "trust-peer-token-0123456789abcdef"
 KEY = "signed-bundle"
@@ -221,3 +230,144 @@ def test_peers_over_tls_verify_each_other_and_the_token_never_crosses_in_clear(
     asyncio.run(ping(NAME))
     with pytest.raises(aiohttp.ClientConnectorCertificateError, match="not-the-peer-name"):
         asyncio.run(ping("not-the-peer-name"))
+
+
+def _served_serial(port: int, ca_dir: Path) -> int:
+    """The serial number of the certificate a new TLS connection to 127.0.0.1:``port`` is shown."""
+    ctx = _client_ctx(ca_dir, None)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, ctx.wrap_socket(raw) as conn:
+        cert = conn.getpeercert()
+    assert cert, "no certificate shown"
+    return int(str(cert["serialNumber"]), 16)
+
+
+def _serial_of(cert_dir: Path) -> int:
+    from cryptography import x509
+
+    return int(x509.load_pem_x509_certificate((cert_dir / "tls.crt").read_bytes()).serial_number)
+
+
+def _point(link: Path, target: Path) -> None:
+    """Swap the symlink ``link`` to ``target`` in one rename, as the kubelet updates a mounted Secret."""
+    tmp = link.with_name(link.name + ".tmp")
+    tmp.symlink_to(target)
+    os.replace(tmp, link)
+
+
+def _reloads(port: int, ca_dir: Path) -> dict[str, float]:
+    """warmstart_peer_tls_reloads_total by result, from the agent's /metrics (HTTPS, no client certificate)."""
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", context=_client_ctx(ca_dir, None),
+                                timeout=10) as r:
+        body = r.read()
+    found = re.findall(rb'^warmstart_peer_tls_reloads_total\{result="(\w+)"\} ([0-9.e+]+)$', body, re.M)
+    return {k.decode(): float(v) for k, v in found}
+
+
+def _until(what: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not what():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        time.sleep(0.1)
+
+
+def test_renewed_peer_certificates_are_used_without_a_restart_and_a_broken_set_is_refused(
+    inproc_factory: Any, tmp_path: Path
+) -> None:
+    """cert-manager rewrites the Secret (the kubelet swaps the mount's symlink): within --peer-tls-reload
+    seconds new connections are shown the new certificate and peers keep working; a renewed set whose key
+    does not match its certificate is logged, counted, and the previous certificate keeps serving."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    ca = make_ca()
+    versions = {n: issue(ca, tmp_path / f"tls-{n}-v1", (NAME,)) for n in "ab"}
+    mounted = {n: tmp_path / f"tls-{n}" for n in "ab"}
+    for n in "ab":
+        mounted[n].symlink_to(versions[n])
+    token = tmp_path / "peer-token"
+    token.write_text(TOKEN)
+    pa, pb = free_ports(2)
+    tls = ("--peer-token-file", str(token), "--peer-tls-name", NAME, "--artifact-trust", "token",
+           "--peers", f"127.0.0.1:{pa},127.0.0.1:{pb}", "--peer-tls-reload", "0.2")
+    a = inproc_factory("a", port=pa, extra_args=(*tls, "--peer-tls-dir", str(mounted["a"])))
+    b = inproc_factory("b", port=pb, extra_args=(*tls, "--peer-tls-dir", str(mounted["b"])))
+    first = _serial_of(versions["a"])
+    assert _served_serial(pa, mounted["a"]) == first
+    _, data = _push(a)
+    assert _ask(b)[1] == data
+
+    # Renewed: same CA, new key and serial.
+    renewed = issue(ca, tmp_path / "tls-a-v2", (NAME,))
+    second = _serial_of(renewed)
+    assert second != first
+    _point(mounted["a"], renewed)
+    _until(lambda: _served_serial(pa, mounted["a"]) == second)
+    assert "peer TLS certificates reloaded from" in a.log_text()
+    assert _reloads(pa, mounted["a"]) == {"loaded": 1, "refused": 0}
+    # A's new certificate works both ways: B asks A (new connections to A), A asks B (A's client context).
+    other = os.urandom(1024 * 1024 + 5)
+    push_bundle("after-renewal", _fp(), {}, {"blob.bin": other}, socket=str(a.socket_path))
+    with open_bundle("after-renewal", _fp(), socket=str(b.socket_path)) as (answer, bundle):
+        assert answer["source"] == f"peer 127.0.0.1:{pa}" and bundle.read("blob.bin") == other
+    assert _https(pb, "/peer/v1/ping", _client_ctx(mounted["a"], mounted["a"])) == 200
+    assert _https(pa, "/peer/v1/ping", _client_ctx(mounted["a"], mounted["b"])) == 200
+
+    # A broken renewal: a certificate with a key that is not its own. The old one keeps serving.
+    broken = issue(ca, tmp_path / "tls-a-v3", (NAME,))
+    stray = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    (broken / "tls.key").write_bytes(stray)
+    _point(mounted["a"], broken)
+    _until(lambda: "were not loaded, the previous ones stay in use" in a.log_text())
+    time.sleep(1.0)  # several more looks at the same broken set: one line, one count
+    assert a.log_text().count("were not loaded, the previous ones stay in use") == 1
+    assert _reloads(pa, mounted["a"]) == {"loaded": 1, "refused": 1}
+    assert _served_serial(pa, mounted["a"]) == second
+    assert _https(pa, "/peer/v1/ping", _client_ctx(mounted["a"], mounted["b"])) == 200
+    assert _https(pb, "/peer/v1/ping", _client_ctx(mounted["a"], renewed)) == 200
+
+    # Fixed: the next good set is loaded.
+    fixed = issue(ca, tmp_path / "tls-a-v4", (NAME,))
+    _point(mounted["a"], fixed)
+    _until(lambda: _served_serial(pa, mounted["a"]) == _serial_of(fixed))
+    assert _reloads(pa, mounted["a"]) == {"loaded": 2, "refused": 1}
+
+
+def test_pieces_over_tls_take_the_copy_path_bit_exact_and_counted(
+    inproc_factory: Any, seaweed: SeaweedS3, tmp_path: Path
+) -> None:
+    """Over TLS a held piece cannot go out with sendfile (the kernel would send it unencrypted): it is read
+    and written through the TLS transport, every byte at its offset, the digest after it, and counted."""
+    mib = 1024 * 1024
+    data = os.urandom(2 * mib + 4099)
+    src = tmp_path / "w.bin"
+    src.write_bytes(data)
+    seaweed.make_bucket("models")
+    seaweed.upload_file(src, "models", "trust/tls-pieces/w.bin")
+    ref = "s3://models/trust/tls-pieces"
+    ca = make_ca()
+    certs = {n: issue(ca, tmp_path / f"tls-{n}", (NAME,)) for n in "ab"}
+    token = tmp_path / "peer-token"
+    token.write_text(TOKEN)
+    a = inproc_factory("a", extra_args=("--peer-token-file", str(token), "--peer-tls-name", NAME,
+                                        "--peer-tls-dir", str(certs["a"]), "--piece-size", str(mib + 3)))
+    a.cli("prefetch", ref, check=True)
+    rev = AgentConnection(str(a.socket_path), timeout=10).request_json("POST", "/v1/resolve", {"ref": ref})["revision"]
+    (manifest,) = (a.cache_dir / "manifests").rglob(f"{rev}.json")
+    (entry,) = Manifest.from_json(json.loads(manifest.read_text())).files
+    ctx = _client_ctx(certs["a"], certs["b"])
+    port = int(a.listen.rsplit(":", 1)[1])
+    for index in range(entry.piece_count):
+        q = {"ref": ref, "rev": rev, "path": "w.bin", "key": entry.fill_key, "piece_size": str(entry.piece_size),
+             "index": str(index)}
+        req = urllib.request.Request(f"https://127.0.0.1:{port}/peer/v1/piece?" + urllib.parse.urlencode(q),
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as r:
+            body = r.read()
+        start, length = entry.piece_range(index)
+        assert body[:-32] == data[start:start + length] and len(body) == length + 32, index
+        assert body[-32:].decode() == xxhash.xxh3_128_hexdigest(body[:-32])
+    with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", context=_client_ctx(certs["a"], None),
+                                timeout=10) as r:
+        served = re.search(rb'^warmstart_served_bytes_total\{to="peer"\} (\S+)$', r.read(), re.M)
+    assert served is not None and float(served[1]) == len(data)
