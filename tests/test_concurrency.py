@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,59 @@ def test_window_grows_on_a_store_that_caps_each_connection_and_pieces_come_in_pa
     lengths = [int(b) - int(a) + 1 for a, b in
                (g.range.removeprefix("bytes=").split("-") for g in faulty.ranged_gets)]
     assert min(lengths) < 4 * MiB, sorted(set(lengths))  # parts of a piece, several in flight at once
+
+
+def _recorded(cache_dir: Path) -> set[int]:
+    """The pieces a fill in ``cache_dir`` recorded so far (its state file's ``done``)."""
+    done: set[int] = set()
+    for path in cache_dir.rglob("*.json"):
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # replaced while read
+        if isinstance(state, dict) and "piece_size" in state and "done" in state:
+            done |= {int(i) for i in state["done"]}
+    return done
+
+
+def test_pieces_are_written_and_recorded_each_in_its_own_order_while_a_slow_request_holds_others(
+    inproc_factory: Any, seaweed: SeaweedS3, faulty: FaultyOrigin, tmp_path: Path
+) -> None:
+    """Four 4 MiB pieces in 1 MiB requests; piece 0's first request and piece 1's second are held by the origin.
+
+    Pieces 2 and 3 must be written, hashed and recorded while both are held
+    (each piece has its own write cursor: nothing waits for piece 0), pieces 0
+    and 1 must not be recorded before their held requests end, and piece 1's
+    requests after the held one must wait for it (a request that wrote before
+    its turn in the piece would put its bytes at the wrong place: the file is
+    checked bit-exact).
+    """
+    data = _upload(seaweed, tmp_path, "held/w.bin", 16 * MiB, seed=33)
+    faulty.hold = {0, 5 * MiB}
+    agent = inproc_factory(
+        env={"AWS_ENDPOINT_URL": faulty.url},
+        extra_args=("--piece-size", "4MiB", "--connections", "8", "--origin-connections", "8",
+                    "--origin-inflight", "8MiB"),
+    )
+    result: dict[str, Any] = {}
+    prefetch = threading.Thread(target=lambda: result.update(done=agent.cli("prefetch", "s3://models/held",
+                                                                                  timeout=120)))
+    prefetch.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not {2, 3} <= _recorded(agent.cache_dir) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        recorded = _recorded(agent.cache_dir)
+        held = [g.range for g in faulty.ranged_gets if g.fault == "hold"]
+    finally:
+        faulty.release_held()
+        prefetch.join(150)
+    assert sorted(held) == ["bytes=0-1048575", "bytes=5242880-6291455"], held  # the layout this test means
+    assert recorded == {2, 3}, recorded  # 2 and 3 landed whole; 0 and 1 still wait for their held parts
+    assert result["done"].returncode == 0, result["done"].stderr
+    assert blob_digest(data) in check_cache(agent.cache_dir)
+    lengths = {int(b) - int(a) + 1 for a, b in (g.range.removeprefix("bytes=").split("-") for g in faulty.ranged_gets)}
+    assert lengths == {MiB}, lengths  # every request inside one piece
 
 
 def test_window_halves_on_slowdown_and_429_and_the_file_is_exact(

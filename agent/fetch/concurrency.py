@@ -117,11 +117,12 @@ class HostWindow:
         """``nbytes`` more are wanted from this host (negative: no longer wanted); they shape the range size."""
         self.demand = max(0, self.demand + nbytes)
 
-    async def lease(self, key: Any, want: int, floor: int = 0) -> Lease:
+    async def lease(self, key: Any, want: int, cut: Callable[[int], int] | None = None) -> Lease:
         """A slot (lowest ``key`` first) and up to ``want`` bytes of budget; waits for both.
 
-        ``floor``: no fewer bytes than this (or ``want``, if less), whatever the range size
-        (whole pieces, where peers follow them as they land); rounded down to a multiple of it.
+        ``cut``: from the range size, the bytes this request takes (the caller's own
+        boundaries: a request covers whole pieces or stays inside one). Without it, the
+        range size, and a tail shorter than :data:`MIN_RANGE` goes with the request.
 
         The bytes are at most :meth:`range_size`, decided when the slot is given,
         so requests started after the window grew are shorter. The caller starts
@@ -133,11 +134,12 @@ class HostWindow:
         if self.slots.free <= 0:
             self._limited = True  # every slot is busy: more slots might pay
         try:
-            nbytes = min(want, self.range_size())
-            if floor:
-                nbytes = min(want, max(floor, nbytes // floor * floor))
-            if want - nbytes < MIN_RANGE:  # no tail shorter than a range of its own
-                nbytes = want
+            if cut is not None:
+                nbytes = min(want, cut(self.range_size()))
+            else:
+                nbytes = min(want, self.range_size())
+                if want - nbytes < MIN_RANGE:  # no tail shorter than a range of its own
+                    nbytes = want
             nbytes = min(nbytes, self.budget)
             while self.inflight + nbytes > self.budget:
                 fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
