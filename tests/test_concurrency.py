@@ -62,9 +62,47 @@ def test_window_doubles_while_throughput_grows_then_holds() -> None:
         assert window.size == 8
         _step(window, clock, 190e6)  # +5.5%: the link is full, hold
         assert window.size == 8 and window.state == "holding"
-        for rate in (300e6, 400e6):  # holding means holding (until the origin throttles)
+        for rate in (300e6, 400e6):  # holding means holding (until the origin throttles or a re-probe is due)
             _step(window, clock, rate)
         assert window.size == 8 and window.peak_size == 8
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(run())
+
+
+def test_holding_window_reprobes_one_doubling_and_steps_back_unless_it_pays() -> None:
+    """While holding, every reprobe_seconds one doubling is tried again: kept (and growth goes on) only at +15%."""
+    async def run() -> None:
+        clock = Clock()
+        window = HostWindow("s3://b", 4, 64, 4096 * MiB, reprobe_seconds=10.0, clock=clock)
+        tasks = await _crowd(window, 200)
+        _step(window, clock, 100e6)
+        _step(window, clock, 105e6)  # +5%: hold at 8
+        assert window.size == 8 and window.state == "holding"
+        steps = int(10.0 / window.step_seconds)
+        for _ in range(steps - 1):  # not yet due: holding, whatever the rate
+            _step(window, clock, 150e6)
+        assert window.size == 8 and window.state == "holding" and window.reprobes == 0
+        _step(window, clock, 150e6)  # 10 s held: one doubling, measured against the rate at 8 now
+        assert window.size == 16 and window.state == "probing" and window.reprobes == 1
+        _step(window, clock, 160e6)  # +6.7% over 150: not worth it, back to the held size
+        assert window.size == 8 and window.state == "holding" and window.peak_size == 16
+        for _ in range(steps - 1):  # the next try waits another interval from the step back
+            _step(window, clock, 100e6)
+        assert window.size == 8 and window.reprobes == 1
+        _step(window, clock, 100e6)
+        assert window.size == 16 and window.reprobes == 2
+        _step(window, clock, 200e6)  # the limit moved (the node's load went away): +100%, growth goes on
+        assert window.size == 32 and window.state == "growing"
+        _step(window, clock, 300e6)
+        assert window.size == 64 and window.state == "growing"
+        _step(window, clock, 310e6)  # at the ceiling there is nothing to re-probe
+        assert window.size == 64
+        for _ in range(3 * steps):
+            _step(window, clock, 310e6)
+        assert window.size == 64 and window.reprobes == 2
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
