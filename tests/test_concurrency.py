@@ -289,6 +289,8 @@ def test_pieces_are_written_and_recorded_each_in_its_own_order_while_a_slow_requ
     assert blob_digest(data) in check_cache(agent.cache_dir)
     lengths = {int(b) - int(a) + 1 for a, b in (g.range.removeprefix("bytes=").split("-") for g in faulty.ranged_gets)}
     assert lengths == {MiB}, lengths  # every request inside one piece
+    # at least piece 0's three requests behind its held one and piece 1's two: copied to wait their turn
+    assert _host(agent)["kept_bytes"] >= 5 * MiB, _host(agent)
 
 
 def test_window_halves_on_slowdown_and_429_and_the_file_is_exact(

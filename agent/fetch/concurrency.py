@@ -99,6 +99,7 @@ class HostWindow:
         self.peak_inflight = 0
         self.throttles = 0
         self.reprobes = 0  # doublings tried again while holding
+        self.kept_bytes = 0  # bytes that arrived before their turn in their piece and waited in memory (a copy)
         self.rate = 0.0  # bytes per second over the last step
         self.state = "starting"
         self._room: list[asyncio.Future[None]] = []
@@ -262,5 +263,6 @@ class HostWindow:
             "rate_bps": round(self.rate),
             "throttles": self.throttles,
             "reprobes": self.reprobes,
+            "kept_bytes": self.kept_bytes,
             "state": self.state,
         }

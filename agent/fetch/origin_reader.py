@@ -400,6 +400,7 @@ class _Assembly:
         piece = part.piece
         if piece.writing or piece.cursor >= len(piece.parts) or piece.parts[piece.cursor] is not part:
             part.waiting.extend(bytes(c) for c in chunks)
+            self.window.kept_bytes += sum(len(c) for c in chunks)
             return
         piece.writing = True
         try:
