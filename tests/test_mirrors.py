@@ -8,6 +8,8 @@ bit-exact with it and checked against the digests the mirror gives.
 from __future__ import annotations
 
 import filecmp
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,18 @@ from huggingface_hub import snapshot_download
 
 import client
 from tests.test_agent_e2e import assert_bit_exact, expected_tensors
+
+
+def test_the_agent_starts_without_importing_huggingface_hub() -> None:
+    """huggingface_hub is imported on the hf origin's first use: at import it was 0.3 s of every agent's start.
+
+    The hf tests in this file and tests/test_agent_e2e.py show the origin still works once it is used.
+    """
+    probe = ("import sys, agent.daemon, agent.cli.main\n"
+             "print(sorted(m for m in ('huggingface_hub', 'httpx') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
 
 
 def test_listing_without_sizes_is_completed_per_file(inproc_factory: Any, hf_model: Any, hf_endpoint: Any,

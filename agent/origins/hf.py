@@ -18,16 +18,10 @@ import logging
 import os
 import re
 import time
+from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
-from huggingface_hub import HfApi, get_hf_file_metadata, hf_hub_url
-from huggingface_hub.errors import (
-    GatedRepoError,
-    HfHubHTTPError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # public, absent from __all__
 
 from agent.manifest import FileEntry, Manifest
 from agent.origins.base import HttpOrigin
@@ -58,36 +52,76 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-_UNREACHABLE: tuple[type[BaseException], ...] = (OSError, *_transport_errors())
+@dataclass(frozen=True)
+class _Hub:
+    """What this origin uses of huggingface_hub, imported on first use (:meth:`HfOrigin.hub`)."""
+
+    api: Any  # HfApi
+    errors: Any  # huggingface_hub.errors
+    hf_hub_url: Any
+    get_hf_file_metadata: Any
+    build_hf_headers: Any
+    unreachable: tuple[type[BaseException], ...]
+
+
+def _import_hub(endpoint: str) -> _Hub:
+    import huggingface_hub
+    from huggingface_hub import errors
+    from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]  # public, absent from __all__
+
+    return _Hub(
+        api=huggingface_hub.HfApi(endpoint=endpoint),
+        errors=errors,
+        hf_hub_url=huggingface_hub.hf_hub_url,
+        get_hf_file_metadata=huggingface_hub.get_hf_file_metadata,
+        build_hf_headers=build_hf_headers,
+        unreachable=(OSError, *_transport_errors()),
+    )
 
 
 class HfOrigin(HttpOrigin):
+    """``hf://`` through huggingface_hub's API, bytes through the range client.
+
+    huggingface_hub (with the HTTP library under it) is imported on this origin's first use, on a
+    thread: at import it was 0.30 s of the agent's 0.74 s start (``python -X importtime -c "import
+    agent.daemon"``), paid by every node at every start, hf:// user or not.
+    """
+
     scheme = "hf"
 
     def __init__(self, session: aiohttp.ClientSession, ranges: RangeClient) -> None:
         super().__init__(session, ranges)
         self.endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-        self.api = HfApi(endpoint=self.endpoint)
+        self._hub: _Hub | None = None
+        self._hub_lock = asyncio.Lock()
+
+    async def hub(self) -> _Hub:
+        """huggingface_hub's parts, imported once (on a thread: the import takes ~0.3 s)."""
+        async with self._hub_lock:
+            if self._hub is None:
+                self._hub = await asyncio.to_thread(_import_hub, self.endpoint)
+            return self._hub
 
     async def resolve(self, ref: ModelRef) -> Manifest:
         repo, revision = ref.location, ref.revision or "main"
         where = f"hf://{repo}@{revision}"
+        hub = await self.hub()
         try:
-            info = await asyncio.to_thread(self.api.model_info, repo, revision=revision, files_metadata=True)
-        except GatedRepoError:
+            info = await asyncio.to_thread(hub.api.model_info, repo, revision=revision, files_metadata=True)
+        except hub.errors.GatedRepoError:
             raise AccessDeniedError(f"{where} is gated: accept its terms and set HF_TOKEN") from None
-        except RevisionNotFoundError:
+        except hub.errors.RevisionNotFoundError:
             raise ModelNotFoundError(f"revision {revision!r} not found in {repo} ({self.endpoint})") from None
-        except RepositoryNotFoundError:
+        except hub.errors.RepositoryNotFoundError:
             raise ModelNotFoundError(
                 f"{repo} not found at {self.endpoint} (or private: set HF_TOKEN)"
             ) from None
-        except HfHubHTTPError as exc:
+        except hub.errors.HfHubHTTPError as exc:
             status = exc.response.status_code if exc.response is not None else None
             if status in (401, 403):
                 raise AccessDeniedError(f"{self.endpoint} refused access to {where}: set HF_TOKEN") from None
             raise FetchFailedError(f"Hugging Face error resolving {where}: {exc}") from None
-        except _UNREACHABLE as exc:
+        except hub.unreachable as exc:
             # huggingface_hub 2.x raises its HTTP library's errors (httpx2.ConnectError, ...), not OSError.
             raise FetchFailedError(f"cannot reach {self.endpoint} for {where}: {type(exc).__name__}: {exc}") from None
         if not info.sha or info.siblings is None:
@@ -119,14 +153,17 @@ class HfOrigin(HttpOrigin):
         git blob id). A file whose ETag is neither gets no origin digest: it is checked only against its
         own bytes, and a warning says so. At most HEAD_PARALLEL HEADs at once."""
         gate = asyncio.Semaphore(HEAD_PARALLEL)
-        headers = build_hf_headers(library_name="warmstart")
+        hub = await self.hub()
+        headers = hub.build_hf_headers(library_name="warmstart")
 
         async def one(path: str) -> tuple[int, str | None, str | None]:
-            url = hf_hub_url(repo, path, revision=commit, endpoint=self.endpoint)
+            url = hub.hf_hub_url(repo, path, revision=commit, endpoint=self.endpoint)
             async with gate:
                 try:
-                    meta = await asyncio.to_thread(get_hf_file_metadata, url, headers=headers, endpoint=self.endpoint)
-                except HfHubHTTPError as exc:
+                    meta = await asyncio.to_thread(
+                        hub.get_hf_file_metadata, url, headers=headers, endpoint=self.endpoint
+                    )
+                except hub.errors.HfHubHTTPError as exc:
                     raise FetchFailedError(f"{self.endpoint}: HEAD of {path!r} in {where} failed: {exc}") from None
             if meta.size is None:
                 raise FetchFailedError(f"{self.endpoint} gave no size for {path!r} in {where}, listed or on HEAD")
@@ -147,5 +184,6 @@ class HfOrigin(HttpOrigin):
 
     async def request_target(self, entry: FileEntry) -> tuple[str, dict[str, str]]:
         src = entry.source
-        url = hf_hub_url(src["repo"], src["path"], revision=src["commit"], endpoint=self.endpoint)
-        return url, build_hf_headers(library_name="warmstart")
+        hub = await self.hub()
+        url = hub.hf_hub_url(src["repo"], src["path"], revision=src["commit"], endpoint=self.endpoint)
+        return url, hub.build_hf_headers(library_name="warmstart")
