@@ -301,12 +301,13 @@ def run_copy_prev(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
 
     import client.loader
 
-    saved = client.loader.FileCopy
+    saved = client.loader.FileCopy, client.loader.READ_AHEAD
     client.loader.FileCopy = PrevFileCopy  # type: ignore[misc,assignment]
+    client.loader.READ_AHEAD = False  # the previous path read each file in its turn
     try:
         return run_ws(ctx, dest, t0, "copy")
     finally:
-        client.loader.FileCopy = saved  # type: ignore[misc]
+        client.loader.FileCopy, client.loader.READ_AHEAD = saved  # type: ignore[misc]
 
 
 def run_copy_small_pages(ctx: dict, dest: torch.Tensor, t0: float) -> dict:

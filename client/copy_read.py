@@ -19,7 +19,13 @@ time, page fault by page fault: 2.25 s for 1 GiB on a machine that reads it in
   verified, and the file is read once, not once to check and once to copy;
 - hands out each tensor as a view of the buffer (dtype and shape from the header)
   only once every piece under it (and under the header) matched its recorded hash;
-  a tensor whose offset is misaligned for its element type is copied out.
+  a tensor whose offset is misaligned for its element type is copied out;
+- faults the buffer in (``MADV_POPULATE_WRITE``) on a thread of its own, a chunk at a
+  time ahead of the readers (:data:`PREFAULT`): the zeroing of fresh memory then happens
+  beside the reads, not inside them while the disk waits;
+- can start reading before :meth:`FileCopy.tensors` is called (:meth:`FileCopy.start`),
+  and tells its loader when every chunk is under way (:meth:`FileCopy.then`): the loader
+  starts the next file's reads there, so the disk's queue does not drain between files.
 
 Memory: the buffer lives as long as any tensor viewing it (one tensor kept keeps the
 file's data section); untouched parts (tensors not selected) take no memory. Files
