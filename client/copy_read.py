@@ -60,7 +60,8 @@ ALIGN = 4096  # O_DIRECT alignment of file offsets, lengths and memory (the larg
 HUGE_PAGES = True
 # Fault the buffer in (madvise MADV_POPULATE_WRITE, Linux 5.14+) on a thread of its own, chunk by chunk ahead of
 # the reads: otherwise each O_DIRECT read first faults and zeroes its fresh pages inside the read, and the disk
-# waits for that. Where the kernel lacks it, the prefaulter stops at its first refusal and the reads fault as before.
+# waits for that. Only for a file with pages to read from disk (not for one all in the page cache). Where the kernel
+# lacks it, the prefaulter stops at its first refusal and the reads fault as before.
 PREFAULT = True
 _HUGE = 2 * 1024 * 1024
 _MADV_HUGEPAGE = 14
@@ -285,8 +286,10 @@ class FileCopy:
             for i in [i for i, n in remaining.items() if n == 0]:
                 hash_piece(i)
         todo = iter(chunk_ids)
-        # the first THREADS chunks are faulted by their readers, who start on them at once
-        ahead = chunk_ids[THREADS:] if PREFAULT and self._direct else []
+        # the first THREADS chunks are faulted by their readers, who start on them at once; set below once it is
+        # known that some reads go to the disk (O_DIRECT): a file all in the page cache is read by CPU-bound
+        # copies, which a fourth thread zeroing memory beside them only slows (bench/RESULTS.md, warm)
+        ahead: list[int] = []
 
         def prefault() -> None:
             for c in ahead:
@@ -336,6 +339,8 @@ class FileCopy:
                     self._direct_fd, direct_fd = direct_fd, -1
             if direct_fd >= 0:  # closed meanwhile: close() has already looked for it
                 os.close(direct_fd)
+        if PREFAULT and self._direct_fd >= 0:
+            ahead = chunk_ids[THREADS:]
         with self._cond:
             self._ready = ready
             self._cond.notify_all()
