@@ -19,6 +19,9 @@ destination are outside the clock, opening the files and the agent round trip in
 - ``ws-copy``: ``client.open_tensors(ref, copy=True)`` (client/copy_read.py: each file read
   once into one buffer of its own, O_DIRECT where not cached), then each tensor copied;
 - ``ws-copy-4k``: ``ws-copy`` without its huge-page advice (``client.copy_read.HUGE_PAGES`` off);
+- ``ws-copy-nopf``: ``ws-copy`` without its prefaulting thread (``client.copy_read.PREFAULT`` off);
+- ``ws-copy-noahead``: ``ws-copy`` reading each file only in its turn (``client.loader.READ_AHEAD`` off:
+  the next file's reads do not start while the current one's last reads finish);
 - ``ws-copy-prev``: ``ws-copy`` through the previous copy path (bench/copy_prev.py: per tensor,
   the checker's read into the page cache, then a read into fresh memory): old against new;
 - ``ws-open-nocheck``, ``ws-iter-nocheck``: ``ws-open`` and ``ws-iter`` with the client's
@@ -298,12 +301,13 @@ def run_copy_prev(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
 
     import client.loader
 
-    saved = client.loader.FileCopy
+    saved = client.loader.FileCopy, client.loader.READ_AHEAD
     client.loader.FileCopy = PrevFileCopy  # type: ignore[misc,assignment]
+    client.loader.READ_AHEAD = False  # the previous path read each file in its turn
     try:
         return run_ws(ctx, dest, t0, "copy")
     finally:
-        client.loader.FileCopy = saved  # type: ignore[misc]
+        client.loader.FileCopy, client.loader.READ_AHEAD = saved  # type: ignore[misc]
 
 
 def run_copy_small_pages(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
@@ -317,6 +321,32 @@ def run_copy_small_pages(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
         return run_ws(ctx, dest, t0, "copy")
     finally:
         copy_read.HUGE_PAGES = saved
+
+
+def run_copy_no_prefault(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
+    """``ws-copy`` without the thread that faults its buffer in ahead of the reads (client/copy_read.py
+    ``PREFAULT`` off here): each read faults its own fresh pages, for an A/B of the prefaulter in the same run."""
+    from client import copy_read
+
+    saved = copy_read.PREFAULT
+    copy_read.PREFAULT = False
+    try:
+        return run_ws(ctx, dest, t0, "copy")
+    finally:
+        copy_read.PREFAULT = saved
+
+
+def run_copy_no_read_ahead(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
+    """``ws-copy`` with each file read only in its turn (client/loader.py ``READ_AHEAD`` off here): the disk's
+    queue drains between files, for an A/B of reading the next file ahead in the same run."""
+    from client import loader
+
+    saved = loader.READ_AHEAD
+    loader.READ_AHEAD = False
+    try:
+        return run_ws(ctx, dest, t0, "copy")
+    finally:
+        loader.READ_AHEAD = saved
 
 
 def run_willneed(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
@@ -527,6 +557,8 @@ CONTENDERS: dict[str, Callable[[dict, torch.Tensor, float], dict]] = {
     "ws-copy": lambda c, d, t0: run_ws(c, d, t0, "copy"),
     "ws-copy-prev": lambda c, d, t0: run_copy_prev(c, d, t0),
     "ws-copy-4k": run_copy_small_pages,
+    "ws-copy-nopf": run_copy_no_prefault,
+    "ws-copy-noahead": run_copy_no_read_ahead,
     "ws-open-nocheck": lambda c, d, t0: run_unchecked(c, d, t0, "open"),
     "ws-iter-nocheck": lambda c, d, t0: run_unchecked(c, d, t0, "iter"),
     "ws-open-prev": lambda c, d, t0: run_prev_check(c, d, t0, "open"),
@@ -756,7 +788,7 @@ def ratios(rounds: list[dict]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for temp in ("cold", "warm"):
-        copies = ("ws-copy", "ws-copy-4k", "ws-copy-prev")
+        copies = ("ws-copy", "ws-copy-4k", "ws-copy-nopf", "ws-copy-noahead", "ws-copy-prev")
         for ws in ("ws-open", "ws-iter", *copies, *CHECKED[2:], "ws-open-nocheck", "ws-iter-nocheck"):
             mine = secs.get((ws, temp))
             if not mine:

@@ -19,7 +19,13 @@ time, page fault by page fault: 2.25 s for 1 GiB on a machine that reads it in
   verified, and the file is read once, not once to check and once to copy;
 - hands out each tensor as a view of the buffer (dtype and shape from the header)
   only once every piece under it (and under the header) matched its recorded hash;
-  a tensor whose offset is misaligned for its element type is copied out.
+  a tensor whose offset is misaligned for its element type is copied out;
+- faults the buffer in (``MADV_POPULATE_WRITE``) on a thread of its own, a chunk at a
+  time ahead of the readers (:data:`PREFAULT`): the zeroing of fresh memory then happens
+  beside the reads, not inside them while the disk waits;
+- can start reading before :meth:`FileCopy.tensors` is called (:meth:`FileCopy.start`),
+  and tells its loader when every chunk is under way (:meth:`FileCopy.then`): the loader
+  starts the next file's reads there, so the disk's queue does not drain between files.
 
 Memory: the buffer lives as long as any tensor viewing it (one tensor kept keeps the
 file's data section); untouched parts (tensors not selected) take no memory. Files
@@ -52,8 +58,14 @@ ALIGN = 4096  # O_DIRECT alignment of file offsets, lengths and memory (the larg
 # Ask for transparent huge pages under the buffer (madvise MADV_HUGEPAGE): the reads then fault in 2 MiB at a
 # time instead of 4 KiB (512x fewer faults; page faults were most of copy=True's CPU). Where THP is off, a no-op.
 HUGE_PAGES = True
+# Fault the buffer in (madvise MADV_POPULATE_WRITE, Linux 5.14+) on a thread of its own, chunk by chunk ahead of
+# the reads: otherwise each O_DIRECT read first faults and zeroes its fresh pages inside the read, and the disk
+# waits for that. Only for a file with pages to read from disk (not for one all in the page cache). Where the kernel
+# lacks it, the prefaulter stops at its first refusal and the reads fault as before.
+PREFAULT = True
 _HUGE = 2 * 1024 * 1024
 _MADV_HUGEPAGE = 14
+_MADV_POPULATE_WRITE = 23
 _MAX_READ = 1 << 30  # Linux returns at most 0x7ffff000 bytes per read
 
 # wait(offset, nbytes) blocks until those bytes of the file are on disk (a file still arriving)
@@ -119,6 +131,10 @@ class FileCopy:
         self._closed = False
         self._threads: list[threading.Thread] = []
         self._direct_fd = -1
+        self._started = False
+        self._drained = False  # every chunk taken by a reader (the :meth:`then` point)
+        self._on_drained: Callable[[], None] | None = None
+        self._ready: Callable[[TensorInfo], bool] | None = None  # set once the plan is made
 
     # ------------------------------------------------------------------ reading the header
 
@@ -141,11 +157,89 @@ class FileCopy:
 
     # ------------------------------------------------------------------ the plan
 
+    def start(self, infos: Sequence[TensorInfo]) -> None:
+        """Start reading the bytes ``infos`` need (the tensors :meth:`tensors` will be given), once; thread-safe.
+
+        Called ahead of :meth:`tensors` to overlap this file's reads with another's
+        (:meth:`then`); :meth:`tensors` calls it itself otherwise. A failure here is
+        kept and raised by :meth:`tensors`, not by the caller (which may be another
+        file's reader thread). Nothing starts once :meth:`close` was called.
+        """
+        with self._cond:
+            if self._started or self._closed:
+                return
+            self._started = True
+        try:
+            self._start(infos)
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who raises it
+            self._fail(exc)
+
+    def then(self, start_next: Callable[[], None]) -> None:
+        """Call ``start_next`` (once, on a reader thread) when every chunk of this file has been taken by a reader.
+
+        Why: the loader reads files one after another, and each file's last reads
+        leave the disk's queue draining while they finish and are hashed; starting
+        the next file's reads then keeps it full. Called at once if that point has
+        passed; never if this copy is closed or failed before it.
+        """
+        with self._cond:
+            if not self._drained:
+                self._on_drained = start_next
+                return
+            if self._closed or self._error is not None:
+                return
+        start_next()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = exc
+            self._cond.notify_all()
+
+    def _mark_drained(self) -> None:
+        """Every chunk is taken: run the :meth:`then` hook, once, unless stopped."""
+        with self._cond:
+            if self._drained:
+                return
+            self._drained = True
+            hook, self._on_drained = self._on_drained, None
+            if self._closed or self._error is not None:
+                return
+        if hook is not None:
+            hook()
+
+    def _spawn(self, target: Callable[[], None], name: str) -> bool:
+        """Start a thread of this copy unless it was closed (then False): :meth:`close` joins every one started."""
+        with self._cond:
+            if self._closed:
+                return False
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+            return True
+
     def tensors(self, infos: Sequence[TensorInfo]) -> Generator[tuple[str, torch.Tensor]]:
         """Yield ``(name, tensor)`` for ``infos`` (tensors of this file, in file order), each once its bytes are in.
 
-        Reading starts on the first ``next``; threads stop when the generator ends or is closed.
+        Reading starts on the first ``next`` unless :meth:`start` (with the same
+        ``infos``) started it before; threads stop when the generator ends or is closed.
         """
+        try:
+            self.start(infos)
+            for t in infos:
+                with self._cond:
+                    while self._ready is None or not self._ready(t):
+                        if self._error is not None:
+                            raise self._error
+                        if self._closed:
+                            raise WarmstartError(f"{self.name}: the load was stopped")
+                        self._cond.wait(1.0)
+                yield t.name, self._tensor(t)
+        finally:
+            self.close()
+
+    def _start(self, infos: Sequence[TensorInfo]) -> None:
+        """Allocate the buffer, plan the chunks and pieces ``infos`` need, and start the reader threads."""
         data_size = self.file_size - self.data_start
         raw = torch.empty(data_size + ALIGN, dtype=torch.uint8)
         shift = (self.data_start - raw.data_ptr()) % ALIGN  # file offset o sits at an address = o (mod ALIGN)
@@ -192,6 +286,19 @@ class FileCopy:
             for i in [i for i, n in remaining.items() if n == 0]:
                 hash_piece(i)
         todo = iter(chunk_ids)
+        # the first THREADS chunks are faulted by their readers, who start on them at once; set below once it is
+        # known that some reads go to the disk (O_DIRECT): a file all in the page cache is read by CPU-bound
+        # copies, which a fourth thread zeroing memory beside them only slows (bench/RESULTS.md, warm)
+        ahead: list[int] = []
+
+        def prefault() -> None:
+            for c in ahead:
+                with self._cond:
+                    if self._closed or self._error is not None:
+                        return
+                start, end = self._chunk_range(c)
+                if not _populate(self.buffer.data_ptr() + start - self.data_start, end - start):
+                    return
 
         def work() -> None:
             try:
@@ -199,6 +306,7 @@ class FileCopy:
                     with self._cond:
                         c = None if self._closed or self._error is not None else next(todo, None)
                     if c is None:
+                        self._mark_drained()
                         return
                     start, end = self._chunk_range(c)
                     if self._wait is not None:
@@ -215,10 +323,7 @@ class FileCopy:
                     for i in full:
                         hash_piece(i)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, who raises it
-                with self._cond:
-                    if self._error is None:
-                        self._error = exc
-                    self._cond.notify_all()
+                self._fail(exc)
 
         def ready(t: TensorInfo) -> bool:
             if check is None:
@@ -227,24 +332,24 @@ class FileCopy:
             return all(i in ok_pieces for i in header_pieces) and all(i in ok_pieces for i in over)
 
         resident = self._resident_pages() if chunk_ids and self._direct else None
-        try:
-            if chunk_ids and self._direct and (resident is None or resident.count(0)):
-                self._direct_fd = _open_direct(self._fd)
-            for n in range(min(THREADS, len(chunk_ids))):
-                thread = threading.Thread(target=work, name=f"warmstart-copy-{n}", daemon=True)
-                thread.start()
-                self._threads.append(thread)
-            for t in infos:
-                with self._cond:
-                    while not ready(t):
-                        if self._error is not None:
-                            raise self._error
-                        if self._closed:
-                            raise WarmstartError(f"{self.name}: the load was stopped")
-                        self._cond.wait(1.0)
-                yield t.name, self._tensor(t)
-        finally:
-            self.close()
+        if chunk_ids and self._direct and (resident is None or resident.count(0)):
+            direct_fd = _open_direct(self._fd)
+            with self._cond:
+                if not self._closed:
+                    self._direct_fd, direct_fd = direct_fd, -1
+            if direct_fd >= 0:  # closed meanwhile: close() has already looked for it
+                os.close(direct_fd)
+        if PREFAULT and self._direct_fd >= 0:
+            ahead = chunk_ids[THREADS:]
+        with self._cond:
+            self._ready = ready
+            self._cond.notify_all()
+        for n in range(min(THREADS, len(chunk_ids))):
+            self._spawn(work, f"warmstart-copy-{n}")
+        if ahead:
+            self._spawn(prefault, "warmstart-copy-prefault")
+        if not chunk_ids:  # nothing to read: the next file may start at once
+            self._mark_drained()
 
     def _tensor(self, t: TensorInfo) -> torch.Tensor:
         if t.nbytes == 0:
@@ -313,12 +418,14 @@ class FileCopy:
         """Stop reading (threads finish their current chunk) and close the O_DIRECT descriptor. Idempotent."""
         with self._cond:
             self._closed = True
+            self._on_drained = None
             self._cond.notify_all()
-        for thread in self._threads:
+            threads, self._threads = self._threads, []
+        for thread in threads:
             if thread is not threading.current_thread():
                 thread.join()
-        self._threads = []
-        fd, self._direct_fd = self._direct_fd, -1
+        with self._cond:
+            fd, self._direct_fd = self._direct_fd, -1
         if fd >= 0:
             os.close(fd)
 
@@ -361,6 +468,22 @@ def _advise_huge(addr: int, size: int) -> None:
         return
     with contextlib.suppress(OSError, AttributeError):
         _load_libc().madvise(start, end - start, _MADV_HUGEPAGE)
+
+
+def _populate(addr: int, size: int) -> bool:
+    """Fault in ``[addr, addr + size)`` writable (madvise MADV_POPULATE_WRITE); False where the kernel refuses.
+
+    The pages' contents are not changed: pages already present (a read got there
+    first) are left as they are, absent ones come in zeroed, as a first write would
+    bring them. Whole pages only: the range is trimmed to the 4 KiB pages inside it.
+    """
+    start, end = -(-addr // ALIGN) * ALIGN, (addr + size) // ALIGN * ALIGN
+    if end <= start or not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(_load_libc().madvise(start, end - start, _MADV_POPULATE_WRITE) == 0)
+    except (OSError, AttributeError):
+        return False
 
 
 def _mincore(fd: int, size: int) -> bytes | None:

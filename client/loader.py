@@ -48,6 +48,10 @@ from client.device_ring import DEFAULT_RING_BYTES, DeviceRing, check_device
 from client.errors import MalformedFileError, WarmstartError
 from client.safetensors_header import MAX_HEADER_BYTES, SafetensorsHeader, TensorInfo, read_header
 
+# copy=True over several complete files: open the next one ahead and start its reads as soon as the current one's
+# are all under way (FileCopy.then), so the disk's queue does not drain between files (bench/RESULTS.md)
+READ_AHEAD = True
+
 # Linux returns at most 0x7ffff000 bytes per read; ask for no more than that per call.
 _MAX_READ = 1 << 30
 
@@ -147,6 +151,9 @@ class ShardSource(Protocol):
     def check(self, path: str, fd: int, local: str) -> Checker | None:
         """What checks the bytes of ``path`` (open as ``fd``, the file ``local``) before they are handed out."""
 
+    def is_complete(self, path: str) -> bool:
+        """Whether ``path`` is known to be a complete blob now (:meth:`open` would not wait for it to arrive)."""
+
 
 class Checker(PieceCheck, Protocol):
     """Verifies ranges of one open file against recorded hashes (client/verify.py's BlobCheck).
@@ -190,27 +197,42 @@ def iter_streamed_files(
     wanted = None if names is None else _as_name_set(names)
     owner: dict[str, str] = {}
     ring = DeviceRing(target, ring_bytes) if target.type != "cpu" else None
+    ahead: _CopyAhead | None = None  # copy=True: the next file, opened and due to start reading early
     try:
-        for shard in shards:
+        for n, shard in enumerate(shards):
             display = f"{label}/{shard}"
-            fd, local = source.open(shard)
-            handed_over = False
+            prepared, ahead = ahead, None
             check: Checker | None = None
+            if prepared is not None:
+                fd, check = prepared.fd, prepared.check
+            else:
+                fd, local = source.open(shard)
+            handed_over = False
             try:
-                _lock_shared(fd, display)
-                check = source.check(shard, fd, local)
+                if prepared is None:
+                    _lock_shared(fd, display)
+                    check = source.check(shard, fd, local)
                 if ring is None and copy:
                     # read once into memory of its own, hashing what it read (client/copy_read.py)
                     # no checker: a file still arriving, read from the page cache in small chunks, so
                     # tensors come as their bytes do
                     arriving = check is None
-                    copier = FileCopy(
-                        fd, display, check=check, wait=partial(_arrived, source, shard),
-                        chunk=STREAM_CHUNK if arriving else CHUNK, direct=not arriving,
-                    )  # fmt: skip
+                    if prepared is not None:
+                        copier = prepared.copier
+                    else:
+                        copier = FileCopy(
+                            fd, display, check=check, wait=partial(_arrived, source, shard),
+                            chunk=STREAM_CHUNK if arriving else CHUNK, direct=not arriving,
+                        )  # fmt: skip
+                    # the same tensors a prepared copy started on: owner then held the same names
                     selected = _select(copier.header, display, owner, wanted)
                     handed_over = True
                     tensors = _copied(fd, copier, selected)
+                    if READ_AHEAD and not arriving and n + 1 < len(shards):
+                        # the next file's reads start once this one's are all under way (FileCopy.then)
+                        ahead = _copy_ahead(source, shards[n + 1], f"{label}/{shards[n + 1]}", owner, wanted)
+                        if ahead is not None:
+                            copier.then(partial(ahead.copier.start, ahead.selected))
                     try:
                         yield from _without_closing(tensors)
                     except BaseException:
@@ -251,6 +273,8 @@ def iter_streamed_files(
                 if check is not None:
                     check.close()
                 if not handed_over:
+                    if prepared is not None:
+                        prepared.copier.close()
                     os.close(fd)
         if wanted is not None:
             missing = sorted(wanted - owner.keys())
@@ -258,9 +282,60 @@ def iter_streamed_files(
                 raise KeyError(f"no tensor named {_some(missing)} in {label}; available: {_some(sorted(owner))}")
         source.finish()
     finally:
+        if ahead is not None:  # stopped before reaching the file read ahead
+            ahead.close()
         source.close()
         if ring is not None:
             ring.close()
+
+
+@dataclass
+class _CopyAhead:
+    """The next complete file of a ``copy=True`` load, open, locked and planned before its turn."""
+
+    fd: int
+    check: Checker
+    copier: FileCopy
+    selected: list[TensorInfo]
+
+    def close(self) -> None:
+        """Stop its reads and let go of it (the load ended before its turn)."""
+        self.copier.close()
+        self.check.close()
+        os.close(self.fd)
+
+
+def _copy_ahead(
+    source: ShardSource, shard: str, display: str, owner: dict[str, str], wanted: set[str] | None
+) -> _CopyAhead | None:
+    """Open and plan ``shard`` ahead of its turn, when it is a complete blob; None otherwise or on any failure.
+
+    Why: so that its reads start while the current file's last ones finish
+    (:meth:`FileCopy.then`), not after, when the disk's queue has drained. A file
+    still arriving is not opened ahead (the open would wait for it). A failure is
+    not raised here: the file is opened again in its turn, where it raises, after
+    the current file's tensors. The names are checked against a copy of ``owner``
+    for the same reason; the real check runs in its turn. Memory: the next file's
+    buffer is allocated while the current one's tensors are still being handed out.
+    """
+    if not source.is_complete(shard):
+        return None
+    fd = -1
+    check: Checker | None = None
+    try:
+        fd, local = source.open(shard)
+        _lock_shared(fd, display)
+        check = source.check(shard, fd, local)
+        if check is not None:
+            copier = FileCopy(fd, display, check=check, wait=partial(_arrived, source, shard), chunk=CHUNK)
+            return _CopyAhead(fd, check, copier, _select(copier.header, display, dict(owner), wanted))
+    except Exception:  # noqa: BLE001 - raised again, in its turn
+        pass
+    if check is not None:
+        check.close()
+    if fd >= 0:
+        os.close(fd)
+    return None
 
 
 def _arrived(source: ShardSource, shard: str, offset: int, nbytes: int) -> None:

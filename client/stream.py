@@ -319,6 +319,12 @@ class ModelStream:
                     return
                 self._cond.wait(min(1.0, left))
 
+    def is_complete(self, path: str) -> bool:
+        """Whether the agent has named ``path``'s complete blob: :meth:`open` would not wait for it to arrive."""
+        with self._cond:
+            f = self.files.get(path)
+            return f is not None and f.blob is not None
+
     def check(self, path: str, fd: int, local: str) -> BlobCheck | None:
         """A checker of model file ``path``'s piece hashes when ``local`` (open as ``fd``) is its complete blob.
 

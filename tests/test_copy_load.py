@@ -215,3 +215,89 @@ def test_a_corrupt_byte_is_refused_and_nothing_over_it_handed_out(tmp_path: Path
     for name, t in handed:  # whatever came before the error is whole and lies outside the bad piece
         assert torch.equal(_raw(t), _raw(want[name])), name
     assert "big.f32" not in dict(handed)
+
+
+def _write_sharded(model: Path, shards: int = 3) -> dict[str, torch.Tensor]:
+    """A local model of ``shards`` safetensors files (index included), each over two 16 MiB read chunks."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(7)
+    model.mkdir()
+    weight_map: dict[str, str] = {}
+    want: dict[str, torch.Tensor] = {}
+    for s in range(shards):
+        name = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {
+            f"layers.{s}.w": torch.randn(5 * MiB + 3, generator=g).to(torch.bfloat16),  # 10 MiB
+            f"layers.{s}.norm": torch.randn(4099, generator=g),
+            f"layers.{s}.v": torch.randn(6 * MiB, generator=g),  # 24 MiB: across a chunk boundary
+        }
+        save_file(part, str(model / name), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, name)
+        want |= part
+    index = {"metadata": {}, "weight_map": weight_map}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    (model / "config.json").write_text("{}")
+    return want
+
+
+def _copy_threads() -> list[str]:
+    import threading
+
+    return [t.name for t in threading.enumerate() if t.name.startswith("warmstart-copy")]
+
+
+def test_a_sharded_model_reads_the_next_file_ahead_bit_exact(
+    agent_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = tmp_path / "sharded"
+    want = _write_sharded(model)
+    agent = agent_factory()
+    assert agent.cli("prefetch", str(model)).returncode == 0
+    blobs = [b for b in (agent.cache_dir / "blobs").rglob("*") if b.is_file() and b.stat().st_size > 16 * MiB]
+    assert len(blobs) == 3
+    for blob in blobs:
+        _drop_from_page_cache(blob)
+    # a record of when each file's reads start, beside the tensors handed out (FileCopy.start runs the real thing)
+    events: list[str] = []
+    real_start = FileCopy.start
+
+    def start(self: FileCopy, infos: Any) -> None:
+        events.append(f"start {self.name.rsplit('/', 1)[-1]}")
+        real_start(self, infos)
+
+    monkeypatch.setattr(FileCopy, "start", start)
+
+    got: dict[str, torch.Tensor] = {}
+    for name, t in client.iter_tensors(str(model), socket=str(agent.socket_path), copy=True):
+        events.append(name)
+        got[name] = t
+
+    _assert_same(got, want)
+    # the first call of each file's start (the one that started it; later ones find it started)
+    starts = [events.index(f"start model-{s:05d}-of-00003.safetensors") for s in (1, 2, 3)]
+    # each next file started reading before the previous file's last tensor was handed out
+    last_of = {s: max(i for i, e in enumerate(events) if e.startswith(f"layers.{s}.")) for s in range(3)}
+    assert starts[1] < last_of[0] and starts[2] < last_of[1], events
+    assert _copy_threads() == []
+    if _direct_io_works(blobs[0]):  # files read ahead come through O_DIRECT too: the page cache stays cold
+        for blob in blobs:
+            assert _resident_fraction(blob) < 0.05, f"{_resident_fraction(blob):.0%} of {blob.name} in the page cache"
+
+
+def test_a_copy_load_stopped_early_lets_go_of_the_file_read_ahead(agent_factory: Any, tmp_path: Path) -> None:
+    model = tmp_path / "sharded"
+    want = _write_sharded(model)
+    agent = agent_factory()
+    assert agent.cli("prefetch", str(model)).returncode == 0
+    fds_before = len(os.listdir("/proc/self/fd"))
+
+    tensors = client.iter_tensors(str(model), socket=str(agent.socket_path), copy=True)
+    first = next(tensors)
+    tensors.close()
+
+    assert torch.equal(_raw(first[1]), _raw(want[first[0]]))
+    assert _copy_threads() == [], "reader threads left behind"
+    assert len(os.listdir("/proc/self/fd")) == fds_before, "descriptors left open"
+    # and the files can be taken again: nothing held
+    assert sorted(client.open_tensors(str(model), socket=str(agent.socket_path), copy=True)) == sorted(want)
