@@ -176,10 +176,6 @@ def run_warmstart(ctx: dict, dest: Path, connections: int, *extra: str, code: st
             )
         blobs = dir_bytes(dest / "cache" / "blobs")
         info = {"cli_stdout": done.stdout.strip(), "blob_bytes": blobs}
-        # what the origin window settled on (window, range size, bytes copied to wait their turn), after the clock
-        stats = agent.cli("stats", "--json", timeout=60)
-        if stats.returncode == 0:
-            info["origin_hosts"] = json.loads(stats.stdout).get("origin_hosts")
         if blobs < ctx["total"]:
             raise RuntimeError(f"agent cache has {blobs} blob bytes, want {ctx['total']}")
     finally:

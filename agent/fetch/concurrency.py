@@ -10,9 +10,6 @@ one https server) has a :class:`HostWindow` that
 - doubles while the bytes landing per step grow by at least 15% (:data:`GROWTH`)
   and the window is what limits them (requests waited for a slot),
 - holds once a doubling no longer pays (the link, the store or this node is the limit),
-  and every :data:`REPROBE_SECONDS` while holding tries one doubling again, kept (and
-  growth goes on) if the rate grew by 15%, else stepped back (a window that held at 16
-  while the node was busy would otherwise stay there after the load is gone),
 - halves when the origin throttles (S3 503 SlowDown, 429, connection resets:
   ``TransientOriginError(throttle=True)``), at most once a step, and then probes again,
 - never exceeds ``--origin-connections`` requests, nor ``--origin-inflight``
@@ -48,7 +45,6 @@ MIN_RANGE = 1 * MiB
 MAX_RANGE = 64 * MiB
 GROWTH = 1.15  # a doubling must bring this much more throughput to be followed by another
 STEP_SECONDS = 0.5  # how long throughput is measured between decisions
-REPROBE_SECONDS = 10.0  # how long a holding window waits before trying one doubling again
 
 
 class Lease:
@@ -83,7 +79,6 @@ class HostWindow:
         budget: int,
         *,
         step_seconds: float = STEP_SECONDS,
-        reprobe_seconds: float = REPROBE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.host = host
@@ -91,15 +86,12 @@ class HostWindow:
         self.budget = budget
         self.slots = OrderedSlots(max(1, min(start, self.ceiling)))
         self.step_seconds = step_seconds
-        self.reprobe_seconds = reprobe_seconds
         self.clock = clock
         self.inflight = 0  # bytes leased now
         self.demand = 0  # bytes wanted from this host and not yet leased (spans being fetched)
         self.peak_size = self.lowest_size = self.slots.size
         self.peak_inflight = 0
         self.throttles = 0
-        self.reprobes = 0  # doublings tried again while holding
-        self.kept_bytes = 0  # bytes that arrived before their turn in their piece and waited in memory (a copy)
         self.rate = 0.0  # bytes per second over the last step
         self.state = "starting"
         self._room: list[asyncio.Future[None]] = []
@@ -108,8 +100,6 @@ class HostWindow:
         self._limited = False  # a request waited for a slot during this step
         self._best: float | None = None  # the rate at the window before the last doubling
         self._growing = True
-        self._held_since = 0.0  # when the window last started holding (or stepped back from a re-probe)
-        self._probe: tuple[int, float] | None = None  # while a re-probe's doubling is measured: held size, its rate
         self._last_throttle = -1e9
 
     @property
@@ -127,12 +117,11 @@ class HostWindow:
         """``nbytes`` more are wanted from this host (negative: no longer wanted); they shape the range size."""
         self.demand = max(0, self.demand + nbytes)
 
-    async def lease(self, key: Any, want: int, cut: Callable[[int], int] | None = None) -> Lease:
+    async def lease(self, key: Any, want: int, floor: int = 0) -> Lease:
         """A slot (lowest ``key`` first) and up to ``want`` bytes of budget; waits for both.
 
-        ``cut``: from the range size, the bytes this request takes (the caller's own
-        boundaries: a request covers whole pieces or stays inside one). Without it, the
-        range size, and a tail shorter than :data:`MIN_RANGE` goes with the request.
+        ``floor``: no fewer bytes than this (or ``want``, if less), whatever the range size
+        (whole pieces, where peers follow them as they land); rounded down to a multiple of it.
 
         The bytes are at most :meth:`range_size`, decided when the slot is given,
         so requests started after the window grew are shorter. The caller starts
@@ -144,12 +133,11 @@ class HostWindow:
         if self.slots.free <= 0:
             self._limited = True  # every slot is busy: more slots might pay
         try:
-            if cut is not None:
-                nbytes = min(want, cut(self.range_size()))
-            else:
-                nbytes = min(want, self.range_size())
-                if want - nbytes < MIN_RANGE:  # no tail shorter than a range of its own
-                    nbytes = want
+            nbytes = min(want, self.range_size())
+            if floor:
+                nbytes = min(want, max(floor, nbytes // floor * floor))
+            if want - nbytes < MIN_RANGE:  # no tail shorter than a range of its own
+                nbytes = want
             nbytes = min(nbytes, self.budget)
             while self.inflight + nbytes > self.budget:
                 fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -187,17 +175,7 @@ class HostWindow:
         self.rate = rate
         if not limited:
             return  # not the window's doing: fewer requests wanted than allowed
-        if self._probe is not None:
-            self._reprobed(now, rate, *self._probe)
-            return
         if not self._growing:
-            if now - self._held_since >= self.reprobe_seconds and self.size < self.ceiling:
-                # The limit may have moved (the node's load, the link, the store): try once more,
-                # measured against the rate at the held size now, not the best rate ever seen.
-                self._probe = (self.size, rate)
-                self.reprobes += 1
-                self._resize(min(self.ceiling, self.size * 2))
-                self.state = "probing"
             return
         if self._best is None or rate >= self._best * GROWTH:
             self._best = rate if self._best is None else max(self._best, rate)
@@ -208,23 +186,6 @@ class HostWindow:
                 self.state = "at ceiling"
         else:
             self._growing = False
-            self._held_since = now
-            self.state = "holding"
-
-    def _reprobed(self, now: float, rate: float, held: int, base: float) -> None:
-        """The step after a re-probe's doubling: keep growing if it paid, else back to the held size."""
-        self._probe = None
-        if rate >= base * GROWTH:
-            self._best = rate
-            self._growing = True
-            if self.size < self.ceiling:
-                self._resize(min(self.ceiling, self.size * 2))
-                self.state = "growing"
-            else:
-                self.state = "at ceiling"
-        else:
-            self._resize(held)
-            self._held_since = now
             self.state = "holding"
 
     def throttled(self) -> None:
@@ -238,7 +199,6 @@ class HostWindow:
         self.state = "backed off"
         self._best = None  # measure afresh from the smaller window
         self._growing = True
-        self._probe = None
         self._step_start, self._step_bytes, self._limited = now, 0, False
 
     def _resize(self, n: int) -> None:
@@ -262,7 +222,5 @@ class HostWindow:
             "budget_bytes": self.budget,
             "rate_bps": round(self.rate),
             "throttles": self.throttles,
-            "reprobes": self.reprobes,
-            "kept_bytes": self.kept_bytes,
             "state": self.state,
         }

@@ -12,15 +12,11 @@ long range costs a local server less than several short ones (SeaweedFS served
 64 MiB ranges in 0.7-0.75x the time and CPU of 16 MiB ones: bench/RESULTS.md
 "Cold miss"), while a store that caps each connection's rate is only filled by
 many shorter ones, several inside one piece. Pieces stay the unit that is
-hashed, recorded, followed and served to peers: requests are cut at piece
-boundaries (a request covers whole pieces or lies inside one) and assembled
-per piece (:class:`_Assembly`): each piece has its own write cursor and hash,
-so the request at its piece's first unwritten byte goes straight to the file
-whatever the other pieces are doing; only a request behind another one of the
-same piece waits in memory (within the byte budget) until the piece reaches
-it. Every byte is hashed once, in order within its piece, and a piece is
-recorded as soon as all of it arrived and matched, possibly before the pieces
-ahead of it.
+hashed, recorded, followed and served to peers: the requests of a span are
+assembled in byte order (:class:`_Assembly`): the first one not yet written
+goes straight to the file, the ones after it wait in memory (within the byte
+budget) until it is done, so every byte is hashed once, in order, and a piece
+is recorded only when all of it arrived and matched.
 
 A request that fails with a transient error goes on from its first byte not
 received, with exponential backoff and full jitter, ``--retries`` tries in all
@@ -31,7 +27,6 @@ that piece, as many times.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 import time
@@ -39,7 +34,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from agent.errors import PieceMovedError, TransientOriginError
-from agent.fetch.concurrency import MIN_RANGE, HostWindow, Lease
+from agent.fetch.concurrency import HostWindow, Lease
 from agent.fetch.flight import Flight
 from agent.fetch.open_fills import OpenFill, PieceStream
 from agent.fetch.sinks import PieceSink, record_piece
@@ -174,26 +169,27 @@ class OriginReader:
             for attempt in range(self.retries):
                 if attempt:
                     await asyncio.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
+                offset = fill.entry.piece_range(remaining[0])[0]
+                end = sum(fill.entry.piece_range(remaining[-1]))
                 sink = _SpanSink(self, h, remaining, landed, streams, flight)
-                runs = sink.runs()
                 # Every origin fetch, for tracing where origin bytes go (a cluster should fetch
                 # each piece from the origin about once): whose fill it is, which try.
-                log.debug("origin ranges %s of %s (pieces %d-%d, try %d, %s)",
-                          ", ".join(f"{a}-{b - 1}" for a, b in runs), fill.entry.path,
+                log.debug("origin range %d-%d of %s (pieces %d-%d, try %d, %s)", offset, end - 1, fill.entry.path,
                           remaining[0], remaining[-1], attempt + 1,
                           "own fill" if flight is not None else "for a peer or a repair")
                 try:
-                    if runs:
+                    if end > offset:
                         assembly = _Assembly(self, window, origin, fill.entry, sink, (order, remaining[0]),
-                                             whole_pieces, None if attempt else still_mine)
-                        await assembly.run(runs)
+                                             fill.entry.piece_size if whole_pieces else 0,
+                                             None if attempt else still_mine)
+                        await assembly.run(offset, end)
                     await sink.complete()
                     return
                 except (TransientOriginError, IntegrityError) as exc:
                     last = exc
                     self.metrics.fetch_error("origin", "transient")
                     sink.abandon()
-                    remaining = sink.missing()  # a retry asks again only for these, from their first byte
+                    remaining = remaining[sink.recorded :]
                     if not remaining:  # every piece arrived and was recorded before the error
                         return
                     log.warning(
@@ -210,55 +206,26 @@ class OriginReader:
 
 
 class _Request:
-    """One range request of a span: the bytes it received and those written to the file."""
+    """One range request of a span: its bytes, and those that arrived before their turn to be written."""
 
     def __init__(self, offset: int, lease: Lease) -> None:
         self.offset, self.lease = offset, lease
         self.length = lease.nbytes
         self.received = 0
-        self.written = 0
-        self.parts: list[_Part] = []  # one per piece it covers, in byte order
-
-
-class _Part:
-    """The bytes of one request inside one piece, and those that arrived before their turn in the piece."""
-
-    def __init__(self, request: _Request, piece: _Piece, start: int, end: int) -> None:
-        self.request, self.piece, self.start, self.end = request, piece, start, end
         self.waiting: list[bytes] = []  # copies: the range client reuses its buffers
-
-
-class _Piece:
-    """One piece of a span's try: its own write cursor and hash (a PieceSink), the parts of requests in it."""
-
-    def __init__(self, index: int, offset: int, length: int, sink: PieceSink) -> None:
-        self.index, self.offset, self.length, self.sink = index, offset, length, sink
-        self.parts: list[_Part] = []  # in byte order
-        self.cursor = 0  # the first part not wholly written
-        self.writing = False  # one coroutine writes this piece at a time, in order
-        self.recorded = False
-
-    @property
-    def end(self) -> int:
-        return self.offset + self.length
+        self.done = False
 
 
 class _Assembly:
-    """One try of a span: requests of the window's range size in flight at once, each piece written in order.
+    """One try of a span: requests of the window's range size in flight at once, written in byte order.
 
     A request is admitted by the host window (a slot and its bytes of the
-    budget), in byte order within the span, and cut at piece boundaries: it
-    covers whole pieces, or lies inside one. Each piece has its own write
-    cursor and hash, so the request at the first unwritten byte of its piece
-    hands its bytes straight to the piece (written and hashed in place) without
-    waiting for the pieces before it; only a request behind another one of the
-    same piece keeps its bytes in memory until the piece reaches it (the copies
-    that cost CPU when a span was written in one byte order: bench/RESULTS.md
-    "Object store"). Within a piece bytes are written in order, so peers relay a
-    piece as it lands; a piece is recorded as soon as its last byte is written.
-    A request's bytes go back to the budget once written; its slot as soon as
-    its answer ended. A transient failure retries the request from its first
-    missing byte (``retries`` tries); the span fails if one runs out.
+    budget), in byte order within the span. The request at the write cursor
+    hands its bytes straight to the span's sink (written and hashed in
+    place); later ones keep theirs in memory until every request before them
+    is written. A request's bytes go back to the budget once written; its slot
+    as soon as its answer ended. A transient failure retries the request from
+    its first missing byte (``retries`` tries); the span fails if one runs out.
     """
 
     def __init__(
@@ -269,72 +236,38 @@ class _Assembly:
         entry: FileEntry,
         sink: _SpanSink,
         key: tuple[int, int],
-        whole_pieces: bool = False,
+        floor: int = 0,
         still_mine: Callable[[], Awaitable[bool]] | None = None,
     ) -> None:
         self.reader, self.window, self.origin, self.entry, self.sink = reader, window, origin, entry, sink
-        self.key, self.whole_pieces, self.still_mine = key, whole_pieces, still_mine
+        self.key, self.floor, self.still_mine = key, floor, still_mine
         self.requests: list[_Request] = []
+        self.cursor = 0  # the first request not wholly written
+        self.writing = False  # one coroutine writes at a time, in order
 
-    def _cut(self, pos: int, run_end: int, size: int) -> int:
-        """Bytes of the request at ``pos`` for range size ``size``: whole pieces, or up to its piece's end.
-
-        No request ends less than MIN_RANGE before the end of what it is cut from
-        (the run of pieces, or its piece): that tail goes with it.
-        """
-        piece_size = self.entry.piece_size
-        piece_start = pos // piece_size * piece_size
-        if self.whole_pieces or (pos == piece_start and size >= piece_size):
-            nbytes, limit = max(piece_size, size // piece_size * piece_size), run_end
-        else:
-            nbytes, limit = size, min(piece_start + piece_size, run_end)
-        nbytes = min(nbytes, limit - pos)
-        return limit - pos if limit - pos - nbytes < MIN_RANGE else nbytes
-
-    async def run(self, runs: list[tuple[int, int]]) -> None:
-        """Fetch the byte ranges ``runs`` (each a run of consecutive pieces of the span)."""
-        total = sum(end - offset for offset, end in runs)
-        asked = 0
-        self.window.want(total)
+    async def run(self, offset: int, end: int) -> None:
+        pos = offset
+        self.window.want(end - offset)
         try:
             async with asyncio.TaskGroup() as tg:
-                for offset, end in runs:
-                    pos = offset
-                    while pos < end:
-                        lease = await self.window.lease(
-                            (*self.key, pos), end - pos, cut=functools.partial(self._cut, pos, end)
-                        )
-                        if self.still_mine is not None and not asked and not await self.still_mine():
-                            lease.release()
-                            raise PieceMovedError(
-                                f"{self.entry.path}: the piece at byte {offset} has a peer source now"
-                            )
-                        if not asked:
-                            self.sink.asked()
-                        asked += lease.nbytes
-                        request = _Request(pos, lease)
-                        self._place(request)
-                        self.requests.append(request)
-                        tg.create_task(self._fetch(request))
-                        pos += request.length
+                while pos < end:
+                    lease = await self.window.lease((*self.key, pos), end - pos, self.floor)
+                    if self.still_mine is not None and pos == offset and not await self.still_mine():
+                        lease.release()
+                        raise PieceMovedError(f"{self.entry.path}: the piece at byte {offset} has a peer source now")
+                    if pos == offset:
+                        self.sink.asked()
+                    request = _Request(pos, lease)
+                    self.requests.append(request)
+                    tg.create_task(self._fetch(request))
+                    pos += request.length
         except BaseExceptionGroup as group:
             raise _first(group) from None
         finally:
-            self.window.want(-(total - asked))  # what this try will no longer ask for
+            self.window.want(-(end - pos))  # what this try will no longer ask for
             for request in self.requests:
                 request.lease.release()
-                for part in request.parts:
-                    part.waiting.clear()
-
-    def _place(self, request: _Request) -> None:
-        """Give ``request`` a part in each piece it covers (in that piece's byte order)."""
-        pos, end = request.offset, request.offset + request.length
-        while pos < end:
-            piece = self.sink.piece_at(pos)
-            part = _Part(request, piece, pos, min(end, piece.end))
-            piece.parts.append(part)
-            request.parts.append(part)
-            pos = part.end
+                request.waiting.clear()
 
     async def _fetch(self, request: _Request) -> None:
         tries = self.reader.retries
@@ -366,70 +299,48 @@ class _Assembly:
                 f"{self.entry.path!r}: the origin's range ended {request.length - request.received} bytes early"
             )
         request.lease.end_request()
+        request.done = True
+        await self._write()
 
     async def _deliver(self, request: _Request, chunks: Sequence[bytes | memoryview]) -> None:
         n = sum(len(c) for c in chunks)
         if request.received + n > request.length:
             raise TransientOriginError("origin sent more bytes than the range holds")
-        pos = request.offset + request.received
         request.received += n
         self.window.landed(n)
-        if len(request.parts) == 1:
-            await self._offer(request.parts[0], chunks)
+        if self.writing or request is not self.requests[self.cursor]:
+            request.waiting.extend(bytes(c) for c in chunks)
             return
-        views = [memoryview(c) for c in chunks]  # split at piece boundaries
-        for part in request.parts:
-            if not views:
-                break
-            if pos >= part.end:
-                continue
-            take, room = [], part.end - pos
-            while views and room:
-                view = views[0]
-                if len(view) <= room:
-                    take.append(views.pop(0))
-                else:
-                    take.append(view[:room])
-                    views[0] = view[room:]
-                room -= len(take[-1])
-                pos += len(take[-1])
-            await self._offer(part, take)
-
-    async def _offer(self, part: _Part, chunks: Sequence[bytes | memoryview]) -> None:
-        """Bytes of ``part``: written now if the part is where its piece's writing is, else kept."""
-        piece = part.piece
-        if piece.writing or piece.cursor >= len(piece.parts) or piece.parts[piece.cursor] is not part:
-            part.waiting.extend(bytes(c) for c in chunks)
-            self.window.kept_bytes += sum(len(c) for c in chunks)
-            return
-        piece.writing = True
+        self.writing = True
         try:
-            await self._drain(piece)  # what this part kept before its turn came
-            await self._write(part, chunks)
-            await self._drain(piece)
+            await self._drain()  # what this request kept before its turn came
+            await self.sink(chunks)
+            await self._drain()
         finally:
-            piece.writing = False
+            self.writing = False
 
-    async def _drain(self, piece: _Piece) -> None:
-        """Write kept bytes from the piece's cursor on; move past parts wholly written."""
-        while piece.cursor < len(piece.parts):
-            head = piece.parts[piece.cursor]
+    async def _write(self) -> None:
+        """A request ended: write what waited behind it, unless another coroutine is writing."""
+        if self.writing:
+            return
+        self.writing = True
+        try:
+            await self._drain()
+        finally:
+            self.writing = False
+
+    async def _drain(self) -> None:
+        """Write kept bytes from the cursor on; move past requests wholly written (their bytes go back)."""
+        while self.cursor < len(self.requests):
+            head = self.requests[self.cursor]
             if head.waiting:
                 batch, head.waiting = head.waiting, []
-                await self._write(head, batch)
+                await self.sink(batch)
                 continue
-            if piece.sink.pos < head.end:
+            if not head.done:
                 return
-            piece.cursor += 1
-
-    async def _write(self, part: _Part, chunks: Sequence[bytes | memoryview]) -> None:
-        """Write and hash bytes of ``part`` at its piece's cursor; a request wholly written gives its bytes back."""
-        request = part.request
-        before = part.piece.sink.pos
-        await self.sink.write(part.piece, chunks)
-        request.written += part.piece.sink.pos - before
-        if request.written == request.length:
-            request.lease.release()
+            head.lease.release()
+            self.cursor += 1
 
 
 def _first(group: BaseExceptionGroup) -> BaseException:
@@ -442,11 +353,12 @@ def _first(group: BaseExceptionGroup) -> BaseException:
 
 
 class _SpanSink:
-    """One try of a run of pieces from the origin: each piece into its own PieceSink, recorded when whole.
+    """One try of a run of consecutive pieces from the origin: each piece into its own PieceSink.
 
-    A piece whose last byte is written is hashed, recorded (checked against
-    the manifest) and announced complete at once, whatever the pieces before
-    it are doing. :meth:`missing` lists the pieces this try did not record.
+    Bytes are split at piece boundaries; a piece whose last byte is written is
+    hashed, recorded (checked against the manifest) and announced complete
+    before the next piece's bytes are taken. ``recorded`` counts the pieces
+    this try completed.
     """
 
     def __init__(
@@ -460,81 +372,74 @@ class _SpanSink:
     ) -> None:
         self.reader, self.h, self.indices, self.landed = reader, h, indices, landed
         self.streams, self.flight = streams, flight
-        self.pieces: dict[int, _Piece] = {}
-        for index in indices:
-            offset, length = h.entry.piece_range(index)
-            sink = PieceSink(reader.store, h.fill, offset, landed, streams[index])
-            self.pieces[index] = _Piece(index, offset, length, sink)
-        self.since = time.monotonic()  # when the span was asked for, or its last piece before ended
+        self.recorded = 0
+        self.piece = self._next_sink()
+        self.since = time.monotonic()  # when the current piece was asked for, or the one before it ended
 
-    def runs(self) -> list[tuple[int, int]]:
-        """The byte ranges of the pieces, consecutive ones together (a retry's pieces may have gaps)."""
-        runs: list[tuple[int, int]] = []
-        for index in self.indices:
-            piece = self.pieces[index]
-            if not piece.length:
-                continue
-            if runs and runs[-1][1] == piece.offset:
-                runs[-1] = (runs[-1][0], piece.end)
-            else:
-                runs.append((piece.offset, piece.end))
-        return runs
-
-    def piece_at(self, pos: int) -> _Piece:
-        return self.pieces[pos // self.h.entry.piece_size]
+    def _next_sink(self) -> PieceSink:
+        index = self.indices[self.recorded]
+        offset = self.h.entry.piece_range(index)[0]
+        return PieceSink(self.reader.store, self.h.fill, offset, self.landed, self.streams[index])
 
     def asked(self) -> None:
         """The span's first request is going out: its pieces come from the origin here, peers may follow them."""
-        for index in self.indices:
+        for index in self.indices[self.recorded :]:
             self.streams[index].asked = True
 
-    async def write(self, piece: _Piece, chunks: Sequence[bytes | memoryview]) -> None:
-        """Write and hash ``chunks`` at ``piece``'s cursor; record the piece once it is whole."""
-        if piece.recorded or piece.sink.written + sum(len(c) for c in chunks) > piece.length:
-            raise TransientOriginError("origin sent more bytes than the pieces asked for")
-        await piece.sink(chunks)
-        if piece.sink.written == piece.length:
-            await self._record(piece)
+    def _room(self) -> int:
+        return self.h.entry.piece_range(self.indices[self.recorded])[1] - self.piece.written
 
-    async def _record(self, piece: _Piece) -> None:
-        digest = piece.sink.hasher.hexdigest()
-        await record_piece(self.reader.store, self.h.fill, piece.index, digest)
-        piece.recorded = True
-        self.streams[piece.index].digest = digest
+    async def __call__(self, chunks: Sequence[bytes | memoryview]) -> None:
+        views = [memoryview(c) for c in chunks]
+        while views:
+            if self.recorded == len(self.indices):
+                raise TransientOriginError("origin sent more bytes than the pieces asked for")
+            room, take, size = self._room(), [], 0
+            while views and size < room:
+                view = views[0]
+                if size + len(view) <= room:
+                    take.append(views.pop(0))
+                    size += len(view)
+                else:
+                    take.append(view[: room - size])
+                    views[0] = view[room - size :]
+                    size = room
+            if take:
+                await self.piece(take)
+            if self._room() == 0:
+                await self._record()
+
+    async def _record(self) -> None:
+        index = self.indices[self.recorded]
+        digest = self.piece.hasher.hexdigest()
+        await record_piece(self.reader.store, self.h.fill, index, digest)
+        self.streams[index].digest = digest
         if self.flight is not None:
-            self.flight.done_pieces.add(piece.index)
+            self.flight.done_pieces.add(index)
         now = time.monotonic()
         self.reader.metrics.piece_fetched("origin", now - self.since)
         self.since = now
         self.reader.changed()
-
-    def missing(self) -> list[int]:
-        """The pieces this try did not record, in order."""
-        return [index for index in self.indices if not self.pieces[index].recorded]
+        self.recorded += 1
+        if self.recorded < len(self.indices):
+            self.piece = self._next_sink()
 
     async def complete(self) -> None:
-        """After the requests: record a last piece of zero bytes (an empty file's only piece)."""
-        for index in self.indices:
-            piece = self.pieces[index]
-            if not piece.recorded and piece.sink.written == piece.length:
-                await self._record(piece)
-        missing = self.missing()
-        if missing:
-            piece = self.pieces[missing[0]]
+        """After the range: record a last piece of zero bytes (an empty file's only piece)."""
+        while self.recorded < len(self.indices) and self._room() == 0:
+            await self._record()
+        if self.recorded < len(self.indices):
             raise TransientOriginError(
-                f"the origin's range ended {piece.length - piece.sink.written} bytes into piece {piece.index}"
+                f"the origin's range ended {self._room()} bytes into piece {self.indices[self.recorded]}"
             )
 
     def abandon(self) -> None:
-        """This try failed: un-count the bytes of the pieces it did not complete; their followers start over."""
-        missing = self.missing()
-        for index in missing:
-            piece = self.pieces[index]
-            if not piece.sink.written and index != missing[0]:
-                continue  # nothing of it was written: no follower has anything to drop
-            if self.flight is not None:
-                self.flight.done_bytes -= piece.sink.written
-            stream = self.streams[index]
-            stream.attempt += 1
-            stream.written = 0
-            stream.wake()
+        """This try failed: un-count the bytes of the piece it did not complete; its followers start over."""
+        if self.recorded == len(self.indices):
+            return
+        if self.flight is not None:
+            self.flight.done_bytes -= self.piece.written
+        stream = self.streams[self.indices[self.recorded]]
+        stream.attempt += 1
+        stream.written = 0
+        stream.wake()

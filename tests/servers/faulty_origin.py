@@ -15,10 +15,6 @@ fault from a queue, or a fault set for every request (:attr:`always`):
 - ``"429"``: 429 Too Many Requests (:data:`THROTTLES`, not in :data:`FAULTS`: the tests that run
   every fault of FAULTS expect S3's own answers).
 
-:attr:`FaultyOrigin.hold` names byte offsets: a ranged GET starting at one of them sends its
-headers and half its body, then the rest only once :meth:`FaultyOrigin.release_held` is called (a
-deliberately slow request, so a test can see what the agent does with the others meanwhile).
-
 :attr:`FaultyOrigin.max_in_flight` is the most ranged GETs it was answering at once (the
 agent's request window, as the origin sees it).
 
@@ -72,8 +68,6 @@ class FaultyOrigin(ThreadedServer):
         self.region: str | None = None
         self.claimed_region: str | None = None
         self.requests: list[str] = []
-        self.hold: set[int] = set()
-        self._released: asyncio.Event
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._closing: asyncio.Event
@@ -91,10 +85,6 @@ class FaultyOrigin(ThreadedServer):
         with self._lock:
             self._queue.extend(faults)
 
-    def release_held(self) -> None:
-        """The held ranged GETs (:attr:`hold`) send the rest of their bodies, and later ones are not held."""
-        self._loop.call_soon_threadsafe(self._released.set)
-
     def clear(self) -> None:
         with self._lock:
             self._queue.clear()
@@ -109,7 +99,6 @@ class FaultyOrigin(ThreadedServer):
 
     async def _start(self) -> None:
         self._closing = asyncio.Event()
-        self._released = asyncio.Event()
         self._session = aiohttp.ClientSession(auto_decompress=False)
         app = web.Application(client_max_size=1 << 30)
         app.router.add_route("*", "/{tail:.*}", self._handle)
@@ -127,10 +116,8 @@ class FaultyOrigin(ThreadedServer):
     def _next_fault(self, request: web.Request) -> str | None:
         if request.method != "GET" or "Range" not in request.headers:
             return None
-        start = int(request.headers["Range"].removeprefix("bytes=").split("-")[0] or -1)
         with self._lock:
-            held = start in self.hold and not self._released.is_set()
-            fault = "hold" if held else self._queue.pop(0) if self._queue else self.always
+            fault = self._queue.pop(0) if self._queue else self.always
             self._log.append(RangedGet(time.monotonic(), request.path, request.headers["Range"], fault))
         return fault
 
@@ -190,20 +177,12 @@ class FaultyOrigin(ThreadedServer):
         ) as up:
             data = await up.read()
         out_headers = {k: v for k, v in up.headers.items() if k.lower() not in _HOP}
-        if fault not in ("stall", "short", "hold"):
+        if fault not in ("stall", "short"):
             return web.Response(status=up.status, body=data, headers=out_headers)
         resp = web.StreamResponse(status=up.status, headers=out_headers)
         resp.content_length = len(data)
         await resp.prepare(request)
         await resp.write(data[: len(data) // 2])
-        if fault == "hold":
-            ends = [asyncio.ensure_future(self._released.wait()), asyncio.ensure_future(self._closing.wait())]
-            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
-            for end in ends:
-                end.cancel()
-            await resp.write(data[len(data) // 2 :])
-            await resp.write_eof()
-            return resp
         if fault == "stall":
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._closing.wait(), self.stall_seconds)
