@@ -21,7 +21,9 @@ the module built before the clock starts, the same for all):
   beforehand (the copy is not timed: a generous baseline);
 - ``mega only``: empty Inductor dir, ``load_cache_artifacts`` of A's Mega-Cache.
 
-Every run reports Inductor's FX-graph and AOTAutograd cache counters, so a
+Within a round they run in that order, except that every second round runs the
+hand copy first, right after ``cold`` (where a run is slotted moves it by as
+much as the restore costs). Every run reports Inductor's FX-graph and AOTAutograd cache counters, so a
 fast run that did not hit is visible. One throwaway compile per model comes
 first (a fresh venv spends seconds writing bytecode on its first compile).
 Medians over rounds, ratios to ``cold``; raw rounds go to
@@ -208,17 +210,25 @@ def main() -> int:
                 t = time.perf_counter()
                 shutil.copytree(src, run / "hand", ignore=shutil.ignore_patterns("locks"))
                 copy_s = time.perf_counter() - t
+                # Alternate which of hand copy and peer runs right after the cold compile: the slot
+                # alone moves a run by as much as the restore's cost (bench/RESULTS.md, issue 24 item 7).
+                hand_first = r % 2 == 1
+                hand_env = _env(base, run / "home-h", None, run / "hand")
+                if hand_first:
+                    res["hand copy"] = _worker(work, m, "hand copy", key, hand_env)
                 res["peer"] = _worker(work, m, "peer", key, _env(base, run / "home-b", str(b.socket_path)))
                 b.cli("artifacts", "rm", key, check=True)  # so peer+mega comes from A again
                 res["peer+mega"] = _worker(work, m, "peer+mega", key, _env(base, run / "home-b2", str(b.socket_path)))
-                res["hand copy"] = _worker(work, m, "hand copy", key, _env(base, run / "home-h", None, run / "hand"))
+                if not hand_first:
+                    res["hand copy"] = _worker(work, m, "hand copy", key, hand_env)
                 with client_bundle(a, key) as mega:
                     res["mega only"] = _worker(work, m, "mega only", key,
                                                _env(base, run / "home-m", None, run / "mega-ind"), mega)
                 res["hand copy"]["copy_s"] = copy_s
+                res["hand copy"]["hand_first"] = hand_first
                 for c in CONTENDERS:
                     raw[f"{m}/{c}"].append(res[c])
-                print(f"round {r + 1} {m}: " + "; ".join(
+                print(f"round {r + 1} {m}{' (hand copy first)' if hand_first else ''}: " + "; ".join(
                     f"{c} {res[c]['first_output_s']:.2f}s ({_hits(res[c])})" for c in CONTENDERS), flush=True)
     finally:
         for ag in agents:
@@ -241,8 +251,11 @@ def main() -> int:
         bundle = raw[f"{m}/cold"][-1].get("bundle_bytes") or 0
         publish = statistics.median(x.get("exit_s", 0.0) for x in raw[f"{m}/cold"])
         copy = statistics.median(x["copy_s"] for x in raw[f"{m}/hand copy"])
+        ratios = ", ".join(f"{p['first_output_s'] / h['first_output_s']:.2f}"
+                           for p, h in zip(raw[f"{m}/peer"], raw[f"{m}/hand copy"], strict=True))
         print(f"| {m} | (bundle {bundle / 1e6:.1f} MB; publish on exit {publish:.2f}s; "
               f"hand copytree {copy:.2f}s) | | | | |")
+        print(f"| {m} | (peer / hand copy per round: {ratios}) | | | | |")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0
