@@ -334,6 +334,7 @@ def test_a_busy_holder_does_not_send_the_file_to_the_origin(
 CHURN_MODEL = {"config.json": 3000, "a.safetensors": 24 * MiB + 11, "b.safetensors": 24 * MiB}
 
 
+@pytest.mark.serial  # the origin bound (1.1x) beside 3 other workers: 1.136x once in CI (1.02-1.09x alone)
 def test_a_node_killed_mid_storm_the_others_finish_bit_exact(
     agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
@@ -385,6 +386,7 @@ def test_a_node_joining_mid_storm_gets_it_bit_exact_and_the_origin_sends_it_abou
     _assert_origin(relay, [*first, late], model_bytes, CHURN_LIMIT, "a node joining mid-storm")
 
 
+@pytest.mark.serial  # the origin bound (1.1x) beside 3 other workers: 1.109x once in CI (1.01-1.08x alone)
 def test_a_relay_parent_killed_mid_piece_its_children_finish_bit_exact(
     agent_factory: Any, agent_env: dict[str, str], seaweed: SeaweedS3, relay_factory: Any, tmp_path: Path
 ) -> None:
