@@ -34,8 +34,7 @@ echo "+ mypy tests" >&2
 # one after another). 4 on 2 cores pays: most tests wait on agents, servers and sockets, not on the
 # CPU. --maxschedchunk 1 hands each worker a test or two at a time, so the slow tests that run first
 # (tests/parallel.py orders them) spread over the workers instead of queueing on one; tests marked
-# serial run alone or beside the free lane's one test (tests/parallel.py; the rules for new tests:
-# tests/conftest.py). Not --dist loadgroup: pytest-xdist 3.8 groups by rewriting a private field that
+# serial run alone (tests/parallel.py; the rules for new tests: tests/conftest.py). Not --dist loadgroup: pytest-xdist 3.8 groups by rewriting a private field that
 # pytest 9.2 no longer reads, so xdist_group markers are ignored (checked: two marked tests ran on two workers).
 set +e
 .venv/bin/python -m pytest -q -ra --durations=25 \

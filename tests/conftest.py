@@ -21,13 +21,10 @@ Parallel runs (pytest-xdist, as scripts/test.sh runs the suite: ``-n 4``):
   deadline, a hedge, an RSS bound), or that flakes only when run beside others.
   Serial tests hold an exclusive file lock for their whole run (setup to
   teardown) and every other test a shared one, so a serial test starts once the
-  tests running on other workers have ended, and none start beside it but one:
-  on 3 or more workers, one test at a time takes the "free lane" (a lock of its
-  own) instead, so a serial test may have one other test beside it (on 2 cores:
-  a core each), and the run is not down to one busy worker while serial tests
-  run. Other tests wait until every serial test has ended (serial tests come
-  first), so a long test can no longer slip in between two serial ones and hold
-  the next one up with every other worker idle. Without xdist nothing is locked.
+  tests running on other workers have ended, and none start beside it. Other
+  tests wait until every serial test has ended (serial tests come first), so a
+  long test can no longer slip in between two serial ones and hold the next one
+  up with every other worker idle. Without xdist nothing is locked.
   (The hooks: tests/parallel.py.)
 - Tests run serial ones first, then ``@pytest.mark.slow`` ones (mark a test that
   takes more than ~10 s slow), then the rest in file order, so the long tests

@@ -68,39 +68,9 @@ def _serial_lock(folder: Path, exclusive: bool) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-FREE_LANE_FROM = 3  # with this many workers or more, one test at a time may run beside a serial one
-
-
-@contextlib.contextmanager
-def _free_lane(folder: Path, config: pytest.Config) -> Iterator[bool]:
-    """Take the free lane if it is free: one test (not serial) at a time that needs no lock at all.
-
-    With the lock alone, a serial test ran with every other worker idle: on 4 workers the 13
-    serial tests and the waits between them held the run at one busy worker for its first
-    93 s of 334 (measured with a per-test timeline). Beside one other test a serial test still
-    has a core of its own on 2 cores, which is what its timing needs; beside three it flaked.
-    With fewer than :data:`FREE_LANE_FROM` workers there is no free lane
-    (tests/test_parallel_runs.py checks both).
-    """
-    workerinput = getattr(config, "workerinput", None)
-    if workerinput is None or int(workerinput.get("workercount", 1)) < FREE_LANE_FROM:
-        yield False
-        return
-    with open(folder / "free-lane.lock", "a") as lane:
-        try:
-            fcntl.flock(lane, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(lane, fcntl.LOCK_UN)
-
-
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
-    """Run a ``serial`` test beside at most one other test (the free lane's); see the module docstring.
+    """Run a ``serial`` test alone across all xdist workers (setup, call and teardown); see the module docstring.
 
     Outermost (tryfirst), so the wait for the lock is not counted by pytest-timeout
     nor in the test's durations.
@@ -116,9 +86,6 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
         finally:
             with open(folder / "serial-done.txt", "a") as done:
                 done.write(item.nodeid + "\n")
-    with _free_lane(folder, item.config) as free:
-        if free:
-            return (yield)
     _wait_for_serial_tests(folder, item.session)
     with _serial_lock(folder, exclusive=False):
         return (yield)
