@@ -109,24 +109,21 @@ def _seconds(value: str) -> float:
     return float(value.strip())
 
 
-def _positive_seconds(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        return f"got {value!r}"
-    return None
+def _seconds_check(least: float, most: float = math.inf, *, above: bool = False) -> Callable[[Any], str | None]:
+    """A check for a finite number of seconds from ``least`` (or strictly ``above`` it) to ``most``."""
+
+    def check(value: Any) -> str | None:
+        number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
+        if not number or value > most or value < least or (above and value == least):
+            return f"got {value!r}"
+        return None
+
+    return check
 
 
-def _wait_seconds(value: Any) -> str | None:
-    number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if not number or not 0 <= value <= 600:
-        return f"got {value!r}"
-    return None
-
-
-def _off_or_positive_seconds(value: Any) -> str | None:
-    number = not isinstance(value, bool) and isinstance(value, int | float) and math.isfinite(value)
-    if not number or value < 0:
-        return f"got {value!r}"
-    return None
+_positive_seconds = _seconds_check(0, above=True)
+_wait_seconds = _seconds_check(0, 600)
+_off_or_positive_seconds = _seconds_check(0)
 
 
 def _size(value: str) -> int:
