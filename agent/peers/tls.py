@@ -55,9 +55,14 @@ class PeerTLSError(ValueError):
     """The TLS directory cannot be used; the message names the file and why (shown as a setting's problem)."""
 
 
+def _paths(directory: str) -> dict[str, str]:
+    """Each of :data:`FILES` in ``directory``."""
+    return {f: os.path.join(directory, f) for f in FILES}
+
+
 def _read_set(directory: str) -> dict[str, bytes]:
     """The three files' bytes (blocking); PeerTLSError when one is missing or unreadable."""
-    paths = {f: os.path.join(directory, f) for f in FILES}
+    paths = _paths(directory)
     missing = [f for f, p in paths.items() if not os.path.isfile(p)]
     if missing:
         raise PeerTLSError(f"{directory} lacks {', '.join(missing)} (a cert-manager Secret has all three)")
@@ -78,14 +83,15 @@ def _digest(files: dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
-def _contexts(directory: str, cafile: str, certfile: str, keyfile: str) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """Fresh server and client contexts from the three files; PeerTLSError when they do not load together."""
+def _contexts(directory: str, paths: dict[str, str]) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """Fresh server and client contexts from the three files at ``paths`` (read from ``directory``, named in
+    errors); PeerTLSError when they do not load together."""
     try:
-        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=cafile)
-        server.load_cert_chain(certfile, keyfile)
+        server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=paths["ca.crt"])
+        server.load_cert_chain(paths["tls.crt"], paths["tls.key"])
         server.verify_mode = ssl.CERT_OPTIONAL  # probes without a certificate; /peer/ checks it (peer_auth)
-        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cafile)
-        client.load_cert_chain(certfile, keyfile)
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=paths["ca.crt"])
+        client.load_cert_chain(paths["tls.crt"], paths["tls.key"])
     except ssl.SSLError as exc:
         raise PeerTLSError(f"{directory}: {exc.reason or exc} (tls.crt, tls.key and ca.crt must be PEM, "
                            "and the key must match the certificate)") from None
@@ -124,8 +130,7 @@ class PeerTLS:
     def load(cls, directory: str, name: str) -> PeerTLS:
         """Read the directory (blocking: at start) and build both contexts; PeerTLSError when unusable."""
         files = _read_set(directory)
-        paths = {f: os.path.join(directory, f) for f in FILES}
-        server, client = _contexts(directory, paths["ca.crt"], paths["tls.crt"], paths["tls.key"])
+        server, client = _contexts(directory, _paths(directory))
         return cls(server, client, name, directory, _digest(files))
 
     def stage(self, skip: str = "") -> tuple[str, str] | None:
@@ -146,12 +151,12 @@ class PeerTLS:
             return None
         copy = tempfile.mkdtemp(prefix="warmstart-tls-")
         try:
-            paths = {f: os.path.join(copy, f) for f in FILES}
+            paths = _paths(copy)
             for f, data in files.items():
                 fd = os.open(paths[f], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(data)
-            _contexts(self.directory, paths["ca.crt"], paths["tls.crt"], paths["tls.key"])
+            _contexts(self.directory, paths)
         except (PeerTLSError, OSError) as exc:
             shutil.rmtree(copy, ignore_errors=True)
             raise RenewalRefused(str(exc), digest) from None
@@ -167,7 +172,7 @@ class PeerTLS:
         :meth:`stage`, so a failure here is not expected; it is raised as
         RenewalRefused all the same.
         """
-        paths = {f: os.path.join(copy, f) for f in FILES}
+        paths = _paths(copy)
         try:
             for ctx in (self.server, self.client):
                 ctx.load_verify_locations(cafile=paths["ca.crt"])
