@@ -141,7 +141,8 @@ def _worker(work: Path, model: str, mode: str, key: str, env: dict[str, str], me
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def _env(base: dict[str, str], home: Path, socket: str | None, inductor: Path | None = None) -> dict[str, str]:
+def worker_env(base: dict[str, str], home: Path, socket: str | None, inductor: Path | None = None) -> dict[str, str]:
+    """A worker's environment: its own cache home, a node's socket, and for a hand copy the Inductor directory."""
     env = {k: v for k, v in base.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
     env["XDG_CACHE_HOME"] = str(home)
     if socket:
@@ -198,14 +199,14 @@ def main() -> int:
     try:
         for m in models:
             t = time.perf_counter()
-            _worker(work, m, "hand copy", "-", _env(base, work / "warmup-home", None, work / f"warmup-{m}"))
+            _worker(work, m, "hand copy", "-", worker_env(base, work / "warmup-home", None, work / f"warmup-{m}"))
             print(f"warm-up compile of {m}: {time.perf_counter() - t:.1f}s", flush=True)
         for r in range(args.rounds):
             for m in models:
                 key = f"bench-{m}-{r}-{os.urandom(3).hex()}"
                 run = work / f"r{r}-{m}"
                 res: dict[str, dict[str, Any]] = {}
-                res["cold"] = _worker(work, m, "cold", key, _env(base, run / "home-a", str(a.socket_path)))
+                res["cold"] = _worker(work, m, "cold", key, worker_env(base, run / "home-a", str(a.socket_path)))
                 src = Path(res["cold"]["dir"])
                 t = time.perf_counter()
                 shutil.copytree(src, run / "hand", ignore=shutil.ignore_patterns("locks"))
@@ -213,17 +214,18 @@ def main() -> int:
                 # Alternate which of hand copy and peer runs right after the cold compile: the slot
                 # alone moves a run by as much as the restore's cost (bench/RESULTS.md, issue 24 item 7).
                 hand_first = r % 2 == 1
-                hand_env = _env(base, run / "home-h", None, run / "hand")
+                hand_env = worker_env(base, run / "home-h", None, run / "hand")
                 if hand_first:
                     res["hand copy"] = _worker(work, m, "hand copy", key, hand_env)
-                res["peer"] = _worker(work, m, "peer", key, _env(base, run / "home-b", str(b.socket_path)))
+                res["peer"] = _worker(work, m, "peer", key, worker_env(base, run / "home-b", str(b.socket_path)))
                 b.cli("artifacts", "rm", key, check=True)  # so peer+mega comes from A again
-                res["peer+mega"] = _worker(work, m, "peer+mega", key, _env(base, run / "home-b2", str(b.socket_path)))
+                res["peer+mega"] = _worker(work, m, "peer+mega", key,
+                                           worker_env(base, run / "home-b2", str(b.socket_path)))
                 if not hand_first:
                     res["hand copy"] = _worker(work, m, "hand copy", key, hand_env)
                 with client_bundle(a, key) as mega:
                     res["mega only"] = _worker(work, m, "mega only", key,
-                                               _env(base, run / "home-m", None, run / "mega-ind"), mega)
+                                               worker_env(base, run / "home-m", None, run / "mega-ind"), mega)
                 res["hand copy"]["copy_s"] = copy_s
                 res["hand copy"]["hand_first"] = hand_first
                 for c in CONTENDERS:

@@ -44,7 +44,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.compile_cache import WORKER  # noqa: E402 - after the path insert, as in the other benches
+from bench.compile_cache import WORKER, worker_env  # noqa: E402 - after the path insert, as in the other benches
 
 PROF = r'''
 import json, os, sys, time
@@ -94,17 +94,6 @@ PROF = PROF.replace("MODEL_SRC", _ARGS + WORKER.split("torch.manual_seed(0)")[0]
 MODES = ("peer", "hand", "hand+import")
 
 
-def _env(base: dict[str, str], home: Path, socket: str | None, inductor: Path | None = None) -> dict[str, str]:
-    """The worker's environment: its own cache home, B's socket, and for a hand copy the Inductor directory."""
-    env = {k: v for k, v in base.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
-    env["XDG_CACHE_HOME"] = str(home)
-    if socket:
-        env["WARMSTART_SOCKET"] = socket
-    if inductor is not None:
-        env["TORCHINDUCTOR_CACHE_DIR"] = str(inductor)
-    return env
-
-
 def _run(script: Path, text: str, mode: str, key: str, env: dict[str, str]) -> dict[str, Any]:
     if not script.exists():
         script.write_text(text)
@@ -142,7 +131,7 @@ def main() -> int:
     res: list[dict[str, Any]] = []
     try:
         key = "prof-small-" + os.urandom(3).hex()
-        cold = _run(work / "worker.py", WORKER, "cold", key, _env(base, work / "home-a", str(a.socket_path)))
+        cold = _run(work / "worker.py", WORKER, "cold", key, worker_env(base, work / "home-a", str(a.socket_path)))
         print(f"cold {cold['first_output_s']:.2f}s", flush=True)
         src = Path(cold["dir"])
         for r in range(args.rounds):
@@ -154,10 +143,10 @@ def main() -> int:
                 run_dir = work / f"r{r}-{m}"
                 if m == "peer":
                     b.cli("artifacts", "rm", key, check=True)  # so B fetches from A again
-                    env = _env(base, run_dir / "home-b", str(b.socket_path))
+                    env = worker_env(base, run_dir / "home-b", str(b.socket_path))
                 else:
                     shutil.copytree(src, run_dir / "hand", ignore=shutil.ignore_patterns("locks"))
-                    env = _env(base, run_dir / "home-h", str(b.socket_path), run_dir / "hand")
+                    env = worker_env(base, run_dir / "home-h", str(b.socket_path), run_dir / "hand")
                 row[m] = _run(work / "prof.py", PROF, m, key, env) | {"pos": pos}
             res.append(row)
             print(f"round {r + 1} {order}: " + "; ".join(f"{m} {row[m]['first_output_s']:.2f}s {row[m]['marks']}"

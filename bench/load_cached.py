@@ -88,6 +88,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -266,17 +267,19 @@ def run_ws(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
     return place.done()
 
 
+def run_patched(ctx: dict, dest: torch.Tensor, t0: float, how: str, target: object, **values: object) -> dict:
+    """``run_ws`` with attributes of ``target`` (a module or class) set to ``values`` for this round only: each
+    A/B below swaps one part of the client, in the bench only, for a comparison in the same run."""
+    with mock.patch.multiple(target, **values):
+        return run_ws(ctx, dest, t0, how)
+
+
 def run_unchecked(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
     """``run_ws`` with the client's piece-hash check of cached blobs (client/verify.py) switched off here, in
     the bench only: the client as it was before the check, for an A/B in the same run."""
     from client.stream import ModelStream
 
-    saved = ModelStream.check
-    ModelStream.check = lambda self, path, fd, local: None  # type: ignore[method-assign]
-    try:
-        return run_ws(ctx, dest, t0, how)
-    finally:
-        ModelStream.check = saved  # type: ignore[method-assign]
+    return run_patched(ctx, dest, t0, how, ModelStream, check=lambda self, path, fd, local: None)
 
 
 def run_prev_check(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
@@ -286,28 +289,18 @@ def run_prev_check(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
 
     import client.stream
 
-    saved = client.stream.BlobCheck
-    client.stream.BlobCheck = PrevBlobCheck  # type: ignore[misc]
-    try:
-        return run_ws(ctx, dest, t0, how)
-    finally:
-        client.stream.BlobCheck = saved  # type: ignore[misc]
+    return run_patched(ctx, dest, t0, how, client.stream, BlobCheck=PrevBlobCheck)
 
 
 def run_copy_prev(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
     """``open_tensors(copy=True)`` through the previous copy path (bench/copy_prev.py: per tensor, the checker's
-    read into the page cache, then a read into fresh memory) in place of client/copy_read.py's ``FileCopy``."""
+    read into the page cache, then a read into fresh memory) in place of client/copy_read.py's ``FileCopy``;
+    each file read in its turn, as the previous path did."""
     from copy_prev import PrevFileCopy
 
     import client.loader
 
-    saved = client.loader.FileCopy, client.loader.READ_AHEAD
-    client.loader.FileCopy = PrevFileCopy  # type: ignore[misc,assignment]
-    client.loader.READ_AHEAD = False  # the previous path read each file in its turn
-    try:
-        return run_ws(ctx, dest, t0, "copy")
-    finally:
-        client.loader.FileCopy, client.loader.READ_AHEAD = saved  # type: ignore[misc]
+    return run_patched(ctx, dest, t0, "copy", client.loader, FileCopy=PrevFileCopy, READ_AHEAD=False)
 
 
 def run_copy_small_pages(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
@@ -315,12 +308,7 @@ def run_copy_small_pages(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
     4 KiB first-touch faults, for an A/B of that advice in the same run."""
     from client import copy_read
 
-    saved = copy_read.HUGE_PAGES
-    copy_read.HUGE_PAGES = False
-    try:
-        return run_ws(ctx, dest, t0, "copy")
-    finally:
-        copy_read.HUGE_PAGES = saved
+    return run_patched(ctx, dest, t0, "copy", copy_read, HUGE_PAGES=False)
 
 
 def run_copy_no_prefault(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
@@ -328,12 +316,7 @@ def run_copy_no_prefault(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
     ``PREFAULT`` off here): each read faults its own fresh pages, for an A/B of the prefaulter in the same run."""
     from client import copy_read
 
-    saved = copy_read.PREFAULT
-    copy_read.PREFAULT = False
-    try:
-        return run_ws(ctx, dest, t0, "copy")
-    finally:
-        copy_read.PREFAULT = saved
+    return run_patched(ctx, dest, t0, "copy", copy_read, PREFAULT=False)
 
 
 def run_copy_no_read_ahead(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
@@ -341,12 +324,7 @@ def run_copy_no_read_ahead(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
     queue drains between files, for an A/B of reading the next file ahead in the same run."""
     from client import loader
 
-    saved = loader.READ_AHEAD
-    loader.READ_AHEAD = False
-    try:
-        return run_ws(ctx, dest, t0, "copy")
-    finally:
-        loader.READ_AHEAD = saved
+    return run_patched(ctx, dest, t0, "copy", loader, READ_AHEAD=False)
 
 
 def run_willneed(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
@@ -354,12 +332,7 @@ def run_willneed(ctx: dict, dest: torch.Tensor, t0: float, how: str) -> dict:
     ``WILLNEED``, off by default): deeper disk queues against page-cache pages in 4 KiB folios."""
     from client import verify
 
-    saved = verify.WILLNEED
-    verify.WILLNEED = True
-    try:
-        return run_ws(ctx, dest, t0, how)
-    finally:
-        verify.WILLNEED = saved
+    return run_patched(ctx, dest, t0, how, verify, WILLNEED=True)
 
 
 def run_safetensors(ctx: dict, dest: torch.Tensor, t0: float) -> dict:
