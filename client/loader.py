@@ -213,17 +213,9 @@ def iter_streamed_files(
                     _lock_shared(fd, display)
                     check = source.check(shard, fd, local)
                 if ring is None and copy:
-                    # read once into memory of its own, hashing what it read (client/copy_read.py)
-                    # no checker: a file still arriving, read from the page cache in small chunks, so
-                    # tensors come as their bytes do
+                    # read once into memory of its own, hashing what it read (client/copy_read.py, _file_copy)
                     arriving = check is None
-                    if prepared is not None:
-                        copier = prepared.copier
-                    else:
-                        copier = FileCopy(
-                            fd, display, check=check, wait=partial(_arrived, source, shard),
-                            chunk=STREAM_CHUNK if arriving else CHUNK, direct=not arriving,
-                        )  # fmt: skip
+                    copier = prepared.copier if prepared is not None else _file_copy(source, shard, display, fd, check)
                     # the same tensors a prepared copy started on: owner then held the same names
                     selected = _select(copier.header, display, owner, wanted)
                     handed_over = True
@@ -327,7 +319,7 @@ def _copy_ahead(
         _lock_shared(fd, display)
         check = source.check(shard, fd, local)
         if check is not None:
-            copier = FileCopy(fd, display, check=check, wait=partial(_arrived, source, shard), chunk=CHUNK)
+            copier = _file_copy(source, shard, display, fd, check)
             return _CopyAhead(fd, check, copier, _select(copier.header, display, dict(owner), wanted))
     except Exception:  # noqa: BLE001 - raised again, in its turn
         pass
@@ -336,6 +328,17 @@ def _copy_ahead(
     if fd >= 0:
         os.close(fd)
     return None
+
+
+def _file_copy(source: ShardSource, shard: str, display: str, fd: int, check: Checker | None) -> FileCopy:
+    """The ``copy=True`` reader of ``shard``: a complete blob (it has a checker) in big O_DIRECT-capable
+    chunks; a file still arriving (no checker) from the page cache in small ones, so tensors come as their
+    bytes do."""
+    arriving = check is None
+    return FileCopy(
+        fd, display, check=check, wait=partial(_arrived, source, shard),
+        chunk=STREAM_CHUNK if arriving else CHUNK, direct=not arriving,
+    )  # fmt: skip
 
 
 def _arrived(source: ShardSource, shard: str, offset: int, nbytes: int) -> None:
