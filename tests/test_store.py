@@ -523,6 +523,63 @@ async def test_ordered_slots_admit_lowest_key_and_survive_cancellation() -> None
     assert not slots.promote("c", 0) and slots.free == 1
 
 
+async def test_ordered_slots_keep_free_slots_for_an_expected_lower_request() -> None:
+    """The second shard's span, opened first, must not take every free slot from the first shard still opening
+    (it did in two of five runs of tests/test_streaming.py: first tensor after 2.1 s of 4.1 s)."""
+    from agent.fetch.slots import OrderedSlots
+
+    slots = OrderedSlots(2)
+    order: list[str] = []
+    release = asyncio.Event()
+
+    admitted = asyncio.Event()
+
+    async def take(name: str, key: tuple[int, ...], **kw: object) -> None:
+        await slots.acquire(key, **kw)  # type: ignore[arg-type]
+        order.append(name)
+        admitted.set()
+        await release.wait()
+        slots.release()
+
+    shard1 = slots.expect((1,), grace=30)
+    later = [asyncio.create_task(take(f"shard2.{i}", (2, 0, i))) for i in range(2)]
+    await asyncio.sleep(0.05)
+    assert order == [] and slots.free == 2  # both free, held for shard 1
+    first = asyncio.create_task(take("shard1", (1, 0, 0), fulfils=shard1))
+    await asyncio.sleep(0.05)
+    assert order == ["shard1", "shard2.0"]  # shard 1 first, then the next lowest takes what is left
+    release.set()
+    await asyncio.gather(first, *later)
+    assert order[-1] == "shard2.1" and slots.free == 2
+
+    # withdrawn (the file came from peers, or failed): higher keys go at once
+    order.clear()
+    release = asyncio.Event()
+    gone = slots.expect((1,), grace=30)
+    waiting = asyncio.create_task(take("other", (2, 0, 0)))
+    await asyncio.sleep(0.05)
+    assert order == []
+    gone.withdraw()
+    gone.withdraw()  # idempotent
+    await asyncio.sleep(0)
+    assert order == ["other"]
+    release.set()
+    await waiting
+
+    # never arrives: the grace ends the wait
+    order.clear()
+    release = asyncio.Event()
+    slots.expect((1,), grace=0.1)
+    t0 = asyncio.get_running_loop().time()
+    waiting = asyncio.create_task(take("other", (2, 0, 0)))
+    admitted.clear()
+    await asyncio.wait_for(admitted.wait(), 5)
+    assert 0.08 <= asyncio.get_running_loop().time() - t0 < 1.0
+    release.set()
+    await waiting
+    assert slots.free == 2
+
+
 def test_recording_a_piece_leaves_the_whole_file_hash_to_a_follow_that_close_waits_for(tmp_path: Path) -> None:
     """A piece that completes a long prefix must not hash it on the caller's thread (its origin
     connection would wait): follow() does, in the pool. close() waits for a running follow, and a

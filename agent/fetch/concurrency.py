@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from agent.fetch.slots import OrderedSlots
+from agent.fetch.slots import Expectation, OrderedSlots
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +117,10 @@ class HostWindow:
         """``nbytes`` more are wanted from this host (negative: no longer wanted); they shape the range size."""
         self.demand = max(0, self.demand + nbytes)
 
-    async def lease(self, key: Any, want: int, floor: int = 0) -> Lease:
+    async def lease(self, key: Any, want: int, floor: int = 0, *, fulfils: Expectation | None = None) -> Lease:
         """A slot (lowest ``key`` first) and up to ``want`` bytes of budget; waits for both.
 
+        ``fulfils``: the expectation this request was announced with (:meth:`OrderedSlots.expect`).
         ``floor``: no fewer bytes than this (or ``want``, if less), whatever the range size
         (whole pieces, where peers follow them as they land); rounded down to a multiple of it.
 
@@ -129,7 +130,7 @@ class HostWindow:
         """
         if self.slots.free <= 0 or self.slots.waiting:
             self._limited = True
-        await self.slots.acquire(key)
+        await self.slots.acquire(key, fulfils=fulfils)
         if self.slots.free <= 0:
             self._limited = True  # every slot is busy: more slots might pay
         try:

@@ -138,11 +138,18 @@ class Fetcher:
         flight = self._flights.get(key)
         if flight is None:
             flight = self._flights[key] = Flight(entry, order=next(self._order), ctx=ctx)
+            self.origin.expect(flight, origin)
             task = self._fill_tasks.start(key, lambda: self._fill(flight, origin, protect), f"fill {entry.path}")
             task.add_done_callback(lambda _t: self._flights.pop(key, None))
         return await self._fill_tasks.run(key, lambda: self._fill(flight, origin, protect))
 
     async def _fill(self, flight: Flight, origin: Origin, protect: AbstractSet[str]) -> Blob:
+        try:
+            return await self._fill_file(flight, origin, protect)
+        finally:
+            self.origin.settle(flight)
+
+    async def _fill_file(self, flight: Flight, origin: Origin, protect: AbstractSet[str]) -> Blob:
         entry = flight.entry
         h = await self.fills.acquire(entry, protect)
         fill = h.fill
@@ -156,6 +163,7 @@ class Fetcher:
             self._changed.wake()
             flight.use_peers = self.peers is not None and await self.peers.allowed(flight, h, origin)
             if flight.use_peers and self.peers is not None:
+                self.origin.settle(flight)  # pieces spread over peers: no file-order admission to hold
                 await self.peers.wait_start()
                 await self.peers.learn_holders(flight)
             try:

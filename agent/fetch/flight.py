@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from agent.fetch.slots import Expectation
 from agent.manifest import FileEntry, Manifest
 from agent.peers.placement import PieceSpec
 
@@ -54,3 +55,5 @@ class Flight:
     use_peers: bool = False
     peer_pieces: dict[int, str] = field(default_factory=dict)  # index -> the peer that sent it
     joined_pieces: int = 0  # pieces another fetch here got first (one started for a peer that asked)
+    # its first origin request, announced to its host's window while the file opens (OriginReader.expect)
+    expected: Expectation | None = None

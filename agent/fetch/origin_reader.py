@@ -38,6 +38,7 @@ from agent.fetch.concurrency import HostWindow, Lease
 from agent.fetch.flight import Flight
 from agent.fetch.open_fills import OpenFill, PieceStream
 from agent.fetch.sinks import PieceSink, record_piece
+from agent.fetch.slots import Expectation
 from agent.manifest import FileEntry
 from agent.metrics import Metrics
 from agent.origins import Origin
@@ -54,6 +55,9 @@ BACKOFF_CAP = 8.0
 ORIGIN_RANGE_MAX = 64 * 1024 * 1024
 DEFAULT_CEILING = 128
 DEFAULT_INFLIGHT = 512 * 1024 * 1024
+# The longest free connection slots wait for an earlier file's first request (OriginReader.expect): its
+# partial file opens on a thread, milliseconds; a file waiting for room to open must not idle them longer.
+EXPECT_GRACE = 1.0
 
 
 class OriginReader:
@@ -87,6 +91,24 @@ class OriginReader:
     def hosts(self) -> list[dict[str, Any]]:
         """What each origin host's window settled on (``agent stats`` ``origin_hosts``)."""
         return [w.snapshot() for w in self._windows.values()]
+
+    def expect(self, flight: Flight, origin: Origin) -> None:
+        """``flight`` will ask its host soon (its file is being opened): hold free slots from later files' requests.
+
+        Flights are numbered in the order their files were asked for, but each
+        opens its partial file on a thread first, and the second shard opened
+        first would take every free slot with its span (agent/fetch/slots.py).
+        Called when the flight is made, before any await.
+        """
+        window = self.window(origin.host_key(flight.entry))
+        flight.expected = window.slots.expect((flight.order,), EXPECT_GRACE)
+
+    @staticmethod
+    def settle(flight: Flight) -> None:
+        """``flight`` will not ask the origin as announced (done, failed, or its pieces come from peers)."""
+        if flight.expected is not None:
+            flight.expected.withdraw()
+            flight.expected = None
 
     def span_from(self, h: OpenFill, index: int, flight: Flight) -> list[int]:
         """Piece ``index`` and the missing pieces right after it that nothing fetches yet (ORIGIN_RANGE_MAX in all)."""
@@ -158,6 +180,9 @@ class OriginReader:
         order = -1 if first or flight is None else flight.order  # -1: peers are (or will be) waiting on it
         transfers = self.metrics.transfers
         window = self.window(origin.host_key(fill.entry))
+        fulfils = None
+        if flight is not None and order == flight.order:  # the flight's own request: it was expected
+            fulfils, flight.expected = flight.expected, None
 
         def landed(n: int) -> None:
             transfers.origin_bytes += n
@@ -181,7 +206,7 @@ class OriginReader:
                     if end > offset:
                         assembly = _Assembly(self, window, origin, fill.entry, sink, (order, remaining[0]),
                                              fill.entry.piece_size if whole_pieces else 0,
-                                             None if attempt else still_mine)
+                                             None if attempt else still_mine, None if attempt else fulfils)
                         await assembly.run(offset, end)
                     await sink.complete()
                     return
@@ -201,6 +226,8 @@ class OriginReader:
                 f"{fill.entry.path!r}: piece {remaining[0]} failed {self.retries} times, last: {last}"
             )
         finally:
+            if fulfils is not None:
+                fulfils.withdraw()  # no request went out (nothing to fetch, or cancelled before it asked)
             for index in indices:
                 h.unannounce(index, streams[index])
 
@@ -238,9 +265,11 @@ class _Assembly:
         key: tuple[int, int],
         floor: int = 0,
         still_mine: Callable[[], Awaitable[bool]] | None = None,
+        fulfils: Expectation | None = None,
     ) -> None:
         self.reader, self.window, self.origin, self.entry, self.sink = reader, window, origin, entry, sink
         self.key, self.floor, self.still_mine = key, floor, still_mine
+        self.fulfils = fulfils  # the first request was announced to the window with this
         self.requests: list[_Request] = []
         self.cursor = 0  # the first request not wholly written
         self.writing = False  # one coroutine writes at a time, in order
@@ -251,7 +280,8 @@ class _Assembly:
         try:
             async with asyncio.TaskGroup() as tg:
                 while pos < end:
-                    lease = await self.window.lease((*self.key, pos), end - pos, self.floor)
+                    fulfils, self.fulfils = self.fulfils, None
+                    lease = await self.window.lease((*self.key, pos), end - pos, self.floor, fulfils=fulfils)
                     if self.still_mine is not None and pos == offset and not await self.still_mine():
                         lease.release()
                         raise PieceMovedError(f"{self.entry.path}: the piece at byte {offset} has a peer source now")
