@@ -148,10 +148,15 @@ def _peers(
         dns_interval=config.peer_dns_interval,
         advertise=config.advertise,
     )
+    # No cap per host here: the peer reader's slots bound the piece requests (PEER_CONNECTIONS_MIN,
+    # agent/fetch/peer_reader.py), and a cap below them would queue requests inside aiohttp, where the
+    # hedge timeout counts the wait for a connection (a node asking one peer for a 180-piece model would
+    # time out on its own queue). A small read buffer, as many requests may wait at once: what a stalled
+    # disk can pile up is about 2 MiB per request (aiohttp pauses the socket at twice this).
     session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, limit_per_host=64, ttl_dns_cache=10),
+        connector=aiohttp.TCPConnector(limit=0, limit_per_host=0, ttl_dns_cache=10),
         auto_decompress=False,
-        read_bufsize=4 * 1024 * 1024,
+        read_bufsize=1024 * 1024,
     )
     stack.push_async_callback(session.close)
     return membership, PeerClient(session, token, config.peer_hedge_timeout, config.read_timeout, tls)

@@ -181,6 +181,43 @@ def test_placement_of_25000_pieces_over_2600_members_takes_under_a_second() -> N
     assert sum(upload.values()) == len(sample) * (len(members) - 1) * 16 * MiB
 
 
+async def test_every_node_of_a_2600_node_fleet_sees_all_its_members_and_the_same_owners(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Membership kept the first 1,024 members of a list: in a fleet of 2,600 each node saw a different
+    part of it, so nodes disagreed on owners (bench/fleet_sim.py's check against Membership failed).
+    Probes then space their rounds out: at most PINGS_PER_SECOND pings a second."""
+    members = sorted(f"198.18.{1 + i // 250}.{1 + i % 250}:7070" for i in range(2600))
+    pieces = tuple((f"shard{k}", i, 16 * MiB) for k in range(4) for i in range(12))
+    model = ("s3://b/m@rev", pieces)
+    placed = placement.compute_placement(members, pieces)
+    for me in (members[0], members[1500], members[-1]):
+        m = Membership(me, advertise=me, static=[*members, *members[:10]])  # repeats are one member
+        await m.refresh()
+        assert len(m.peers) == 2599 and me not in m.peers
+        for a in members:
+            if a != me:
+                m.mark_up(a)
+        await m.prepare(model)
+        for key, index, _ in pieces:
+            owner = placed.owners[(key, index)]
+            sources = m.sources(key, index, 2, model)
+            assert sources == [] if owner == me else next(a for a, relay in sources if not relay) == owner
+        assert m.settled  # every member answered: past the start phase
+        assert m.round_interval() == pytest.approx(2599 / peers_module.PINGS_PER_SECOND)
+    few = Membership(members[0], advertise=members[0], static=members[:9])
+    await few.refresh()
+    for a in members[1:9]:
+        few.mark_up(a)
+    assert few.round_interval() == peers_module.PROBE_INTERVAL
+    # a list longer than any fleet (a bad DNS answer): bounded, and said
+    over = [f"198.19.{i // 250}.{i % 250 + 1}:7070" for i in range(peers_module.MAX_PEERS + 5)]
+    with caplog.at_level("ERROR"):
+        await few.set_members(over)
+    assert len(few.peers) == peers_module.MAX_PEERS
+    assert "5 left out" in caplog.text
+
+
 def test_a_node_asks_level_by_level_so_its_relay_parents_ask_before_it() -> None:
     """request_key puts a node's pieces in order of its level in their trees: each parent sits one
     level up, so (every node asking alike) it asks for a piece before its children do."""

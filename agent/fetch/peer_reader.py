@@ -52,9 +52,15 @@ PEER_TRIES = 2  # owners asked for a piece before the origin
 # is itself still getting from the origin arrives only at the owner's share of the origin's
 # rate, so a node must follow many such pieces at once to fill its own link (measured: with
 # 8 at a time, 8 nodes behind 100 Mbit/s links each downloaded at about half their rate until
-# the origin was done; bench/RESULTS.md "Peers").
+# the origin was done; bench/RESULTS.md "Peers"). And enough to ask for the whole of most models
+# at once: a request waits on its relay parent's own fetch, and with fewer requests than pieces
+# a deep tree (12 levels at 2,600 nodes) fills in waves with idle links between them. In
+# bench/fleet_sim.py, 3 GB (180 pieces) to 2,600 nodes at 300 MB/s: p50 38.2 s with 32, 18.0 s
+# with 128, 11.7 s with 256 (the limit: 10 s); 140 GB in 524 pieces at 25 Gbit/s: 108.1 s with 32,
+# 91.4 s with 256, 48.4 s with all 524 (limit 44.8 s). Requests stream into the partial file: a
+# waiting one costs a connection, not a piece of memory (agent/daemon.py sizes its read buffer).
 PEER_CONNECTIONS_FACTOR = 4
-PEER_CONNECTIONS_MIN = 32
+PEER_CONNECTIONS_MIN = 256
 PEER_SCHEMES = ("s3", "gs", "az", "hf", "https")  # origins whose references peers may name (never a node's local files)
 HOLDER_TRIES = 3  # holders of a piece asked before placement's sources
 HAVE_TTL = 2.0  # seconds what peers said they hold is used before asking again

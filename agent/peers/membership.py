@@ -51,7 +51,14 @@ START_DNS_INTERVAL = 1.0  # DNS lookups in the start phase: pods of a scale-up a
 PENALTY_BASE = 30.0
 PENALTY_CAP = 600.0
 SUSPECT_LIMIT = 2  # consecutive slow answers before a peer is taken out of placement
-MAX_PEERS = 1024
+# The most members this node tracks: a bound on what a DNS answer or a list can make it hold, well above
+# the fleets it is built for. Every node must see the same members, or their placements disagree (owners
+# fetch the same piece from the origin twice, relay trees break): at 1,024 a fleet of 2,600 saw 1,024 of
+# its members (bench/fleet_sim.py's check against this class failed).
+MAX_PEERS = 10_000
+# Pings this node sends per second at most: a round pings every peer, so past PINGS_PER_SECOND x the
+# interval members the rounds are spaced out (2,600 members: a round every 5.2 s, not every 2 s).
+PINGS_PER_SECOND = 500
 PLACEMENTS_KEPT = 16  # balanced placements remembered (model revision x member list)
 
 
@@ -176,8 +183,14 @@ class Membership:
     async def set_members(self, addrs: Iterable[str]) -> None:
         """Replace the member list (keeping what is known about those that stay); drop this node."""
         wanted: list[str] = []
+        seen: set[str] = set()
+        dropped = 0
         for addr in addrs:
-            if addr in wanted or len(wanted) >= MAX_PEERS:
+            if addr in seen:
+                continue
+            seen.add(addr)
+            if len(wanted) >= MAX_PEERS:
+                dropped += 1
                 continue
             if await self._is_self(addr):
                 if self.self_addr is None:
@@ -185,8 +198,11 @@ class Membership:
                     log.info("this node is %s in the peer list", addr)
                 continue
             wanted.append(addr)
+        if dropped:
+            log.error("peers: %d members listed, %d left out (at most %d are tracked)", len(seen), dropped, MAX_PEERS)
         added = [a for a in wanted if a not in self.peers]
-        gone = [a for a in self.peers if a not in wanted]
+        kept = set(wanted)
+        gone = [a for a in self.peers if a not in kept]
         self.peers = {a: self.peers.get(a) or Peer(a) for a in wanted}
         if added or gone:
             log.info("peers: %d (+%s -%s)", len(self.peers), ",".join(added) or "0", ",".join(gone) or "0")
@@ -266,7 +282,9 @@ class Membership:
             log.info("peers: every member answered (%d) after %.2fs", len(self.peers), time.monotonic() - self._started)
             self._settled.set()
         elif time.monotonic() - self._started >= START_PHASE:
-            log.warning("peers: start phase over; not answered yet: %s", ",".join(self.not_answered()) or "-")
+            missing = self.not_answered()
+            shown = ",".join(missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+            log.warning("peers: start phase over; not answered yet: %s", shown or "-")
             self._settled.set()
 
     def mark_down(self, addr: str, why: str) -> None:
@@ -310,7 +328,12 @@ class Membership:
             except Exception:  # the loop must outlive any one bad round
                 log.exception("peer probe round failed")
             self._check_settled()
-            await asyncio.sleep(START_PROBE_INTERVAL if not self._settled.is_set() else self.probe_interval)
+            await asyncio.sleep(self.round_interval())
+
+    def round_interval(self) -> float:
+        """Seconds until the next probe round: fast in the start phase, and never over PINGS_PER_SECOND."""
+        base = START_PROBE_INTERVAL if not self._settled.is_set() else self.probe_interval
+        return max(base, len(self.peers) / PINGS_PER_SECOND)
 
     async def _probe(self, addr: str, ping: Callable[[str], Awaitable[None]]) -> None:
         try:
