@@ -7,7 +7,9 @@ files of random bytes). Each round, alternating which goes first:
 
 - ``origin``: a fresh agent (no peers) prefetches the model from SeaweedFS; its
   CPU (user + system, all threads, from /proc) is the origin path's;
-- ``peer``: a fresh agent B whose one peer, A, holds the model complete
+- ``peer`` (``--crc32c``: the objects are put with their CRC32C, which the
+  store keeps, and B checks the peer's bytes against it instead of the ETag):
+  a fresh agent B whose one peer, A, holds the model complete
   prefetches it; A's CPU (serving) plus B's (receiving) is the peer path's.
   B still reads the manifest from the origin (its listing), but every byte
   must come from A: the round fails if B's ``warmstart_fetched_bytes{source="origin"}``
@@ -23,6 +25,7 @@ the rounds. Raw rounds: ``bench/out/peer_path_cpu-<time>.json``.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import re
@@ -33,6 +36,8 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+import crc32c
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -77,6 +82,9 @@ def main() -> None:
     ap.add_argument("--size", default="512MiB", help="the model (default 512MiB)")
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--crc32c", action="store_true",
+                    help="put each object with its CRC32C (S3 keeps it): peers' bytes are checked against it, "
+                         "not against the ETag's MD5")
     args = ap.parse_args()
     size = parse_size(args.size)
     work = Path(tempfile.mkdtemp(prefix="peer-path-cpu-"))
@@ -96,7 +104,12 @@ def main() -> None:
         with SeaweedS3(work / "weed") as sw:
             sw.make_bucket(BUCKET)
             for p in sorted(src.iterdir()):
-                sw.upload_file(p, BUCKET, f"peerpath/{p.name}")
+                if args.crc32c:
+                    data = p.read_bytes()
+                    value = base64.b64encode(crc32c.crc32c(data).to_bytes(4, "big")).decode()
+                    sw.client().put_object(Bucket=BUCKET, Key=f"peerpath/{p.name}", Body=data, ChecksumCRC32C=value)
+                else:
+                    sw.upload_file(p, BUCKET, f"peerpath/{p.name}")
             env = {**os.environ, **sw.env}
             pa, *_ = free_ports(1)
             holder = AgentProcess(work / "a", env=env, capacity="64GiB", name="a", port=pa,
@@ -139,7 +152,9 @@ def main() -> None:
         def med(key: str) -> float:
             return statistics.median(float(x[key]) for x in rows)
 
-        print(f"\n{format_size(size)} in {args.shards} files, {args.rounds} rounds alternated; CPU s per GiB, medians:")
+        checked = "the store's CRC32C" if args.crc32c else "the ETag (MD5)"
+        print(f"\n{format_size(size)} in {args.shards} files, {args.rounds} rounds alternated, peers' bytes checked "
+              f"against {checked}; CPU s per GiB, medians:")
         print(f"  origin path (one agent receiving):   {med('origin_cpu_s') / gib:.2f}  ({med('origin_s'):.2f} s wall)")
         print(f"  peer path (B receiving + A serving): {med('peer_cpu_s') / gib:.2f}  ({med('peer_s'):.2f} s wall)")
         print(f"    receiving {med('peer_receive_cpu_s') / gib:.2f}, serving {med('peer_serve_cpu_s') / gib:.2f}")

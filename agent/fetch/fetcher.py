@@ -196,12 +196,13 @@ class Fetcher:
         entry, fill = flight.entry, h.fill
         try:
             digests = await self.store.fill_digests(fill)
-            if flight.peer_pieces and not _matches(entry, digests):
-                log.error("%s does not match the origin's digest with %d pieces from peers; "
-                          "fetching those again from the origin", entry.path, len(flight.peer_pieces))
+            mismatch = _mismatch(entry, digests, flight.stored_crc32c) if flight.peer_pieces else None
+            if mismatch is not None:
+                log.error("%s does not match the origin's digest with %d pieces from peers (%s); "
+                          "fetching those again from the origin", entry.path, len(flight.peer_pieces), mismatch)
                 await self._repair_from_origin(h, flight, origin)
                 digests = await self.store.fill_digests(fill)
-            _check_whole(entry, digests)
+            _check_whole(entry, digests, flight.stored_crc32c)
         except IntegrityError:
             self.fills.retire(h)
             await self.store.discard_fill(fill)
@@ -382,8 +383,14 @@ class Fetcher:
         return False
 
 
-def _mismatch(entry: FileEntry, digests: dict[str, str]) -> str | None:
-    """How the finished file differs from every digest the origin or manifest promised (None: it matches)."""
+def _mismatch(entry: FileEntry, digests: dict[str, str], stored_crc32c: str | None = None) -> str | None:
+    """How the finished file differs from every digest the origin or manifest promised (None: it matches).
+
+    ``stored_crc32c``: a whole-object CRC32C the object store keeps (Flight.stored_crc32c).
+    """
+    if stored_crc32c is not None and digests.get("crc32c") != stored_crc32c:
+        return (f"{entry.path!r}: crc32c of the fetched bytes is {digests.get('crc32c')}, "
+                f"the object store says {stored_crc32c}")
     named = (("sha256", entry.sha256), ("git_sha1", entry.git_sha1), ("crc32c", entry.crc32c), ("xxh128", entry.digest))
     for name, expected in named:
         if expected and digests.get(name) != expected:
@@ -399,13 +406,9 @@ def _mismatch(entry: FileEntry, digests: dict[str, str]) -> str | None:
     return None
 
 
-def _matches(entry: FileEntry, digests: dict[str, str]) -> bool:
-    return _mismatch(entry, digests) is None
-
-
-def _check_whole(entry: FileEntry, digests: dict[str, str]) -> None:
+def _check_whole(entry: FileEntry, digests: dict[str, str], stored_crc32c: str | None = None) -> None:
     """Raise IntegrityError when the finished file is not what the origin promised."""
-    mismatch = _mismatch(entry, digests)
+    mismatch = _mismatch(entry, digests, stored_crc32c)
     if mismatch is not None:
         raise IntegrityError(mismatch)
 

@@ -55,5 +55,8 @@ class Flight:
     use_peers: bool = False
     peer_pieces: dict[int, str] = field(default_factory=dict)  # index -> the peer that sent it
     joined_pieces: int = 0  # pieces another fetch here got first (one started for a peer that asked)
+    # a whole-object CRC32C the store keeps (hex), which the finished file must match; asked only when
+    # pieces may come from peers (PeerReader.allowed), in place of recomputing the ETag
+    stored_crc32c: str | None = None
     # its first origin request, announced to its host's window while the file opens (OriginReader.expect)
     expected: Expectation | None = None

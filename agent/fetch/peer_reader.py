@@ -143,7 +143,12 @@ class PeerReader:
         if not self.membership.peers or flight.ctx is None or flight.ctx.scheme not in PEER_SCHEMES:
             return False
         entry = flight.entry
-        if entry.sha256 or entry.git_sha1:
+        if entry.sha256 or entry.git_sha1 or entry.crc32c:
+            return True
+        crc = await origin.stored_crc32c(entry)
+        if crc is not None:  # the store's own CRC32C: 0.10 CPU s/GiB against the ETag's MD5 at 1.76
+            flight.stored_crc32c = crc
+            await self.store.run(h.fill.reset_whole, None, True)
             return True
         part_size = await origin.etag_part_size(entry)
         if part_size is None:

@@ -41,6 +41,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from agent.manifest import FileEntry, Manifest, listing_revision
 from agent.origins.base import HttpOrigin, Sink, check_status
+from agent.origins.cloud_http import b64_hex
 from agent.origins.range_http import RangeClient
 from agent.refs import ModelRef, check_relative_path
 from client.errors import AccessDeniedError, FetchFailedError, ModelNotFoundError
@@ -72,6 +73,7 @@ class S3Origin(HttpOrigin):
         self._lock = asyncio.Lock()
         self._urls: dict[tuple[str, str], tuple[float, str]] = {}
         self._part_sizes: dict[tuple[str, str, str], int | None] = {}
+        self._crc32c: dict[tuple[str, str, str], str | None] = {}
 
     async def client(self, bucket: str | None = None) -> Any:
         """The S3 client (for ``bucket``: one signing for the region the bucket is known to be in)."""
@@ -165,6 +167,36 @@ class S3Origin(HttpOrigin):
             uniform = part > 0 and parts == count and -(-entry.size // part) == count
             self._part_sizes[key] = part if uniform else None
         return self._part_sizes[key]
+
+    async def stored_crc32c(self, entry: FileEntry) -> str | None:
+        """The object's whole-object CRC32C, when S3 keeps one (uploaded with it), as hex; else None.
+
+        ``HeadObject`` with ``ChecksumMode=ENABLED`` and ``IfMatch`` the listed
+        ETag (a replaced object answers 412: None, and the ETag rule decides). A
+        ``COMPOSITE`` checksum (a checksum of the parts' checksums, ``...-N``) is
+        not the object's own and is not used.
+        """
+        etag = str(entry.source.get("etag", ""))
+        key = (entry.source["bucket"], entry.source["key"], etag)
+        if key not in self._crc32c:
+            s3 = await self.client(key[0])
+            try:
+                head = await asyncio.to_thread(
+                    s3.head_object, Bucket=key[0], Key=key[1], ChecksumMode="ENABLED", IfMatch=etag
+                )
+            except (ClientError, BotoCoreError, KeyError, ValueError):
+                return None  # not cached: a passing failure should not decide for good
+            value = head.get("ChecksumCRC32C")
+            if head.get("ChecksumType") == "COMPOSITE" or not isinstance(value, str) or "-" in value:
+                self._crc32c[key] = None
+            else:
+                try:
+                    crc = b64_hex(value, "ChecksumCRC32C")
+                except FetchFailedError as exc:
+                    log.warning("%s: %s; checking peers' bytes by the ETag instead", entry.path, exc)
+                    crc = None
+                self._crc32c[key] = crc if crc is not None and len(crc) == 8 else None
+        return self._crc32c[key]
 
     def host_key(self, entry: FileEntry) -> str:
         """One window per bucket: S3 scales (and throttles) request rates per bucket and prefix."""

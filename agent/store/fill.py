@@ -503,8 +503,8 @@ class BlobFill:
         """Advance the whole-file hash over the completed prefix, unless another thread is at it."""
         self._follow(blocking=False)
 
-    def reset_whole(self, etag_part_size: int | None = None) -> None:
-        """Start the whole-file digests again from byte 0 (optionally also the S3 ETag).
+    def reset_whole(self, etag_part_size: int | None = None, crc32c: bool = False) -> None:
+        """Start the whole-file digests again from byte 0 (optionally also the S3 ETag, or a CRC32C).
 
         For a fill that takes pieces from peers: the ETag is only computed then,
         and after the whole-file check failed and the peers' pieces were fetched
@@ -515,7 +515,8 @@ class BlobFill:
         with self._whole_lock:
             if etag_part_size is None:
                 etag_part_size = self._whole.etag_part_size
-            self._whole = _whole_hasher(entry, etag_part_size)
+            crc32c = crc32c or "crc32c" in self._whole.hashers
+            self._whole = _whole_hasher(entry, etag_part_size, crc32c)
         self._follow(blocking=True)
 
     def forget_piece(self, index: int) -> None:
@@ -632,9 +633,12 @@ class BlobFill:
                 self.fd = -1
 
 
-def _whole_hasher(entry: FileEntry, etag_part_size: int | None) -> WholeFileHasher:
-    """The whole-file hasher for the digests ``entry`` carries (the MD5-based one only when asked)."""
-    return WholeFileHasher(entry.size, bool(entry.sha256), bool(entry.git_sha1), etag_part_size, bool(entry.crc32c))
+def _whole_hasher(entry: FileEntry, etag_part_size: int | None, crc32c: bool = False) -> WholeFileHasher:
+    """The whole-file hasher for the digests ``entry`` carries (the MD5-based one, or a CRC32C the store
+    keeps beside the listing, only when asked)."""
+    return WholeFileHasher(
+        entry.size, bool(entry.sha256), bool(entry.git_sha1), etag_part_size, bool(entry.crc32c) or crc32c
+    )
 
 
 def _unlink_quietly(path: str) -> None:
