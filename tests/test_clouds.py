@@ -405,11 +405,11 @@ def test_connection_string_for_another_account_is_refused(
 # ---------------------------------------------------------------------- peers
 
 
-def test_gs_pieces_come_from_a_peer_and_are_checked_against_the_md5(
+def test_gs_pieces_come_from_a_peer_and_are_checked_against_the_listed_digest(
     agent_factory: Any, agent_env: dict[str, str], fake_gcs: FakeGcs, gcs_model: str, minilm_dir: Path,
     tmp_path: Path,
 ) -> None:
-    """Two nodes: the second takes the first's pieces (gs:// is a peer scheme; GCS's md5Hash checks them)."""
+    """Two nodes: the second takes the first's pieces (gs:// is a peer scheme; the crc32c GCS lists checks them)."""
     token_file = tmp_path / "peer-token"
     token_file.write_text("clouds-peer-token\n")
     ports = free_ports(2)
