@@ -152,6 +152,29 @@ def worker_env(base: dict[str, str], home: Path, socket: str | None, inductor: P
     return env
 
 
+def start_nodes(work: Path, trust: str, base: dict[str, str]) -> list[Any]:
+    """Nodes A and B (started ``AgentProcess``es) on loopback, peers of each other with a token, under
+    ``--artifact-trust trust``: A signs what it publishes, B trusts A's public key."""
+    from tests.servers.agent_proc import AgentProcess
+    from tests.servers.pki import make_signing_key
+    from tests.servers.ports import free_ports
+
+    token = work / "token"
+    token.write_text("bench-token-" + os.urandom(8).hex())
+    ports = free_ports(2)
+    peers = ",".join(f"127.0.0.1:{p}" for p in ports)
+    private, public = make_signing_key(work / "keys")
+    trust_args = ["--artifact-trust", trust, "--artifact-trusted-keys", str(public)]
+    signing = [["--artifact-signing-key", str(private)], []]
+    agents = [AgentProcess(work / f"node{i}", name=f"node{i}", port=p, env=base,
+                           extra_args=["--peers", peers, "--peer-token-file", str(token), *trust_args, *signing[i],
+                                       "--peer-start-wait", "0"])
+              for i, p in enumerate(ports)]
+    for agent in agents:
+        agent.start()
+    return agents
+
+
 def _hits(r: dict[str, Any]) -> str:
     ind, aot = r["inductor"], r["aot"]
     return (f"fx hit {ind.get('fxgraph_cache_hit', 0)} miss {ind.get('fxgraph_cache_miss', 0)}, "
@@ -174,25 +197,9 @@ def main() -> int:
 
         if not torch.cuda.is_available():
             ap.error(f"--device {DEVICE}: torch {torch.__version__} sees no CUDA device")
-    from tests.servers.agent_proc import AgentProcess
-    from tests.servers.pki import make_signing_key
-    from tests.servers.ports import free_ports
-
     work = Path(tempfile.mkdtemp(prefix="ws-cc-bench-"))
-    token = work / "token"
-    token.write_text("bench-token-" + os.urandom(8).hex())
-    ports = free_ports(2)
-    peers = ",".join(f"127.0.0.1:{p}" for p in ports)
     base = dict(os.environ)
-    private, public = make_signing_key(work / "keys")
-    trust = ["--artifact-trust", args.trust, "--artifact-trusted-keys", str(public)]
-    signing = [["--artifact-signing-key", str(private)], []]
-    agents = [AgentProcess(work / f"node{i}", name=f"node{i}", port=p, env=base,
-                           extra_args=["--peers", peers, "--peer-token-file", str(token), *trust, *signing[i],
-                                       "--peer-start-wait", "0"])
-              for i, p in enumerate(ports)]
-    for a in agents:
-        a.start()
+    agents = start_nodes(work, args.trust, base)
     a, b = agents
     models = args.models.split(",")
     raw: dict[str, list[dict[str, Any]]] = {f"{m}/{c}": [] for m in models for c in CONTENDERS}

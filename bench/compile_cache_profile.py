@@ -44,7 +44,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.compile_cache import WORKER, worker_env  # noqa: E402 - after the path insert, as in the other benches
+from bench.compile_cache import WORKER, start_nodes, worker_env  # noqa: E402 - after the path insert, as in the other benches
 
 PROF = r'''
 import json, os, sys, time
@@ -108,25 +108,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
-    from tests.servers.agent_proc import AgentProcess
-    from tests.servers.pki import make_signing_key
-    from tests.servers.ports import free_ports
-
     work = Path(tempfile.mkdtemp(prefix="ws-cc-prof-"))
-    token = work / "token"
-    token.write_text("bench-token-" + os.urandom(8).hex())
-    ports = free_ports(2)
-    peers = ",".join(f"127.0.0.1:{p}" for p in ports)
     base = dict(os.environ)
-    private, public = make_signing_key(work / "keys")
-    trust = ["--artifact-trust", "signed", "--artifact-trusted-keys", str(public)]
-    signing = [["--artifact-signing-key", str(private)], []]
-    agents = [AgentProcess(work / f"node{i}", name=f"node{i}", port=p, env=base,
-                           extra_args=["--peers", peers, "--peer-token-file", str(token), *trust, *signing[i],
-                                       "--peer-start-wait", "0"])
-              for i, p in enumerate(ports)]
-    for ag in agents:
-        ag.start()
+    agents = start_nodes(work, "signed", base)
     a, b = agents
     res: list[dict[str, Any]] = []
     try:
