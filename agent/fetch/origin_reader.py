@@ -206,8 +206,8 @@ class OriginReader:
                     if end > offset:
                         assembly = _Assembly(self, window, origin, fill.entry, sink, (order, remaining[0]),
                                              fill.entry.piece_size if whole_pieces else 0,
-                                             None if attempt else still_mine, None if attempt else fulfils)
-                        await assembly.run(offset, end)
+                                             None if attempt else still_mine)
+                        await assembly.run(offset, end, None if attempt else fulfils)
                     await sink.complete()
                     return
                 except (TransientOriginError, IntegrityError) as exc:
@@ -265,23 +265,22 @@ class _Assembly:
         key: tuple[int, int],
         floor: int = 0,
         still_mine: Callable[[], Awaitable[bool]] | None = None,
-        fulfils: Expectation | None = None,
     ) -> None:
         self.reader, self.window, self.origin, self.entry, self.sink = reader, window, origin, entry, sink
         self.key, self.floor, self.still_mine = key, floor, still_mine
-        self.fulfils = fulfils  # the first request was announced to the window with this
         self.requests: list[_Request] = []
         self.cursor = 0  # the first request not wholly written
         self.writing = False  # one coroutine writes at a time, in order
 
-    async def run(self, offset: int, end: int) -> None:
+    async def run(self, offset: int, end: int, fulfils: Expectation | None = None) -> None:
+        """Fetch bytes ``offset`` to ``end``; ``fulfils``: the window was told the first request is coming."""
         pos = offset
         self.window.want(end - offset)
         try:
             async with asyncio.TaskGroup() as tg:
                 while pos < end:
-                    fulfils, self.fulfils = self.fulfils, None
                     lease = await self.window.lease((*self.key, pos), end - pos, self.floor, fulfils=fulfils)
+                    fulfils = None  # only the first request was announced
                     if self.still_mine is not None and pos == offset and not await self.still_mine():
                         lease.release()
                         raise PieceMovedError(f"{self.entry.path}: the piece at byte {offset} has a peer source now")
