@@ -155,18 +155,29 @@ class S3Origin(HttpOrigin):
             return None
         key = (entry.source["bucket"], entry.source["key"], etag)
         if key not in self._part_sizes:
-            s3 = await self.client(key[0])
-            try:
-                head = await asyncio.to_thread(
-                    s3.head_object, Bucket=key[0], Key=key[1], PartNumber=1, IfMatch=entry.source["etag"]
-                )
-                part, parts = int(head["ContentLength"]), int(head.get("PartsCount") or 0)
-            except (ClientError, BotoCoreError, KeyError, ValueError):
+            head = await self._head(entry, PartNumber=1)
+            if head is None:
                 return None  # not cached: a passing failure should not rule peers out for good
+            try:
+                part, parts = int(head["ContentLength"]), int(head.get("PartsCount") or 0)
+            except (KeyError, ValueError):
+                return None
             count = int(m.group(1))
             uniform = part > 0 and parts == count and -(-entry.size // part) == count
             self._part_sizes[key] = part if uniform else None
         return self._part_sizes[key]
+
+    async def _head(self, entry: FileEntry, **params: str | int) -> dict[str, Any] | None:
+        """``HeadObject`` of ``entry`` as listed (``IfMatch`` its ETag), with ``params``; None if it failed."""
+        bucket, name = entry.source["bucket"], entry.source["key"]
+        s3 = await self.client(bucket)
+        try:
+            head = await asyncio.to_thread(
+                s3.head_object, Bucket=bucket, Key=name, IfMatch=entry.source.get("etag", ""), **params
+            )
+        except (ClientError, BotoCoreError):
+            return None
+        return dict(head)
 
     async def stored_crc32c(self, entry: FileEntry) -> str | None:
         """The object's whole-object CRC32C, when S3 keeps one (uploaded with it), as hex; else None.
@@ -176,15 +187,10 @@ class S3Origin(HttpOrigin):
         ``COMPOSITE`` checksum (a checksum of the parts' checksums, ``...-N``) is
         not the object's own and is not used.
         """
-        etag = str(entry.source.get("etag", ""))
-        key = (entry.source["bucket"], entry.source["key"], etag)
+        key = (entry.source["bucket"], entry.source["key"], str(entry.source.get("etag", "")))
         if key not in self._crc32c:
-            s3 = await self.client(key[0])
-            try:
-                head = await asyncio.to_thread(
-                    s3.head_object, Bucket=key[0], Key=key[1], ChecksumMode="ENABLED", IfMatch=etag
-                )
-            except (ClientError, BotoCoreError, KeyError, ValueError):
+            head = await self._head(entry, ChecksumMode="ENABLED")
+            if head is None:
                 return None  # not cached: a passing failure should not decide for good
             value = head.get("ChecksumCRC32C")
             if head.get("ChecksumType") == "COMPOSITE" or not isinstance(value, str) or "-" in value:
