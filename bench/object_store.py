@@ -61,6 +61,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.cold_miss import proc_cpu  # noqa: E402
 from tests.servers.ports import free_port  # noqa: E402
 from tests.servers.relay import TcpRelay  # noqa: E402
 from tests.servers.seaweedfs import DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY, REGION, SeaweedS3  # noqa: E402
@@ -122,11 +123,6 @@ class Link:
 def children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
-
-
-def proc_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_model(seaweed: SeaweedS3, files: int, size: int, work: Path) -> list[tuple[str, int]]:

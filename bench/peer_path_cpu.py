@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from agent.units import format_size, parse_size  # noqa: E402
+from bench.cold_miss import proc_cpu  # noqa: E402
 from tests.servers.agent_proc import AgentProcess  # noqa: E402
 from tests.servers.ports import free_ports  # noqa: E402
 from tests.servers.seaweedfs import SeaweedS3  # noqa: E402
@@ -51,12 +52,6 @@ TOKEN = "bench-peer-token-0123456789abcdef"
 BUCKET = "bench"
 REF = f"s3://{BUCKET}/peerpath"
 GiB = 1 << 30
-
-
-def proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def fetched(agent: AgentProcess, source: str) -> float:

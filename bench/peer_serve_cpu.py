@@ -34,18 +34,13 @@ sys.path.insert(0, str(ROOT))
 
 from agent.manifest import Manifest  # noqa: E402
 from agent.units import format_size, parse_size  # noqa: E402
+from bench.cold_miss import proc_cpu  # noqa: E402
 from tests.servers.agent_proc import AgentProcess  # noqa: E402
 from tests.servers.seaweedfs import SeaweedS3  # noqa: E402
 
 TOKEN = "bench-peer-token-0123456789abcdef"
 BUCKET = "bench"
 REF = f"s3://{BUCKET}/serve/model"
-
-
-def proc_cpu(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def serve_pass(conn: http.client.HTTPConnection, base: dict[str, str], entry: object, want: int) -> int:
